@@ -1,0 +1,18 @@
+"""The generation engine: batching scheduler, KV cache, sampling, stop conditions and incremental
+detokenization. It imports neither jina nor docarray, so it can be driven, tested and benchmarked alone."""
+
+from engine.engine import EngineConfig, InvalidRequest, LLMEngine
+from engine.loading import EMBEDDED, LoadedModel, load_model
+from engine.request import FinishReason, SamplingParams, StepOutput
+
+__all__ = [
+    "EMBEDDED",
+    "EngineConfig",
+    "FinishReason",
+    "InvalidRequest",
+    "LLMEngine",
+    "LoadedModel",
+    "SamplingParams",
+    "StepOutput",
+    "load_model",
+]

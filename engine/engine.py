@@ -1,0 +1,330 @@
+"""LLMEngine: one thread owns the model and runs the decode loop for every stream of the replica.
+
+Callers on the event loop submit requests and read StepOutputs from a per-request asyncio queue; the loop
+thread never touches the event loop except through call_soon_threadsafe, and the event loop never waits on
+the model. Each iteration of `_loop` is one step:
+
+    1. drop cancelled requests                       (a client that left frees its slot within one step)
+    2. admit waiting requests and prefill prompt chunks, within a token budget
+    3. decode one token for every running sequence   (one batched forward)
+    4. emit one StepOutput per request, drop the finished rows
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import AsyncIterator, Optional
+
+import torch
+from transformers import DynamicCache
+
+from engine.loading import LoadedModel
+from engine.output import RequestOutputProcessor, final_output
+from engine.request import FinishReason, Request, SamplingParams, StepOutput
+from engine.runner import DecodeBatch, ModelRunner
+from engine.sampling import sample_next_tokens
+
+log = logging.getLogger(__name__)
+
+
+class InvalidRequest(ValueError):
+    """The request cannot be served as asked; the message says why and what the limit is."""
+
+
+@dataclass
+class EngineConfig:
+    max_running: int = 32  # sequences decoded together in one batch
+    max_waiting: int = 256  # requests queued beyond that; more are refused as overloaded
+    prefill_chunk: int = 256  # prompt tokens prefilled per step: bounds how long a long prompt stalls the others
+    max_model_len: Optional[int] = None  # prompt + new tokens; default: the model's own context, capped at 4096
+
+
+@dataclass
+class _Prefill:
+    request: Request
+    cache: DynamicCache
+
+
+class LLMEngine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.tokenizer = loaded.tokenizer
+        self.model_name = loaded.name
+        self.runner = ModelRunner(loaded.model)
+        model_context = getattr(loaded.model.config, "max_position_embeddings", None) or 4096
+        self.max_model_len = self.config.max_model_len or min(model_context, 4096)
+        self.eos_token_ids = _eos_token_ids(loaded)
+
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._inbox: list[Request] = []  # submitted, not yet seen by the loop thread
+        self._cancelled: set[str] = set()
+        self._in_flight = 0  # submitted and not finished: what admission control counts
+        self._accepting = True
+        self._stopping = False
+        self._abort: tuple[FinishReason, str] | None = None  # set by abort_all, carried out by the loop thread
+        self._ids = itertools.count()
+
+        # Owned by the loop thread alone.
+        self._waiting: deque[Request] = deque()
+        self._prefilling: dict[str, _Prefill] = {}
+        self._running: dict[str, RequestOutputProcessor] = {}
+        self._batch: DecodeBatch | None = None
+        self.steps = 0
+
+        self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
+        self._thread.start()
+
+    # ---- the caller's side (any thread / the event loop) ----
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running) + len(self._prefilling)
+
+    @property
+    def num_waiting(self) -> int:
+        return max(0, self._in_flight - self.num_running)
+
+    def tokenize(self, prompt: str, chat_template: bool | None = None) -> list[int]:
+        """Prompt text to ids; the tokenizer's chat template applies unless turned off or absent."""
+        use_template = chat_template is not False and self.tokenizer.chat_template is not None
+        if use_template:
+            encoded = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=True
+            )
+            return list(encoded["input_ids"])
+        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+    def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise InvalidRequest("the prompt is empty after tokenization")
+        if params.max_tokens < 1:
+            raise InvalidRequest(f"max_tokens must be at least 1, got {params.max_tokens}")
+        room = self.max_model_len - len(prompt_ids)
+        if room < 1:
+            raise InvalidRequest(
+                f"the prompt is {len(prompt_ids)} tokens; the model's context is {self.max_model_len} tokens "
+                "(prompt + max_tokens), so the prompt must be shorter"
+            )
+        if params.max_tokens > room:
+            raise InvalidRequest(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context "
+                f"of {self.max_model_len} tokens: max_tokens can be at most {room} for this prompt"
+            )
+        if params.temperature < 0:
+            raise InvalidRequest(f"temperature must be >= 0, got {params.temperature}")
+        if not 0 < params.top_p <= 1:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {params.top_p}")
+
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[StepOutput]:
+        """Stream the outputs of one request. Leaving the iteration early (a break, a cancelled task) cancels the
+        request in the engine. Never raises for the request's own failures: the last output says what happened."""
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[StepOutput] = asyncio.Queue()
+        request = Request(
+            request_id=request_id or f"req-{next(self._ids)}",
+            prompt_ids=prompt_ids,
+            params=params,
+            deliver=lambda output: loop.call_soon_threadsafe(outputs.put_nowait, output),
+        )
+        refusal = self._submit(request)
+        if refusal is not None:
+            yield refusal
+            return
+        finished = False
+        try:
+            while not finished:
+                output = await outputs.get()
+                finished = output.finished
+                yield output
+        finally:
+            if not finished:
+                self.cancel(request.request_id)
+
+    def _submit(self, request: Request) -> StepOutput | None:
+        with self._lock:
+            if not self._accepting:
+                return final_output(request, FinishReason.SHUTDOWN, "the service is shutting down; retry on another replica")
+            capacity = self.config.max_running + self.config.max_waiting
+            if self._in_flight >= capacity:
+                return final_output(
+                    request,
+                    FinishReason.OVERLOADED,
+                    f"the service is overloaded: {self._in_flight} streams are running or queued "
+                    f"(limit {capacity}); retry later",
+                )
+            self._in_flight += 1
+            self._inbox.append(request)
+            self._work.notify()
+        return None
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            self._cancelled.add(request_id)
+            self._work.notify()
+
+    def stop_accepting(self) -> None:
+        with self._lock:
+            self._accepting = False
+
+    def abort_all(self, reason: FinishReason, message: str) -> None:
+        """End every request now (shutdown after the grace period)."""
+        with self._lock:
+            self._abort = (reason, message)
+            self._work.notify()
+
+    def close(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._work.notify()
+        self._thread.join(timeout=30)
+
+    # ---- the loop thread ----
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._lock:
+                    while not self._has_work():
+                        self._work.wait()
+                    if self._stopping:
+                        return
+                    self._waiting.extend(self._inbox)
+                    self._inbox.clear()
+                    cancelled, self._cancelled = self._cancelled, set()
+                    abort, self._abort = self._abort, None
+                if abort is not None:
+                    self._finish_all(*abort)
+                self._drop(cancelled)
+                self._prefill_step()
+                if self._batch is not None:
+                    self._decode_step()
+                self.steps += 1
+
+    def _has_work(self) -> bool:
+        return bool(
+            self._stopping or self._inbox or self._cancelled or self._abort
+            or self._waiting or self._prefilling or self._batch is not None
+        )
+
+    def _prefill_step(self) -> None:
+        """Spend up to `prefill_chunk` prompt tokens this step, oldest request first. A prompt longer than the
+        budget is prefilled over several steps, with decode steps of the running batch in between."""
+        budget = self.config.prefill_chunk
+        while budget > 0:
+            job = self._next_prefill()
+            if job is None:
+                return
+            request = job.request
+            chunk = request.prompt_ids[request.prefilled : request.prefilled + budget]
+            try:
+                logits = self.runner.prefill(job.cache, chunk, request.prefilled)
+                request.prefilled += len(chunk)
+                budget -= len(chunk)
+                if request.prefilled == request.prompt_len:
+                    del self._prefilling[request.request_id]
+                    self._start_decoding(job, logits)
+            except Exception as error:  # this request fails alone; the engine serves the others
+                log.exception("prefill failed for %s", request.request_id)
+                self._prefilling.pop(request.request_id, None)
+                self._fail(request, f"internal error during prefill: {error!r}")
+
+    def _next_prefill(self) -> _Prefill | None:
+        if self._prefilling:
+            return next(iter(self._prefilling.values()))
+        if not self._waiting or len(self._running) >= self.config.max_running:
+            return None
+        request = self._waiting.popleft()
+        request.scheduled_at = time.perf_counter()
+        job = _Prefill(request, self.runner.new_cache())
+        self._prefilling[request.request_id] = job
+        return job
+
+    def _start_decoding(self, job: _Prefill, logits: torch.Tensor) -> None:
+        request = job.request
+        processor = RequestOutputProcessor(request, self.tokenizer, self.eos_token_ids)
+        token = sample_next_tokens(logits[None], [request])[0]
+        output = processor.on_token(token)
+        if output.finished:
+            self._release(request, output)
+            return
+        request.deliver(output)
+        self._running[request.request_id] = processor
+        self._batch = self.runner.join(self._batch, request.request_id, job.cache, token)
+
+    def _decode_step(self) -> None:
+        batch = self._batch
+        processors = [self._running[rid] for rid in batch.request_ids]
+        try:
+            logits = self.runner.decode(batch)
+            tokens = sample_next_tokens(logits, [p.request for p in processors])
+        except Exception as error:  # the batch's cache is now unusable: every row in it fails
+            log.exception("decode step failed")
+            self._batch = None
+            for processor in processors:
+                del self._running[processor.request.request_id]
+                self._fail(processor.request, f"internal error during decode step: {error!r}")
+            return
+        done: set[str] = set()
+        for processor, token in zip(processors, tokens):
+            request = processor.request
+            try:
+                output = processor.on_token(token)
+            except Exception as error:  # e.g. detokenization: this stream fails, its neighbours go on
+                log.exception("output processing failed for %s", request.request_id)
+                output = final_output(request, FinishReason.ERROR, f"internal error while processing a token: {error!r}")
+            if output.finished:
+                done.add(request.request_id)
+                del self._running[request.request_id]
+                self._release(request, output)
+            else:
+                request.deliver(output)
+        batch.next_input_ids = torch.tensor(tokens, device=batch.next_input_ids.device)
+        if done:
+            self._batch = self.runner.remove(batch, done)
+
+    def _drop(self, request_ids: set[str], reason: FinishReason = FinishReason.CANCELLED, message: str | None = None) -> None:
+        if not request_ids:
+            return
+        for request in [r for r in self._waiting if r.request_id in request_ids]:
+            self._waiting.remove(request)
+            self._release(request, final_output(request, reason, message))
+        for rid in request_ids & self._prefilling.keys():
+            request = self._prefilling.pop(rid).request
+            self._release(request, final_output(request, reason, message))
+        running = request_ids & self._running.keys()
+        for rid in running:
+            request = self._running.pop(rid).request
+            self._release(request, final_output(request, reason, message))
+        if running:
+            self._batch = self.runner.remove(self._batch, running)
+
+    def _finish_all(self, reason: FinishReason, message: str) -> None:
+        everyone = {r.request_id for r in self._waiting} | self._prefilling.keys() | self._running.keys()
+        self._drop(set(everyone), reason, message)
+
+    def _fail(self, request: Request, message: str) -> None:
+        self._release(request, final_output(request, FinishReason.ERROR, message))
+
+    def _release(self, request: Request, last_output: StepOutput) -> None:
+        request.deliver(last_output)
+        with self._lock:
+            self._in_flight -= 1
+
+
+def _eos_token_ids(loaded: LoadedModel) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (loaded.model.generation_config.eos_token_id, loaded.tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(source)
+    return frozenset(ids)

@@ -1,0 +1,75 @@
+"""What goes into the engine (a request) and what comes out of it (one StepOutput per decode step)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Callable, Optional
+
+import torch
+
+
+class FinishReason(str, Enum):
+    LENGTH = "length"  # max_tokens reached
+    EOS = "eos"  # the model emitted an end-of-sequence token
+    STOP = "stop"  # a stop string appeared
+    CONTEXT = "context_length"  # the sequence filled the model's context
+    CANCELLED = "cancelled"  # the client went away
+    ERROR = "error"  # this request failed; the others carry on
+    OVERLOADED = "overloaded"  # refused at admission: too many streams
+    SHUTDOWN = "shutdown"  # the service is shutting down
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass
+class StepOutput:
+    request_id: str
+    token_id: int  # -1 when no token belongs to this output (an error or a refusal)
+    text: str  # text this step added
+    generated_text: str  # all text so far
+    index: int
+    finish_reason: Optional[FinishReason] = None
+    error: Optional[str] = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_time_s: Optional[float] = None
+    time_to_first_token_s: Optional[float] = None
+    total_time_s: Optional[float] = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class Request:
+    """A request's whole life inside the engine. Only the engine thread mutates it after submission."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    deliver: Callable[[StepOutput], None]  # thread-safe: hands an output to the request's consumer
+    arrival: float = field(default_factory=time.perf_counter)
+    prefilled: int = 0  # prompt tokens already in the KV cache (chunked prefill)
+    output_ids: list[int] = field(default_factory=list)
+    generated_text: str = ""
+    scheduled_at: Optional[float] = None
+    first_token_at: Optional[float] = None
+    generator: Optional[torch.Generator] = None  # per-request RNG, so a seed reproduces the same sample
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
