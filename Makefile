@@ -23,7 +23,7 @@ $(STAMP): requirements.txt pyproject.toml
 
 # Converts the embedded GGUF to a safetensors cache once (~16 s); later loads take a fraction of a second.
 model: $(STAMP)
-	$(PY) -m engine.loading
+	$(PY) -c "from engine.loading import embedded_model_dir; print(embedded_model_dir())"
 
 serve: install
 	$(VENV)/bin/jina flow --uses flow.yml

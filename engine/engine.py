@@ -149,6 +149,23 @@ class LLMEngine:
             if not finished:
                 self.cancel(request.request_id)
 
+    def run_to_completion(self, prompt_ids: list[int], params: SamplingParams) -> list[StepOutput]:
+        """Blocking generation for callers without an event loop (warm-up, scripts)."""
+        outputs: list[StepOutput] = []
+        done = threading.Event()
+
+        def deliver(output: StepOutput) -> None:
+            outputs.append(output)
+            if output.finished:
+                done.set()
+
+        request = Request(f"req-{next(self._ids)}", prompt_ids, params, deliver)
+        refusal = self._submit(request)
+        if refusal is not None:
+            return [refusal]
+        done.wait()
+        return outputs
+
     def _submit(self, request: Request) -> StepOutput | None:
         with self._lock:
             if not self._accepting:

@@ -117,8 +117,3 @@ def load_model(name: str = EMBEDDED, device: str = "auto", dtype: str = "auto") 
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype).to(torch_device).eval()
     return LoadedModel(model, tokenizer, name, torch_device, torch_dtype)
 
-
-if __name__ == "__main__":
-    # `python -m engine.loading`: fetch-and-convert step of `make install`.
-    logging.basicConfig(level=logging.INFO)
-    print(embedded_model_dir())

@@ -1,0 +1,41 @@
+"""An async helper over Jina's gRPC `stream_doc`:
+
+    async for doc in stream("what is the capital of France ?", max_tokens=20):
+        print(doc.text, end="", flush=True)
+
+It raises StreamError when the service ends a stream with an error (bad input, overload, shutdown).
+"""
+
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+from jina import Client
+
+from schemas import ModelOutputDocument, PromptDocument
+
+FAILURE_REASONS = {"error", "overloaded", "shutdown"}
+
+
+class StreamError(RuntimeError):
+    def __init__(self, finish_reason: str, message: str | None) -> None:
+        super().__init__(f"{finish_reason}: {message or 'no detail given'}")
+        self.finish_reason = finish_reason
+        self.message = message
+
+
+async def stream(
+    prompt: str,
+    max_tokens: int = 128,
+    host: str = "localhost",
+    port: int = 12345,
+    **options,
+) -> AsyncIterator[ModelOutputDocument]:
+    """Yield the service's documents as they arrive; `options` are PromptDocument's optional fields
+    (stop, temperature, top_p, seed, chat_template)."""
+    client = Client(host=host, port=port, protocol="grpc", asyncio=True)
+    request = PromptDocument(prompt=prompt, max_tokens=max_tokens, **options)
+    async for doc in client.stream_doc(on="/stream", inputs=request, return_type=ModelOutputDocument):
+        if doc.finish_reason in FAILURE_REASONS:
+            raise StreamError(doc.finish_reason, doc.error)
+        yield doc

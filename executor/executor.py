@@ -1,0 +1,124 @@
+"""TokenStreamingExecutor: the thin Jina skin over the engine.
+
+It validates a PromptDocument, submits it to the engine, and relays each StepOutput as a ModelOutputDocument.
+It never raises out of a streaming generator (Jina's gateway would replay the stream): every failure becomes
+a last document with finish_reason='error' and an `error` in words.
+"""
+
+# No `from __future__ import annotations` here: Jina reads the endpoint's document types from real annotations.
+import asyncio
+import time
+from typing import AsyncIterator
+
+from docarray import DocList
+from jina import Executor, requests
+from prometheus_client import CollectorRegistry
+
+from engine import EMBEDDED, EngineConfig, FinishReason, InvalidRequest, LLMEngine, SamplingParams, StepOutput, load_model
+from executor.metrics import StreamMetrics
+from schemas import ModelOutputDocument, PromptDocument
+
+WARMUP_PROMPT = "Hello"
+
+
+class TokenStreamingExecutor(Executor):
+    def __init__(
+        self,
+        model: str = EMBEDDED,
+        device: str = "auto",
+        dtype: str = "auto",
+        chat_template: bool = True,
+        max_running: int = 32,
+        max_waiting: int = 256,
+        prefill_chunk: int = 256,
+        max_model_len: int | None = None,
+        warmup_tokens: int = 8,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        loaded = load_model(model, device=device, dtype=dtype)
+        self.engine = LLMEngine(loaded, EngineConfig(max_running, max_waiting, prefill_chunk, max_model_len))
+        self.chat_template = chat_template
+        registry = getattr(self.runtime_args, "metrics_registry", None) or CollectorRegistry()
+        self.metrics = StreamMetrics(registry, lambda: self.engine.num_running, lambda: self.engine.num_waiting)
+        if warmup_tokens > 0:
+            # Before Jina reports ready: the first real request then runs as fast as the later ones.
+            prompt_ids = self.engine.tokenize(WARMUP_PROMPT, self.chat_template)
+            self.engine.run_to_completion(prompt_ids, SamplingParams(max_tokens=warmup_tokens))
+        self.logger.info(f"serving {loaded.name} on {loaded.device} ({loaded.dtype})")
+
+    @requests(on="/stream")
+    async def stream(self, doc: PromptDocument, **kwargs) -> ModelOutputDocument:
+        """One ModelOutputDocument per decode step; the last one carries finish_reason, usage and timings."""
+        async for output in self._generate(doc):
+            yield output
+
+    @requests(on="/generate")
+    async def generate(self, docs: DocList[PromptDocument], **kwargs) -> DocList[ModelOutputDocument]:
+        """Unary: the last document of each prompt's stream (its generated_text is the whole answer)."""
+
+        async def last_document(doc: PromptDocument) -> ModelOutputDocument:
+            last = None
+            async for last in self._generate(doc):
+                pass
+            return last
+
+        return DocList[ModelOutputDocument](await asyncio.gather(*(last_document(doc) for doc in docs)))
+
+    async def _generate(self, doc: PromptDocument) -> AsyncIterator[ModelOutputDocument]:
+        try:
+            prompt_ids, params = await self._prepare(doc)
+        except InvalidRequest as error:
+            yield error_document(str(error))
+            return
+        except Exception as error:  # never raise out of a streaming endpoint
+            yield error_document(f"internal error while preparing the request: {error!r}")
+            return
+        last_output_at = None
+        async for output in self.engine.generate(prompt_ids, params):
+            now = time.perf_counter()
+            self.metrics.observe(output, None if last_output_at is None else now - last_output_at)
+            last_output_at = now
+            yield to_document(output)
+
+    async def _prepare(self, doc: PromptDocument) -> tuple[list[int], SamplingParams]:
+        if not isinstance(doc.prompt, str) or not doc.prompt.strip():
+            raise InvalidRequest("the prompt is empty: send some text in `prompt`")
+        if doc.max_tokens is None or doc.max_tokens < 1:
+            raise InvalidRequest(f"max_tokens must be at least 1, got {doc.max_tokens}")
+        params = SamplingParams(
+            max_tokens=doc.max_tokens,
+            temperature=doc.temperature or 0.0,
+            top_p=1.0 if doc.top_p is None else doc.top_p,
+            seed=doc.seed,
+            stop=tuple(doc.stop or ()),
+        )
+        template = self.chat_template if doc.chat_template is None else doc.chat_template
+        # Off the event loop: a 100k-character prompt takes a while to tokenize.
+        prompt_ids = await asyncio.to_thread(self.engine.tokenize, doc.prompt, template)
+        self.engine.check(prompt_ids, params)
+        return prompt_ids, params
+
+    def close(self) -> None:
+        self.engine.close()
+        super().close()
+
+
+def to_document(output: StepOutput) -> ModelOutputDocument:
+    return ModelOutputDocument(
+        token_id=output.token_id,
+        generated_text=output.generated_text,
+        text=output.text,
+        index=output.index,
+        finish_reason=None if output.finish_reason is None else output.finish_reason.value,
+        error=output.error,
+        prompt_tokens=output.prompt_tokens if output.finished else None,
+        completion_tokens=output.completion_tokens if output.finished else None,
+        queue_time_s=output.queue_time_s,
+        time_to_first_token_s=output.time_to_first_token_s,
+        total_time_s=output.total_time_s,
+    )
+
+
+def error_document(message: str) -> ModelOutputDocument:
+    return ModelOutputDocument(token_id=-1, generated_text="", finish_reason=FinishReason.ERROR.value, error=message)
