@@ -1,0 +1,80 @@
+"""Starting and stopping a real `jina flow` for tests: its own process group, free ports, a bounded wait."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+JINA = Path(sys.executable).parent / "jina"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def write_flow(path: Path, grpc_port: int, executor: dict, http_port: int | None = None, gateway: dict | None = None) -> Path:
+    protocols, ports = ["grpc"], [grpc_port]
+    if http_port is not None:
+        protocols.append("http")
+        ports.append(http_port)
+    flow = {"jtype": "Flow", "with": {"protocol": protocols, "port": ports, **(gateway or {})}, "executors": [executor]}
+    path.write_text(yaml.safe_dump(flow))
+    return path
+
+
+@contextmanager
+def running_flow(flow_file: Path, ports: list[int], log_file: Path, timeout: float = 180) -> Iterator[subprocess.Popen]:
+    """Run `jina flow --uses flow_file` until the block ends. The flow gets its own session so that the
+    gateway and executor children die with it (SIGTERM to the parent alone leaves them holding the ports)."""
+    with open(log_file, "w") as log:
+        process = subprocess.Popen(
+            [str(JINA), "flow", "--uses", str(flow_file)],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "JINA_LOG_LEVEL": "WARNING"},
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while not (all(port_open(p) for p in ports) and "Flow is ready to serve" in log_file.read_text()):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"flow did not start; log:\n{log_file.read_text()[-4000:]}")
+            time.sleep(0.5)
+        yield process
+    finally:
+        stop_process_group(process)
+
+
+def stop_process_group(process: subprocess.Popen, grace: float = 20) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    try:  # children may outlive the parent: kill whatever is left of the group
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=10)

@@ -1,0 +1,78 @@
+"""Incremental detokenization with the real SmolLM2 tokenizer: UTF-8 safe, equal to a full decode."""
+
+import pytest
+from transformers import AutoTokenizer
+
+from engine.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
+from engine.stopping import StopStringMatcher
+
+TEXTS = [
+    "北京是中国的首都，上海是最大的城市。",
+    "Emoji time: 🎉🚀👩‍👩‍👧‍👦 and flags 🇫🇷🇯🇵!",
+    "Crème brûlée, naïve façade, São Paulo, Øresund, Dvořák.",
+    "  leading spaces,\ttabs\nand new lines  ",
+    "mixed: 東京 🗼 café — “quotes” ½",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(embedded_dir):
+    return AutoTokenizer.from_pretrained(embedded_dir)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_pieces_join_to_the_full_decode_without_broken_characters(tokenizer, text):
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    pieces = [detokenizer.add(i) for i in ids] + [detokenizer.flush()]
+    assert all(REPLACEMENT_CHAR not in piece for piece in pieces)
+    assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True) == text
+    # Multi-byte characters span several tokens here, so some steps must hold text back.
+    if any(ord(c) > 0x2000 for c in text):
+        assert "" in pieces[:-1]
+
+
+def test_each_step_decodes_a_short_window_not_the_whole_output(tokenizer):
+    ids = tokenizer("word " * 400, add_special_tokens=False)["input_ids"]
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    widest = 0
+    for i in ids:
+        detokenizer.add(i)
+        widest = max(widest, len(detokenizer.token_ids) - detokenizer.prefix_offset)
+    assert widest <= 4
+
+
+def test_special_tokens_are_not_text(tokenizer):
+    ids = tokenizer("Hi", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    assert "".join(detokenizer.add(i) for i in ids) + detokenizer.flush() == "Hi"
+
+
+@pytest.mark.parametrize(
+    "pieces, stop, sent, stopped",
+    [
+        (["Hello", " wor", "ld. Bye"], ["world"], "Hello ", True),
+        (["The end", "ing is near"], ["END"], "The ending is near", False),
+        (["a<", "/s", "> b"], ["</s>"], "a", True),
+        (["a<", "b"], ["</s>"], "a<b", False),  # held back while it could start a stop string, then released
+        (["x", "y"], ["yz", "q"], "xy", False),
+    ],
+)
+def test_stop_strings_hold_back_possible_starts_and_never_send_the_stop_text(pieces, stop, sent, stopped):
+    matcher = StopStringMatcher(stop)
+    out, hit = "", False
+    for piece in pieces:
+        released, hit = matcher.push(piece)
+        out += released
+        if hit:
+            break
+    if not hit:
+        out += matcher.flush()
+    assert (out, hit) == (sent, stopped)
+
+
+def test_text_that_may_start_a_stop_string_is_held_until_resolved():
+    matcher = StopStringMatcher(["STOP"])
+    assert matcher.push("go ST") == ("go ", False)
+    assert matcher.push("O") == ("", False)
+    assert matcher.push("RY") == ("STORY", False)

@@ -1,0 +1,142 @@
+"""The engine in-process: batching, stop conditions, cancellation, admission control."""
+
+import asyncio
+
+import pytest
+
+from engine import EngineConfig, FinishReason, InvalidRequest, LLMEngine, SamplingParams, load_model
+
+PROMPTS = [
+    "what is the capital of France ?",
+    "Write a poem about the sea.",
+    "Explain gravity to a child.",
+    "List three colors.",
+    "Who wrote Hamlet?",
+    "Tell me a joke about cats.",
+    "How do airplanes fly?",
+    "Give me a recipe for pancakes.",
+]
+
+
+async def collect(engine: LLMEngine, prompt: str, **params):
+    params.setdefault("max_tokens", 24)
+    return [o async for o in engine.generate(engine.tokenize(prompt), SamplingParams(**params))]
+
+
+async def wait_until(predicate, steps: int = 2000):
+    for _ in range(steps):
+        if predicate():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("condition not reached")
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_model_dir):
+    engine = LLMEngine(load_model(str(tiny_model_dir), dtype="float32"), EngineConfig(max_running=4, max_waiting=2, prefill_chunk=16))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def embedded_engine(embedded_dir):
+    engine = LLMEngine(load_model("embedded", dtype="float32"), EngineConfig(max_running=16))
+    yield engine
+    engine.close()
+
+
+async def test_one_output_per_step_until_max_tokens(tiny_engine):
+    outputs = await collect(tiny_engine, "hello there", max_tokens=12)
+    assert [o.index for o in outputs] == list(range(len(outputs)))
+    last = outputs[-1]
+    assert last.finish_reason in (FinishReason.LENGTH, FinishReason.EOS)
+    assert all(o.finish_reason is None for o in outputs[:-1])
+    if last.finish_reason is FinishReason.LENGTH:
+        assert len(outputs) == 12
+    assert last.completion_tokens == len(outputs)
+    assert last.prompt_tokens == len(tiny_engine.tokenize("hello there"))
+    text = tiny_engine.tokenizer.decode([o.token_id for o in outputs], skip_special_tokens=True)
+    assert "".join(o.text for o in outputs) == last.generated_text == text
+    assert last.time_to_first_token_s <= last.total_time_s
+
+
+async def test_long_prompt_is_prefilled_in_chunks_and_equals_one_shot(tiny_engine, tiny_model_dir):
+    """prefill_chunk=16 splits a long prompt over several steps; the result must not change."""
+    prompt = "count with me: " + " ".join(str(i) for i in range(60))
+    chunked = await collect(tiny_engine, prompt, max_tokens=16)
+    one_shot = LLMEngine(load_model(str(tiny_model_dir), dtype="float32"), EngineConfig(prefill_chunk=4096))
+    try:
+        assert [o.token_id for o in await collect(one_shot, prompt, max_tokens=16)] == [o.token_id for o in chunked]
+    finally:
+        one_shot.close()
+
+
+async def test_greedy_output_is_the_same_alone_and_inside_a_batch_of_16(embedded_engine):
+    alone = {p: await collect(embedded_engine, p, max_tokens=32) for p in PROMPTS[:3]}
+    batch = await asyncio.gather(*(collect(embedded_engine, PROMPTS[i % 8], max_tokens=32) for i in range(16)))
+    for i, outputs in enumerate(batch[:3]):
+        assert [o.token_id for o in outputs] == [o.token_id for o in alone[PROMPTS[i]]]
+    assert alone[PROMPTS[0]][-1].generated_text == "The capital of France is Paris."
+
+
+async def test_stop_string_ends_generation_and_is_not_sent(embedded_engine):
+    outputs = await collect(embedded_engine, PROMPTS[0], stop=["Paris"])
+    assert outputs[-1].finish_reason is FinishReason.STOP
+    assert outputs[-1].generated_text == "The capital of France is "
+
+
+async def test_seeded_sampling_is_reproducible_and_differs_from_greedy(embedded_engine):
+    prompt = "Write one sentence about a dragon."
+    a = await collect(embedded_engine, prompt, temperature=1.0, top_p=0.9, seed=7, max_tokens=20)
+    b = await collect(embedded_engine, prompt, temperature=1.0, top_p=0.9, seed=7, max_tokens=20)
+    greedy = await collect(embedded_engine, prompt, max_tokens=20)
+    assert [o.token_id for o in a] == [o.token_id for o in b]
+    assert [o.token_id for o in a] != [o.token_id for o in greedy]
+
+
+async def test_cancelled_consumer_frees_its_slot(tiny_engine):
+    async def consume_forever():
+        async for _ in tiny_engine.generate(tiny_engine.tokenize("go on"), SamplingParams(max_tokens=400)):
+            pass
+
+    tasks = [asyncio.create_task(consume_forever()) for _ in range(3)]
+    await wait_until(lambda: tiny_engine.num_running == 3)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await wait_until(lambda: tiny_engine.num_running == 0 and tiny_engine.num_waiting == 0)
+    steps = tiny_engine.steps
+    await asyncio.sleep(0.2)
+    assert tiny_engine.steps == steps  # nothing is computed for the streams that left
+    assert len(await collect(tiny_engine, "still serving", max_tokens=5)) >= 1
+
+
+async def test_overload_is_refused_at_once_and_others_complete(tiny_engine):
+    """max_running=4, max_waiting=2: the 7th concurrent stream is refused with a clear error."""
+    started = [tiny_engine.generate(tiny_engine.tokenize(f"stream {i}"), SamplingParams(max_tokens=60)) for i in range(6)]
+    firsts = await asyncio.gather(*(anext(s) for s in started[:4]))  # these four are running
+    waiting = [asyncio.create_task(anext(s)) for s in started[4:]]
+    await wait_until(lambda: tiny_engine.num_waiting == 2)
+    refused = await collect(tiny_engine, "one too many")
+    assert [o.finish_reason for o in refused] == [FinishReason.OVERLOADED]
+    assert "overloaded" in refused[0].error and "limit 6" in refused[0].error
+    rests = await asyncio.gather(*waiting)  # the queued two start once slots free up
+    for stream in started:
+        async for _ in stream:
+            pass
+    assert len(firsts) == 4 and len(rests) == 2
+    await wait_until(lambda: tiny_engine.num_running == 0)
+
+
+@pytest.mark.parametrize(
+    "prompt_tokens, max_tokens, message",
+    [
+        (0, 5, "the prompt is empty"),
+        (5, 0, "max_tokens must be at least 1, got 0"),
+        (5, 600, "exceeds the model's context of 512 tokens: max_tokens can be at most 507"),
+        (600, 1, "the prompt is 600 tokens; the model's context is 512 tokens"),
+    ],
+)
+def test_requests_beyond_the_limits_are_rejected_with_the_limit_named(tiny_engine, prompt_tokens, max_tokens, message):
+    with pytest.raises(InvalidRequest, match=message):
+        tiny_engine.check([1] * prompt_tokens, SamplingParams(max_tokens=max_tokens))
