@@ -3,7 +3,7 @@
     async for doc in stream("what is the capital of France ?", max_tokens=20):
         print(doc.text, end="", flush=True)
 
-It raises StreamError when the service ends a stream with an error (bad input, overload, shutdown).
+It raises StreamError when the service ends a stream with an error (bad input, overload) or shuts down.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from jina import Client
 
 from schemas import ModelOutputDocument, PromptDocument
 
-FAILURE_REASONS = {"error", "overloaded", "shutdown"}
+FAILURE_REASONS = {"error", "shutdown"}
 
 
 class StreamError(RuntimeError):

@@ -174,7 +174,7 @@ class LLMEngine:
             if self._in_flight >= capacity:
                 return final_output(
                     request,
-                    FinishReason.OVERLOADED,
+                    FinishReason.ERROR,
                     f"the service is overloaded: {self._in_flight} streams are running or queued "
                     f"(limit {capacity}); retry later",
                 )

@@ -16,8 +16,7 @@ class FinishReason(str, Enum):
     STOP = "stop"  # a stop string appeared
     CONTEXT = "context_length"  # the sequence filled the model's context
     CANCELLED = "cancelled"  # the client went away
-    ERROR = "error"  # this request failed; the others carry on
-    OVERLOADED = "overloaded"  # refused at admission: too many streams
+    ERROR = "error"  # this request failed or was refused (e.g. overload); the others carry on
     SHUTDOWN = "shutdown"  # the service is shutting down
 
 

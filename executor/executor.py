@@ -75,11 +75,16 @@ class TokenStreamingExecutor(Executor):
             yield error_document(f"internal error while preparing the request: {error!r}")
             return
         last_output_at = None
-        async for output in self.engine.generate(prompt_ids, params):
-            now = time.perf_counter()
-            self.metrics.observe(output, None if last_output_at is None else now - last_output_at)
-            last_output_at = now
-            yield to_document(output)
+        finished = False
+        try:
+            async for output in self.engine.generate(prompt_ids, params):
+                now = time.perf_counter()
+                self.metrics.observe(output, None if last_output_at is None else now - last_output_at)
+                last_output_at, finished = now, output.finished
+                yield to_document(output)
+        finally:
+            if not finished:  # the client went away (Jina cancels the generator): engine.generate cancelled it
+                self.metrics.requests.labels(FinishReason.CANCELLED.value).inc()
 
     async def _prepare(self, doc: PromptDocument) -> tuple[list[int], SamplingParams]:
         if not isinstance(doc.prompt, str) or not doc.prompt.strip():

@@ -35,7 +35,7 @@ def tiny_model_dir(tmp_path_factory, embedded_dir) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=4096,  # room for streams long enough to observe while they run
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )

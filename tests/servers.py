@@ -36,7 +36,7 @@ def write_flow(path: Path, grpc_port: int, executor: dict, http_port: int | None
         protocols.append("http")
         ports.append(http_port)
     flow = {"jtype": "Flow", "with": {"protocol": protocols, "port": ports, **(gateway or {})}, "executors": [executor]}
-    path.write_text(yaml.safe_dump(flow))
+    path.write_text(yaml.safe_dump(flow, sort_keys=False))
     return path
 
 

@@ -118,7 +118,7 @@ async def test_overload_is_refused_at_once_and_others_complete(tiny_engine):
     waiting = [asyncio.create_task(anext(s)) for s in started[4:]]
     await wait_until(lambda: tiny_engine.num_waiting == 2)
     refused = await collect(tiny_engine, "one too many")
-    assert [o.finish_reason for o in refused] == [FinishReason.OVERLOADED]
+    assert [o.finish_reason for o in refused] == [FinishReason.ERROR]
     assert "overloaded" in refused[0].error and "limit 6" in refused[0].error
     rests = await asyncio.gather(*waiting)  # the queued two start once slots free up
     for stream in started:
@@ -133,8 +133,8 @@ async def test_overload_is_refused_at_once_and_others_complete(tiny_engine):
     [
         (0, 5, "the prompt is empty"),
         (5, 0, "max_tokens must be at least 1, got 0"),
-        (5, 600, "exceeds the model's context of 512 tokens: max_tokens can be at most 507"),
-        (600, 1, "the prompt is 600 tokens; the model's context is 512 tokens"),
+        (5, 5000, "exceeds the model's context of 4096 tokens: max_tokens can be at most 4091"),
+        (5000, 1, "the prompt is 5000 tokens; the model's context is 4096 tokens"),
     ],
 )
 def test_requests_beyond_the_limits_are_rejected_with_the_limit_named(tiny_engine, prompt_tokens, max_tokens, message):

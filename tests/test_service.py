@@ -1,0 +1,205 @@
+"""The real flow over gRPC on the tiny model: the seed client, bad input, faults, cancellation, metrics."""
+
+import asyncio
+import re
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+from docarray import BaseDoc, DocList
+from jina import Client
+
+from client import StreamError, stream
+from schemas import ModelOutputDocument, PromptDocument
+from tests.conftest import ROOT, TINY_LIMITS, serve
+
+
+class SeedPromptDocument(BaseDoc):  # the seed tutorial's two-field schemas, exactly
+    prompt: str
+    max_tokens: int
+
+
+class SeedModelOutputDocument(BaseDoc):
+    token_id: int
+    generated_text: str
+
+
+def grpc_client(port: int) -> Client:
+    return Client(host="127.0.0.1", port=port, protocol="grpc", asyncio=True)
+
+
+async def stream_docs(port: int, **fields) -> list[ModelOutputDocument]:
+    return [
+        doc
+        async for doc in grpc_client(port).stream_doc(
+            on="/stream", inputs=PromptDocument(**fields), return_type=ModelOutputDocument
+        )
+    ]
+
+
+def metric(port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    values = re.findall(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
+    return sum(float(v) for v in values)
+
+
+async def eventually(predicate, attempts: int = 400):
+    for _ in range(attempts):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not reached")
+
+
+async def test_seed_two_field_client_streams_growing_text(tiny_service):
+    texts = [
+        doc.generated_text
+        async for doc in grpc_client(tiny_service.grpc_port).stream_doc(
+            on="/stream",
+            inputs=SeedPromptDocument(prompt="what is the capital of France ?", max_tokens=10),
+            return_type=SeedModelOutputDocument,
+        )
+    ]
+    assert 1 <= len(texts) <= 11
+    assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:]))
+
+
+async def test_last_document_carries_finish_reason_usage_and_timings(tiny_service):
+    docs = await stream_docs(tiny_service.grpc_port, prompt="tell me something", max_tokens=8)
+    last = docs[-1]
+    assert last.finish_reason in ("length", "eos")
+    assert all(doc.finish_reason is None for doc in docs[:-1])
+    assert [doc.index for doc in docs] == list(range(len(docs)))
+    assert last.completion_tokens == len(docs) and last.prompt_tokens > 3
+    assert 0 <= last.time_to_first_token_s <= last.total_time_s
+    assert "".join(doc.text for doc in docs) == last.generated_text
+
+
+async def test_unary_endpoint_returns_the_joined_stream(tiny_service):
+    docs = await stream_docs(tiny_service.grpc_port, prompt="a unary question", max_tokens=12)
+    result = DocList[ModelOutputDocument]()
+    async for response in grpc_client(tiny_service.grpc_port).post(
+        on="/generate",
+        inputs=DocList[PromptDocument]([PromptDocument(prompt="a unary question", max_tokens=12)]),
+        return_type=DocList[ModelOutputDocument],
+    ):
+        result.extend(response)
+    assert len(result) == 1
+    assert result[0].generated_text == docs[-1].generated_text
+    assert result[0].finish_reason == docs[-1].finish_reason
+
+
+BAD_INPUTS = [
+    (dict(prompt="", max_tokens=5), "the prompt is empty"),
+    (dict(prompt="   \n\t ", max_tokens=5), "the prompt is empty"),
+    (dict(prompt="hi", max_tokens=0), "max_tokens must be at least 1, got 0"),
+    (dict(prompt="hi", max_tokens=-3), "max_tokens must be at least 1, got -3"),
+    (dict(prompt="hi", max_tokens=100_000), "exceeds the model's context of 4096 tokens"),
+    (dict(prompt="word " * 20_000, max_tokens=5), r"the prompt is \d+ tokens; the model's context is 4096 tokens"),
+    (dict(prompt="hi", max_tokens=5, temperature=-1.0), "temperature must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("fields, message", BAD_INPUTS)
+async def test_bad_input_gets_one_error_document_then_service_streams_normally(tiny_service, fields, message):
+    docs = await stream_docs(tiny_service.grpc_port, **fields)
+    assert len(docs) == 1, "an error must end the stream at once, never replay it"
+    assert docs[0].finish_reason == "error" and re.search(message, docs[0].error)
+    with pytest.raises(StreamError, match=message):
+        async for _ in stream(port=tiny_service.grpc_port, host="127.0.0.1", **fields):
+            pass
+    after = await stream_docs(tiny_service.grpc_port, prompt="and now a valid one", max_tokens=4)
+    assert after[-1].finish_reason in ("length", "eos")
+
+
+async def test_it_streams_the_client_holds_a_token_while_generation_still_runs(tiny_service):
+    """Streaming, not buffering, without a clock: when the client holds document k, the executor still
+    reports that stream running (its generation has not ended yet)."""
+    seen_running = []
+    async for doc in grpc_client(tiny_service.grpc_port).stream_doc(
+        on="/stream", inputs=PromptDocument(prompt="stream", max_tokens=400, chat_template=False), return_type=ModelOutputDocument
+    ):
+        if doc.index in (0, 1, 2):
+            seen_running.append(metric(tiny_service.monitoring_port, "llm_running_streams"))
+    assert doc.finish_reason is not None
+    assert seen_running == [1.0, 1.0, 1.0]
+
+
+async def test_cancelling_the_client_task_frees_the_engine(tiny_service):
+    async def consume():
+        async for _ in grpc_client(tiny_service.grpc_port).stream_doc(
+            on="/stream", inputs=PromptDocument(prompt="long", max_tokens=400, chat_template=False), return_type=ModelOutputDocument
+        ):
+            pass
+
+    tasks = [asyncio.create_task(consume()) for _ in range(3)]
+    await eventually(lambda: metric(tiny_service.monitoring_port, "llm_running_streams") == 3)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await eventually(lambda: metric(tiny_service.monitoring_port, "llm_running_streams") == 0)
+    cancelled = metric(tiny_service.monitoring_port, 'llm_requests_total{finish_reason="cancelled"}')
+    assert cancelled >= 3
+
+
+async def test_overload_gets_an_error_at_once_while_admitted_streams_go_on(tiny_service):
+    port = tiny_service.monitoring_port
+    long_streams = [
+        asyncio.create_task(stream_docs(tiny_service.grpc_port, prompt=f"busy {i}", max_tokens=4000, chat_template=False))
+        for i in range(TINY_LIMITS["max_running"] + TINY_LIMITS["max_waiting"])
+    ]
+    await eventually(lambda: (metric(port, "llm_running_streams"), metric(port, "llm_waiting_streams")) == (4, 2))
+    refused = await stream_docs(tiny_service.grpc_port, prompt="one too many", max_tokens=5)
+    assert len(refused) == 1 and refused[0].finish_reason == "error"
+    assert "overloaded" in refused[0].error and "limit 6" in refused[0].error
+    assert not any(task.done() for task in long_streams)
+    for task in long_streams:
+        task.cancel()
+    await asyncio.gather(*long_streams, return_exceptions=True)
+    await eventually(lambda: metric(port, "llm_running_streams") + metric(port, "llm_waiting_streams") == 0)
+
+
+async def test_metrics_count_streams_tokens_and_latencies(tiny_service):
+    port = tiny_service.monitoring_port
+    before = metric(port, "llm_time_to_first_token_seconds_count")
+    generated_before = metric(port, "llm_generated_tokens_total")
+    results = await asyncio.gather(*(stream_docs(tiny_service.grpc_port, prompt=f"m{i}", max_tokens=6) for i in range(3)))
+    assert metric(port, "llm_time_to_first_token_seconds_count") == before + 3
+    assert metric(port, "llm_generated_tokens_total") == generated_before + sum(len(d) for d in results)
+    assert metric(port, "llm_inter_token_latency_seconds_count") > 0
+    assert 0 < metric(port, "llm_request_duration_seconds_sum")
+    assert metric(port, "llm_running_streams") == 0
+
+
+def test_command_line_prints_tokens_and_a_summary(tiny_service):
+    result = subprocess.run(
+        [sys.executable, "-m", "client", "say something", "--max-tokens", "6", "--port", str(tiny_service.grpc_port)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = result.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"\[\d+ tokens, time to first token \d+ ms, [0-9.]+ tokens/s, finish: (length|eos)\]", summary)
+
+
+def test_command_line_reports_an_error_and_fails(tiny_service):
+    result = subprocess.run(
+        [sys.executable, "-m", "client", "hi", "--max-tokens", "0", "--port", str(tiny_service.grpc_port)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1 and "max_tokens must be at least 1" in result.stderr
+
+
+async def test_a_fault_in_one_stream_ends_it_with_an_error_and_spares_the_others(tmp_path_factory, tiny_model_dir):
+    with serve(tmp_path_factory, "faulty", {"model": str(tiny_model_dir), "dtype": "float32"}, uses="tests/faulty.yml") as service:
+        fields = dict(max_tokens=20, chat_template=False)
+        faulty, *healthy = await asyncio.gather(
+            stream_docs(service.grpc_port, prompt="FAULT here", **fields),
+            *(stream_docs(service.grpc_port, prompt=f"healthy {i}", **fields) for i in range(3)),
+        )
+        assert [d.finish_reason for d in faulty] == [None, None, "error"]
+        assert "internal error while processing a token" in faulty[-1].error and "injected fault" in faulty[-1].error
+        for docs in healthy:
+            assert docs[-1].finish_reason in ("length", "eos") and len(docs) == 20 or docs[-1].finish_reason == "eos"
+        after = await stream_docs(service.grpc_port, prompt="after the fault", **fields)
+        assert after[-1].finish_reason in ("length", "eos")
