@@ -1,0 +1,55 @@
+"""End to end on the embedded SmolLM2 model through the real flow, as a user runs it."""
+
+import pytest
+from docarray import DocList
+from transformers import AutoTokenizer
+
+from schemas import ModelOutputDocument, PromptDocument
+from tests.test_service import SeedModelOutputDocument, SeedPromptDocument, grpc_client, stream_docs
+
+pytestmark = pytest.mark.e2e
+
+
+async def test_seed_tutorial_client_gets_paris(embedded_service):
+    texts = [
+        doc.generated_text
+        async for doc in grpc_client(embedded_service.grpc_port).stream_doc(
+            on="/stream",
+            inputs=SeedPromptDocument(prompt="what is the capital of France ?", max_tokens=10),
+            return_type=SeedModelOutputDocument,
+        )
+    ]
+    assert texts[-1] == "The capital of France is Paris."
+    assert len(texts) >= 7  # one document per token, not one at the end
+    assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:]))
+    assert len(set(texts)) >= 7  # the text grows step by step
+
+
+async def test_stream_equals_unary(embedded_service):
+    prompt = PromptDocument(prompt="Name three rivers in Europe.", max_tokens=40)
+    docs = await stream_docs(embedded_service.grpc_port, prompt=prompt.prompt, max_tokens=prompt.max_tokens)
+    unary = DocList[ModelOutputDocument]()
+    async for response in grpc_client(embedded_service.grpc_port).post(
+        on="/generate", inputs=DocList[PromptDocument]([prompt]), return_type=DocList[ModelOutputDocument]
+    ):
+        unary.extend(response)
+    assert unary[0].generated_text == docs[-1].generated_text == "".join(d.text for d in docs)
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "Translate to Chinese: I love my family and good food.",
+        "Write a birthday message with emoji 🎉🎂.",
+        "Write a French sentence with the words café, crème brûlée and très.",
+    ],
+)
+async def test_multilingual_output_streams_whole_characters(embedded_service, embedded_dir, prompt):
+    docs = await stream_docs(embedded_service.grpc_port, prompt=prompt, max_tokens=48)
+    tokenizer = AutoTokenizer.from_pretrained(embedded_dir)
+    token_ids = [d.token_id for d in docs if d.token_id >= 0]
+    assert "".join(d.text for d in docs) == docs[-1].generated_text
+    assert docs[-1].generated_text == tokenizer.decode(token_ids, skip_special_tokens=True)
+    for doc in docs[:-1]:  # no broken character at any step boundary
+        assert "\ufffd" not in doc.generated_text
+    assert any(ord(c) > 127 for c in docs[-1].generated_text), docs[-1].generated_text
