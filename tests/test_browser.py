@@ -1,0 +1,116 @@
+"""The page at `/` in a real headless Chromium (Debian's /usr/bin/chromium driven by Playwright) on the embedded
+model: a person types a prompt, watches the answer grow token by token, and can press Stop."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Page, async_playwright
+
+pytest.register_assert_rewrite("tests.gateway_fixtures")
+from tests.gateway_fixtures import GatewayService  # noqa: E402
+from tests.test_http import FRANCE, eventually, grpc_docs, idle  # noqa: E402
+
+pytest_plugins = ["tests.gateway_fixtures"]
+pytestmark = [pytest.mark.browser, pytest.mark.e2e]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture
+async def page(embedded_gateway: GatewayService, tmp_path: Path):
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page(viewport={"width": 1000, "height": 700})
+            await page.goto(embedded_gateway.url + "/")
+            await page.wait_for_selector("#send:not([disabled])")  # the WebSocket is open
+            yield page
+            if not page.is_closed():
+                await page.screenshot(path=str(tmp_path / "page.png"))  # to look at when a test fails
+        finally:
+            await browser.close()
+
+
+async def state(page: Page) -> str:
+    return await page.evaluate("document.body.dataset.state || 'idle'")
+
+
+async def observe_until_idle(page: Page) -> list[str]:
+    """The answer's text each time it changed, until the page says the answer ended."""
+    observations: list[str] = []
+    for _ in range(6000):
+        text = await page.text_content("#answer")
+        if running := await state(page) == "running":
+            if not observations or observations[-1] != text:
+                observations.append(text)
+        if not running and observations:
+            final = await page.text_content("#answer")
+            if observations[-1] != final:
+                observations.append(final)
+            return observations
+        await asyncio.sleep(0.02)
+    raise AssertionError("the answer never ended")
+
+
+async def test_the_page_shows_the_answer_growing_token_by_token(page, embedded_gateway):
+    await page.fill("#prompt", FRANCE)
+    await page.click("#send")
+    observations = await observe_until_idle(page)
+    answers = [text for text in observations if text]
+    assert len(answers) >= 3, f"the answer should grow over several observations, saw {observations}"
+    assert all(a.startswith(b) and len(a) > len(b) for b, a in zip(answers, answers[1:]))
+    assert "Paris" in answers[-1]
+    assert "done" in await page.text_content("#status")
+    # The page shows what the model says over gRPC, unchanged.
+    docs = await grpc_docs(embedded_gateway, prompt=FRANCE, max_tokens=256)
+    assert answers[-1] == docs[-1].generated_text
+
+
+async def test_stop_ends_a_long_answer(page, embedded_gateway):
+    await idle(embedded_gateway)
+    cancelled = embedded_gateway.cancelled_requests()
+    await page.fill("#prompt", "Write a very long story about a dragon who learns to cook, with many chapters.")
+    await page.fill("#max-tokens", "2000")
+    await page.click("#send")
+    await page.wait_for_function("document.getElementById('answer').textContent.length > 20", timeout=120_000)
+    assert await state(page) == "running" and await page.is_enabled("#stop")
+    await page.click("#stop")
+    await page.wait_for_function("document.body.dataset.state === 'idle'", timeout=60_000)
+    assert "stopped" in await page.text_content("#status")
+    assert await page.is_disabled("#stop") and await page.is_enabled("#send")
+    # The engine stopped the stream (finish_reason=cancelled), far short of 2000 tokens.
+    await eventually(lambda: embedded_gateway.running_streams() == 0)
+    assert embedded_gateway.cancelled_requests() == cancelled + 1
+    stopped_text = await page.text_content("#answer")
+    await asyncio.sleep(0.5)
+    assert await page.text_content("#answer") == stopped_text
+
+    # The page goes on working after a Stop.
+    await page.fill("#prompt", FRANCE)
+    await page.fill("#max-tokens", "64")
+    await page.click("#send")
+    assert "Paris" in (await observe_until_idle(page))[-1]
+
+
+async def test_closing_the_page_cancels_the_generation(embedded_gateway, page):
+    await idle(embedded_gateway)
+    cancelled = embedded_gateway.cancelled_requests()
+    await page.fill("#prompt", "Write a very long story about a dragon who learns to cook, with many chapters.")
+    await page.fill("#max-tokens", "2000")
+    await page.click("#send")
+    await page.wait_for_function("document.getElementById('answer').textContent.length > 20", timeout=120_000)
+    await page.close()
+    await eventually(lambda: embedded_gateway.running_streams() == 0)
+    assert embedded_gateway.cancelled_requests() == cancelled + 1
