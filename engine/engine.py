@@ -68,7 +68,6 @@ class LLMEngine:
         self._in_flight = 0  # submitted and not finished: what admission control counts
         self._accepting = True
         self._stopping = False
-        self._abort: tuple[FinishReason, str] | None = None  # set by abort_all, carried out by the loop thread
         self._ids = itertools.count()
 
         # Owned by the loop thread alone.
@@ -188,18 +187,9 @@ class LLMEngine:
             self._cancelled.add(request_id)
             self._work.notify()
 
-    def stop_accepting(self) -> None:
-        with self._lock:
-            self._accepting = False
-
-    def abort_all(self, reason: FinishReason, message: str) -> None:
-        """End every request now (shutdown after the grace period)."""
-        with self._lock:
-            self._abort = (reason, message)
-            self._work.notify()
-
     def close(self) -> None:
         with self._lock:
+            self._accepting = False
             self._stopping = True
             self._work.notify()
         self._thread.join(timeout=30)
@@ -213,22 +203,22 @@ class LLMEngine:
                     while not self._has_work():
                         self._work.wait()
                     if self._stopping:
-                        return
+                        break
                     self._waiting.extend(self._inbox)
                     self._inbox.clear()
                     cancelled, self._cancelled = self._cancelled, set()
-                    abort, self._abort = self._abort, None
-                if abort is not None:
-                    self._finish_all(*abort)
                 self._drop(cancelled)
                 self._prefill_step()
                 if self._batch is not None:
                     self._decode_step()
                 self.steps += 1
+            # Closing: nobody may be left waiting for an output that will never come.
+            self._waiting.extend(self._inbox)
+            self._finish_all(FinishReason.SHUTDOWN, "the service is shutting down")
 
     def _has_work(self) -> bool:
         return bool(
-            self._stopping or self._inbox or self._cancelled or self._abort
+            self._stopping or self._inbox or self._cancelled
             or self._waiting or self._prefilling or self._batch is not None
         )
 
@@ -273,9 +263,9 @@ class LLMEngine:
         if output.finished:
             self._release(request, output)
             return
-        request.deliver(output)
-        self._running[request.request_id] = processor
         self._batch = self.runner.join(self._batch, request.request_id, job.cache, token)
+        self._running[request.request_id] = processor
+        request.deliver(output)
 
     def _decode_step(self) -> None:
         batch = self._batch

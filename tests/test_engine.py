@@ -140,3 +140,13 @@ async def test_overload_is_refused_at_once_and_others_complete(tiny_engine):
 def test_requests_beyond_the_limits_are_rejected_with_the_limit_named(tiny_engine, prompt_tokens, max_tokens, message):
     with pytest.raises(InvalidRequest, match=message):
         tiny_engine.check([1] * prompt_tokens, SamplingParams(max_tokens=max_tokens))
+
+
+async def test_closing_the_engine_ends_every_stream_with_shutdown(tiny_model_dir):
+    engine = LLMEngine(load_model(str(tiny_model_dir), dtype="float32"))
+    stream = engine.generate(engine.tokenize("go"), SamplingParams(max_tokens=4000))
+    first = await anext(stream)
+    engine.close()
+    rest = [o async for o in stream]
+    assert first.finish_reason is None and rest[-1].finish_reason is FinishReason.SHUTDOWN
+    assert (await collect(engine, "too late"))[-1].finish_reason is FinishReason.SHUTDOWN
