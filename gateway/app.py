@@ -192,7 +192,7 @@ async def websocket_session(websocket: WebSocket, streamer: Any) -> None:
             async for doc in stream:
                 if doc.text:
                     await send({"type": "token", "id": number, "text": doc.text, "index": doc.index})
-                if doc.finish_reason in ("error", "overloaded", "shutdown"):
+                if doc.finish_reason in ("error", "shutdown"):
                     await send({"type": "error", "id": number, "message": doc.error or doc.finish_reason,
                                 "finish_reason": doc.finish_reason})
                 elif doc.finish_reason is not None:

@@ -12,7 +12,7 @@ from typing import Any, Optional, Union
 
 from pydantic import BaseModel, Extra, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError, validator
 
-from schemas import ModelOutputDocument
+from schemas import OVERLOADED_ERROR_PREFIX, ModelOutputDocument
 
 DEFAULT_MAX_TOKENS = 256  # OpenAI's default is "the rest of the context"; the gateway does not know the context
 
@@ -167,11 +167,10 @@ def parse_request(model: type[CommonRequest], body: Any) -> CommonRequest:
 def failure(doc: ModelOutputDocument) -> OpenAIError | None:
     """The OpenAI error for a document that ends a stream in failure, or None."""
     reason = doc.finish_reason
+    if reason == "error" and (doc.error or "").startswith(OVERLOADED_ERROR_PREFIX):
+        return OpenAIError(429, doc.error, type="rate_limit_error", code="overloaded")
     if reason == "error":
         return OpenAIError(400, doc.error or "the request failed", code="invalid_request")
-    if reason == "overloaded":
-        return OpenAIError(429, doc.error or "the service is overloaded, retry later", type="rate_limit_error",
-                           code="overloaded")
     if reason == "shutdown":
         return OpenAIError(503, doc.error or "the service is shutting down", type="server_error", code="shutdown")
     if reason == "cancelled":

@@ -7,6 +7,10 @@ from typing import Optional
 
 from docarray import BaseDoc
 
+# The `error` of a request refused because the replica is full starts with this (finish_reason is 'error'),
+# so transports can answer "retry later" (HTTP 429) instead of "bad request".
+OVERLOADED_ERROR_PREFIX = "the service is overloaded"
+
 
 class PromptDocument(BaseDoc):
     prompt: str
