@@ -1,0 +1,54 @@
+"""Real `jina flow`s for the benchmark (each in its own process group, stopped even on error) and the gRPC
+stream the load driver opens against them: one Jina client per stream, as separate users would have."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import AsyncIterator, Iterator
+
+from jina import Client
+
+from schemas import ModelOutputDocument, PromptDocument
+from tests.servers import free_port, running_flow, write_flow
+
+ROOT = Path(__file__).resolve().parent.parent
+LOGS = Path(__file__).resolve().parent / "logs"
+
+
+def service_executor(device: str, dtype: str) -> dict:
+    """The project's executor through config.yml, with flow.yml's limits."""
+    return {
+        "name": "llm",
+        "uses": str(ROOT / "config.yml"),
+        "uses_with": {"model": "embedded", "device": device, "dtype": dtype, "max_running": 32, "max_waiting": 256},
+    }
+
+
+def seed_executor(device: str, dtype: str) -> dict:
+    return {
+        "name": "seed",
+        "uses": "SeedStreamingExecutor",
+        "py_modules": [str(ROOT / "bench" / "seed_executor.py")],
+        "uses_with": {"model": "embedded", "device": device, "dtype": dtype},
+    }
+
+
+@contextmanager
+def serving(name: str, executor: dict, timeout: float = 300) -> Iterator[int]:
+    """A flow with a plain gRPC gateway on a free port; yields the port. Its log stays in bench/logs/."""
+    LOGS.mkdir(exist_ok=True)
+    port = free_port()
+    flow_file = write_flow(LOGS / f"{name}.flow.yml", port, executor)
+    with running_flow(flow_file, [port], LOGS / f"{name}.log", timeout=timeout):
+        yield port
+
+
+def grpc_stream(port: int):
+    async def open_stream(prompt: str, max_tokens: int) -> AsyncIterator[ModelOutputDocument]:
+        client = Client(host="127.0.0.1", port=port, protocol="grpc", asyncio=True)
+        request = PromptDocument(prompt=prompt, max_tokens=max_tokens)
+        async for doc in client.stream_doc(on="/stream", inputs=request, return_type=ModelOutputDocument):
+            yield doc
+
+    return open_stream

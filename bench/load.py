@@ -1,0 +1,142 @@
+"""The load driver and its statistics: N concurrent streams, timed at the consumer.
+
+A stream is any async iterator of items with a `token_id` (Jina's ModelOutputDocument, the engine's StepOutput);
+an item with token_id >= 0 carries a generated token. For each stream we record the time from opening it to the
+first token (TTFT) and the gaps between consecutive tokens (ITL); a round's aggregate rate is every generated
+token of the round over the round's wall time (first stream opened to last stream finished).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import AsyncIterator, Callable
+
+# Varied prompts that make a small instruct model talk for well over 64 tokens.
+PROMPTS = [
+    "Write a long story about a lighthouse keeper who finds a message in a bottle.",
+    "Write a long story about a dragon who is afraid of heights.",
+    "Write a long story about two friends who build a boat and sail around the world.",
+    "Write a long story about a robot learning to cook for a big family.",
+    "Write a long story about a detective solving a mystery in a snowy mountain village.",
+    "Write a long story about a girl who can talk to the trees in her garden.",
+    "Write a long story about the first city built on the moon.",
+    "Write a long story about a lost dog finding its way home across the country.",
+    "Write a long, detailed essay about the history of the printing press.",
+    "Write a long, detailed essay about why the ocean is salty.",
+    "Explain in great detail how a steam engine works, step by step.",
+    "Write a long story about a baker who discovers a magic recipe.",
+    "Write a long story about a pirate crew searching for a hidden island.",
+    "Write a long story about a musician who loses her hearing and keeps composing.",
+    "Write a long, detailed guide to planting a vegetable garden in spring.",
+    "Write a long story about a village where it never stops raining.",
+]
+
+OpenStream = Callable[[str, int], AsyncIterator]  # (prompt, max_tokens) -> stream of items with token_id
+
+
+@dataclass
+class StreamTiming:
+    ttft_s: float | None = None
+    gaps_s: list[float] = field(default_factory=list)
+    tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class RoundResult:
+    system: str
+    streams: int
+    max_tokens: int
+    rounds: int
+    tokens: int  # generated tokens, all rounds
+    tokens_per_s: float  # median over rounds of (tokens of the round / wall time of the round)
+    ttft_p50_ms: float | None
+    ttft_p95_ms: float | None
+    itl_p50_ms: float | None
+    itl_p95_ms: float | None
+    wall_s: float  # all rounds
+    errors: int = 0
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else value * 1000
+
+
+async def time_stream(open_stream: OpenStream, prompt: str, max_tokens: int) -> StreamTiming:
+    timing = StreamTiming()
+    started = time.perf_counter()
+    last = None
+    try:
+        async for item in open_stream(prompt, max_tokens):
+            now = time.perf_counter()
+            if getattr(item, "error", None):
+                timing.error = str(item.error)
+            if item.token_id is None or item.token_id < 0:
+                continue
+            if last is None:
+                timing.ttft_s = now - started
+            else:
+                timing.gaps_s.append(now - last)
+            last = now
+            timing.tokens += 1
+    except Exception as error:  # a failed stream is counted, not fatal to the round
+        timing.error = repr(error)
+    return timing
+
+
+async def run_round(open_stream: OpenStream, streams: int, max_tokens: int, offset: int = 0) -> tuple[list[StreamTiming], float]:
+    """Open `streams` streams at once, each on a different prompt; returns their timings and the wall time."""
+    prompts = [PROMPTS[(offset + i) % len(PROMPTS)] for i in range(streams)]
+    started = time.perf_counter()
+    timings = await asyncio.gather(*(time_stream(open_stream, p, max_tokens) for p in prompts))
+    return list(timings), time.perf_counter() - started
+
+
+async def measure(system: str, open_stream: OpenStream, streams: int, max_tokens: int, rounds: int, note: str = "") -> RoundResult:
+    """`rounds` rounds of `streams` concurrent streams; latencies pooled over the rounds, rate = median round."""
+    all_timings: list[StreamTiming] = []
+    rates: list[float] = []
+    wall = 0.0
+    for r in range(rounds):
+        timings, elapsed = await run_round(open_stream, streams, max_tokens, offset=r)
+        all_timings += timings
+        rates.append(sum(t.tokens for t in timings) / elapsed)
+        wall += elapsed
+    ttfts = [t.ttft_s for t in all_timings if t.ttft_s is not None]
+    gaps = [g for t in all_timings for g in t.gaps_s]
+    errors = [t.error for t in all_timings if t.error]
+    if errors:
+        note = (note + "; " if note else "") + f"first error: {errors[0][:200]}"
+    return RoundResult(
+        system=system,
+        streams=streams,
+        max_tokens=max_tokens,
+        rounds=rounds,
+        tokens=sum(t.tokens for t in all_timings),
+        tokens_per_s=statistics.median(rates),
+        ttft_p50_ms=_ms(percentile(ttfts, 50)),
+        ttft_p95_ms=_ms(percentile(ttfts, 95)),
+        itl_p50_ms=_ms(percentile(gaps, 50)),
+        itl_p95_ms=_ms(percentile(gaps, 95)),
+        wall_s=wall,
+        errors=len(errors),
+        note=note,
+    )
