@@ -139,8 +139,8 @@ async def test_cancelling_the_client_task_frees_the_engine(tiny_service):
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     await eventually(lambda: metric(tiny_service.monitoring_port, "llm_running_streams") == 0)
-    cancelled = metric(tiny_service.monitoring_port, 'llm_requests_total{finish_reason="cancelled"}')
-    assert cancelled >= 3
+    # The executor counts a cancellation when Jina closes its generator, which may come after the engine freed the slot.
+    await eventually(lambda: metric(tiny_service.monitoring_port, 'llm_requests_total{finish_reason="cancelled"}') >= 3)
 
 
 async def test_a_killed_client_process_frees_the_engine(tiny_service):
