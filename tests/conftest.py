@@ -1,8 +1,11 @@
 """Shared fixtures: a tiny random-weight model for fast tests, the embedded model for end-to-end ones, and
-real flows over gRPC."""
+real flows served as `make serve` serves them (gRPC and HTTP through the service's gateway)."""
 
 from __future__ import annotations
 
+import asyncio
+import re
+import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,10 +13,12 @@ from typing import Iterator
 
 import pytest
 import torch
+from jina import Client
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from engine.loading import embedded_model_dir
-from tests.servers import free_port, running_flow, write_flow
+from schemas import ModelOutputDocument, PromptDocument
+from tests.servers import free_port, running_flow, write_service_flow
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,15 +53,37 @@ def tiny_model_dir(tmp_path_factory, embedded_dir) -> Path:
 @dataclass
 class Service:
     grpc_port: int
+    http_port: int
     monitoring_port: int  # the executor's Prometheus endpoint
-    http_port: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def metric(self, name: str, **labels: str) -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.monitoring_port}/metrics", timeout=5).read().decode()
+        label_text = ",".join(f'{key}="{value}"' for key, value in labels.items())
+        pattern = rf"^{re.escape(name)}{re.escape('{' + label_text + '}') if labels else ''} (\S+)$"
+        match = re.search(pattern, text, re.MULTILINE)
+        return float(match.group(1)) if match else 0.0
+
+    def running_streams(self) -> float:
+        return self.metric("llm_running_streams")
+
+    def waiting_streams(self) -> float:
+        return self.metric("llm_waiting_streams")
+
+    def cancelled_requests(self) -> float:
+        return self.metric("llm_requests_total", finish_reason="cancelled")
 
 
 @contextmanager
-def serve(tmp_path_factory, name: str, uses_with: dict, uses: str = "config.yml", http: bool = False) -> Iterator[Service]:
-    """A real `jina flow` serving the executor of `uses` with `uses_with`, on free ports."""
+def serve(
+    tmp_path_factory, name: str, uses_with: dict, uses: str = "config.yml", model_name: str = "test-model"
+) -> Iterator[Service]:
+    """A real `jina flow` like flow.yml, serving the executor of `uses` with `uses_with`, on free ports."""
     tmp = tmp_path_factory.mktemp(name)
-    service = Service(free_port(), free_port(), free_port() if http else None)
+    service = Service(free_port(), free_port(), free_port())
     executor = {
         "name": "llm",
         "uses": str(ROOT / uses),
@@ -64,10 +91,32 @@ def serve(tmp_path_factory, name: str, uses_with: dict, uses: str = "config.yml"
         "monitoring": True,
         "port_monitoring": service.monitoring_port,
     }
-    flow_file = write_flow(tmp / "flow.yml", service.grpc_port, executor, service.http_port)
-    ports = [service.grpc_port, service.monitoring_port] + ([service.http_port] if http else [])
-    with running_flow(flow_file, ports, tmp / "flow.log"):
+    flow_file = write_service_flow(tmp / "flow.yml", service.grpc_port, service.http_port, executor, model_name)
+    with running_flow(flow_file, [service.grpc_port, service.http_port, service.monitoring_port], tmp / "flow.log"):
         yield service
+
+
+def grpc_client(port: int) -> Client:
+    return Client(host="127.0.0.1", port=port, protocol="grpc", asyncio=True)
+
+
+async def stream_docs(service: Service, **fields) -> list[ModelOutputDocument]:
+    """Every document of one gRPC `stream_doc` call."""
+    return [
+        doc
+        async for doc in grpc_client(service.grpc_port).stream_doc(
+            on="/stream", inputs=PromptDocument(**fields), return_type=ModelOutputDocument
+        )
+    ]
+
+
+async def eventually(predicate, attempts: int = 400) -> None:
+    """Poll until the predicate holds (20 s at most): for state another process or thread reaches."""
+    for _ in range(attempts):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not reached")
 
 
 TINY_LIMITS = {"dtype": "float32", "max_running": 4, "max_waiting": 2}
@@ -75,7 +124,7 @@ TINY_LIMITS = {"dtype": "float32", "max_running": 4, "max_waiting": 2}
 
 @pytest.fixture(scope="session")
 def tiny_service(tmp_path_factory, tiny_model_dir) -> Iterator[Service]:
-    """The real flow on the tiny model."""
+    """The real flow on the tiny random model: fast, for everything but the model's answers."""
     with serve(tmp_path_factory, "tiny-flow", {"model": str(tiny_model_dir), **TINY_LIMITS}) as service:
         yield service
 

@@ -30,12 +30,27 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def write_flow(path: Path, grpc_port: int, executor: dict, http_port: int | None = None, gateway: dict | None = None) -> Path:
-    protocols, ports = ["grpc"], [grpc_port]
-    if http_port is not None:
-        protocols.append("http")
-        ports.append(http_port)
-    flow = {"jtype": "Flow", "with": {"protocol": protocols, "port": ports, **(gateway or {})}, "executors": [executor]}
+def write_flow(path: Path, grpc_port: int, executor: dict) -> Path:
+    """A flow with Jina's plain gRPC gateway in front of one executor."""
+    flow = {"jtype": "Flow", "with": {"protocol": ["grpc"], "port": [grpc_port]}, "executors": [executor]}
+    # jtype first: Jina's loader expects it at the top.
+    path.write_text(yaml.safe_dump(flow, sort_keys=False))
+    return path
+
+
+def write_service_flow(path: Path, grpc_port: int, http_port: int, executor: dict, model_name: str) -> Path:
+    """A flow like flow.yml: the service's gateway (gateway/: LLMGateway) on gRPC and HTTP, then the executor."""
+    flow = {
+        "jtype": "Flow",
+        "gateway": {
+            "uses": "LLMGateway",
+            "py_modules": [str(ROOT / "gateway" / "__init__.py")],
+            "uses_with": {"model_name": model_name},
+            "protocol": ["grpc", "http"],
+            "port": [grpc_port, http_port],
+        },
+        "executors": [executor],
+    }
     path.write_text(yaml.safe_dump(flow, sort_keys=False))
     return path
 

@@ -9,11 +9,9 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Page, async_playwright
 
-pytest.register_assert_rewrite("tests.gateway_fixtures")
-from tests.gateway_fixtures import GatewayService  # noqa: E402
-from tests.test_http import FRANCE, eventually, grpc_docs, idle  # noqa: E402
+from tests.conftest import Service, eventually, stream_docs
+from tests.test_http import FRANCE, idle
 
-pytest_plugins = ["tests.gateway_fixtures"]
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
 CHROMIUM = "/usr/bin/chromium"
@@ -29,12 +27,12 @@ CHROMIUM_ARGS = [
 
 
 @pytest.fixture
-async def page(embedded_gateway: GatewayService, tmp_path: Path):
+async def page(embedded_service: Service, tmp_path: Path):
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = await browser.new_page(viewport={"width": 1000, "height": 700})
-            await page.goto(embedded_gateway.url + "/")
+            await page.goto(embedded_service.url + "/")
             await page.wait_for_selector("#send:not([disabled])")  # the WebSocket is open
             yield page
             if not page.is_closed():
@@ -64,7 +62,19 @@ async def observe_until_idle(page: Page) -> list[str]:
     raise AssertionError("the answer never ended")
 
 
-async def test_the_page_shows_the_answer_growing_token_by_token(page, embedded_gateway):
+async def start_a_long_answer(page: Page, service: Service) -> float:
+    """Ask for a 2000-token story on an idle service and wait until its text shows; returns the count of
+    cancelled requests before it."""
+    await idle(service)
+    cancelled = service.cancelled_requests()
+    await page.fill("#prompt", "Write a very long story about a dragon who learns to cook, with many chapters.")
+    await page.fill("#max-tokens", "2000")
+    await page.click("#send")
+    await page.wait_for_function("document.getElementById('answer').textContent.length > 20", timeout=120_000)
+    return cancelled
+
+
+async def test_the_page_shows_the_answer_growing_token_by_token(page, embedded_service):
     await page.fill("#prompt", FRANCE)
     await page.click("#send")
     observations = await observe_until_idle(page)
@@ -74,25 +84,20 @@ async def test_the_page_shows_the_answer_growing_token_by_token(page, embedded_g
     assert "Paris" in answers[-1]
     assert "done" in await page.text_content("#status")
     # The page shows what the model says over gRPC, unchanged.
-    docs = await grpc_docs(embedded_gateway, prompt=FRANCE, max_tokens=256)
+    docs = await stream_docs(embedded_service, prompt=FRANCE, max_tokens=256)
     assert answers[-1] == docs[-1].generated_text
 
 
-async def test_stop_ends_a_long_answer(page, embedded_gateway):
-    await idle(embedded_gateway)
-    cancelled = embedded_gateway.cancelled_requests()
-    await page.fill("#prompt", "Write a very long story about a dragon who learns to cook, with many chapters.")
-    await page.fill("#max-tokens", "2000")
-    await page.click("#send")
-    await page.wait_for_function("document.getElementById('answer').textContent.length > 20", timeout=120_000)
+async def test_stop_ends_a_long_answer(page, embedded_service):
+    cancelled = await start_a_long_answer(page, embedded_service)
     assert await state(page) == "running" and await page.is_enabled("#stop")
     await page.click("#stop")
     await page.wait_for_function("document.body.dataset.state === 'idle'", timeout=60_000)
     assert "stopped" in await page.text_content("#status")
     assert await page.is_disabled("#stop") and await page.is_enabled("#send")
     # The engine stopped the stream (finish_reason=cancelled), far short of 2000 tokens.
-    await eventually(lambda: embedded_gateway.running_streams() == 0)
-    assert embedded_gateway.cancelled_requests() == cancelled + 1
+    await eventually(lambda: embedded_service.running_streams() == 0)
+    assert embedded_service.cancelled_requests() == cancelled + 1
     stopped_text = await page.text_content("#answer")
     await asyncio.sleep(0.5)
     assert await page.text_content("#answer") == stopped_text
@@ -104,13 +109,8 @@ async def test_stop_ends_a_long_answer(page, embedded_gateway):
     assert "Paris" in (await observe_until_idle(page))[-1]
 
 
-async def test_closing_the_page_cancels_the_generation(embedded_gateway, page):
-    await idle(embedded_gateway)
-    cancelled = embedded_gateway.cancelled_requests()
-    await page.fill("#prompt", "Write a very long story about a dragon who learns to cook, with many chapters.")
-    await page.fill("#max-tokens", "2000")
-    await page.click("#send")
-    await page.wait_for_function("document.getElementById('answer').textContent.length > 20", timeout=120_000)
+async def test_closing_the_page_cancels_the_generation(embedded_service, page):
+    cancelled = await start_a_long_answer(page, embedded_service)
     await page.close()
-    await eventually(lambda: embedded_gateway.running_streams() == 0)
-    assert embedded_gateway.cancelled_requests() == cancelled + 1
+    await eventually(lambda: embedded_service.running_streams() == 0)
+    assert embedded_service.cancelled_requests() == cancelled + 1

@@ -5,20 +5,14 @@ from docarray import DocList
 from transformers import AutoTokenizer
 
 from schemas import ModelOutputDocument, PromptDocument
-from tests.test_service import SeedModelOutputDocument, SeedPromptDocument, grpc_client, stream_docs
+from tests.conftest import grpc_client, stream_docs
+from tests.test_service import seed_client_texts
 
 pytestmark = pytest.mark.e2e
 
 
 async def test_seed_tutorial_client_gets_paris(embedded_service):
-    texts = [
-        doc.generated_text
-        async for doc in grpc_client(embedded_service.grpc_port).stream_doc(
-            on="/stream",
-            inputs=SeedPromptDocument(prompt="what is the capital of France ?", max_tokens=10),
-            return_type=SeedModelOutputDocument,
-        )
-    ]
+    texts = await seed_client_texts(embedded_service, "what is the capital of France ?", max_tokens=10)
     assert texts[-1] == "The capital of France is Paris."
     assert len(texts) >= 7  # one document per token, not one at the end
     assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:]))
@@ -27,7 +21,7 @@ async def test_seed_tutorial_client_gets_paris(embedded_service):
 
 async def test_stream_equals_unary(embedded_service):
     prompt = PromptDocument(prompt="Name three rivers in Europe.", max_tokens=40)
-    docs = await stream_docs(embedded_service.grpc_port, prompt=prompt.prompt, max_tokens=prompt.max_tokens)
+    docs = await stream_docs(embedded_service, prompt=prompt.prompt, max_tokens=prompt.max_tokens)
     unary = DocList[ModelOutputDocument]()
     async for response in grpc_client(embedded_service.grpc_port).post(
         on="/generate", inputs=DocList[PromptDocument]([prompt]), return_type=DocList[ModelOutputDocument]
@@ -45,7 +39,7 @@ async def test_stream_equals_unary(embedded_service):
     ],
 )
 async def test_multilingual_output_streams_whole_characters(embedded_service, embedded_dir, prompt):
-    docs = await stream_docs(embedded_service.grpc_port, prompt=prompt, max_tokens=48)
+    docs = await stream_docs(embedded_service, prompt=prompt, max_tokens=48)
     tokenizer = AutoTokenizer.from_pretrained(embedded_dir)
     token_ids = [d.token_id for d in docs if d.token_id >= 0]
     assert "".join(d.text for d in docs) == docs[-1].generated_text

@@ -4,8 +4,16 @@ import asyncio
 
 import pytest
 
+from engine import (
+    EngineConfig,
+    FinishReason,
+    InvalidRequest,
+    LLMEngine,
+    SamplingParams,
+    load_model,
+)
 from schemas import OVERLOADED_ERROR_PREFIX
-from engine import EngineConfig, FinishReason, InvalidRequest, LLMEngine, SamplingParams, load_model
+from tests.conftest import eventually
 
 PROMPTS = [
     "what is the capital of France ?",
@@ -22,14 +30,6 @@ PROMPTS = [
 async def collect(engine: LLMEngine, prompt: str, **params):
     params.setdefault("max_tokens", 24)
     return [o async for o in engine.generate(engine.tokenize(prompt), SamplingParams(**params))]
-
-
-async def wait_until(predicate, steps: int = 2000):
-    for _ in range(steps):
-        if predicate():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError("condition not reached")
 
 
 @pytest.fixture(scope="module")
@@ -101,11 +101,11 @@ async def test_cancelled_consumer_frees_its_slot(tiny_engine):
             pass
 
     tasks = [asyncio.create_task(consume_forever()) for _ in range(3)]
-    await wait_until(lambda: tiny_engine.num_running == 3)
+    await eventually(lambda: tiny_engine.num_running == 3)
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    await wait_until(lambda: tiny_engine.num_running == 0 and tiny_engine.num_waiting == 0)
+    await eventually(lambda: tiny_engine.num_running == 0 and tiny_engine.num_waiting == 0)
     steps = tiny_engine.steps
     await asyncio.sleep(0.2)
     assert tiny_engine.steps == steps  # nothing is computed for the streams that left
@@ -117,7 +117,7 @@ async def test_overload_is_refused_at_once_and_others_complete(tiny_engine):
     started = [tiny_engine.generate(tiny_engine.tokenize(f"stream {i}"), SamplingParams(max_tokens=60)) for i in range(6)]
     firsts = await asyncio.gather(*(anext(s) for s in started[:4]))  # these four are running
     waiting = [asyncio.create_task(anext(s)) for s in started[4:]]
-    await wait_until(lambda: tiny_engine.num_waiting == 2)
+    await eventually(lambda: tiny_engine.num_waiting == 2)
     refused = await collect(tiny_engine, "one too many")
     assert [o.finish_reason for o in refused] == [FinishReason.ERROR]
     # Transports recognise a refusal by this prefix (HTTP answers 429).
@@ -127,7 +127,7 @@ async def test_overload_is_refused_at_once_and_others_complete(tiny_engine):
         async for _ in stream:
             pass
     assert len(firsts) == 4 and len(rests) == 2
-    await wait_until(lambda: tiny_engine.num_running == 0)
+    await eventually(lambda: tiny_engine.num_running == 0)
 
 
 @pytest.mark.parametrize(

@@ -10,28 +10,16 @@ import json
 import httpx
 import openai
 import pytest
-from jina import Client
 from websockets.asyncio.client import connect
 
-from schemas import ModelOutputDocument, PromptDocument
-pytest.register_assert_rewrite("tests.gateway_fixtures")
-from tests.gateway_fixtures import GatewayService, serve_gateway  # noqa: E402
-
-pytest_plugins = ["tests.gateway_fixtures"]
+from schemas import ModelOutputDocument
+from tests.conftest import Service, eventually, serve, stream_docs
 
 FRANCE = "what is the capital of France ?"
-LONG = 480  # max_tokens for a stream that is still running when the client leaves (the tiny model's context: 512)
+LONG = 480  # max_tokens for a stream that is still running when the client leaves
 
 
 # Helpers ---------------------------------------------------------------------------------------------------------
-
-
-async def eventually(predicate, attempts: int = 400) -> None:
-    for _ in range(attempts):
-        if predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not reached")
 
 
 async def sse_events(response: httpx.Response):
@@ -52,18 +40,8 @@ async def sse_events(response: httpx.Response):
         yield event, "\n".join(data)
 
 
-def sdk(service: GatewayService) -> openai.AsyncOpenAI:
+def sdk(service: Service) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{service.url}/v1", api_key="not-needed", max_retries=0)
-
-
-async def grpc_docs(service: GatewayService, **fields) -> list[ModelOutputDocument]:
-    client = Client(host="127.0.0.1", port=service.grpc_port, protocol="grpc", asyncio=True)
-    return [
-        doc
-        async for doc in client.stream_doc(
-            on="/stream", inputs=PromptDocument(**fields), return_type=ModelOutputDocument
-        )
-    ]
 
 
 async def chat_stream(client: openai.AsyncOpenAI, **kwargs) -> tuple[list[str], list]:
@@ -72,7 +50,7 @@ async def chat_stream(client: openai.AsyncOpenAI, **kwargs) -> tuple[list[str], 
     return texts, chunks
 
 
-async def idle(service: GatewayService) -> None:
+async def idle(service: Service) -> None:
     await eventually(lambda: service.running_streams() == 0)
 
 
@@ -80,10 +58,10 @@ async def idle(service: GatewayService) -> None:
 
 
 @pytest.mark.parametrize("as_json_body", [False, True])
-async def test_jina_stream_sse_sends_an_update_per_document_then_end(tiny_gateway, as_json_body):
+async def test_jina_stream_sse_sends_an_update_per_document_then_end(tiny_service, as_json_body):
     fields = {"prompt": "hello there", "max_tokens": 6, "chat_template": False}
     request = {"json": fields} if as_json_body else {"params": fields}
-    async with httpx.AsyncClient(base_url=tiny_gateway.url, timeout=60) as client:
+    async with httpx.AsyncClient(base_url=tiny_service.url, timeout=60) as client:
         async with client.stream("GET", "/stream", **request) as response:
             assert response.status_code == 200
             assert response.headers["content-type"].startswith("text/event-stream")
@@ -93,12 +71,12 @@ async def test_jina_stream_sse_sends_an_update_per_document_then_end(tiny_gatewa
     assert [doc.index for doc in docs] == list(range(len(docs)))
     assert docs[-1].finish_reason in ("length", "eos") and all(doc.finish_reason is None for doc in docs[:-1])
     assert "".join(doc.text for doc in docs) == docs[-1].generated_text
-    grpc = await grpc_docs(tiny_gateway, **fields)
+    grpc = await stream_docs(tiny_service, **fields)
     assert [doc.generated_text for doc in grpc] == [doc.generated_text for doc in docs]
 
 
-async def test_grpc_stream_doc_keeps_working_beside_the_http_api(tiny_gateway):
-    docs = await grpc_docs(tiny_gateway, prompt="hello", max_tokens=5)
+async def test_grpc_stream_doc_keeps_working_beside_the_http_api(tiny_service):
+    docs = await stream_docs(tiny_service, prompt="hello", max_tokens=5)
     assert docs[-1].finish_reason in ("length", "eos")
     assert all(len(a.generated_text) <= len(b.generated_text) for a, b in zip(docs, docs[1:]))
 
@@ -106,13 +84,13 @@ async def test_grpc_stream_doc_keeps_working_beside_the_http_api(tiny_gateway):
 # OpenAI-compatible API -------------------------------------------------------------------------------------------
 
 
-async def test_models_lists_the_configured_model(tiny_gateway):
-    models = await sdk(tiny_gateway).models.list()
+async def test_models_lists_the_configured_model(tiny_service):
+    models = await sdk(tiny_service).models.list()
     assert [model.id for model in models.data] == ["test-model"]
 
 
-async def test_sdk_chat_stream_joins_to_the_non_stream_answer_with_usage(tiny_gateway):
-    client = sdk(tiny_gateway)
+async def test_sdk_chat_stream_joins_to_the_non_stream_answer_with_usage(tiny_service):
+    client = sdk(tiny_service)
     request = dict(model="test-model", messages=[{"role": "user", "content": "Say something"}], max_tokens=12)
     texts, chunks = await chat_stream(client, stream_options={"include_usage": True}, **request)
     whole = await client.chat.completions.create(**request)
@@ -129,31 +107,31 @@ async def test_sdk_chat_stream_joins_to_the_non_stream_answer_with_usage(tiny_ga
     assert all(chunk.usage is None for chunk in plain)
 
 
-async def test_sdk_completions_send_the_raw_prompt(tiny_gateway):
-    client = sdk(tiny_gateway)
+async def test_sdk_completions_send_the_raw_prompt(tiny_service):
+    client = sdk(tiny_service)
     request = dict(model="test-model", prompt="Once upon a time", max_tokens=8)
     stream = await client.completions.create(stream=True, **request)
     texts = [chunk.choices[0].text async for chunk in stream]
     whole = await client.completions.create(**request)
     assert "".join(texts) == whole.choices[0].text
     # Same as the raw prompt over gRPC with chat_template=False: the HTTP layer adds nothing to the prompt.
-    docs = await grpc_docs(tiny_gateway, prompt="Once upon a time", max_tokens=8, chat_template=False)
+    docs = await stream_docs(tiny_service, prompt="Once upon a time", max_tokens=8, chat_template=False)
     assert whole.choices[0].text == docs[-1].generated_text
     assert whole.choices[0].finish_reason == {"length": "length", "eos": "stop"}[docs[-1].finish_reason]
 
 
-async def test_sdk_sampling_options_reach_the_executor(tiny_gateway):
-    client = sdk(tiny_gateway)
+async def test_sdk_sampling_options_reach_the_executor(tiny_service):
+    client = sdk(tiny_service)
     request = dict(model="test-model", prompt="Random words:", max_tokens=10, temperature=1.5, top_p=0.95)
     first = await client.completions.create(seed=7, **request)
     again = await client.completions.create(seed=7, **request)
-    docs = await grpc_docs(tiny_gateway, prompt="Random words:", max_tokens=10, temperature=1.5, top_p=0.95, seed=7,
+    docs = await stream_docs(tiny_service, prompt="Random words:", max_tokens=10, temperature=1.5, top_p=0.95, seed=7,
                            chat_template=False)
     assert first.choices[0].text == again.choices[0].text == docs[-1].generated_text
 
 
-async def test_stop_strings_end_the_answer(tiny_gateway):
-    client = sdk(tiny_gateway)
+async def test_stop_strings_end_the_answer(tiny_service):
+    client = sdk(tiny_service)
     unstopped = await client.completions.create(model="m", prompt="Once upon a time", max_tokens=12)
     text = unstopped.choices[0].text
     stop = text[len(text) // 2:][:3]
@@ -163,14 +141,14 @@ async def test_stop_strings_end_the_answer(tiny_gateway):
     assert stopped.choices[0].text == text[: text.index(stop)]
 
 
-async def test_multi_turn_chat_answers(tiny_gateway):
+async def test_multi_turn_chat_answers(tiny_service):
     messages = [
         {"role": "system", "content": "You are terse."},
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello."},
         {"role": "user", "content": [{"type": "text", "text": "And now?"}]},
     ]
-    whole = await sdk(tiny_gateway).chat.completions.create(model="m", messages=messages, max_tokens=5)
+    whole = await sdk(tiny_service).chat.completions.create(model="m", messages=messages, max_tokens=5)
     assert whole.choices[0].finish_reason in ("length", "stop") and whole.usage.completion_tokens >= 1
 
 
@@ -204,10 +182,10 @@ BAD_REQUESTS = [
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 @pytest.mark.parametrize("path, body, param", BAD_REQUESTS)
-async def test_bad_requests_get_a_4xx_with_openai_error_json_before_any_stream(tiny_gateway, path, body, param, stream):
+async def test_bad_requests_get_a_4xx_with_openai_error_json_before_any_stream(tiny_service, path, body, param, stream):
     if isinstance(body, dict):
         body = {**body, "stream": stream}
-    async with httpx.AsyncClient(base_url=tiny_gateway.url, timeout=60) as client:
+    async with httpx.AsyncClient(base_url=tiny_service.url, timeout=60) as client:
         response = await client.post(path, json=body)
     assert 400 <= response.status_code < 500
     assert response.headers["content-type"].startswith("application/json")
@@ -217,21 +195,21 @@ async def test_bad_requests_get_a_4xx_with_openai_error_json_before_any_stream(t
     assert error["param"] == param
 
 
-async def test_invalid_json_gets_a_400(tiny_gateway):
-    async with httpx.AsyncClient(base_url=tiny_gateway.url, timeout=60) as client:
+async def test_invalid_json_gets_a_400(tiny_service):
+    async with httpx.AsyncClient(base_url=tiny_service.url, timeout=60) as client:
         response = await client.post(CHAT, content=b"{not json", headers={"content-type": "application/json"})
     assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
 
 
-async def test_sdk_raises_bad_request_for_a_refused_stream(tiny_gateway):
+async def test_sdk_raises_bad_request_for_a_refused_stream(tiny_service):
     with pytest.raises(openai.BadRequestError) as raised:
-        await sdk(tiny_gateway).chat.completions.create(model="m", messages=USER, max_tokens=100000, stream=True)
+        await sdk(tiny_service).chat.completions.create(model="m", messages=USER, max_tokens=100000, stream=True)
     assert raised.value.status_code == 400 and "context" in raised.value.message
 
 
 async def test_a_failure_after_the_stream_started_reaches_the_sdk_as_an_error(tmp_path_factory, tiny_model_dir):
     uses_with = {"model": str(tiny_model_dir), "dtype": "float32"}
-    with serve_gateway(tmp_path_factory, "faulty-gateway", uses_with, uses="tests/faulty.yml") as service:
+    with serve(tmp_path_factory, "faulty-gateway", uses_with, uses="tests/faulty.yml") as service:
         client = sdk(service)
         received = []
         with pytest.raises(openai.APIError) as raised:
@@ -255,11 +233,11 @@ async def test_a_failure_after_the_stream_started_reaches_the_sdk_as_an_error(tm
 # Cancellation when the client goes away --------------------------------------------------------------------------
 
 
-async def test_closing_a_streaming_http_connection_cancels_the_generation(tiny_gateway):
-    await idle(tiny_gateway)
-    cancelled = tiny_gateway.cancelled_requests()
+async def test_closing_a_streaming_http_connection_cancels_the_generation(tiny_service):
+    await idle(tiny_service)
+    cancelled = tiny_service.cancelled_requests()
     body = {"messages": [{"role": "user", "content": "Tell me everything"}], "max_tokens": LONG, "stream": True}
-    async with httpx.AsyncClient(base_url=tiny_gateway.url, timeout=60) as client:
+    async with httpx.AsyncClient(base_url=tiny_service.url, timeout=60) as client:
         async with client.stream("POST", CHAT, json=body) as response:
             assert response.status_code == 200
             seen = 0
@@ -267,36 +245,36 @@ async def test_closing_a_streaming_http_connection_cancels_the_generation(tiny_g
                 seen += 1
                 if seen == 3:
                     break
-            assert tiny_gateway.running_streams() == 1
+            assert tiny_service.running_streams() == 1
     # The connection is closed: the engine stops the stream (finish_reason=cancelled), long before LONG tokens.
-    await eventually(lambda: tiny_gateway.running_streams() == 0)
-    assert tiny_gateway.cancelled_requests() == cancelled + 1
+    await eventually(lambda: tiny_service.running_streams() == 0)
+    assert tiny_service.cancelled_requests() == cancelled + 1
 
 
-async def test_closing_a_non_streaming_http_connection_cancels_the_generation(tiny_gateway):
-    await idle(tiny_gateway)
-    cancelled = tiny_gateway.cancelled_requests()
+async def test_closing_a_non_streaming_http_connection_cancels_the_generation(tiny_service):
+    await idle(tiny_service)
+    cancelled = tiny_service.cancelled_requests()
     body = {"prompt": "Tell me everything", "max_tokens": LONG}
-    async with httpx.AsyncClient(base_url=tiny_gateway.url, timeout=60) as client:
+    async with httpx.AsyncClient(base_url=tiny_service.url, timeout=60) as client:
         request = asyncio.create_task(client.post(COMPLETIONS, json=body))
-        await eventually(lambda: tiny_gateway.running_streams() == 1)
+        await eventually(lambda: tiny_service.running_streams() == 1)
         request.cancel()
         await asyncio.gather(request, return_exceptions=True)
-    await eventually(lambda: tiny_gateway.running_streams() == 0)
-    assert tiny_gateway.cancelled_requests() == cancelled + 1
+    await eventually(lambda: tiny_service.running_streams() == 0)
+    assert tiny_service.cancelled_requests() == cancelled + 1
 
 
-async def test_closing_jina_stream_sse_cancels_the_generation(tiny_gateway):
-    await idle(tiny_gateway)
-    cancelled = tiny_gateway.cancelled_requests()
+async def test_closing_jina_stream_sse_cancels_the_generation(tiny_service):
+    await idle(tiny_service)
+    cancelled = tiny_service.cancelled_requests()
     params = {"prompt": "Tell me everything", "max_tokens": LONG, "chat_template": False}
-    async with httpx.AsyncClient(base_url=tiny_gateway.url, timeout=60) as client:
+    async with httpx.AsyncClient(base_url=tiny_service.url, timeout=60) as client:
         async with client.stream("GET", "/stream", params=params) as response:
             async for event, _data in sse_events(response):
                 assert event == "update"
                 break
-    await eventually(lambda: tiny_gateway.running_streams() == 0)
-    assert tiny_gateway.cancelled_requests() == cancelled + 1
+    await eventually(lambda: tiny_service.running_streams() == 0)
+    assert tiny_service.cancelled_requests() == cancelled + 1
 
 
 # WebSocket -------------------------------------------------------------------------------------------------------
@@ -311,9 +289,9 @@ async def receive_until_end(ws) -> list[dict]:
             return messages
 
 
-async def test_websocket_two_turns_then_a_cancel_on_one_connection(tiny_gateway):
-    await idle(tiny_gateway)
-    async with connect(f"ws://127.0.0.1:{tiny_gateway.http_port}/ws") as ws:
+async def test_websocket_two_turns_then_a_cancel_on_one_connection(tiny_service):
+    await idle(tiny_service)
+    async with connect(f"ws://127.0.0.1:{tiny_service.http_port}/ws") as ws:
         answers = []
         for number, prompt in enumerate(["first question", "second question"], start=1):
             await ws.send(json.dumps({"type": "prompt", "prompt": prompt, "max_tokens": 6, "chat_template": False}))
@@ -326,10 +304,10 @@ async def test_websocket_two_turns_then_a_cancel_on_one_connection(tiny_gateway)
             assert end["usage"]["completion_tokens"] >= len(tokens) >= 1
             answers.append(end["text"])
         for prompt, answer in zip(["first question", "second question"], answers):
-            docs = await grpc_docs(tiny_gateway, prompt=prompt, max_tokens=6, chat_template=False)
+            docs = await stream_docs(tiny_service, prompt=prompt, max_tokens=6, chat_template=False)
             assert answer == docs[-1].generated_text
 
-        cancelled = tiny_gateway.cancelled_requests()
+        cancelled = tiny_service.cancelled_requests()
         await ws.send(json.dumps({"prompt": "Tell me everything", "max_tokens": LONG}))
         assert json.loads(await ws.recv())["type"] == "start"
         assert json.loads(await ws.recv())["type"] == "token"
@@ -337,8 +315,8 @@ async def test_websocket_two_turns_then_a_cancel_on_one_connection(tiny_gateway)
         messages = await receive_until_end(ws)
         assert messages[-1] == {"type": "end", "id": 3, "finish_reason": "cancelled"}
         assert sum(m["type"] == "token" for m in messages) < LONG - 1
-        await eventually(lambda: tiny_gateway.running_streams() == 0)
-        assert tiny_gateway.cancelled_requests() == cancelled + 1
+        await eventually(lambda: tiny_service.running_streams() == 0)
+        assert tiny_service.cancelled_requests() == cancelled + 1
 
         # Still usable, and bad prompts get an error message without closing the connection.
         await ws.send(json.dumps({"prompt": "hello", "max_tokens": 0}))
@@ -349,27 +327,27 @@ async def test_websocket_two_turns_then_a_cancel_on_one_connection(tiny_gateway)
         assert (await receive_until_end(ws))[-1]["type"] == "end"
 
 
-async def test_closing_the_websocket_cancels_the_generation(tiny_gateway):
-    await idle(tiny_gateway)
-    cancelled = tiny_gateway.cancelled_requests()
-    async with connect(f"ws://127.0.0.1:{tiny_gateway.http_port}/ws") as ws:
+async def test_closing_the_websocket_cancels_the_generation(tiny_service):
+    await idle(tiny_service)
+    cancelled = tiny_service.cancelled_requests()
+    async with connect(f"ws://127.0.0.1:{tiny_service.http_port}/ws") as ws:
         await ws.send(json.dumps({"prompt": "Tell me everything", "max_tokens": LONG}))
         assert json.loads(await ws.recv())["type"] == "start"
         assert json.loads(await ws.recv())["type"] == "token"
-    await eventually(lambda: tiny_gateway.running_streams() == 0)
-    assert tiny_gateway.cancelled_requests() == cancelled + 1
+    await eventually(lambda: tiny_service.running_streams() == 0)
+    assert tiny_service.cancelled_requests() == cancelled + 1
 
 
 # The embedded model, end to end ----------------------------------------------------------------------------------
 
 
 @pytest.mark.e2e
-async def test_sdk_streams_the_france_answer_unchanged(embedded_gateway):
-    client = sdk(embedded_gateway)
+async def test_sdk_streams_the_france_answer_unchanged(embedded_service):
+    client = sdk(embedded_service)
     request = dict(model="SmolLM2", messages=[{"role": "user", "content": FRANCE}], max_tokens=30)
     texts, chunks = await chat_stream(client, **request)
     whole = await client.chat.completions.create(**request)
-    grpc = await grpc_docs(embedded_gateway, prompt=FRANCE, max_tokens=30)
+    grpc = await stream_docs(embedded_service, prompt=FRANCE, max_tokens=30)
     assert len(texts) > 3
     assert "".join(texts) == whole.choices[0].message.content == grpc[-1].generated_text
     assert "Paris" in whole.choices[0].message.content
@@ -377,8 +355,8 @@ async def test_sdk_streams_the_france_answer_unchanged(embedded_gateway):
 
 
 @pytest.mark.e2e
-async def test_curl_style_jina_stream_gives_the_france_answer(embedded_gateway):
-    async with httpx.AsyncClient(base_url=embedded_gateway.url, timeout=120) as client:
+async def test_curl_style_jina_stream_gives_the_france_answer(embedded_service):
+    async with httpx.AsyncClient(base_url=embedded_service.url, timeout=120) as client:
         async with client.stream("GET", "/stream", params={"prompt": FRANCE, "max_tokens": 30}) as response:
             events = [(event, data) async for event, data in sse_events(response)]
     assert events[-1][0] == "end"

@@ -4,15 +4,21 @@ import asyncio
 import re
 import subprocess
 import sys
-import urllib.request
 
 import pytest
 from docarray import BaseDoc, DocList
-from jina import Client
 
 from client import StreamError, stream
 from schemas import ModelOutputDocument, PromptDocument
-from tests.conftest import ROOT, TINY_LIMITS, serve
+from tests.conftest import (
+    ROOT,
+    TINY_LIMITS,
+    Service,
+    eventually,
+    grpc_client,
+    serve,
+    stream_docs,
+)
 
 
 class SeedPromptDocument(BaseDoc):  # the seed tutorial's two-field schemas, exactly
@@ -25,48 +31,26 @@ class SeedModelOutputDocument(BaseDoc):
     generated_text: str
 
 
-def grpc_client(port: int) -> Client:
-    return Client(host="127.0.0.1", port=port, protocol="grpc", asyncio=True)
-
-
-async def stream_docs(port: int, **fields) -> list[ModelOutputDocument]:
+async def seed_client_texts(service: Service, prompt: str, max_tokens: int) -> list[str]:
+    """The `generated_text` of each document, as the seed tutorial's client with its own schemas receives them."""
     return [
-        doc
-        async for doc in grpc_client(port).stream_doc(
-            on="/stream", inputs=PromptDocument(**fields), return_type=ModelOutputDocument
-        )
-    ]
-
-
-def metric(port: int, name: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    values = re.findall(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
-    return sum(float(v) for v in values)
-
-
-async def eventually(predicate, attempts: int = 400):
-    for _ in range(attempts):
-        if predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not reached")
-
-
-async def test_seed_two_field_client_streams_growing_text(tiny_service):
-    texts = [
         doc.generated_text
-        async for doc in grpc_client(tiny_service.grpc_port).stream_doc(
+        async for doc in grpc_client(service.grpc_port).stream_doc(
             on="/stream",
-            inputs=SeedPromptDocument(prompt="what is the capital of France ?", max_tokens=10),
+            inputs=SeedPromptDocument(prompt=prompt, max_tokens=max_tokens),
             return_type=SeedModelOutputDocument,
         )
     ]
+
+
+async def test_seed_two_field_client_streams_growing_text(tiny_service):
+    texts = await seed_client_texts(tiny_service, "what is the capital of France ?", max_tokens=10)
     assert 1 <= len(texts) <= 11
     assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:]))
 
 
 async def test_last_document_carries_finish_reason_usage_and_timings(tiny_service):
-    docs = await stream_docs(tiny_service.grpc_port, prompt="tell me something", max_tokens=8)
+    docs = await stream_docs(tiny_service, prompt="tell me something", max_tokens=8)
     last = docs[-1]
     assert last.finish_reason in ("length", "eos")
     assert all(doc.finish_reason is None for doc in docs[:-1])
@@ -77,7 +61,7 @@ async def test_last_document_carries_finish_reason_usage_and_timings(tiny_servic
 
 
 async def test_unary_endpoint_returns_the_joined_stream(tiny_service):
-    docs = await stream_docs(tiny_service.grpc_port, prompt="a unary question", max_tokens=12)
+    docs = await stream_docs(tiny_service, prompt="a unary question", max_tokens=12)
     result = DocList[ModelOutputDocument]()
     async for response in grpc_client(tiny_service.grpc_port).post(
         on="/generate",
@@ -103,13 +87,13 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("fields, message", BAD_INPUTS)
 async def test_bad_input_gets_one_error_document_then_service_streams_normally(tiny_service, fields, message):
-    docs = await stream_docs(tiny_service.grpc_port, **fields)
+    docs = await stream_docs(tiny_service, **fields)
     assert len(docs) == 1, "an error must end the stream at once, never replay it"
     assert docs[0].finish_reason == "error" and re.search(message, docs[0].error)
     with pytest.raises(StreamError, match=message):
         async for _ in stream(port=tiny_service.grpc_port, host="127.0.0.1", **fields):
             pass
-    after = await stream_docs(tiny_service.grpc_port, prompt="and now a valid one", max_tokens=4)
+    after = await stream_docs(tiny_service, prompt="and now a valid one", max_tokens=4)
     assert after[-1].finish_reason in ("length", "eos")
 
 
@@ -121,7 +105,7 @@ async def test_it_streams_the_client_holds_a_token_while_generation_still_runs(t
         on="/stream", inputs=PromptDocument(prompt="stream", max_tokens=400, chat_template=False), return_type=ModelOutputDocument
     ):
         if doc.index in (0, 1, 2):
-            seen_running.append(metric(tiny_service.monitoring_port, "llm_running_streams"))
+            seen_running.append(tiny_service.running_streams())
     assert doc.finish_reason is not None
     assert seen_running == [1.0, 1.0, 1.0]
 
@@ -134,13 +118,13 @@ async def test_cancelling_the_client_task_frees_the_engine(tiny_service):
             pass
 
     tasks = [asyncio.create_task(consume()) for _ in range(3)]
-    await eventually(lambda: metric(tiny_service.monitoring_port, "llm_running_streams") == 3)
+    await eventually(lambda: tiny_service.running_streams() == 3)
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    await eventually(lambda: metric(tiny_service.monitoring_port, "llm_running_streams") == 0)
+    await eventually(lambda: tiny_service.running_streams() == 0)
     # The executor counts a cancellation when Jina closes its generator, which may come after the engine freed the slot.
-    await eventually(lambda: metric(tiny_service.monitoring_port, 'llm_requests_total{finish_reason="cancelled"}') >= 3)
+    await eventually(lambda: tiny_service.cancelled_requests() >= 3)
 
 
 async def test_a_killed_client_process_frees_the_engine(tiny_service):
@@ -149,40 +133,46 @@ async def test_a_killed_client_process_frees_the_engine(tiny_service):
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        await eventually(lambda: metric(tiny_service.monitoring_port, "llm_running_streams") == 1)
+        await eventually(lambda: tiny_service.running_streams() == 1)
     finally:
         client.kill()
         client.wait()
-    await eventually(lambda: metric(tiny_service.monitoring_port, "llm_running_streams") == 0)
+    await eventually(lambda: tiny_service.running_streams() == 0)
 
 
 async def test_overload_gets_an_error_at_once_while_admitted_streams_go_on(tiny_service):
-    port = tiny_service.monitoring_port
     long_streams = [
-        asyncio.create_task(stream_docs(tiny_service.grpc_port, prompt=f"busy {i}", max_tokens=4000, chat_template=False))
+        asyncio.create_task(stream_docs(tiny_service, prompt=f"busy {i}", max_tokens=4000, chat_template=False))
         for i in range(TINY_LIMITS["max_running"] + TINY_LIMITS["max_waiting"])
     ]
-    await eventually(lambda: (metric(port, "llm_running_streams"), metric(port, "llm_waiting_streams")) == (4, 2))
-    refused = await stream_docs(tiny_service.grpc_port, prompt="one too many", max_tokens=5)
+    await eventually(lambda: (tiny_service.running_streams(), tiny_service.waiting_streams()) == (4, 2))
+    refused = await stream_docs(tiny_service, prompt="one too many", max_tokens=5)
     assert len(refused) == 1 and refused[0].finish_reason == "error"
     assert "overloaded" in refused[0].error and "limit 6" in refused[0].error
     assert not any(task.done() for task in long_streams)
     for task in long_streams:
         task.cancel()
     await asyncio.gather(*long_streams, return_exceptions=True)
-    await eventually(lambda: metric(port, "llm_running_streams") + metric(port, "llm_waiting_streams") == 0)
+    await eventually(lambda: tiny_service.running_streams() + tiny_service.waiting_streams() == 0)
 
 
 async def test_metrics_count_streams_tokens_and_latencies(tiny_service):
-    port = tiny_service.monitoring_port
-    before = metric(port, "llm_time_to_first_token_seconds_count")
-    generated_before = metric(port, "llm_generated_tokens_total")
-    results = await asyncio.gather(*(stream_docs(tiny_service.grpc_port, prompt=f"m{i}", max_tokens=6) for i in range(3)))
-    assert metric(port, "llm_time_to_first_token_seconds_count") == before + 3
-    assert metric(port, "llm_generated_tokens_total") == generated_before + sum(len(d) for d in results)
-    assert metric(port, "llm_inter_token_latency_seconds_count") > 0
-    assert 0 < metric(port, "llm_request_duration_seconds_sum")
-    assert metric(port, "llm_running_streams") == 0
+    counts = (
+        "llm_time_to_first_token_seconds_count",
+        "llm_request_duration_seconds_count",
+        "llm_inter_token_latency_seconds_count",
+        "llm_generated_tokens_total",
+    )
+    before = {name: tiny_service.metric(name) for name in counts}
+    results = await asyncio.gather(*(stream_docs(tiny_service, prompt=f"m{i}", max_tokens=6) for i in range(3)))
+    after = {name: tiny_service.metric(name) - before[name] for name in counts}
+    assert after == {
+        "llm_time_to_first_token_seconds_count": 3,
+        "llm_request_duration_seconds_count": 3,
+        "llm_inter_token_latency_seconds_count": sum(len(docs) - 1 for docs in results),  # one per gap
+        "llm_generated_tokens_total": sum(len(docs) for docs in results),
+    }
+    assert tiny_service.running_streams() == 0
 
 
 def test_command_line_prints_tokens_and_a_summary(tiny_service):
@@ -207,12 +197,12 @@ async def test_a_fault_in_one_stream_ends_it_with_an_error_and_spares_the_others
     with serve(tmp_path_factory, "faulty", {"model": str(tiny_model_dir), "dtype": "float32"}, uses="tests/faulty.yml") as service:
         fields = dict(max_tokens=20, chat_template=False)
         faulty, *healthy = await asyncio.gather(
-            stream_docs(service.grpc_port, prompt="FAULT here", **fields),
-            *(stream_docs(service.grpc_port, prompt=f"healthy {i}", **fields) for i in range(3)),
+            stream_docs(service, prompt="FAULT here", **fields),
+            *(stream_docs(service, prompt=f"healthy {i}", **fields) for i in range(3)),
         )
         assert [d.finish_reason for d in faulty] == [None, None, "error"]
         assert "internal error while processing a token" in faulty[-1].error and "injected fault" in faulty[-1].error
         for docs in healthy:
             assert docs[-1].finish_reason in ("length", "eos") and len(docs) == 20 or docs[-1].finish_reason == "eos"
-        after = await stream_docs(service.grpc_port, prompt="after the fault", **fields)
+        after = await stream_docs(service, prompt="after the fault", **fields)
         assert after[-1].finish_reason in ("length", "eos")
