@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from engine import EMBEDDED, EngineConfig, FinishReason, InvalidRequest, LLMEngine, SamplingParams, StepOutput, load_model
 from executor.metrics import StreamMetrics
-from schemas import ModelOutputDocument, PromptDocument
+from schemas import ModelOutputDocument, PromptDocument, error_document
 
 WARMUP_PROMPT = "Hello"
 
@@ -89,8 +89,6 @@ class TokenStreamingExecutor(Executor):
     async def _prepare(self, doc: PromptDocument) -> tuple[list[int], SamplingParams]:
         if not isinstance(doc.prompt, str) or not doc.prompt.strip():
             raise InvalidRequest("the prompt is empty: send some text in `prompt`")
-        if doc.max_tokens is None or doc.max_tokens < 1:
-            raise InvalidRequest(f"max_tokens must be at least 1, got {doc.max_tokens}")
         params = SamplingParams(
             max_tokens=doc.max_tokens,
             temperature=doc.temperature or 0.0,
@@ -123,7 +121,3 @@ def to_document(output: StepOutput) -> ModelOutputDocument:
         time_to_first_token_s=output.time_to_first_token_s,
         total_time_s=output.total_time_s,
     )
-
-
-def error_document(message: str) -> ModelOutputDocument:
-    return ModelOutputDocument(token_id=-1, generated_text="", finish_reason=FinishReason.ERROR.value, error=message)

@@ -10,14 +10,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Optional
 
-from schemas import ModelOutputDocument, PromptDocument
+from schemas import ModelOutputDocument, PromptDocument, error_document
 
 STREAM_ENDPOINT = "/stream"
 _END = object()
-
-
-def error_document(message: str) -> ModelOutputDocument:
-    return ModelOutputDocument(token_id=-1, generated_text="", finish_reason="error", error=message)
 
 
 class DocStream:

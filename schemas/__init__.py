@@ -36,3 +36,8 @@ class ModelOutputDocument(BaseDoc):
     queue_time_s: Optional[float] = None
     time_to_first_token_s: Optional[float] = None
     total_time_s: Optional[float] = None
+
+
+def error_document(message: str) -> ModelOutputDocument:
+    """The last (and here only) document of a stream that failed: no token, finish_reason='error'."""
+    return ModelOutputDocument(token_id=-1, generated_text="", finish_reason="error", error=message)
