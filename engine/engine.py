@@ -63,6 +63,7 @@ class LLMEngine:
 
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
+        self._idle = threading.Condition(self._lock)  # notified when the last request in flight finishes
         self._inbox: list[Request] = []  # submitted, not yet seen by the loop thread
         self._cancelled: set[str] = set()
         self._in_flight = 0  # submitted and not finished: what admission control counts
@@ -186,6 +187,14 @@ class LLMEngine:
         with self._lock:
             self._cancelled.add(request_id)
             self._work.notify()
+
+    def shutdown(self, grace_s: float) -> None:
+        """Refuse new requests at once, give the ones in flight up to `grace_s` seconds to finish, then end the
+        rest with finish_reason=shutdown and stop. Blocks: call it off the event loop."""
+        with self._lock:
+            self._accepting = False
+            self._idle.wait_for(lambda: self._in_flight == 0, timeout=grace_s)
+        self.close()
 
     def close(self) -> None:
         with self._lock:
@@ -325,6 +334,8 @@ class LLMEngine:
         request.deliver(last_output)
         with self._lock:
             self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.notify_all()
 
 
 def _eos_token_ids(loaded: LoadedModel) -> frozenset[int]:

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from engine import EMBEDDED, EngineConfig, FinishReason, InvalidRequest, LLMEngine, SamplingParams, StepOutput, load_model
 from executor.metrics import StreamMetrics
+from lifecycle import drain_on_sigterm
 from schemas import ModelOutputDocument, PromptDocument, error_document
 
 WARMUP_PROMPT = "Hello"
@@ -33,19 +34,27 @@ class TokenStreamingExecutor(Executor):
         prefill_chunk: int = 256,
         max_model_len: int | None = None,
         warmup_tokens: int = 8,
+        shutdown_grace_s: float = 10.0,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         loaded = load_model(model, device=device, dtype=dtype)
         self.engine = LLMEngine(loaded, EngineConfig(max_running, max_waiting, prefill_chunk, max_model_len))
         self.chat_template = chat_template
+        self.shutdown_grace_s = shutdown_grace_s
+        self._open_streams = 0  # generators that have not handed their last document to Jina yet
         registry = getattr(self.runtime_args, "metrics_registry", None) or CollectorRegistry()
         self.metrics = StreamMetrics(registry, lambda: self.engine.num_running, lambda: self.engine.num_waiting)
         if warmup_tokens > 0:
-            # Before Jina reports ready: the first real request then runs as fast as the later ones.
-            prompt_ids = self.engine.tokenize(WARMUP_PROMPT, self.chat_template)
-            self.engine.run_to_completion(prompt_ids, SamplingParams(max_tokens=warmup_tokens))
+            # In __init__, so before Jina starts the server and its health check reports SERVING: the first real
+            # request then runs as fast as the later ones.
+            self._warm_up(warmup_tokens)
+        drain_on_sigterm(self._drain)
         self.logger.info(f"serving {loaded.name} on {loaded.device} ({loaded.dtype})")
+
+    def _warm_up(self, tokens: int) -> None:
+        prompt_ids = self.engine.tokenize(WARMUP_PROMPT, self.chat_template)
+        self.engine.run_to_completion(prompt_ids, SamplingParams(max_tokens=tokens))
 
     @requests(on="/stream")
     async def stream(self, doc: PromptDocument, **kwargs) -> ModelOutputDocument:
@@ -66,6 +75,14 @@ class TokenStreamingExecutor(Executor):
         return DocList[ModelOutputDocument](await asyncio.gather(*(last_document(doc) for doc in docs)))
 
     async def _generate(self, doc: PromptDocument) -> AsyncIterator[ModelOutputDocument]:
+        self._open_streams += 1
+        try:
+            async for document in self._relay(doc):
+                yield document
+        finally:
+            self._open_streams -= 1
+
+    async def _relay(self, doc: PromptDocument) -> AsyncIterator[ModelOutputDocument]:
         try:
             prompt_ids, params = await self._prepare(doc)
         except InvalidRequest as error:
@@ -101,6 +118,16 @@ class TokenStreamingExecutor(Executor):
         prompt_ids = await asyncio.to_thread(self.engine.tokenize, doc.prompt, template)
         self.engine.check(prompt_ids, params)
         return prompt_ids, params
+
+    async def _drain(self) -> None:
+        """On SIGTERM, before Jina stops the server: refuse new streams, give running ones `shutdown_grace_s` to
+        finish, end the rest with finish_reason=shutdown, and wait until every stream has handed its last
+        document to Jina, so that no client is cut off without one."""
+        self.logger.warning(f"SIGTERM: draining {self.engine.num_running + self.engine.num_waiting} streams")
+        await asyncio.to_thread(self.engine.shutdown, self.shutdown_grace_s)
+        deadline = time.monotonic() + 5
+        while self._open_streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
 
     def close(self) -> None:
         self.engine.close()

@@ -8,7 +8,8 @@ the routes of gateway/app.py. gRPC `stream_doc` on the gRPC port is Jina's own s
 
 from __future__ import annotations
 
-from typing import List
+import asyncio
+from typing import Any, List
 
 from jina.enums import ProtocolType
 from jina.parsers.helper import _get_gateway_class
@@ -18,6 +19,7 @@ from jina.serve.runtimes.servers import BaseServer
 from jina.serve.runtimes.servers.composite import CompositeBaseServer
 
 from gateway.app import add_routes
+from lifecycle import drain_on_sigterm
 
 DEFAULT_MODEL_NAME = "llm"
 
@@ -38,9 +40,11 @@ class LLMGateway(CompositeGateway):
     """Serve every protocol of the flow (`protocol: [grpc, http]`), the HTTP one with LLMHTTPGateway.
 
     `model_name`: the model id that `GET /v1/models` lists and responses carry when a request names none.
+    `drain_timeout_s`: on SIGTERM, how long the gateway keeps relaying the streams in flight before it stops.
+    The executor ends its own streams within its `shutdown_grace_s`, so this only needs to be a little longer.
     """
 
-    def __init__(self, model_name: str = DEFAULT_MODEL_NAME, **kwargs) -> None:
+    def __init__(self, model_name: str = DEFAULT_MODEL_NAME, drain_timeout_s: float = 20.0, **kwargs) -> None:
         # CompositeServer.__init__ would build the built-in servers; build them here instead.
         CompositeBaseServer.__init__(self, **kwargs)
         self.model_name = model_name
@@ -55,3 +59,31 @@ class LLMGateway(CompositeGateway):
                 )
             self.servers.append(server)
         self.gateways = self.servers  # as CompositeServer: backwards compatibility
+        self.drain_timeout_s = drain_timeout_s
+        self._streams_in_flight = 0
+        for streamer in {id(server.streamer): server.streamer for server in self.servers}.values():
+            self._count_streams(streamer)
+        drain_on_sigterm(self._drain)
+
+    def _count_streams(self, streamer: Any) -> None:
+        """Every stream of every protocol (gRPC stream_doc, SSE, OpenAI, WebSocket) goes through the streamer's
+        `rpc_stream_doc`: wrap it to know how many streams the gateway is relaying."""
+        relay = streamer.rpc_stream_doc
+
+        async def counted(*args, **kwargs):
+            self._streams_in_flight += 1
+            try:
+                async for response in relay(*args, **kwargs):
+                    yield response
+            finally:
+                self._streams_in_flight -= 1
+
+        streamer.rpc_stream_doc = counted
+
+    async def _drain(self) -> None:
+        """On SIGTERM, before Jina stops the servers: keep relaying until the streams in flight have ended (new
+        ones reach the executor, which refuses them with finish_reason=shutdown), for `drain_timeout_s` at most."""
+        self.logger.warning(f"SIGTERM: waiting for {self._streams_in_flight} streams in flight")
+        deadline = asyncio.get_running_loop().time() + self.drain_timeout_s
+        while self._streams_in_flight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
 import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,14 +55,20 @@ def tiny_model_dir(tmp_path_factory, embedded_dir) -> Path:
 class Service:
     grpc_port: int
     http_port: int
-    monitoring_port: int  # the executor's Prometheus endpoint
+    monitoring_ports: list[int]  # the executor's Prometheus endpoint, one per replica
+    process: subprocess.Popen | None = None  # the `jina flow` process
+
+    @property
+    def monitoring_port(self) -> int:
+        return self.monitoring_ports[0]
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def metric(self, name: str, **labels: str) -> float:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.monitoring_port}/metrics", timeout=5).read().decode()
+    def metric(self, name: str, replica: int = 0, **labels: str) -> float:
+        port = self.monitoring_ports[replica]
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         label_text = ",".join(f'{key}="{value}"' for key, value in labels.items())
         pattern = rf"^{re.escape(name)}{re.escape('{' + label_text + '}') if labels else ''} (\S+)$"
         match = re.search(pattern, text, re.MULTILINE)
@@ -79,20 +86,27 @@ class Service:
 
 @contextmanager
 def serve(
-    tmp_path_factory, name: str, uses_with: dict, uses: str = "config.yml", model_name: str = "test-model"
+    tmp_path_factory,
+    name: str,
+    uses_with: dict,
+    uses: str = "config.yml",
+    model_name: str = "test-model",
+    replicas: int = 1,
 ) -> Iterator[Service]:
     """A real `jina flow` like flow.yml, serving the executor of `uses` with `uses_with`, on free ports."""
     tmp = tmp_path_factory.mktemp(name)
-    service = Service(free_port(), free_port(), free_port())
+    service = Service(free_port(), free_port(), [free_port() for _ in range(replicas)])
     executor = {
         "name": "llm",
         "uses": str(ROOT / uses),
         "uses_with": uses_with,
+        "replicas": replicas,
         "monitoring": True,
-        "port_monitoring": service.monitoring_port,
+        "port_monitoring": service.monitoring_ports,
     }
     flow_file = write_service_flow(tmp / "flow.yml", service.grpc_port, service.http_port, executor, model_name)
-    with running_flow(flow_file, [service.grpc_port, service.http_port, service.monitoring_port], tmp / "flow.log"):
+    ports = [service.grpc_port, service.http_port, *service.monitoring_ports]
+    with running_flow(flow_file, ports, tmp / "flow.log") as service.process:
         yield service
 
 

@@ -1,0 +1,67 @@
+"""Graceful SIGTERM for the service's Jina processes (the executor and the gateway).
+
+Jina's runtime answers SIGTERM by tearing its server down at once: streams in flight are cut. `drain_on_sigterm`
+puts a drain step in front of that teardown: the process first finishes (or ends cleanly) what it is serving,
+then hands over to Jina's own handler, which stops the server and exits the process.
+
+`jina flow` itself installs no SIGTERM handler: on SIGTERM the parent dies and its executor and gateway children
+would go on serving as orphans, holding the ports. A child forked by Jina therefore asks the kernel for SIGTERM
+when its parent dies (PR_SET_PDEATHSIG), so that SIGTERM to the `jina flow` process alone, as Kubernetes or
+systemd send it, drains and stops the whole service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+from typing import Awaitable, Callable
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def drain_on_sigterm(drain: Callable[[], Awaitable[None]]) -> bool:
+    """Run `drain()` on the first SIGTERM, then Jina's own SIGTERM handling. Call it from an Executor's or a
+    Gateway's __init__, which Jina runs on its runtime's event loop after installing its signal handlers.
+    Returns False (and changes nothing) outside such a runtime, e.g. an Executor built in a test or a script."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    # asyncio keeps the handlers it installed in `_signal_handlers`; there is no public getter.
+    jina_handler: asyncio.Handle | None = getattr(loop, "_signal_handlers", {}).get(signal.SIGTERM)
+    if jina_handler is None:
+        return False
+    draining: list[asyncio.Task] = []  # holds the one drain task: a second SIGTERM must not start another
+
+    async def drain_then_stop() -> None:
+        try:
+            await drain()
+        except Exception:  # a failed drain must not keep the process alive
+            log.exception("draining before shutdown failed")
+        jina_handler._run()
+
+    def on_sigterm() -> None:
+        if not draining:
+            draining.append(loop.create_task(drain_then_stop()))
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    _sigterm_when_parent_dies()
+    return True
+
+
+def _sigterm_when_parent_dies() -> None:
+    parent = multiprocessing.parent_process()
+    if parent is None or not sys.platform.startswith("linux"):
+        return  # not a child forked by `jina flow` (e.g. `jina executor` in a container): nothing to follow
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    if os.getppid() != parent.pid:  # the parent died before the request above took effect
+        os.kill(os.getpid(), signal.SIGTERM)
