@@ -5,9 +5,13 @@ thread never touches the event loop except through call_soon_threadsafe, and the
 the model. Each iteration of `_loop` is one step:
 
     1. drop cancelled requests                       (a client that left frees its slot within one step)
-    2. admit waiting requests and prefill prompt chunks, within a token budget
+    2. prefill: the waiting prompts that fit a token budget together, in one batched forward (or the next chunk
+       of one prompt longer than the budget); they join the running batch with their first token
     3. decode one token for every running sequence   (one batched forward)
     4. emit one StepOutput per request, drop the finished rows
+
+Prompts that start with the chat template's system turn reuse its KV cache (computed once): only the rest of
+each prompt is prefilled.
 """
 
 from __future__ import annotations
@@ -22,12 +26,10 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Optional
 
 import torch
-from transformers import DynamicCache
-
 from engine.loading import LoadedModel
 from engine.output import RequestOutputProcessor, final_output
 from engine.request import FinishReason, Request, SamplingParams, StepOutput
-from engine.runner import DecodeBatch, ModelRunner
+from engine.runner import DecodeBatch, ModelRunner, SharedPrefix
 from engine.sampling import sample_next_tokens
 
 log = logging.getLogger(__name__)
@@ -41,14 +43,16 @@ class InvalidRequest(ValueError):
 class EngineConfig:
     max_running: int = 32  # sequences decoded together in one batch
     max_waiting: int = 256  # requests queued beyond that; more are refused as overloaded
-    prefill_chunk: int = 256  # prompt tokens prefilled per step: bounds how long a long prompt stalls the others
+    prefill_chunk: int = 256  # prompt tokens (padding included) prefilled per step: bounds how long arrivals stall the running streams
     max_model_len: Optional[int] = None  # prompt + new tokens; default: the model's own context, capped at 4096
 
 
 @dataclass
 class _Prefill:
-    request: Request
-    cache: DynamicCache
+    """Prompts being prefilled together: rows of a batch that joins the running one once every prompt is in."""
+
+    requests: list[Request]
+    batch: DecodeBatch
 
 
 class LLMEngine:
@@ -60,6 +64,9 @@ class LLMEngine:
         model_context = getattr(loaded.model.config, "max_position_embeddings", None) or 4096
         self.max_model_len = self.config.max_model_len or min(model_context, 4096)
         self.eos_token_ids = _eos_token_ids(loaded)
+        with torch.inference_mode():
+            head = self._chat_template_head()
+            self.shared_prefix: SharedPrefix | None = self.runner.shared_prefix(head) if head else None
 
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
@@ -73,7 +80,7 @@ class LLMEngine:
 
         # Owned by the loop thread alone.
         self._waiting: deque[Request] = deque()
-        self._prefilling: dict[str, _Prefill] = {}
+        self._prefilling: _Prefill | None = None  # a prompt longer than the budget, prefilled over several steps
         self._running: dict[str, RequestOutputProcessor] = {}
         self._batch: DecodeBatch | None = None
         self.steps = 0
@@ -85,7 +92,8 @@ class LLMEngine:
 
     @property
     def num_running(self) -> int:
-        return len(self._running) + len(self._prefilling)
+        prefilling = self._prefilling
+        return len(self._running) + (len(prefilling.requests) if prefilling else 0)
 
     @property
     def num_waiting(self) -> int:
@@ -100,6 +108,17 @@ class LLMEngine:
             )
             return list(encoded["input_ids"])
         return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+    def _chat_template_head(self) -> list[int]:
+        """The token ids every chat-templated prompt starts with (the system turn): where the template applied to
+        two different messages stops agreeing. Empty without a chat template."""
+        if self.tokenizer.chat_template is None:
+            return []
+        one, other = self.tokenize("a", True), self.tokenize("b", True)
+        common = 0
+        while common < min(len(one), len(other)) and one[common] == other[common]:
+            common += 1
+        return one[:common]
 
     def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
@@ -228,53 +247,74 @@ class LLMEngine:
     def _has_work(self) -> bool:
         return bool(
             self._stopping or self._inbox or self._cancelled
-            or self._waiting or self._prefilling or self._batch is not None
+            or self._waiting or self._prefilling is not None or self._batch is not None
         )
 
     def _prefill_step(self) -> None:
-        """Spend up to `prefill_chunk` prompt tokens this step, oldest request first. A prompt longer than the
-        budget is prefilled over several steps, with decode steps of the running batch in between."""
+        """Spend up to `prefill_chunk` prompt tokens this step: the waiting prompts that fit together, in one
+        forward, or the next chunk of a prompt longer than the budget (decode steps run in between)."""
         budget = self.config.prefill_chunk
-        while budget > 0:
-            job = self._next_prefill()
-            if job is None:
-                return
-            request = job.request
-            chunk = request.prompt_ids[request.prefilled : request.prefilled + budget]
-            try:
-                logits = self.runner.prefill(job.cache, chunk, request.prefilled)
-                request.prefilled += len(chunk)
-                budget -= len(chunk)
-                if request.prefilled == request.prompt_len:
-                    del self._prefilling[request.request_id]
-                    self._start_decoding(job, logits)
-            except Exception as error:  # this request fails alone; the engine serves the others
-                log.exception("prefill failed for %s", request.request_id)
-                self._prefilling.pop(request.request_id, None)
+        job = self._prefilling or self._schedule(budget)
+        if job is None:
+            return
+        chunks = [r.prompt_ids[r.prefilled : r.prefilled + budget] for r in job.requests]
+        try:
+            logits = self.runner.prefill(job.batch, chunks)
+        except Exception as error:  # these requests fail alone; the engine serves the others
+            log.exception("prefill failed for %s", [r.request_id for r in job.requests])
+            self._prefilling = None
+            for request in job.requests:
                 self._fail(request, f"internal error during prefill: {error!r}")
+            return
+        for request, chunk in zip(job.requests, chunks):
+            request.prefilled += len(chunk)
+        if all(r.prefilled == r.prompt_len for r in job.requests):
+            self._prefilling = None
+            self._start_decoding(job, logits)
+        else:
+            self._prefilling = job
 
-    def _next_prefill(self) -> _Prefill | None:
-        if self._prefilling:
-            return next(iter(self._prefilling.values()))
-        if not self._waiting or len(self._running) >= self.config.max_running:
+    def _schedule(self, budget: int) -> _Prefill | None:
+        """Take the oldest waiting prompts that fit the budget side by side (padded to the longest) into free
+        batch slots. Rows of one prefill share one cached prefix, or none. The oldest prompt always goes, chunked
+        when it alone exceeds the budget."""
+        slots = self.config.max_running - len(self._running)
+        if not self._waiting or slots <= 0:
             return None
-        request = self._waiting.popleft()
-        request.scheduled_at = time.perf_counter()
-        job = _Prefill(request, self.runner.new_cache())
-        self._prefilling[request.request_id] = job
-        return job
+        prefix = self._prefix_of(self._waiting[0])
+        skip = 0 if prefix is None else len(prefix.token_ids)
+        group: list[Request] = []
+        width = 0
+        for request in self._waiting:
+            rest = request.prompt_len - skip
+            if len(group) == slots or self._prefix_of(request) is not prefix:
+                break
+            if group and max(width, rest) * (len(group) + 1) > budget:
+                break
+            group.append(request)
+            width = max(width, rest)
+        now = time.perf_counter()
+        for request in group:
+            self._waiting.popleft()
+            request.scheduled_at = now
+            request.prefilled = skip
+        return _Prefill(group, self.runner.new_batch([r.request_id for r in group], prefix))
+
+    def _prefix_of(self, request: Request) -> SharedPrefix | None:
+        prefix = self.shared_prefix
+        return prefix if prefix is not None and prefix.starts(request.prompt_ids) else None
 
     def _start_decoding(self, job: _Prefill, logits: torch.Tensor) -> None:
-        request = job.request
-        processor = RequestOutputProcessor(request, self.tokenizer, self.eos_token_ids)
-        token = sample_next_tokens(logits[None], [request])[0]
-        output = processor.on_token(token)
-        if output.finished:
-            self._release(request, output)
-            return
-        self._batch = self.runner.join(self._batch, request.request_id, job.cache, token)
-        self._running[request.request_id] = processor
-        request.deliver(output)
+        """Each prompt's first token, then the new rows join the running batch (all at once: one cache copy)."""
+        tokens = sample_next_tokens(logits, job.requests)
+        processors = [RequestOutputProcessor(r, self.tokenizer, self.eos_token_ids) for r in job.requests]
+        for processor in processors:
+            self._running[processor.request.request_id] = processor
+        done = self._emit(processors, tokens)
+        job.batch.next_input_ids = torch.tensor(tokens, device=job.batch.next_input_ids.device)
+        joining = self.runner.remove(job.batch, done) if done else job.batch
+        if joining is not None:
+            self._batch = self.runner.merge(self._batch, joining)
 
     def _decode_step(self) -> None:
         batch = self._batch
@@ -289,6 +329,14 @@ class LLMEngine:
                 del self._running[processor.request.request_id]
                 self._fail(processor.request, f"internal error during decode step: {error!r}")
             return
+        done = self._emit(processors, tokens)
+        batch.next_input_ids = torch.tensor(tokens, device=batch.next_input_ids.device)
+        if done:
+            self._batch = self.runner.remove(batch, done)
+
+    def _emit(self, processors: list[RequestOutputProcessor], tokens: list[int]) -> set[str]:
+        """Hand each running request the output for its new token. Returns the requests that finished (released
+        and no longer running); their rows are still in the batch."""
         done: set[str] = set()
         for processor, token in zip(processors, tokens):
             request = processor.request
@@ -303,9 +351,7 @@ class LLMEngine:
                 self._release(request, output)
             else:
                 request.deliver(output)
-        batch.next_input_ids = torch.tensor(tokens, device=batch.next_input_ids.device)
-        if done:
-            self._batch = self.runner.remove(batch, done)
+        return done
 
     def _drop(self, request_ids: set[str], reason: FinishReason = FinishReason.CANCELLED, message: str | None = None) -> None:
         if not request_ids:
@@ -313,9 +359,13 @@ class LLMEngine:
         for request in [r for r in self._waiting if r.request_id in request_ids]:
             self._waiting.remove(request)
             self._release(request, final_output(request, reason, message))
-        for rid in request_ids & self._prefilling.keys():
-            request = self._prefilling.pop(rid).request
-            self._release(request, final_output(request, reason, message))
+        job = self._prefilling
+        if job is not None and request_ids & {r.request_id for r in job.requests}:
+            for request in [r for r in job.requests if r.request_id in request_ids]:
+                job.requests.remove(request)
+                self._release(request, final_output(request, reason, message))
+            job.batch = self.runner.remove(job.batch, request_ids)
+            self._prefilling = job if job.requests else None
         running = request_ids & self._running.keys()
         for rid in running:
             request = self._running.pop(rid).request
@@ -324,7 +374,8 @@ class LLMEngine:
             self._batch = self.runner.remove(self._batch, running)
 
     def _finish_all(self, reason: FinishReason, message: str) -> None:
-        everyone = {r.request_id for r in self._waiting} | self._prefilling.keys() | self._running.keys()
+        prefilling = {r.request_id for r in self._prefilling.requests} if self._prefilling else set()
+        everyone = {r.request_id for r in self._waiting} | prefilling | self._running.keys()
         self._drop(set(everyone), reason, message)
 
     def _fail(self, request: Request, message: str) -> None:

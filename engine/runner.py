@@ -1,8 +1,10 @@
-"""The model side of a step: prefill one prompt chunk, or decode one token for every running sequence.
+"""The model side of a step: prefill prompt chunks of several sequences at once, or decode one token for every
+running sequence.
 
-Running sequences share one KV cache, left-padded to a common length (TGI's CausalLMBatch does the same): a
-sequence joins by padding the shorter side, leaves by dropping its row, and padding columns that no row needs
-any more are trimmed away. The attention mask hides the padding; each row carries its own positions.
+Sequences share one KV cache, left-padded to a common length (TGI's CausalLMBatch does the same): a batch of
+fresh sequences is prefilled together, then merges into the running batch by padding the shorter side; a
+sequence leaves by dropping its row, and padding columns no row needs any more are trimmed away. The attention
+mask hides the padding (at the left, or between a shared prefix and a prompt); each row carries its own positions.
 """
 
 from __future__ import annotations
@@ -19,12 +21,24 @@ from transformers import DynamicCache, PreTrainedModel
 class DecodeBatch:
     request_ids: list[str]
     cache: DynamicCache
-    attention_mask: torch.Tensor  # [rows, cached length]: 1 for a real token, 0 for left padding
+    attention_mask: torch.Tensor  # [rows, cached length]: 1 for a real token, 0 for padding
     positions: torch.Tensor  # [rows]: position of each row's next input token
     next_input_ids: torch.Tensor  # [rows]: the token each row feeds to the next decode step
 
     def __len__(self) -> int:
         return len(self.request_ids)
+
+
+@dataclass(frozen=True)
+class SharedPrefix:
+    """The KV cache of token ids that many prompts begin with (a chat template's system turn): computed once,
+    copied into each batch of prompts that starts with it, so that only the rest of each prompt is prefilled."""
+
+    token_ids: tuple[int, ...]
+    cache: DynamicCache
+
+    def starts(self, prompt_ids: list[int]) -> bool:
+        return len(prompt_ids) > len(self.token_ids) and tuple(prompt_ids[: len(self.token_ids)]) == self.token_ids
 
 
 def _left_pad(tensor: torch.Tensor, amount: int, dim: int) -> torch.Tensor:
@@ -53,16 +67,35 @@ class ModelRunner:
         )
         return out.logits[:, -1, :]
 
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.model.config)
+    def shared_prefix(self, token_ids: list[int]) -> SharedPrefix:
+        batch = self.new_batch(["prefix"])
+        self.prefill(batch, [token_ids])
+        return SharedPrefix(tuple(token_ids), batch.cache)
 
-    def prefill(self, cache: DynamicCache, token_ids: list[int], start: int) -> torch.Tensor:
-        """Run one chunk of a prompt (positions start..start+len) into a single-sequence cache.
-        Returns the logits after its last token."""
-        input_ids = torch.tensor([token_ids], device=self.device)
-        positions = torch.arange(start, start + len(token_ids), device=self.device)[None]
-        mask = torch.ones(1, start + len(token_ids), dtype=torch.long, device=self.device)
-        return self._forward(input_ids, mask, positions, cache)[0]
+    def new_batch(self, request_ids: list[str], prefix: SharedPrefix | None = None) -> DecodeBatch:
+        """A batch of sequences about to be prefilled: its cache holds the shared prefix in every row, or nothing."""
+        rows = len(request_ids)
+        cache = DynamicCache(config=self.model.config)
+        if prefix is not None:
+            for layer_index, layer in enumerate(prefix.cache.layers):
+                cache.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1), layer_index)
+        cached = 0 if prefix is None else len(prefix.token_ids)
+        mask = torch.ones(rows, cached, dtype=torch.long, device=self.device)
+        positions = torch.full((rows,), cached, device=self.device)
+        return DecodeBatch(list(request_ids), cache, mask, positions, torch.zeros_like(positions))
+
+    def prefill(self, batch: DecodeBatch, chunks: list[list[int]]) -> torch.Tensor:
+        """Append one prompt chunk per row in a single forward, each left-padded to the longest.
+        Returns the logits after each row's last token, [rows, vocab]."""
+        width = max(len(chunk) for chunk in chunks)
+        padding = [width - len(chunk) for chunk in chunks]
+        input_ids = torch.tensor([[0] * pad + chunk for pad, chunk in zip(padding, chunks)], device=self.device)
+        chunk_mask = torch.tensor([[0] * pad + [1] * len(chunk) for pad, chunk in zip(padding, chunks)], device=self.device)
+        offsets = torch.tensor([[0] * pad + list(range(len(chunk))) for pad, chunk in zip(padding, chunks)], device=self.device)
+        batch.attention_mask = torch.cat([batch.attention_mask, chunk_mask], dim=1)
+        logits = self._forward(input_ids, batch.attention_mask, batch.positions[:, None] + offsets, batch.cache)
+        batch.positions += torch.tensor([len(chunk) for chunk in chunks], device=self.device)
+        return logits
 
     def decode(self, batch: DecodeBatch) -> torch.Tensor:
         """One token for every row. Returns logits [rows, vocab]."""
@@ -72,24 +105,23 @@ class ModelRunner:
         batch.positions += 1
         return logits
 
-    def join(self, batch: DecodeBatch | None, request_id: str, cache: DynamicCache, first_token: int) -> DecodeBatch:
-        """Add a freshly prefilled sequence to the running batch."""
-        length = cache.get_seq_length()
-        position = torch.tensor([length], device=self.device)
-        token = torch.tensor([first_token], device=self.device)
-        mask = torch.ones(1, length, dtype=torch.long, device=self.device)
-        if batch is None:
-            return DecodeBatch([request_id], cache, mask, position, token)
-        batch_length = batch.attention_mask.shape[1]
-        width = max(batch_length, length)
-        for running, joining in zip(batch.cache.layers, cache.layers):
-            running.keys = torch.cat([_left_pad(running.keys, width - batch_length, -2), _left_pad(joining.keys, width - length, -2)])
-            running.values = torch.cat([_left_pad(running.values, width - batch_length, -2), _left_pad(joining.values, width - length, -2)])
-        batch.attention_mask = torch.cat([_left_pad(batch.attention_mask, width - batch_length, -1), _left_pad(mask, width - length, -1)])
-        batch.positions = torch.cat([batch.positions, position])
-        batch.next_input_ids = torch.cat([batch.next_input_ids, token])
-        batch.request_ids.append(request_id)
-        return batch
+    def merge(self, running: DecodeBatch | None, joining: DecodeBatch) -> DecodeBatch:
+        """Add freshly prefilled sequences to the running batch: one copy of the cache for all of them."""
+        if running is None:
+            return joining
+        running_width, joining_width = running.attention_mask.shape[1], joining.attention_mask.shape[1]
+        width = max(running_width, joining_width)
+
+        def stack(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+            return torch.cat([_left_pad(a, width - running_width, dim), _left_pad(b, width - joining_width, dim)])
+
+        for layer, other in zip(running.cache.layers, joining.cache.layers):
+            layer.keys, layer.values = stack(layer.keys, other.keys, -2), stack(layer.values, other.values, -2)
+        running.attention_mask = stack(running.attention_mask, joining.attention_mask, -1)
+        running.positions = torch.cat([running.positions, joining.positions])
+        running.next_input_ids = torch.cat([running.next_input_ids, joining.next_input_ids])
+        running.request_ids += joining.request_ids
+        return running
 
     def remove(self, batch: DecodeBatch, request_ids: set[str]) -> DecodeBatch | None:
         """Drop finished or cancelled rows and the padding columns no remaining row needs."""

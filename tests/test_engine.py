@@ -3,6 +3,7 @@
 import asyncio
 
 import pytest
+import torch
 
 from engine import (
     EngineConfig,
@@ -72,12 +73,29 @@ async def test_long_prompt_is_prefilled_in_chunks_and_equals_one_shot(tiny_engin
         one_shot.close()
 
 
-async def test_greedy_output_is_the_same_alone_and_inside_a_batch_of_16(embedded_engine):
+async def test_greedy_output_is_the_same_alone_inside_a_batch_of_16_and_in_plain_generate(embedded_engine):
+    """Batched prefill, the shared chat-template prefix, padding and batched decode change nothing in fp32."""
     alone = {p: await collect(embedded_engine, p, max_tokens=32) for p in PROMPTS[:3]}
     batch = await asyncio.gather(*(collect(embedded_engine, PROMPTS[i % 8], max_tokens=32) for i in range(16)))
     for i, outputs in enumerate(batch[:3]):
         assert [o.token_id for o in outputs] == [o.token_id for o in alone[PROMPTS[i]]]
     assert alone[PROMPTS[0]][-1].generated_text == "The capital of France is Paris."
+    model = embedded_engine.runner.model
+    for prompt, outputs in alone.items():
+        prompt_ids = embedded_engine.tokenize(prompt)
+        reference = model.generate(torch.tensor([prompt_ids]), max_new_tokens=32, do_sample=False)[0, len(prompt_ids) :]
+        assert [o.token_id for o in outputs] == reference.tolist()
+
+
+async def test_prompts_without_a_shared_prefix_are_prefilled_together_correctly(embedded_engine):
+    """Without the chat template no prefix is shared: prompts of different lengths are left-padded side by side."""
+
+    async def raw(prompt: str) -> list[int]:
+        prompt_ids = embedded_engine.tokenize(prompt, chat_template=False)
+        return [o.token_id async for o in embedded_engine.generate(prompt_ids, SamplingParams(max_tokens=16))]
+
+    alone = [await raw(p) for p in PROMPTS]
+    assert await asyncio.gather(*(raw(p) for p in PROMPTS)) == alone
 
 
 async def test_stop_string_ends_generation_and_is_not_sent(embedded_engine):
