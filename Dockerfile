@@ -1,4 +1,7 @@
-# Executor Hub layout: `jina hub push .` builds this; `docker build -t token-streaming .` for Kubernetes/compose.
+# One image for both roles: `docker build -t token-streaming-llm:latest .`
+#   executor: the ENTRYPOINT below, which is also how the Executor Hub runs it (`jina hub push .` builds this file).
+#   gateway:  manifests exported from deploy/ replace the entrypoint with `jina gateway --uses config.yml
+#             --extra-search-paths deploy/gateway . ...`, which loads deploy/gateway/config.yml (LLMGateway).
 FROM python:3.11-slim
 WORKDIR /workdir
 COPY requirements.txt pyproject.toml ./
@@ -13,8 +16,13 @@ COPY engine engine
 COPY executor executor
 COPY client client
 COPY gateway gateway
+COPY lifecycle lifecycle
 COPY config.yml flow.yml ./
+COPY deploy/gateway deploy/gateway
+# Installed, so that `import schemas` (and engine, executor, gateway) works from any directory: the py_modules
+# that Jina imports by path use absolute imports. The import from / (not the WORKDIR) proves it at build time.
 RUN pip install --no-cache-dir --no-deps --no-build-isolation -e . \
+ && cd / && python -c "import schemas, engine, executor, gateway, client, lifecycle" \
  # Convert the embedded model at build time, so a container starts in seconds.
  && TOKEN_STREAMING_CACHE=/workdir/.cache python -c "from engine.loading import embedded_model_dir; embedded_model_dir()"
 ENV TOKEN_STREAMING_CACHE=/workdir/.cache
