@@ -79,16 +79,30 @@ def running_flow(flow_file: Path, ports: list[int], log_file: Path, timeout: flo
         stop_process_group(process)
 
 
+def live_processes(group: int) -> list[int]:
+    """Pids of the processes of a process group that are still running (zombies have exited)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        state, pgrp = fields[0], int(fields[2])
+        if pgrp == group and state != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
 def stop_process_group(process: subprocess.Popen, grace: float = 20) -> None:
+    """SIGTERM to every process of the flow, time to drain and exit, then SIGKILL to whatever is left."""
     try:
         os.killpg(process.pid, signal.SIGTERM)
     except ProcessLookupError:
         return
+    deadline = time.monotonic() + grace
+    while live_processes(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
     try:
-        process.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
-    try:  # children may outlive the parent: kill whatever is left of the group
         os.killpg(process.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass

@@ -7,13 +7,12 @@ import signal
 import socket
 import threading
 import time
-from pathlib import Path
 
 from jina.serve.networking.utils import send_health_check_sync
 
 from schemas import ModelOutputDocument, PromptDocument
 from tests.conftest import ROOT, Service, eventually, grpc_client, serve, stream_docs
-from tests.servers import free_port, running_flow, write_flow
+from tests.servers import free_port, live_processes, running_flow, write_flow
 
 LONG_STREAM_TOKENS = 4000  # far longer than the grace period on the tiny model: still running when it ends
 
@@ -68,20 +67,6 @@ async def test_replicas_share_concurrent_streams(tmp_path_factory, tiny_model_di
         served = [service.metric("llm_requests_total", replica=r, finish_reason="length") for r in range(2)]
         assert sum(served) == 2 * len(prompts)
         assert all(count > 0 for count in served), f"one replica served everything: {served}"
-
-
-def live_processes(group: int) -> list[int]:
-    """Pids of the processes of a process group that are still running (zombies have exited)."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the process ended while we looked
-            continue
-        state, pgrp = fields[0], int(fields[2])
-        if pgrp == group and state != "Z":
-            pids.append(int(stat.parent.name))
-    return pids
 
 
 def port_is_free(port: int) -> bool:
