@@ -193,16 +193,26 @@ def test_command_line_reports_an_error_and_fails(tiny_service):
     assert result.returncode == 1 and "max_tokens must be at least 1" in result.stderr
 
 
-async def test_a_fault_in_one_stream_ends_it_with_an_error_and_spares_the_others(tmp_path_factory, tiny_model_dir):
+async def test_a_fault_in_one_stream_ends_it_with_an_error_and_spares_the_others_in_its_batch(tmp_path_factory, tiny_model_dir):
+    """tests/faulty_executor.py fails the 3rd token of a FAULT prompt inside a batched decode step. The healthy
+    streams are already running when the faulty one starts, so the fault strikes one decode step of all four (its
+    message says how many streams that step served); the three must then finish with exactly the tokens that
+    their prompts give alone (greedy, float32)."""
+    healthy_prompts = [f"healthy {i}" for i in range(3)]
+    fields = dict(max_tokens=600, chat_template=False)  # hundreds of steps: still running when the fault strikes
     with serve(tmp_path_factory, "faulty", {"model": str(tiny_model_dir), "dtype": "float32"}, uses="tests/faulty.yml") as service:
-        fields = dict(max_tokens=20, chat_template=False)
-        faulty, *healthy = await asyncio.gather(
-            stream_docs(service, prompt="FAULT here", **fields),
-            *(stream_docs(service, prompt=f"healthy {i}", **fields) for i in range(3)),
-        )
+        healthy = [asyncio.create_task(stream_docs(service, prompt=prompt, **fields)) for prompt in healthy_prompts]
+        await eventually(lambda: service.running_streams() == len(healthy_prompts))
+        faulty = await stream_docs(service, prompt="FAULT here", **fields)
+        together = await asyncio.gather(*healthy)
+        alone = [await stream_docs(service, prompt=prompt, **fields) for prompt in healthy_prompts]
+
         assert [d.finish_reason for d in faulty] == [None, None, "error"]
-        assert "internal error while processing a token" in faulty[-1].error and "injected fault" in faulty[-1].error
-        for docs in healthy:
-            assert docs[-1].finish_reason in ("length", "eos") and len(docs) == 20 or docs[-1].finish_reason == "eos"
-        after = await stream_docs(service, prompt="after the fault", **fields)
-        assert after[-1].finish_reason in ("length", "eos")
+        assert "internal error while processing a token" in faulty[-1].error
+        assert "injected fault in a decode step of 4 streams" in faulty[-1].error, "the others were not in its batch"
+        for docs, reference in zip(together, alone):
+            assert reference[-1].finish_reason in ("length", "eos")
+            assert [d.finish_reason for d in docs] == [d.finish_reason for d in reference]
+            assert [d.token_id for d in docs] == [d.token_id for d in reference]
+            assert docs[-1].generated_text == reference[-1].generated_text
+        await eventually(lambda: service.running_streams() + service.waiting_streams() == 0)
