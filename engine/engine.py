@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import logging
 import threading
 import time
@@ -135,8 +136,8 @@ class LLMEngine:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context "
                 f"of {self.max_model_len} tokens: max_tokens can be at most {room} for this prompt"
             )
-        if params.temperature < 0:
-            raise InvalidRequest(f"temperature must be >= 0, got {params.temperature}")
+        if not math.isfinite(params.temperature) or params.temperature < 0:
+            raise InvalidRequest(f"temperature must be a number >= 0, got {params.temperature}")
         if not 0 < params.top_p <= 1:
             raise InvalidRequest(f"top_p must be in (0, 1], got {params.top_p}")
 
@@ -238,10 +239,14 @@ class LLMEngine:
                     self._waiting.extend(self._inbox)
                     self._inbox.clear()
                     cancelled, self._cancelled = self._cancelled, set()
-                self._drop(cancelled)
-                self._prefill_step()
-                if self._batch is not None:
-                    self._decode_step()
+                try:
+                    self._drop(cancelled)
+                    self._prefill_step()
+                    if self._batch is not None:
+                        self._decode_step()
+                except Exception as error:  # a bug of the engine's own: end the streams in flight, serve the next
+                    log.exception("engine step failed")
+                    self._fail_in_flight(f"internal error in the engine: {error!r}")
                 self.steps += 1
             # Closing: nobody may be left waiting for an output that will never come.
             self._waiting.extend(self._inbox)
@@ -309,7 +314,13 @@ class LLMEngine:
 
     def _start_decoding(self, job: _Prefill, logits: torch.Tensor) -> None:
         """Each prompt's first token, then the new rows join the running batch (all at once: one cache copy)."""
-        tokens = sample_next_tokens(logits, job.requests)
+        try:
+            tokens = sample_next_tokens(logits, job.requests)
+        except Exception as error:  # these requests fail alone; the running batch goes on
+            log.exception("sampling the first token failed for %s", [r.request_id for r in job.requests])
+            for request in job.requests:
+                self._fail(request, f"internal error while sampling the first token: {error!r}")
+            return
         processors = [RequestOutputProcessor(r, self.tokenizer, self.eos_token_ids) for r in job.requests]
         for processor in processors:
             self._running[processor.request.request_id] = processor
@@ -322,16 +333,9 @@ class LLMEngine:
     def _decode_step(self) -> None:
         batch = self._batch
         processors = [self._running[rid] for rid in batch.request_ids]
-        try:
-            logits = self.runner.decode(batch)
-            tokens = sample_next_tokens(logits, [p.request for p in processors])
-        except Exception as error:  # the batch's cache is now unusable: every row in it fails
-            log.exception("decode step failed")
-            self._batch = None
-            for processor in processors:
-                del self._running[processor.request.request_id]
-                self._fail(processor.request, f"internal error during decode step: {error!r}")
-            return
+        # A failure here leaves the shared cache unusable: the loop's guard fails every stream in flight.
+        logits = self.runner.decode(batch)
+        tokens = sample_next_tokens(logits, [p.request for p in processors])
         done = self._emit(processors, tokens)
         batch.next_input_ids = torch.tensor(tokens, device=batch.next_input_ids.device)
         if done:
@@ -380,6 +384,18 @@ class LLMEngine:
         prefilling = {r.request_id for r in self._prefilling.requests} if self._prefilling else set()
         everyone = {r.request_id for r in self._waiting} | prefilling | self._running.keys()
         self._drop(set(everyone), reason, message)
+
+    def _fail_in_flight(self, message: str) -> None:
+        """End every prefilling and running request with an error; the batch state may be inconsistent, so it
+        is dropped rather than trimmed row by row. Waiting requests are untouched and start afresh."""
+        in_flight = [p.request for p in self._running.values()]
+        if self._prefilling is not None:
+            in_flight += self._prefilling.requests
+        self._running.clear()
+        self._prefilling = None
+        self._batch = None
+        for request in in_flight:
+            self._fail(request, message)
 
     def _fail(self, request: Request, message: str) -> None:
         self._release(request, final_output(request, FinishReason.ERROR, message))

@@ -170,3 +170,39 @@ async def test_closing_the_engine_ends_every_stream_with_shutdown(tiny_model_dir
     rest = [o async for o in stream]
     assert first.finish_reason is None and rest[-1].finish_reason is FinishReason.SHUTDOWN
     assert (await collect(engine, "too late"))[-1].finish_reason is FinishReason.SHUTDOWN
+
+
+@pytest.mark.parametrize(
+    "sampling, message",
+    [
+        ({"temperature": float("nan")}, "temperature must be a number >= 0, got nan"),
+        ({"temperature": float("inf")}, "temperature must be a number >= 0, got inf"),
+        ({"temperature": -0.5}, "temperature must be a number >= 0, got -0.5"),
+        ({"top_p": float("nan")}, r"top_p must be in \(0, 1\], got nan"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\], got 0.0"),
+    ],
+)
+def test_sampling_settings_that_cannot_be_used_are_rejected(tiny_engine, sampling, message):
+    with pytest.raises(InvalidRequest, match=message):
+        tiny_engine.check([1, 2, 3], SamplingParams(max_tokens=4, **sampling))
+
+
+async def test_a_failing_step_ends_the_streams_in_flight_with_an_error_and_the_engine_serves_on(tiny_engine, monkeypatch):
+    decode = tiny_engine.runner.decode
+    failed = []
+
+    def decode_failing_once(batch):
+        if not failed:
+            failed.append(len(batch))
+            raise RuntimeError("injected decode failure")
+        return decode(batch)
+
+    monkeypatch.setattr(tiny_engine.runner, "decode", decode_failing_once)
+    streams = await asyncio.gather(*(collect(tiny_engine, p, max_tokens=8) for p in PROMPTS[:3]))
+    errors = [outputs[-1].error for outputs in streams if outputs[-1].finish_reason is FinishReason.ERROR]
+    # The rows decoded in the failing step end with the error; the streams prefilled after it complete.
+    assert len(errors) == failed[0] >= 1
+    assert all("injected decode failure" in error for error in errors)
+    assert tiny_engine.num_running == 0
+    after = await collect(tiny_engine, PROMPTS[0], max_tokens=8)
+    assert after[-1].finish_reason in (FinishReason.LENGTH, FinishReason.EOS) and after[-1].error is None
