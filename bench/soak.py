@@ -10,7 +10,8 @@ too, e.g. a small random model for a quick run). `--clients` steady clients each
   bad input  an empty prompt, max_tokens < 1 or past the context, a prompt past the context;
 
 and every `--burst-every` seconds a burst of more short requests than the flow admits (max_running +
-max_waiting + 8) overloads it. Every request is bounded (`--request-timeout`): one that takes longer is a hang.
+max_waiting + 8) overloads it; a steady client refused as overloaded waits a second before its next request.
+Every request is bounded (`--request-timeout`): one that takes longer is a hang.
 
 Figures (SOAK.md, bench/soak_results.json): requests by outcome, the unexpected ones (errors a request should
 not get, hangs, streams without a last document), p50/p95 TTFT, inter-token latency and end-to-end time of the
@@ -53,6 +54,7 @@ BURST_MAX_TOKENS = 8
 # (prompt, max_tokens) pairs the service must refuse with an error document. The embedded model's context is
 # 4096 tokens: 100,000 new tokens never fit, nor a 6,000-word prompt.
 BAD_INPUTS = [("", 16), ("   \n\t ", 16), ("hello", 0), ("hello", -5), ("hello", 100_000), ("word " * 6_000, 16)]
+OVERLOAD_BACKOFF_S = 1.0  # a steady client refused as overloaded waits this long, as told ("retry later")
 CONTEXT_FILLER = "The following notes describe the setting in detail, and every detail matters to the answer. "
 
 COMPLETED = "completed"
@@ -215,7 +217,10 @@ class Load:
             else:
                 prompt, max_tokens = self.rng.choice(BAD_INPUTS)
                 request = one_request(self.open_stream, kind, prompt, max_tokens, timeout)
-            self.records.append(await request)
+            record = await request
+            self.records.append(record)
+            if record.outcome == REFUSED_OVERLOADED:
+                await asyncio.sleep(OVERLOAD_BACKOFF_S)
 
     async def bursts(self, deadline: float) -> None:
         size = self.args.max_running + self.args.max_waiting + 8
