@@ -18,7 +18,9 @@ def sample_next_tokens(logits: torch.Tensor, requests: list[Request]) -> list[in
 
 def _sample(logits: torch.Tensor, request: Request) -> int:
     params = request.params
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    logits = logits.float()
+    # Shifted so that the largest logit is 0: a tiny temperature then gives -inf (probability 0), not inf - inf.
+    probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         # Keep the smallest set of tokens whose mass reaches top_p (the first token is always kept).

@@ -206,3 +206,11 @@ async def test_a_failing_step_ends_the_streams_in_flight_with_an_error_and_the_e
     assert tiny_engine.num_running == 0
     after = await collect(tiny_engine, PROMPTS[0], max_tokens=8)
     assert after[-1].finish_reason in (FinishReason.LENGTH, FinishReason.EOS) and after[-1].error is None
+
+
+async def test_a_tiny_temperature_samples_the_most_likely_token(tiny_engine):
+    """logits / 2e-39 overflowed to inf and made the sampler raise; the limit of a tiny temperature is greedy."""
+    greedy = await collect(tiny_engine, PROMPTS[1], max_tokens=8)
+    tiny = await collect(tiny_engine, PROMPTS[1], max_tokens=8, temperature=2.1e-39, seed=3)
+    assert tiny[-1].error is None
+    assert [o.token_id for o in tiny] == [o.token_id for o in greedy]
