@@ -81,7 +81,7 @@ BAD_INPUTS = [
     (dict(prompt="hi", max_tokens=-3), "max_tokens must be at least 1, got -3"),
     (dict(prompt="hi", max_tokens=100_000), "exceeds the model's context of 4096 tokens"),
     (dict(prompt="word " * 20_000, max_tokens=5), r"the prompt is \d+ tokens; the model's context is 4096 tokens"),
-    (dict(prompt="hi", max_tokens=5, temperature=-1.0), "temperature must be >= 0"),
+    (dict(prompt="hi", max_tokens=5, temperature=-1.0), "temperature must be a number >= 0, got -1.0"),
 ]
 
 
