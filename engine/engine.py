@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import math
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Optional
 
 import torch
+
 from engine.loading import LoadedModel
 from engine.output import RequestOutputProcessor, final_output
 from engine.request import FinishReason, Request, SamplingParams, StepOutput

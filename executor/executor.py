@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from engine import EMBEDDED, EngineConfig, FinishReason, InvalidRequest, LLMEngine, SamplingParams, StepOutput, load_model
 from executor.metrics import StreamMetrics
-from lifecycle import drain_on_sigterm
+from lifecycle import OpenStreams, drain_on_sigterm
 from schemas import ModelOutputDocument, PromptDocument, error_document
 
 WARMUP_PROMPT = "Hello"
@@ -42,7 +42,7 @@ class TokenStreamingExecutor(Executor):
         self.engine = LLMEngine(loaded, EngineConfig(max_running, max_waiting, prefill_chunk, max_model_len))
         self.chat_template = chat_template
         self.shutdown_grace_s = shutdown_grace_s
-        self._open_streams = 0  # generators that have not handed their last document to Jina yet
+        self._open_streams = OpenStreams()  # generators that have not handed their last document to Jina yet
         registry = getattr(self.runtime_args, "metrics_registry", None) or CollectorRegistry()
         self.metrics = StreamMetrics(registry, lambda: self.engine.num_running, lambda: self.engine.num_waiting)
         if warmup_tokens > 0:
@@ -74,13 +74,8 @@ class TokenStreamingExecutor(Executor):
 
         return DocList[ModelOutputDocument](await asyncio.gather(*(last_document(doc) for doc in docs)))
 
-    async def _generate(self, doc: PromptDocument) -> AsyncIterator[ModelOutputDocument]:
-        self._open_streams += 1
-        try:
-            async for document in self._relay(doc):
-                yield document
-        finally:
-            self._open_streams -= 1
+    def _generate(self, doc: PromptDocument) -> AsyncIterator[ModelOutputDocument]:
+        return self._open_streams.track(self._relay(doc))
 
     async def _relay(self, doc: PromptDocument) -> AsyncIterator[ModelOutputDocument]:
         try:
@@ -125,9 +120,7 @@ class TokenStreamingExecutor(Executor):
         document to Jina, so that no client is cut off without one."""
         self.logger.warning(f"SIGTERM: draining {self.engine.num_running + self.engine.num_waiting} streams")
         await asyncio.to_thread(self.engine.shutdown, self.shutdown_grace_s)
-        deadline = time.monotonic() + 5
-        while self._open_streams and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await self._open_streams.wait_closed(timeout_s=5)
 
     def close(self) -> None:
         self.engine.close()

@@ -8,7 +8,6 @@ the routes of gateway/app.py. gRPC `stream_doc` on the gRPC port is Jina's own s
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any, List
 
 from jina.enums import ProtocolType
@@ -19,7 +18,7 @@ from jina.serve.runtimes.servers import BaseServer
 from jina.serve.runtimes.servers.composite import CompositeBaseServer
 
 from gateway.app import add_routes
-from lifecycle import drain_on_sigterm
+from lifecycle import OpenStreams, drain_on_sigterm
 
 DEFAULT_MODEL_NAME = "llm"
 
@@ -60,7 +59,7 @@ class LLMGateway(CompositeGateway):
             self.servers.append(server)
         self.gateways = self.servers  # as CompositeServer: backwards compatibility
         self.drain_timeout_s = drain_timeout_s
-        self._streams_in_flight = 0
+        self._streams = OpenStreams()
         for streamer in {id(server.streamer): server.streamer for server in self.servers}.values():
             self._count_streams(streamer)
         drain_on_sigterm(self._drain)
@@ -69,21 +68,10 @@ class LLMGateway(CompositeGateway):
         """Every stream of every protocol (gRPC stream_doc, SSE, OpenAI, WebSocket) goes through the streamer's
         `rpc_stream_doc`: wrap it to know how many streams the gateway is relaying."""
         relay = streamer.rpc_stream_doc
-
-        async def counted(*args, **kwargs):
-            self._streams_in_flight += 1
-            try:
-                async for response in relay(*args, **kwargs):
-                    yield response
-            finally:
-                self._streams_in_flight -= 1
-
-        streamer.rpc_stream_doc = counted
+        streamer.rpc_stream_doc = lambda *args, **kwargs: self._streams.track(relay(*args, **kwargs))
 
     async def _drain(self) -> None:
         """On SIGTERM, before Jina stops the servers: keep relaying until the streams in flight have ended (new
         ones reach the executor, which refuses them with finish_reason=shutdown), for `drain_timeout_s` at most."""
-        self.logger.warning(f"SIGTERM: waiting for {self._streams_in_flight} streams in flight")
-        deadline = asyncio.get_running_loop().time() + self.drain_timeout_s
-        while self._streams_in_flight and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
+        self.logger.warning(f"SIGTERM: waiting for {self._streams.count} streams in flight")
+        await self._streams.wait_closed(self.drain_timeout_s)

@@ -19,11 +19,34 @@ import multiprocessing
 import os
 import signal
 import sys
-from typing import Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+T = TypeVar("T")
+
+
+class OpenStreams:
+    """Counts the streams a process is serving, so that a drain can wait until the last one has ended."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    async def track(self, stream: AsyncIterator[T]) -> AsyncIterator[T]:
+        self.count += 1
+        try:
+            async for item in stream:
+                yield item
+        finally:
+            self.count -= 1
+
+    async def wait_closed(self, timeout_s: float) -> None:
+        """Return once no stream is open, or after `timeout_s`."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self.count and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
 
 
 def drain_on_sigterm(drain: Callable[[], Awaitable[None]]) -> bool:

@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 
+from grpc_health.v1 import health_pb2
 from jina.serve.networking.utils import send_health_check_sync
 
 from schemas import ModelOutputDocument, PromptDocument
@@ -19,7 +20,7 @@ LONG_STREAM_TOKENS = 4000  # far longer than the grace period on the tiny model:
 
 def executor_is_serving(port: int) -> bool:
     try:
-        return send_health_check_sync(f"127.0.0.1:{port}", timeout=0.5).status == 1  # SERVING
+        return send_health_check_sync(f"127.0.0.1:{port}", timeout=0.5).status == health_pb2.HealthCheckResponse.SERVING
     except Exception:  # refused or unavailable: not serving
         return False
 
