@@ -115,7 +115,9 @@ NOTES = [
     "Aggregate tok/s: generated tokens of a round / wall time of the round (first stream opened to last one "
     "finished), median over the rounds. All are measured at the client.",
     "The service and the seed baseline each run in their own real `jina flow` (plain gRPC gateway, one executor, "
-    "its own process group), driven over gRPC with one `jina.Client` per stream from the benchmark process. "
+    "its own process group), driven over gRPC from the benchmark process: each stream is its own `stream_doc` call "
+    "on its own gRPC channel (one `jina.Client` holds the settings, built before the round: building one per "
+    "stream costs 15-20 ms of Python each, which in one process would delay the 16th stream's start by 200 ms). "
     "On a CPU-only machine the client, the gateway and the executor share the same cores.",
     "The in-process KV-cache loop is the single-stream ceiling: prefill (logits of the last position only), then "
     "`model(input_ids=last, past_key_values=cache, use_cache=True)` per token, greedy, no Jina, no detokenization, "

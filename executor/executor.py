@@ -31,7 +31,8 @@ class TokenStreamingExecutor(Executor):
         chat_template: bool = True,
         max_running: int = 32,
         max_waiting: int = 256,
-        prefill_chunk: int = 256,
+        prefill_chunk: int = 192,
+        max_decode_pause_s: float = 0.4,
         max_model_len: int | None = None,
         warmup_tokens: int = 8,
         shutdown_grace_s: float = 10.0,
@@ -39,7 +40,13 @@ class TokenStreamingExecutor(Executor):
     ) -> None:
         super().__init__(**kwargs)
         loaded = load_model(model, device=device, dtype=dtype)
-        self.engine = LLMEngine(loaded, EngineConfig(max_running, max_waiting, prefill_chunk, max_model_len))
+        self.engine = LLMEngine(loaded, EngineConfig(
+            max_running=max_running,
+            max_waiting=max_waiting,
+            prefill_chunk=prefill_chunk,
+            max_decode_pause_s=max_decode_pause_s,
+            max_model_len=max_model_len,
+        ))
         self.chat_template = chat_template
         self.shutdown_grace_s = shutdown_grace_s
         self._open_streams = OpenStreams()  # generators that have not handed their last document to Jina yet

@@ -1,6 +1,7 @@
 """The engine in-process: batching, stop conditions, cancellation, admission control."""
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -214,3 +215,52 @@ async def test_a_tiny_temperature_samples_the_most_likely_token(tiny_engine):
     tiny = await collect(tiny_engine, PROMPTS[1], max_tokens=8, temperature=2.1e-39, seed=3)
     assert tiny[-1].error is None
     assert [o.token_id for o in tiny] == [o.token_id for o in greedy]
+
+
+@pytest.mark.parametrize(
+    "max_decode_pause_s, steps_after_the_burst",
+    [(60.0, ["prefill", "prefill", "prefill", "decode"]), (0.0, ["prefill", "decode", "prefill", "decode", "prefill", "decode"])],
+    ids=["prefill-first", "alternating-once-the-pause-is-spent"],
+)
+async def test_a_burst_of_arrivals_is_prefilled_before_the_running_stream_decodes_again(
+    tiny_model_dir, max_decode_pause_s, steps_after_the_burst
+):
+    """Three prompts arrive while one stream runs; the budget fits one prompt per prefill step. Within the pause
+    bound, all three get their first token before the running stream's next step; with no pause allowed, the
+    running stream gets a token between any two prefills."""
+    loaded = load_model(str(tiny_model_dir), dtype="float32")
+    burst = [loaded.tokenizer(p)["input_ids"] for p in ("red green blue", "one two three", "cat dog cow")]
+    assert 2 * min(map(len, burst)) > max(map(len, burst))  # so a prefill step of max(len) tokens takes one
+    engine = LLMEngine(loaded, EngineConfig(prefill_chunk=max(map(len, burst)), max_decode_pause_s=max_decode_pause_s))
+    steps: list[str] = []
+    held, release = threading.Event(), threading.Event()
+    prefill, decode = engine.runner.prefill, engine.runner.decode
+
+    def recorded_prefill(batch, chunks):
+        steps.append("prefill")
+        return prefill(batch, chunks)
+
+    def held_decode(batch):
+        if not held.is_set():  # the first decode waits until the burst is queued, so it lands all at once
+            held.set()
+            release.wait()
+        steps.append("decode")
+        return decode(batch)
+
+    engine.runner.prefill, engine.runner.decode = recorded_prefill, held_decode
+    try:
+        running = asyncio.create_task(collect(engine, "go on", max_tokens=40))
+        await eventually(held.is_set)
+        arrivals = [asyncio.create_task(collect_ids(engine, ids)) for ids in burst]
+        await eventually(lambda: engine.num_waiting == 3)
+        steps.clear()
+        release.set()
+        await asyncio.gather(running, *arrivals)
+        assert steps[1 : 1 + len(steps_after_the_burst)] == steps_after_the_burst  # steps[0]: the held decode
+    finally:
+        release.set()
+        engine.close()
+
+
+async def collect_ids(engine: LLMEngine, prompt_ids: list[int]) -> list:
+    return [o async for o in engine.generate(prompt_ids, SamplingParams(max_tokens=4))]
