@@ -2,9 +2,10 @@
 
 In one run, on the embedded SmolLM2-135M-Instruct, chat template on, greedy, varied "write a long story" prompts:
 
-1. in process, no Jina: the single-stream KV-cache loop (the ceiling) and LLMEngine alone;
-2. the service: the project's executor (config.yml) in a real `jina flow`, N concurrent gRPC `stream_doc`s;
-3. the seed tutorial's design (bench/seed_executor.py) in its own real flow, the baseline.
+1. side by side, rounds interleaved: in process without Jina, the single-stream KV-cache loop (the ceiling)
+   and LLMEngine alone; the service, the project's executor (config.yml) in a real `jina flow`, N concurrent
+   gRPC `stream_doc`s;
+2. the seed tutorial's design (bench/seed_executor.py) in its own real flow, the baseline.
 
 Prints a markdown table, writes BENCHMARKS.md and bench/results.json.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import math
 import os
@@ -22,10 +22,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
 
 from bench import ceiling, flows, report
-from bench.load import RoundResult, measure
+from bench.load import RoundResult, measure, measure_interleaved
 from engine import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 (the executors' uses_with)")
     parser.add_argument("--streams", type=int, nargs="+", help="concurrent streams per round (default 1 4 16 32)")
     parser.add_argument("--max-tokens", type=int, help="new tokens per stream (default 64)")
-    parser.add_argument("--rounds", type=int, help="rounds per setting (default 3)")
+    parser.add_argument("--rounds", type=int, help="rounds per setting (default 5)")
     parser.add_argument("--seed-streams", type=int, nargs="+", help="streams for the seed baseline (default 1 16)")
     parser.add_argument("--seed-budget-s", type=float, default=600,
                         help="the seed baseline serializes streams; fewer streams are run where the projected time exceeds this")
@@ -48,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.streams = args.streams or ([1, 4] if args.quick else [1, 4, 16, 32])
     args.max_tokens = args.max_tokens or (16 if args.quick else 64)
-    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.rounds = args.rounds or (1 if args.quick else 5)
     args.seed_streams = args.seed_streams or ([1, 4] if args.quick else [1, 16])
     return args
 
@@ -62,30 +61,28 @@ async def warm_up(open_stream) -> None:
         pass
 
 
-async def in_process(loaded, args) -> list[RoundResult]:
-    results = []
-    open_ceiling = ceiling.kv_cache_stream(loaded)
-    await warm_up(open_ceiling)
-    log("in-process KV-cache loop, 1 stream")
-    results.append(await measure(report.CEILING, open_ceiling, 1, args.max_tokens, args.rounds, note="greedy, EOS ignored"))
+async def side_by_side(loaded, open_ceiling, port: int, args) -> list[RoundResult]:
+    """The ceiling, the engine in process and the service, each setting's rounds interleaved across them."""
     engine = ceiling.start_engine(loaded)
+    systems = {
+        report.CEILING: open_ceiling,
+        report.ENGINE: ceiling.engine_stream(engine),
+        report.SERVICE: flows.grpc_stream(port),
+    }
+    results: list[RoundResult] = []
     try:
+        for open_stream in systems.values():
+            await warm_up(open_stream)
         for n in args.streams:
-            log(f"LLMEngine in-process, {n} streams")
-            results.append(await measure(report.ENGINE, ceiling.engine_stream(engine), n, args.max_tokens, args.rounds))
+            compared = list(systems) if n == 1 else [report.ENGINE, report.SERVICE]  # the ceiling is one stream
+            log(f"{n} streams: {', '.join(compared)}, rounds interleaved")
+            results += await measure_interleaved(
+                {name: systems[name] for name in compared}, n, args.max_tokens, args.rounds,
+                notes={report.CEILING: "greedy, EOS ignored"},
+            )
     finally:
         engine.close()
-    return results
-
-
-async def over_grpc(system: str, port: int, streams: list[int], max_tokens: int, rounds: int) -> list[RoundResult]:
-    open_stream = flows.grpc_stream(port)
-    await warm_up(open_stream)
-    results = []
-    for n in streams:
-        log(f"{system}, {n} streams")
-        results.append(await measure(system, open_stream, n, max_tokens, rounds))
-    return results
+    return sorted(results, key=lambda r: (list(systems).index(r.system), r.streams))
 
 
 async def seed_baseline(port: int, args) -> list[RoundResult]:
@@ -121,9 +118,14 @@ NOTES = [
     "On a CPU-only machine the client, the gateway and the executor share the same cores.",
     "The in-process KV-cache loop is the single-stream ceiling: prefill (logits of the last position only), then "
     "`model(input_ids=last, past_key_values=cache, use_cache=True)` per token, greedy, no Jina, no detokenization, "
-    "on a thread of its own like the engine's loop (on a loaded CPU, torch on the main thread measured slower). "
+    "in a process of its own, tokens sent back over a pipe (a second thread doing torch work beside the engine's "
+    "in one process measured 57 -> 70 ms per token for both). "
     "LLMEngine in-process is the service's engine with the same limits, no Jina: the service minus the engine "
     "is Jina's per-document cost (gateway hop, gRPC, DocArray serialization).",
+    "The ceiling, the engine and the service run side by side, rounds interleaved (round r of each before round "
+    "r+1 of any; the idle systems wait while one runs): this shared host's speed drifts by tens "
+    "of percent within minutes (the same ceiling measured 18.8 to 26.6 tok/s in one hour), and interleaving "
+    "gives every system the same drift.",
     "The seed baseline (`bench/seed_executor.py`) is the seed tutorial's design: per token, "
     "`model.generate(**inputs, max_new_tokens=1)` over the whole sequence so far, one document per token. "
     "`generate` blocks the executor's event loop, so concurrent streams are served one step at a time, in turn.",
@@ -138,15 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     info = report.machine(loaded.device, loaded.dtype)
     log(f"model on {loaded.device} ({loaded.dtype}); streams {args.streams}, {args.max_tokens} tokens, {args.rounds} rounds")
 
-    results = asyncio.run(in_process(loaded, args))
-    del loaded
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-    log("starting the service flow")
-    with flows.serving("service", flows.service_executor(args.device, args.dtype)) as port:
-        results += asyncio.run(over_grpc(report.SERVICE, port, args.streams, args.max_tokens, args.rounds))
+    log("starting the ceiling's process and the service flow")
+    with (
+        ceiling.kv_cache_process("embedded", args.device, args.dtype) as open_ceiling,
+        flows.serving("service", flows.service_executor(args.device, args.dtype)) as port,
+    ):
+        results = asyncio.run(side_by_side(loaded, open_ceiling, port, args))
     if not args.skip_seed:
         log("starting the seed baseline flow")
         with flows.serving("seed", flows.seed_executor(args.device, args.dtype)) as port:

@@ -112,14 +112,25 @@ async def run_round(open_stream: OpenStream, streams: int, max_tokens: int, offs
 
 async def measure(system: str, open_stream: OpenStream, streams: int, max_tokens: int, rounds: int, note: str = "") -> RoundResult:
     """`rounds` rounds of `streams` concurrent streams; latencies pooled over the rounds, rate = median round."""
-    all_timings: list[StreamTiming] = []
-    rates: list[float] = []
-    wall = 0.0
+    [result] = await measure_interleaved({system: open_stream}, streams, max_tokens, rounds, {system: note})
+    return result
+
+
+async def measure_interleaved(
+    systems: dict[str, OpenStream], streams: int, max_tokens: int, rounds: int, notes: dict[str, str] | None = None
+) -> list[RoundResult]:
+    """Round r of every system before round r+1 of any. On a shared host the machine's speed drifts by tens of
+    percent within minutes; interleaved, every system sees the same drift and the ratios between them hold."""
+    runs: dict[str, list[tuple[list[StreamTiming], float]]] = {name: [] for name in systems}
     for r in range(rounds):
-        timings, elapsed = await run_round(open_stream, streams, max_tokens, offset=r)
-        all_timings += timings
-        rates.append(sum(t.tokens for t in timings) / elapsed)
-        wall += elapsed
+        for name, open_stream in systems.items():
+            runs[name].append(await run_round(open_stream, streams, max_tokens, offset=r))
+    return [summarize(name, streams, max_tokens, runs[name], (notes or {}).get(name, "")) for name in systems]
+
+
+def summarize(system: str, streams: int, max_tokens: int, runs: list[tuple[list[StreamTiming], float]], note: str) -> RoundResult:
+    all_timings = [t for timings, _ in runs for t in timings]
+    rates = [sum(t.tokens for t in timings) / elapsed for timings, elapsed in runs]
     ttfts = [t.ttft_s for t in all_timings if t.ttft_s is not None]
     gaps = [g for t in all_timings for g in t.gaps_s]
     errors = [t.error for t in all_timings if t.error]
@@ -129,14 +140,14 @@ async def measure(system: str, open_stream: OpenStream, streams: int, max_tokens
         system=system,
         streams=streams,
         max_tokens=max_tokens,
-        rounds=rounds,
+        rounds=len(runs),
         tokens=sum(t.tokens for t in all_timings),
         tokens_per_s=statistics.median(rates),
         ttft_p50_ms=_ms(percentile(ttfts, 50)),
         ttft_p95_ms=_ms(percentile(ttfts, 95)),
         itl_p50_ms=_ms(percentile(gaps, 50)),
         itl_p95_ms=_ms(percentile(gaps, 95)),
-        wall_s=wall,
+        wall_s=sum(elapsed for _, elapsed in runs),
         errors=len(errors),
         note=note,
     )
