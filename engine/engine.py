@@ -158,12 +158,15 @@ class LLMEngine:
         request in the engine. Never raises for the request's own failures: the last output says what happened."""
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[StepOutput] = asyncio.Queue()
-        request = Request(
-            request_id=request_id or f"req-{next(self._ids)}",
-            prompt_ids=prompt_ids,
-            params=params,
-            deliver=lambda output: loop.call_soon_threadsafe(outputs.put_nowait, output),
-        )
+        request_id = request_id or f"req-{next(self._ids)}"
+
+        def deliver(output: StepOutput) -> None:
+            try:
+                loop.call_soon_threadsafe(outputs.put_nowait, output)
+            except RuntimeError:  # the consumer's event loop has closed: nobody reads this stream any more
+                self.cancel(request_id)
+
+        request = Request(request_id, prompt_ids, params, deliver)
         refusal = self._submit(request)
         if refusal is not None:
             yield refusal

@@ -60,7 +60,7 @@ class Request:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    deliver: Callable[[StepOutput], None]  # thread-safe: hands an output to the request's consumer
+    deliver: Callable[[StepOutput], None]  # thread-safe, never raises: hands an output to the request's consumer
     arrival: float = field(default_factory=time.perf_counter)
     prefilled: int = 0  # prompt tokens already in the KV cache (chunked prefill)
     output_ids: list[int] = field(default_factory=list)

@@ -264,3 +264,20 @@ async def test_a_burst_of_arrivals_is_prefilled_before_the_running_stream_decode
 
 async def collect_ids(engine: LLMEngine, prompt_ids: list[int]) -> list:
     return [o async for o in engine.generate(prompt_ids, SamplingParams(max_tokens=4))]
+
+
+async def test_a_consumer_whose_event_loop_closed_is_cancelled_and_the_engine_serves_on(tiny_engine):
+    """A stream read from an event loop that then closes without closing the stream (a script's asyncio loop,
+    a torn-down test): delivering its next token failed and killed the engine thread, and every later stream
+    hung. Now the engine cancels that request and serves on."""
+
+    def read_one_token_then_close_the_loop() -> None:
+        loop = asyncio.new_event_loop()
+        orphan = tiny_engine.generate(tiny_engine.tokenize("go on"), SamplingParams(max_tokens=400))
+        loop.run_until_complete(orphan.__anext__())
+        loop.close()  # the stream is left open: its next outputs have no loop to go to
+
+    await asyncio.to_thread(read_one_token_then_close_the_loop)
+    await eventually(lambda: tiny_engine.num_running == 0)
+    outputs = await asyncio.wait_for(collect(tiny_engine, "still serving", max_tokens=5), timeout=30)
+    assert outputs[-1].finish_reason in (FinishReason.LENGTH, FinishReason.EOS)

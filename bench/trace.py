@@ -1,0 +1,100 @@
+"""`python -m bench.trace [--streams 16] [--spread-ms 0]`: where a burst's time to first token goes.
+
+N chat prompts arrive at the engine (in process, no Jina) spread evenly over --spread-ms; every forward the
+engine runs is timed, and the timeline is printed and written to bench/trace.md:
+
+    prefill 8x23 @ 95 ms: 247 ms      a batched prefill of 8 prompts, 23 tokens wide, started 95 ms in
+    decode 16x48 @ 610 ms: 57 ms      one decode step of 16 rows over a 48-column cache
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import ceiling
+from bench.load import PROMPTS
+from engine import SamplingParams, load_model
+
+OUTPUT = Path(__file__).resolve().parent / "trace.md"
+
+
+@dataclass
+class Forward:
+    kind: str
+    rows: int
+    width: int
+    started_s: float
+    took_s: float
+
+
+def record_forwards(engine, timeline: list[Forward]) -> None:
+    """Wrap the engine's runner so that every prefill and decode forward lands in `timeline`."""
+    runner = engine.runner
+    prefill, decode = runner.prefill, runner.decode
+
+    def timed(kind: str, forward, batch, *args):
+        started = time.perf_counter()
+        result = forward(batch, *args)
+        width = max(map(len, args[0])) if args else batch.attention_mask.shape[1]
+        timeline.append(Forward(kind, len(batch), width, started, time.perf_counter() - started))
+        return result
+
+    runner.prefill = lambda batch, chunks: timed("prefill", prefill, batch, chunks)
+    runner.decode = lambda batch: timed("decode", decode, batch)
+
+
+async def first_token_s(engine, prompt: str, delay_s: float) -> float:
+    await asyncio.sleep(delay_s)
+    prompt_ids = engine.tokenize(prompt, True)
+    started = time.perf_counter()
+    async for output in engine.generate(prompt_ids, SamplingParams(max_tokens=64)):
+        if output.token_id >= 0:
+            return time.perf_counter() - started  # leaving the iteration cancels the rest
+    raise RuntimeError(f"no token for {prompt!r}: {output.error}")
+
+
+async def burst(engine, streams: int, spread_s: float, timeline: list[Forward]) -> list[str]:
+    timeline.clear()
+    started = time.perf_counter()
+    delays = [spread_s * i / max(1, streams - 1) for i in range(streams)]
+    ttfts = await asyncio.gather(*(first_token_s(engine, PROMPTS[i % len(PROMPTS)], d) for i, d in enumerate(delays)))
+    lines = [f"{streams} arrivals over {spread_s * 1000:.0f} ms: TTFT p50 {statistics.median(ttfts) * 1000:.0f} ms, "
+             f"max {max(ttfts) * 1000:.0f} ms (from each arrival)"]
+    first_tokens_by = started + max(delays) + max(ttfts)
+    lines += [f"    {f.kind} {f.rows}x{f.width} @ {(f.started_s - started) * 1000:.0f} ms: {f.took_s * 1000:.0f} ms"
+              for f in timeline if f.started_s < first_tokens_by]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.trace", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", type=int, default=16)
+    parser.add_argument("--spread-ms", type=float, nargs="+", default=[0, 150])
+    parser.add_argument("--repeat", type=int, default=2)
+    args = parser.parse_args()
+    loaded = load_model("embedded")
+    engine = ceiling.start_engine(loaded)
+    timeline: list[Forward] = []
+    record_forwards(engine, timeline)
+    lines = [f"# Burst trace: `python -m bench.trace` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+             f"{loaded.device}, {str(loaded.dtype).removeprefix('torch.')}, prefill_chunk {engine.config.prefill_chunk}, "
+             f"max_decode_pause_s {engine.config.max_decode_pause_s})", "", "```"]
+    try:
+        for _ in range(args.repeat):
+            for spread_ms in args.spread_ms:
+                lines += asyncio.run(burst(engine, args.streams, spread_ms / 1000, timeline))
+                time.sleep(1)  # the cancelled streams leave the batch
+    finally:
+        engine.close()
+    lines += ["```", ""]
+    print("\n".join(lines))
+    OUTPUT.write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
