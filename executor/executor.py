@@ -87,11 +87,10 @@ class TokenStreamingExecutor(Executor):
     async def _relay(self, doc: PromptDocument) -> AsyncIterator[ModelOutputDocument]:
         try:
             prompt_ids, params = await self._prepare(doc)
-        except InvalidRequest as error:
-            yield error_document(str(error))
-            return
         except Exception as error:  # never raise out of a streaming endpoint
-            yield error_document(f"internal error while preparing the request: {error!r}")
+            message = str(error) if isinstance(error, InvalidRequest) else f"internal error while preparing the request: {error!r}"
+            self.metrics.requests.labels(FinishReason.ERROR.value).inc()  # a refusal is a request too
+            yield error_document(message)
             return
         last_output_at = None
         finished = False

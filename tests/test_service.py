@@ -175,6 +175,14 @@ async def test_metrics_count_streams_tokens_and_latencies(tiny_service):
     assert tiny_service.running_streams() == 0
 
 
+async def test_refused_requests_are_counted_as_errors_and_generate_nothing(tiny_service):
+    errors, generated = "llm_requests_total", "llm_generated_tokens_total"
+    before = tiny_service.metric(errors, finish_reason="error"), tiny_service.metric(generated)
+    await asyncio.gather(stream_docs(tiny_service, prompt="", max_tokens=5), stream_docs(tiny_service, prompt="hi", max_tokens=0))
+    after = tiny_service.metric(errors, finish_reason="error"), tiny_service.metric(generated)
+    assert (after[0] - before[0], after[1] - before[1]) == (2, 0)
+
+
 def test_command_line_prints_tokens_and_a_summary(tiny_service):
     result = subprocess.run(
         [sys.executable, "-m", "client", "say something", "--max-tokens", "6", "--port", str(tiny_service.grpc_port)],
