@@ -47,8 +47,9 @@ class EngineConfig:
     max_running: int = 32  # sequences decoded together in one batch
     max_waiting: int = 256  # requests queued beyond that; more are refused as overloaded
     # Prompt tokens (padding included) prefilled per step: bounds how long one prefill stalls the running streams.
-    # On 2 CPU cores a forward costs about 60 ms plus 1 ms per token: 192 splits a burst of 16 chat prompts into
-    # two groups, the first of which streams sooner (smaller groups pay the 60 ms too often).
+    # On 2 CPU cores a forward costs about 60 ms plus 0.8 ms per token (python -m bench.trace): 192 splits a
+    # burst of 16 chat prompts into two groups, the first of which streams sooner (smaller groups pay the 60 ms
+    # too often: 96 and 128 measured slower).
     prefill_chunk: int = 192
     # While prompts wait for a free slot, prefill steps go before decode steps until the running sequences have
     # waited this long for their next token (plus the prefill step under way): a burst of arrivals gets its
@@ -271,8 +272,8 @@ class LLMEngine:
         self._inbox.clear()
 
     def _prefill_goes_first(self) -> bool:
-        """Skip this decode step so that prompts waiting for a free slot are prefilled sooner: vLLM's and TGI's
-        schedulers also favour prefill, since a waiting client has nothing yet and a running one is mid-answer."""
+        """Skip this decode step so that prompts waiting for a free slot are prefilled sooner (TGI's router and
+        vLLM's v0 scheduler also put prefill first): a waiting client has nothing yet, a running one is mid-answer."""
         with self._lock:
             self._take_inbox()
         more_to_prefill = self._prefilling is not None or (
