@@ -3,7 +3,8 @@ OpenAI-compatible API, the WebSocket chat and the page.
 
 Jina builds the built-in gateway of each protocol inside a CompositeGateway; this one builds the same servers,
 except that the HTTP one is LLMHTTPGateway: Jina's default FastAPI app (with its `GET /stream` SSE route), plus
-the routes of gateway/app.py. gRPC `stream_doc` on the gRPC port is Jina's own server, untouched.
+the routes of gateway/app.py. gRPC `stream_doc` on the gRPC port is Jina's own server, whose handler first checks
+that the document is a valid PromptDocument (gateway/validation.py).
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from typing import Any, List
 from jina.enums import ProtocolType
 from jina.parsers.helper import _get_gateway_class
 from jina.serve.runtimes.gateway.composite import CompositeGateway
+from jina.serve.runtimes.gateway.grpc import GRPCGateway
 from jina.serve.runtimes.gateway.http import HTTPGateway
 from jina.serve.runtimes.servers import BaseServer
 from jina.serve.runtimes.servers.composite import CompositeBaseServer
 
 from gateway.app import add_routes
+from gateway.validation import validating
 from lifecycle import OpenStreams, drain_on_sigterm
 
 DEFAULT_MODEL_NAME = "llm"
@@ -62,6 +65,9 @@ class LLMGateway(CompositeGateway):
         self._streams = OpenStreams()
         for streamer in {id(server.streamer): server.streamer for server in self.servers}.values():
             self._count_streams(streamer)
+        for server in self.servers:
+            if isinstance(server, GRPCGateway):
+                self._validate_prompts(server)
         drain_on_sigterm(self._drain)
 
     def _count_streams(self, streamer: Any) -> None:
@@ -69,6 +75,14 @@ class LLMGateway(CompositeGateway):
         `rpc_stream_doc`: wrap it to know how many streams the gateway is relaying."""
         relay = streamer.rpc_stream_doc
         streamer.rpc_stream_doc = lambda *args, **kwargs: self._streams.track(relay(*args, **kwargs))
+
+    @staticmethod
+    def _validate_prompts(server: GRPCGateway) -> None:
+        """gRPC `stream_doc` answers a document that is not a valid PromptDocument with one error document; Jina
+        would fail it in the executor's worker and end the client's stream with nothing. The server registers its
+        request handler's `stream_doc` when it starts (GRPCServer.setup_server), after this: wrap it here."""
+        handler = server._request_handler
+        handler.stream_doc = validating(handler.stream_doc)
 
     async def _drain(self) -> None:
         """On SIGTERM, before Jina stops the servers: keep relaying until the streams in flight have ended (new

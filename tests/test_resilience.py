@@ -420,25 +420,31 @@ async def test_a_document_without_a_valid_required_field_neither_hangs_nor_harms
     await eventually(lambda: roomy_service.running_streams() + roomy_service.waiting_streams() == 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: the executor's Jina worker fails to parse the document into PromptDocument (pydantic "
-    "ValidationError) before the executor runs; the gateway treats that gRPC UNKNOWN error as a broken "
-    "connection, retries, and ends the client's stream with no document and no error",
-)
 @pytest.mark.parametrize("doc, field", MALFORMED, ids=[type(doc).__name__ for doc, _ in MALFORMED])
 async def test_a_document_without_a_valid_required_field_gets_an_error_naming_it(roomy_service, doc, field):
-    try:
-        docs = await send(roomy_service, doc)
-    except asyncio.TimeoutError:
-        raise
-    except Exception as error:  # a clear exception on the client is an answer too
-        assert field in str(error), repr(error)
-        return
-    assert docs, "the stream ended without a single document and without an error"
-    assert len(docs) == 1 and docs[0].finish_reason == "error" and field in docs[0].error
+    """The gateway reads the document as the executor's worker would (gateway/validation.py): without it, the
+    worker's parse failure reached the gateway as a broken connection and the client got an empty stream."""
+    docs = await send(roomy_service, doc)
+    assert len(docs) == 1, f"expected one error document, got {len(docs)} documents"
+    # The field, and what PromptDocument expects there.
+    expected = PromptDocument.__fields__[field]._type_display()
+    assert docs[0].finish_reason == "error" and f"`{field}`" in docs[0].error, docs[0].error
+    assert f"of type {expected}" in docs[0].error, docs[0].error
 
+
+class PromptWithExtras(BaseDoc):
+    """Another client's schema: PromptDocument's required fields, a field PromptDocument lacks, one it has."""
+
+    prompt: str
+    max_tokens: int
+    user: str = "someone"
+    seed: int = 3
+
+
+async def test_a_document_of_another_schema_with_the_required_fields_and_extra_ones_gets_its_stream(roomy_service):
+    docs = await send(roomy_service, PromptWithExtras(prompt="hello", max_tokens=4))
+    assert [d.index for d in docs] == list(range(len(docs))) and docs[-1].finish_reason in ("length", "eos")
+    assert all(d.token_id >= 0 for d in docs) and docs[-1].error is None
 
 
 # ---- 5. a sampling setting the engine cannot use ----
