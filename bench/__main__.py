@@ -22,7 +22,6 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-
 from bench import ceiling, flows, report
 from bench.load import RoundResult, measure, measure_interleaved
 from engine import load_model
