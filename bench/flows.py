@@ -7,8 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import AsyncIterator, Iterator
 
-from jina import Client
-
+from client import grpc_client
 from schemas import ModelOutputDocument, PromptDocument
 from tests.servers import free_port, running_flow, write_flow
 
@@ -49,7 +48,7 @@ def grpc_stream(port: int):
     # own gRPC channel), and building one costs 15-20 ms of Python. Built per stream, the last of 16 streams
     # opened at once in this one process started 200-250 ms after the first (measured), waiting on the others'
     # constructors: a cost of the load generator, which separate users on separate machines would not share.
-    client = Client(host="127.0.0.1", port=port, protocol="grpc", asyncio=True)
+    client = grpc_client("127.0.0.1", port)
 
     async def open_stream(prompt: str, max_tokens: int) -> AsyncIterator[ModelOutputDocument]:
         request = PromptDocument(prompt=prompt, max_tokens=max_tokens)

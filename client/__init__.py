@@ -4,6 +4,9 @@
         print(doc.text, end="", flush=True)
 
 It raises StreamError when the service ends a stream with an error (bad input, overload) or shuts down.
+Cancelling the task that iterates it stops the generation on the server. For that, importing this package makes
+grpc.aio forward every cancellation to its call (client/grpc_cancel.py): a process that drives Jina's Client
+itself should build it with `grpc_client()`.
 """
 
 from __future__ import annotations
@@ -12,7 +15,10 @@ from typing import AsyncIterator
 
 from jina import Client
 
+from client import grpc_cancel
 from schemas import ModelOutputDocument, PromptDocument
+
+grpc_cancel.install()
 
 FAILURE_REASONS = {"error", "shutdown"}
 
@@ -33,9 +39,14 @@ async def stream(
 ) -> AsyncIterator[ModelOutputDocument]:
     """Yield the service's documents as they arrive; `options` are PromptDocument's optional fields
     (stop, temperature, top_p, seed, chat_template)."""
-    client = Client(host=host, port=port, protocol="grpc", asyncio=True)
+    client = grpc_client(host, port)
     request = PromptDocument(prompt=prompt, max_tokens=max_tokens, **options)
     async for doc in client.stream_doc(on="/stream", inputs=request, return_type=ModelOutputDocument):
         if doc.finish_reason in FAILURE_REASONS:
             raise StreamError(doc.finish_reason, doc.error)
         yield doc
+
+
+def grpc_client(host: str = "localhost", port: int = 12345) -> Client:
+    """Jina's async gRPC Client, in a process where cancelling a stream reaches the server (see above)."""
+    return Client(host=host, port=port, protocol="grpc", asyncio=True)

@@ -25,7 +25,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Callable, Optional
 
 import torch
 
@@ -87,6 +87,9 @@ class LLMEngine:
         self._accepting = True
         self._stopping = False
         self._ids = itertools.count()
+        # Called on the loop thread with the last output of every request, refusals included, also when nobody
+        # reads the stream any more: where finished requests are counted (the executor's metrics).
+        self.on_finished: Callable[[StepOutput], None] | None = None
 
         # Owned by the loop thread alone.
         self._waiting: deque[Request] = deque()
@@ -153,10 +156,16 @@ class LLMEngine:
             raise InvalidRequest(f"top_p must be in (0, 1], got {params.top_p}")
 
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        owner: asyncio.Task | None = None,
     ) -> AsyncIterator[StepOutput]:
         """Stream the outputs of one request. Leaving the iteration early (a break, a cancelled task) cancels the
-        request in the engine. Never raises for the request's own failures: the last output says what happened."""
+        request in the engine, and so does the end of `owner`, a task that reads the stream for its whole life,
+        even if it never closes the iteration. Never raises for the request's own failures: the last output says
+        what happened."""
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[StepOutput] = asyncio.Queue()
         request_id = request_id or f"req-{next(self._ids)}"
@@ -173,14 +182,22 @@ class LLMEngine:
             yield refusal
             return
         finished = False
+
+        def cancel_with_owner(_owner: asyncio.Task) -> None:
+            self.cancel(request_id)  # a no-op once the request has finished
+
+        if owner is not None:
+            owner.add_done_callback(cancel_with_owner)
         try:
             while not finished:
                 output = await outputs.get()
                 finished = output.finished
                 yield output
         finally:
+            if owner is not None:
+                owner.remove_done_callback(cancel_with_owner)
             if not finished:
-                self.cancel(request.request_id)
+                self.cancel(request_id)
 
     def run_to_completion(self, prompt_ids: list[int], params: SamplingParams) -> list[StepOutput]:
         """Blocking generation for callers without an event loop (warm-up, scripts)."""
@@ -200,6 +217,13 @@ class LLMEngine:
         return outputs
 
     def _submit(self, request: Request) -> StepOutput | None:
+        """Queue the request; or return its refusal, its only output."""
+        refusal = self._admit(request)
+        if refusal is not None:
+            self._report_finished(refusal)
+        return refusal
+
+    def _admit(self, request: Request) -> StepOutput | None:
         with self._lock:
             if not self._accepting:
                 return final_output(request, FinishReason.SHUTDOWN, "the service is shutting down; retry on another replica")
@@ -215,6 +239,14 @@ class LLMEngine:
             self._inbox.append(request)
             self._work.notify()
         return None
+
+    def _report_finished(self, last_output: StepOutput) -> None:
+        if self.on_finished is None:
+            return
+        try:
+            self.on_finished(last_output)
+        except Exception:  # counting must never end a stream
+            log.exception("on_finished failed")
 
     def cancel(self, request_id: str) -> None:
         with self._lock:
@@ -435,6 +467,7 @@ class LLMEngine:
 
     def _release(self, request: Request, last_output: StepOutput) -> None:
         request.deliver(last_output)
+        self._report_finished(last_output)
         with self._lock:
             self._in_flight -= 1
             if self._in_flight == 0:

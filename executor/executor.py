@@ -56,6 +56,7 @@ class TokenStreamingExecutor(Executor):
             # In __init__, so before Jina starts the server and its health check reports SERVING: the first real
             # request then runs as fast as the later ones.
             self._warm_up(warmup_tokens)
+        self.engine.on_finished = self.metrics.observe_finished  # after the warm-up, which no client asked for
         drain_on_sigterm(self._drain)
         self.logger.info(f"serving {loaded.name} on {loaded.device} ({loaded.dtype})")
 
@@ -93,16 +94,14 @@ class TokenStreamingExecutor(Executor):
             yield error_document(message)
             return
         last_output_at = None
-        finished = False
-        try:
-            async for output in self.engine.generate(prompt_ids, params):
-                now = time.perf_counter()
-                self.metrics.observe(output, None if last_output_at is None else now - last_output_at)
-                last_output_at, finished = now, output.finished
-                yield to_document(output)
-        finally:
-            if not finished:  # the client went away (Jina cancels the generator): engine.generate cancelled it
-                self.metrics.requests.labels(FinishReason.CANCELLED.value).inc()
+        # Owner: the task reading this generator, Jina worker's task of the gRPC call, which ends when the call
+        # ends. A call cancelled while the worker sends a document drops this generator at its `yield` without
+        # closing it (until a later garbage collection): the request must not run on to max_tokens meanwhile.
+        async for output in self.engine.generate(prompt_ids, params, owner=asyncio.current_task()):
+            now = time.perf_counter()
+            self.metrics.observe_token(output, None if last_output_at is None else now - last_output_at)
+            last_output_at = now
+            yield to_document(output)
 
     async def _prepare(self, doc: PromptDocument) -> tuple[list[int], SamplingParams]:
         if not isinstance(doc.prompt, str) or not doc.prompt.strip():

@@ -29,11 +29,13 @@ class StreamMetrics:
         Gauge("llm_running_streams", "Streams being prefilled or decoded", registry=registry).set_function(running)
         Gauge("llm_waiting_streams", "Streams queued for a batch slot", registry=registry).set_function(waiting)
 
-    def observe(self, output: StepOutput, since_last_output: float | None) -> None:
+    def observe_token(self, output: StepOutput, since_last_output: float | None) -> None:
+        """Called by the stream's consumer as it relays each output: the gaps its client sees."""
         if output.token_id >= 0 and since_last_output is not None and output.index > 0:
             self.inter_token_latency.observe(since_last_output)
-        if not output.finished:
-            return
+
+    def observe_finished(self, output: StepOutput) -> None:
+        """The engine's `on_finished`: every request's last output, also of a stream nobody reads any more."""
         self.requests.labels(output.finish_reason.value).inc()
         self.prompt_tokens.inc(output.prompt_tokens)
         self.generated_tokens.inc(output.completion_tokens)

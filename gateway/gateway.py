@@ -4,7 +4,8 @@ OpenAI-compatible API, the WebSocket chat and the page.
 Jina builds the built-in gateway of each protocol inside a CompositeGateway; this one builds the same servers,
 except that the HTTP one is LLMHTTPGateway: Jina's default FastAPI app (with its `GET /stream` SSE route), plus
 the routes of gateway/app.py. gRPC `stream_doc` on the gRPC port is Jina's own server, whose handler first checks
-that the document is a valid PromptDocument (gateway/validation.py).
+that the document is a valid PromptDocument (gateway/validation.py) and relays the executor's stream through a
+task that the end of the client's call cancels (gateway/relay.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from jina.serve.runtimes.gateway.http import HTTPGateway
 from jina.serve.runtimes.servers import BaseServer
 from jina.serve.runtimes.servers.composite import CompositeBaseServer
 
+from client import grpc_cancel
 from gateway.app import add_routes
+from gateway.relay import relayed
 from gateway.validation import validating
 from lifecycle import OpenStreams, drain_on_sigterm
 
@@ -47,6 +50,7 @@ class LLMGateway(CompositeGateway):
     """
 
     def __init__(self, model_name: str = DEFAULT_MODEL_NAME, drain_timeout_s: float = 20.0, **kwargs) -> None:
+        grpc_cancel.install()  # a cancelled relay must cancel its call to the executor (client/grpc_cancel.py)
         # CompositeServer.__init__ would build the built-in servers; build them here instead.
         CompositeBaseServer.__init__(self, **kwargs)
         self.model_name = model_name
@@ -67,7 +71,7 @@ class LLMGateway(CompositeGateway):
             self._count_streams(streamer)
         for server in self.servers:
             if isinstance(server, GRPCGateway):
-                self._validate_prompts(server)
+                self._wrap_stream_doc(server)
         drain_on_sigterm(self._drain)
 
     def _count_streams(self, streamer: Any) -> None:
@@ -77,12 +81,14 @@ class LLMGateway(CompositeGateway):
         streamer.rpc_stream_doc = lambda *args, **kwargs: self._streams.track(relay(*args, **kwargs))
 
     @staticmethod
-    def _validate_prompts(server: GRPCGateway) -> None:
-        """gRPC `stream_doc` answers a document that is not a valid PromptDocument with one error document; Jina
-        would fail it in the executor's worker and end the client's stream with nothing. The server registers its
-        request handler's `stream_doc` when it starts (GRPCServer.setup_server), after this: wrap it here."""
+    def _wrap_stream_doc(server: GRPCGateway) -> None:
+        """gRPC `stream_doc` answers a document that is not a valid PromptDocument with one error document (Jina
+        would fail it in the executor's worker and end the client's stream with nothing), and cancels the stream
+        to the executor when the client's call ends (Jina may leave it running to max_tokens). The server
+        registers its request handler's `stream_doc` when it starts (GRPCServer.setup_server), after this: wrap
+        it here."""
         handler = server._request_handler
-        handler.stream_doc = validating(handler.stream_doc)
+        handler.stream_doc = relayed(validating(handler.stream_doc))
 
     async def _drain(self) -> None:
         """On SIGTERM, before Jina stops the servers: keep relaying until the streams in flight have ended (new

@@ -1,19 +1,18 @@
 """One generation, consumed from the executor in its own task so that it can be cancelled.
 
 Jina delivers asyncio.CancelledError into the executor's generator (which the engine turns into a cancellation)
-only when the task consuming `stream_doc` is cancelled; leaving the loop alone does not. So every consumer here
-reads documents from a queue filled by a pump task, and `close()` cancels that task.
+only when the task consuming `stream_doc` is cancelled; leaving the loop alone does not (gateway/relay.py). So
+the documents come through a TaskRelay, and `close()` cancels its task.
 """
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any, Optional
+from typing import Any, AsyncIterator, Optional
 
+from gateway.relay import TaskRelay
 from schemas import ModelOutputDocument, PromptDocument, error_document
 
 STREAM_ENDPOINT = "/stream"
-_END = object()
 
 
 class DocStream:
@@ -21,31 +20,8 @@ class DocStream:
     finish_reason; a transport failure becomes a last document with finish_reason='error'."""
 
     def __init__(self, streamer: Any, prompt: PromptDocument) -> None:
-        self._streamer = streamer
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._task = asyncio.create_task(self._pump(prompt))
+        self._relay = TaskRelay(documents(streamer, prompt))
         self._done = False
-
-    async def _pump(self, prompt: PromptDocument) -> None:
-        try:
-            # No return_type: Jina then casts each document to the endpoint's output model (from the executor's
-            # schema); with one it would fill the wrong class.
-            async for doc, error in self._streamer.stream_doc(doc=prompt, exec_endpoint=STREAM_ENDPOINT):
-                if error:
-                    self._queue.put_nowait(error_document(f"the executor failed: {error}"))
-                    return
-                if not isinstance(doc, ModelOutputDocument):
-                    doc = ModelOutputDocument.parse_obj(doc.dict())
-                self._queue.put_nowait(doc)
-                if doc.finish_reason is not None:
-                    return
-            self._queue.put_nowait(error_document("the stream ended without a last document"))
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:  # the executor is unreachable, the connection broke, ...
-            self._queue.put_nowait(error_document(f"the stream failed: {error!r}"))
-        finally:
-            self._queue.put_nowait(_END)
 
     def __aiter__(self) -> "DocStream":
         return self
@@ -53,13 +29,10 @@ class DocStream:
     async def __anext__(self) -> ModelOutputDocument:
         if self._done:
             raise StopAsyncIteration
-        item = await self._queue.get()
-        if item is _END:
+        doc = await self._relay.__anext__()
+        if doc.finish_reason is not None:
             self._done = True
-            raise StopAsyncIteration
-        if item.finish_reason is not None:
-            self._done = True
-        return item
+        return doc
 
     async def first(self) -> Optional[ModelOutputDocument]:
         try:
@@ -70,12 +43,30 @@ class DocStream:
     async def close(self) -> None:
         """Cancel the generation if it still runs (the executor's generator gets CancelledError)."""
         self._done = True
-        if not self._task.done():
-            self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+        await self._relay.close()
 
     async def __aenter__(self) -> "DocStream":
         return self
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
+
+
+async def documents(streamer: Any, prompt: PromptDocument) -> AsyncIterator[ModelOutputDocument]:
+    """The executor's documents up to the one with a finish_reason; every failure on the way a last error one."""
+    try:
+        # No return_type: Jina then casts each document to the endpoint's output model (from the executor's
+        # schema); with one it would fill the wrong class.
+        async for doc, error in streamer.stream_doc(doc=prompt, exec_endpoint=STREAM_ENDPOINT):
+            if error:
+                yield error_document(f"the executor failed: {error}")
+                return
+            if not isinstance(doc, ModelOutputDocument):
+                doc = ModelOutputDocument.parse_obj(doc.dict())
+            yield doc
+            if doc.finish_reason is not None:
+                return
+    except Exception as error:  # the executor is unreachable, the connection broke, ...
+        yield error_document(f"the stream failed: {error!r}")
+        return
+    yield error_document("the stream ended without a last document")

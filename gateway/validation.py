@@ -9,15 +9,14 @@ not pass with a last document with finish_reason='error' that names the fields a
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import Any, AsyncIterator, Optional
 
 from jina.types.request.data import SingleDocumentRequest
 from pydantic import ValidationError
 
+from gateway.relay import StreamDocHandler
 from gateway.streams import STREAM_ENDPOINT
 from schemas import ModelOutputDocument, PromptDocument, error_document
-
-StreamDocHandler = Callable[[SingleDocumentRequest, Any], AsyncIterator[SingleDocumentRequest]]
 
 
 def prompt_error(request: SingleDocumentRequest) -> Optional[str]:

@@ -17,6 +17,7 @@ import torch
 from jina import Client
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from client import grpc_client as product_grpc_client
 from engine.loading import embedded_model_dir
 from schemas import ModelOutputDocument, PromptDocument
 from tests.servers import free_port, running_flow, write_service_flow
@@ -111,7 +112,8 @@ def serve(
 
 
 def grpc_client(port: int) -> Client:
-    return Client(host="127.0.0.1", port=port, protocol="grpc", asyncio=True)
+    """The product's client (client/): Jina's Client, with a cancelled stream reaching the server."""
+    return product_grpc_client("127.0.0.1", port)
 
 
 async def stream_docs(service: Service, **fields) -> list[ModelOutputDocument]:

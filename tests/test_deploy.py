@@ -14,12 +14,11 @@ from typing import Iterator
 
 import pytest
 import yaml
-from jina import Client
 from jina.jaml.helper import complete_path
 from jina.parsers import set_gateway_parser, set_pod_parser
 
 from schemas import ModelOutputDocument, PromptDocument
-from tests.conftest import ROOT
+from tests.conftest import ROOT, grpc_client
 from tests.servers import JINA, free_port, port_open, stop_process_group
 from tests.test_bundle import image_layout
 
@@ -295,7 +294,7 @@ async def test_the_exported_commands_serve_a_stream(exported_service):
     models = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/models", timeout=10).read())
     # The HTTP routes of LLMGateway (Jina's own gateway has no /v1), with the flow's model name.
     assert [model["id"] for model in models["data"]] == [flow_file(K8S_FLOW)["gateway"]["uses_with"]["model_name"]]
-    client = Client(host="127.0.0.1", port=grpc_port, protocol="grpc", asyncio=True)
+    client = grpc_client(grpc_port)
     docs = [
         doc
         async for doc in client.stream_doc(

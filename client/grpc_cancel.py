@@ -1,0 +1,36 @@
+"""Forward every cancellation of a grpc.aio streaming call's reader to the call, so that the server learns of it.
+
+grpc.aio (1.68, as pinned) loses one: a server-streaming call's first read first awaits the call's start (the
+task that sends the request and waits for the server's initial metadata), and forwards a cancellation of the
+reading task to the call only from the read after that. A task cancelled just as the call has started (the
+server's first message has arrived, the reader has not resumed yet) leaves its call open: the server is never
+told, and the stream runs on to max_tokens. Measured: 6 client tasks cancelled while the service held 4 streams
+running and 2 waiting, none yet with a document: in 4 rounds of 16 the 4 running streams ran on (the gateway
+relayed all 4000 tokens of each); with this module, 24 rounds of 24 freed every stream within 0.1 s.
+
+It hits every process that reads Jina's gRPC streams and cancels: the client (Jina's Client, client/__init__.py)
+and the gateway, whose call to the executor's worker is cancelled when its client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from grpc.aio import _call
+
+_read_after_start = _call._StreamResponseMixin._read
+
+
+async def _read(self: _call._StreamResponseMixin):
+    try:
+        await self._preparation
+    except asyncio.CancelledError:
+        if not self.cancelled():
+            self.cancel()
+        raise
+    return await _read_after_start(self)  # awaits the started call again (at once), then reads as before
+
+
+def install() -> None:
+    """Patch grpc.aio's streaming calls in this process; calling it again changes nothing."""
+    _call._StreamResponseMixin._read = _read
