@@ -281,3 +281,46 @@ async def test_a_consumer_whose_event_loop_closed_is_cancelled_and_the_engine_se
     await eventually(lambda: tiny_engine.num_running == 0)
     outputs = await asyncio.wait_for(collect(tiny_engine, "still serving", max_tokens=5), timeout=30)
     assert outputs[-1].finish_reason in (FinishReason.LENGTH, FinishReason.EOS)
+
+
+async def test_a_stream_left_open_when_its_owner_task_ends_is_cancelled(tiny_engine):
+    """Jina's worker can drop the executor's generator at a `yield` when its gRPC call ends, closing it only at
+    a later garbage collection: the end of the task that owns the stream cancels the request meanwhile."""
+    reported = []
+    tiny_engine.on_finished = reported.append
+    left_open = []
+
+    async def read_one_output_and_return() -> None:
+        stream = tiny_engine.generate(
+            tiny_engine.tokenize("go on"), SamplingParams(max_tokens=4000), owner=asyncio.current_task()
+        )
+        first = await anext(stream)
+        left_open.append((stream, first.request_id))  # still referenced: neither closed nor collected
+
+    try:
+        await asyncio.create_task(read_one_output_and_return())
+        await eventually(lambda: tiny_engine.num_running == 0)
+        [(_, request_id)] = left_open
+        assert [(o.request_id, o.finish_reason) for o in reported] == [(request_id, FinishReason.CANCELLED)]
+    finally:
+        tiny_engine.on_finished = None
+
+
+async def test_every_finished_request_is_reported_once_with_its_reason(tiny_engine):
+    """on_finished (the executor's metrics) hears of every request as it finishes, also of one whose consumer
+    left, which then reads nothing more."""
+    reported = []
+    tiny_engine.on_finished = reported.append
+    try:
+        completed = await collect(tiny_engine, "count me", max_tokens=3)
+        stream = tiny_engine.generate(tiny_engine.tokenize("leave early"), SamplingParams(max_tokens=400))
+        left = await anext(stream)
+        await stream.aclose()
+        await eventually(lambda: len(reported) == 2)
+        assert [(o.request_id, o.finish_reason) for o in reported] == [
+            (completed[-1].request_id, FinishReason.LENGTH),
+            (left.request_id, FinishReason.CANCELLED),
+        ]
+        assert reported[0].completion_tokens == 3
+    finally:
+        tiny_engine.on_finished = None
