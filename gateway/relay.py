@@ -6,7 +6,8 @@ asyncio.CancelledError into the executor's generator, which cancels the request 
 `async for` over the chain any other way does not: a `break`, or a GeneratorExit thrown in at a `yield` (gRPC's
 server closes a handler that way when the client cancels while a document is being sent to it) only drops the
 chain, which cancels its call at a later garbage collection, seconds later or never. Measured on gRPC
-`stream_doc` with 6 client-cancelled streams a round: in 5 rounds of 10 some ran on to max_tokens.
+`stream_doc` with 6 client-cancelled streams a round: in 5 rounds of 10, handlers closed that way left their
+streams running on to max_tokens.
 
 So the stream is read by a pump task, and every way the consumer can end (the end of the stream, an exception,
 cancellation, GeneratorExit, the gRPC call terminating) cancels that task.
