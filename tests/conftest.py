@@ -10,7 +10,7 @@ import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import AsyncIterator, Iterator
 
 import pytest
 import torch
@@ -116,14 +116,16 @@ def grpc_client(port: int) -> Client:
     return product_grpc_client("127.0.0.1", port)
 
 
+def documents(service: Service, **fields) -> AsyncIterator[ModelOutputDocument]:
+    """The documents of one gRPC `stream_doc` call of a PromptDocument with `fields`, as they arrive."""
+    return grpc_client(service.grpc_port).stream_doc(
+        on="/stream", inputs=PromptDocument(**fields), return_type=ModelOutputDocument
+    )
+
+
 async def stream_docs(service: Service, **fields) -> list[ModelOutputDocument]:
     """Every document of one gRPC `stream_doc` call."""
-    return [
-        doc
-        async for doc in grpc_client(service.grpc_port).stream_doc(
-            on="/stream", inputs=PromptDocument(**fields), return_type=ModelOutputDocument
-        )
-    ]
+    return [doc async for doc in documents(service, **fields)]
 
 
 async def eventually(predicate, attempts: int = 400) -> None:

@@ -11,8 +11,8 @@ import time
 from grpc_health.v1 import health_pb2
 from jina.serve.networking.utils import send_health_check_sync
 
-from schemas import ModelOutputDocument, PromptDocument
-from tests.conftest import ROOT, Service, eventually, grpc_client, serve, stream_docs
+from schemas import ModelOutputDocument
+from tests.conftest import ROOT, Service, documents, eventually, serve, stream_docs
 from tests.servers import free_port, live_processes, running_flow, write_flow
 
 LONG_STREAM_TOKENS = 4000  # far longer than the grace period on the tiny model: still running when it ends
@@ -84,9 +84,7 @@ def port_is_free(port: int) -> bool:
 
 async def timed_stream(service: Service, **fields) -> list[tuple[float, ModelOutputDocument]]:
     received = []
-    async for doc in grpc_client(service.grpc_port).stream_doc(
-        on="/stream", inputs=PromptDocument(**fields), return_type=ModelOutputDocument
-    ):
+    async for doc in documents(service, **fields):
         received.append((time.monotonic(), doc))
     return received
 

@@ -25,7 +25,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from bench.soak import process_listening_on
 from schemas import ModelOutputDocument, PromptDocument
-from tests.conftest import Service, eventually, grpc_client, serve, stream_docs
+from tests.conftest import Service, documents, eventually, grpc_client, serve, stream_docs
 
 # Room for the whole storm at once (32 decoded together, the rest queued): nothing here is refused as overloaded.
 ROOMY_LIMITS = {"dtype": "float32", "max_running": 32, "max_waiting": 128}
@@ -114,11 +114,7 @@ def plan_storm(rng: random.Random) -> list[StormStream]:
 async def consume(service: Service, stream: StormStream) -> None:
     if stream.cancel_after == 0:
         stream.reached.set()
-    async for doc in grpc_client(service.grpc_port).stream_doc(
-        on="/stream",
-        inputs=PromptDocument(prompt=stream.prompt, max_tokens=stream.max_tokens, chat_template=stream.chat_template),
-        return_type=ModelOutputDocument,
-    ):
+    async for doc in documents(service, prompt=stream.prompt, max_tokens=stream.max_tokens, chat_template=stream.chat_template):
         stream.received.append(doc)
         if len(stream.received) == stream.cancel_after:
             stream.reached.set()  # and read on: the cancellation lands while the task awaits the next document

@@ -14,6 +14,7 @@ from tests.conftest import (
     ROOT,
     TINY_LIMITS,
     Service,
+    documents,
     eventually,
     grpc_client,
     serve,
@@ -104,9 +105,7 @@ async def test_it_streams_the_client_holds_a_token_while_generation_still_runs(t
     seen_running = []
 
     async def consume():
-        async for doc in grpc_client(tiny_service.grpc_port).stream_doc(
-            on="/stream", inputs=PromptDocument(prompt="stream", max_tokens=4000, chat_template=False), return_type=ModelOutputDocument
-        ):
+        async for doc in documents(tiny_service, prompt="stream", max_tokens=4000, chat_template=False):
             if doc.index in (0, 1, 2):
                 seen_running.append(tiny_service.running_streams())
 
@@ -123,9 +122,7 @@ async def test_cancelling_the_client_task_frees_the_engine_and_counts_the_cancel
     received = [0, 0, 0]
 
     async def consume(i: int):
-        async for _ in grpc_client(tiny_service.grpc_port).stream_doc(
-            on="/stream", inputs=PromptDocument(prompt="long", max_tokens=4000, chat_template=False), return_type=ModelOutputDocument
-        ):
+        async for _ in documents(tiny_service, prompt="long", max_tokens=4000, chat_template=False):
             received[i] += 1
 
     cancelled = tiny_service.cancelled_requests()
