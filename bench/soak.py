@@ -299,7 +299,6 @@ async def soak(args: argparse.Namespace, service: Service) -> dict:
     load_s = time.monotonic() - started
     log(f"load done after {load_s:.0f} s ({len(load.records)} requests); waiting for the executor to be idle")
     idle_after_s = await wait_idle(service, timeout=args.request_timeout)
-    await asyncio.sleep(2)  # the executor counts a cancellation when Jina closes its generator, after the engine
     sampler.cancel()
     rss_end = {name: p.memory_info().rss for name, p in processes.items()}
     health = await one_request(open_stream, NORMAL, "what is the capital of France ?", 16, args.request_timeout)
@@ -317,9 +316,9 @@ async def soak(args: argparse.Namespace, service: Service) -> dict:
         },
         memory_samples=samples,
         executor_counts=counts,
-        # A client cancelled after its first document was certainly inside the executor: each should be counted
-        # there as cancelled. Jina's gRPC gateway loses some cancellations: those streams run on to max_tokens
-        # (counted as finished, or as cancelled if the gateway closes the call later, e.g. when it collects garbage).
+        # A client cancelled after its first document was certainly inside the executor: each must be counted
+        # there as cancelled (the engine counts it as it drops the request). One that is not ran on to max_tokens:
+        # its cancellation was lost on the way (README, "Architecture", names the places that lost them).
         cancellations={
             "by_clients": summary["by_outcome"].get(CANCELLED_BY_CLIENT, 0),
             "after_the_first_document": cancelled_inside,
@@ -376,10 +375,9 @@ def markdown(result: dict) -> str:
         "Latencies are measured at the client over the completed streams (cancelled and refused ones are left out), "
         "as `bench/load.py` times them: TTFT from opening the stream to the first token, inter-token latency between "
         "consecutive tokens, end-to-end from opening the stream to its last document. Overload refusals are expected "
-        "outcomes of the bursts (and of steady requests that arrive during one). Some client cancellations never "
-        "reach the executor (a bug of Jina's gRPC gateway, seen when the client lags behind the stream): those "
-        "streams run on to max_tokens, so the executor counts fewer cancellations than the clients made (it counts "
-        "such a stream as finished, or as cancelled when the gateway closes the call later). The executor's RSS "
+        "outcomes of the bursts (and of steady requests that arrive during one). Every client cancellation after the "
+        "first document should be counted by the executor: a shortfall is a cancellation lost on its way, a stream "
+        "that ran on to max_tokens. The executor's RSS "
         "follows its working set (the embedded model's KV cache is 23-46 KiB per token in bfloat16/float32, and up "
         "to max_running long prompts are in flight) and the allocator keeps some of it after a peak: a leak shows "
         "as an end figure that grows with --duration, not as end > start in one run. All figures, with the "
