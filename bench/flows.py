@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import AsyncIterator, Iterator
 
-from client import grpc_client
+from client import grpc_client, stream_documents
 from schemas import ModelOutputDocument, PromptDocument
 from tests.servers import free_port, running_flow, write_flow
 
@@ -51,8 +51,7 @@ def grpc_stream(port: int):
     client = grpc_client("127.0.0.1", port)
 
     async def open_stream(prompt: str, max_tokens: int) -> AsyncIterator[ModelOutputDocument]:
-        request = PromptDocument(prompt=prompt, max_tokens=max_tokens)
-        async for doc in client.stream_doc(on="/stream", inputs=request, return_type=ModelOutputDocument):
+        async for doc in stream_documents(client, PromptDocument(prompt=prompt, max_tokens=max_tokens)):
             yield doc
 
     return open_stream

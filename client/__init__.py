@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import AsyncIterator
 
+from docarray import BaseDoc
 from jina import Client
 
 from client import grpc_cancel
@@ -39,9 +40,8 @@ async def stream(
 ) -> AsyncIterator[ModelOutputDocument]:
     """Yield the service's documents as they arrive; `options` are PromptDocument's optional fields
     (stop, temperature, top_p, seed, chat_template)."""
-    client = grpc_client(host, port)
     request = PromptDocument(prompt=prompt, max_tokens=max_tokens, **options)
-    async for doc in client.stream_doc(on="/stream", inputs=request, return_type=ModelOutputDocument):
+    async for doc in stream_documents(grpc_client(host, port), request):
         if doc.finish_reason in FAILURE_REASONS:
             raise StreamError(doc.finish_reason, doc.error)
         yield doc
@@ -50,3 +50,9 @@ async def stream(
 def grpc_client(host: str = "localhost", port: int = 12345) -> Client:
     """Jina's async gRPC Client, in a process where cancelling a stream reaches the server (see above)."""
     return Client(host=host, port=port, protocol="grpc", asyncio=True)
+
+
+def stream_documents(client: Client, request: BaseDoc) -> AsyncIterator[ModelOutputDocument]:
+    """Every document the service streams for `request` (a PromptDocument, or a document of another schema with
+    its fields), as it arrives; failures come as a last document with finish_reason 'error', not raised."""
+    return client.stream_doc(on="/stream", inputs=request, return_type=ModelOutputDocument)

@@ -18,6 +18,7 @@ from jina import Client
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from client import grpc_client as product_grpc_client
+from client import stream_documents
 from engine.loading import embedded_model_dir
 from schemas import ModelOutputDocument, PromptDocument
 from tests.servers import free_port, running_flow, write_service_flow
@@ -118,9 +119,7 @@ def grpc_client(port: int) -> Client:
 
 def documents(service: Service, **fields) -> AsyncIterator[ModelOutputDocument]:
     """The documents of one gRPC `stream_doc` call of a PromptDocument with `fields`, as they arrive."""
-    return grpc_client(service.grpc_port).stream_doc(
-        on="/stream", inputs=PromptDocument(**fields), return_type=ModelOutputDocument
-    )
+    return stream_documents(grpc_client(service.grpc_port), PromptDocument(**fields))
 
 
 async def stream_docs(service: Service, **fields) -> list[ModelOutputDocument]:

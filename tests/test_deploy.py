@@ -17,7 +17,8 @@ import yaml
 from jina.jaml.helper import complete_path
 from jina.parsers import set_gateway_parser, set_pod_parser
 
-from schemas import ModelOutputDocument, PromptDocument
+from client import stream_documents
+from schemas import PromptDocument
 from tests.conftest import ROOT, grpc_client
 from tests.servers import JINA, free_port, port_open, stop_process_group
 from tests.test_bundle import image_layout
@@ -294,15 +295,8 @@ async def test_the_exported_commands_serve_a_stream(exported_service):
     models = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/models", timeout=10).read())
     # The HTTP routes of LLMGateway (Jina's own gateway has no /v1), with the flow's model name.
     assert [model["id"] for model in models["data"]] == [flow_file(K8S_FLOW)["gateway"]["uses_with"]["model_name"]]
-    client = grpc_client(grpc_port)
-    docs = [
-        doc
-        async for doc in client.stream_doc(
-            on="/stream",
-            inputs=PromptDocument(prompt="what is the capital of France ?", max_tokens=8),
-            return_type=ModelOutputDocument,
-        )
-    ]
+    request = PromptDocument(prompt="what is the capital of France ?", max_tokens=8)
+    docs = [doc async for doc in stream_documents(grpc_client(grpc_port), request)]
     last = docs[-1]
     assert last.finish_reason in ("eos", "length"), last.error
     assert 1 <= last.completion_tokens <= 8

@@ -24,6 +24,7 @@ from jina.types.request.data import SingleDocumentRequest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from bench.soak import process_listening_on
+from client import stream_documents
 from schemas import ModelOutputDocument, PromptDocument
 from tests.conftest import Service, documents, eventually, grpc_client, serve, stream_docs
 
@@ -403,8 +404,7 @@ async def send(service: Service, doc: BaseDoc) -> list[ModelOutputDocument]:
     """Every document of one stream_doc call with a document of any schema, bounded."""
 
     async def collect() -> list[ModelOutputDocument]:
-        client = grpc_client(service.grpc_port)
-        return [d async for d in client.stream_doc(on="/stream", inputs=doc, return_type=ModelOutputDocument)]
+        return [d async for d in stream_documents(grpc_client(service.grpc_port), doc)]
 
     return await bounded(collect())
 
