@@ -20,6 +20,16 @@ class FinishReason(str, Enum):
     SHUTDOWN = "shutdown"  # the service is shutting down
 
 
+class ErrorCode(str, Enum):
+    """Why a request failed, for machines: transports map it to a status (HTTP 400/429/503/500, ...)."""
+
+    INVALID_REQUEST = "invalid_request"  # the request cannot be served as asked; the message names the limit
+    OVERLOADED = "overloaded"  # the replica is full: retry later
+    SHUTDOWN = "shutdown"  # the replica is shutting down: retry on another one
+    UNAVAILABLE = "unavailable"  # the engine cannot serve now (not started, died)
+    INTERNAL = "internal"  # a bug of ours; the other streams carry on
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int
@@ -42,6 +52,7 @@ class StepOutput:
     index: int
     finish_reason: Optional[FinishReason] = None
     error: Optional[str] = None
+    error_code: Optional[ErrorCode] = None  # set with `error`
     prompt_tokens: int = 0
     completion_tokens: int = 0
     queue_time_s: Optional[float] = None
