@@ -1,13 +1,15 @@
 """The generation engine: batching scheduler, KV cache, sampling, stop conditions and incremental
 detokenization. It imports neither jina nor docarray, so it can be driven, tested and benchmarked alone."""
 
-from engine.engine import EngineConfig, InvalidRequest, LLMEngine
+from engine.config import EngineConfig
+from engine.engine import InvalidRequest, LLMEngine
 from engine.loading import EMBEDDED, LoadedModel, load_model
-from engine.request import FinishReason, SamplingParams, StepOutput
+from engine.request import ErrorCode, FinishReason, SamplingParams, StepOutput
 
 __all__ = [
     "EMBEDDED",
     "EngineConfig",
+    "ErrorCode",
     "FinishReason",
     "InvalidRequest",
     "LLMEngine",

@@ -7,7 +7,7 @@ import time
 from transformers import PreTrainedTokenizerBase
 
 from engine.detokenizer import IncrementalDetokenizer
-from engine.request import FinishReason, Request, StepOutput
+from engine.request import ErrorCode, FinishReason, Request, StepOutput
 from engine.stopping import StopStringMatcher
 
 
@@ -66,7 +66,9 @@ def finalize(output: StepOutput, request: Request) -> StepOutput:
     return output
 
 
-def final_output(request: Request, reason: FinishReason, error: str | None = None) -> StepOutput:
+def final_output(
+    request: Request, reason: FinishReason, error: str | None = None, code: ErrorCode | None = None
+) -> StepOutput:
     """A last output that carries no token: an error, a cancellation, a refusal, a shutdown."""
     output = StepOutput(
         request_id=request.request_id,
@@ -76,5 +78,6 @@ def final_output(request: Request, reason: FinishReason, error: str | None = Non
         index=len(request.output_ids),
         finish_reason=reason,
         error=error,
+        error_code=code,
     )
     return finalize(output, request)

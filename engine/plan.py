@@ -8,9 +8,10 @@ Requests are named by their id only, so the scheduler can be tested without a mo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
-import torch
+if TYPE_CHECKING:  # the scheduler builds plans without torch
+    import torch
 
 
 @dataclass(frozen=True)

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
-import torch
+if TYPE_CHECKING:  # the scheduler handles requests without torch
+    import torch
 
 
 class FinishReason(str, Enum):
     LENGTH = "length"  # max_tokens reached
     EOS = "eos"  # the model emitted an end-of-sequence token
     STOP = "stop"  # a stop string appeared
-    CONTEXT = "context_length"  # the sequence filled the model's context
     CANCELLED = "cancelled"  # the client went away
     ERROR = "error"  # this request failed or was refused (e.g. overload); the others carry on
     SHUTDOWN = "shutdown"  # the service is shutting down
@@ -64,6 +65,15 @@ class StepOutput:
         return self.finish_reason is not None
 
 
+@dataclass(frozen=True)
+class Consumer:
+    """Where a request's outputs go. `put` runs on `loop` (the engine hands each loop all of a step's outputs in
+    one call), or on the engine thread when `loop` is None (a blocking caller)."""
+
+    put: Callable[[StepOutput], None]
+    loop: Optional[asyncio.AbstractEventLoop] = None
+
+
 @dataclass
 class Request:
     """A request's whole life inside the engine. Only the engine thread mutates it after submission."""
@@ -71,14 +81,14 @@ class Request:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    deliver: Callable[[StepOutput], None]  # thread-safe, never raises: hands an output to the request's consumer
+    consumer: Consumer
     arrival: float = field(default_factory=time.perf_counter)
     prefilled: int = 0  # prompt tokens already in the KV cache (chunked prefill)
     output_ids: list[int] = field(default_factory=list)
     generated_text: str = ""
     scheduled_at: Optional[float] = None
     first_token_at: Optional[float] = None
-    generator: Optional[torch.Generator] = None  # per-request RNG, so a seed reproduces the same sample
+    generator: Optional["torch.Generator"] = None  # per-request RNG, so a seed reproduces the same sample
 
     @property
     def prompt_len(self) -> int:

@@ -8,14 +8,14 @@ import torch
 
 from engine import (
     EngineConfig,
+    ErrorCode,
     FinishReason,
     InvalidRequest,
     LLMEngine,
     SamplingParams,
     load_model,
 )
-from schemas import OVERLOADED_ERROR_PREFIX
-from tests.conftest import eventually
+from harness.service import eventually
 
 PROMPTS = [
     "what is the capital of France ?",
@@ -34,16 +34,23 @@ async def collect(engine: LLMEngine, prompt: str, **params):
     return [o async for o in engine.generate(engine.tokenize(prompt), SamplingParams(**params))]
 
 
+@pytest.fixture(scope="module", params=[True, False], ids=["fast", "transformers"])
+def fast_path(request) -> bool:
+    """Every engine test runs on both runners: the compact fast path (engine/fast/) and the transformers model."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def tiny_engine(tiny_model_dir):
-    engine = LLMEngine(load_model(str(tiny_model_dir), dtype="float32"), EngineConfig(max_running=4, max_waiting=2, prefill_chunk=16))
+def tiny_engine(tiny_model_dir, fast_path):
+    config = EngineConfig(max_running=4, max_waiting=2, prefill_chunk=16, fast_path=fast_path)
+    engine = LLMEngine(load_model(str(tiny_model_dir), dtype="float32"), config)
     yield engine
     engine.close()
 
 
 @pytest.fixture(scope="module")
-def embedded_engine(embedded_dir):
-    engine = LLMEngine(load_model("embedded", dtype="float32"), EngineConfig(max_running=16))
+def embedded_engine(embedded_dir, fast_path):
+    engine = LLMEngine(load_model("embedded", dtype="float32"), EngineConfig(max_running=16, fast_path=fast_path))
     yield engine
     engine.close()
 
@@ -63,11 +70,11 @@ async def test_one_output_per_step_until_max_tokens(tiny_engine):
     assert last.time_to_first_token_s <= last.total_time_s
 
 
-async def test_long_prompt_is_prefilled_in_chunks_and_equals_one_shot(tiny_engine, tiny_model_dir):
+async def test_long_prompt_is_prefilled_in_chunks_and_equals_one_shot(tiny_engine, tiny_model_dir, fast_path):
     """prefill_chunk=16 splits a long prompt over several steps; the result must not change."""
     prompt = "count with me: " + " ".join(str(i) for i in range(60))
     chunked = await collect(tiny_engine, prompt, max_tokens=16)
-    one_shot = LLMEngine(load_model(str(tiny_model_dir), dtype="float32"), EngineConfig(prefill_chunk=4096))
+    one_shot = LLMEngine(load_model(str(tiny_model_dir), dtype="float32"), EngineConfig(prefill_chunk=4096, fast_path=fast_path))
     try:
         assert [o.token_id for o in await collect(one_shot, prompt, max_tokens=16)] == [o.token_id for o in chunked]
     finally:
@@ -81,7 +88,7 @@ async def test_greedy_output_is_the_same_alone_inside_a_batch_of_16_and_in_plain
     for i, outputs in enumerate(batch[:3]):
         assert [o.token_id for o in outputs] == [o.token_id for o in alone[PROMPTS[i]]]
     assert alone[PROMPTS[0]][-1].generated_text == "The capital of France is Paris."
-    model = embedded_engine.runner.model
+    model = load_model("embedded", dtype="float32").model
     for prompt, outputs in alone.items():
         prompt_ids = embedded_engine.tokenize(prompt)
         reference = model.generate(torch.tensor([prompt_ids]), max_new_tokens=32, do_sample=False)[0, len(prompt_ids) :]
@@ -139,13 +146,16 @@ async def test_overload_is_refused_at_once_and_others_complete(tiny_engine):
     await eventually(lambda: tiny_engine.num_waiting == 2)
     refused = await collect(tiny_engine, "one too many")
     assert [o.finish_reason for o in refused] == [FinishReason.ERROR]
-    # Transports recognise a refusal by this prefix (HTTP answers 429).
-    assert refused[0].error.startswith(OVERLOADED_ERROR_PREFIX) and "limit 6" in refused[0].error
+    # Transports map the code to a status (HTTP 429, retry later).
+    assert refused[0].error_code is ErrorCode.OVERLOADED and "limit 6" in refused[0].error
     rests = await asyncio.gather(*waiting)  # the queued two start once slots free up
+    lasts = []
     for stream in started:
-        async for _ in stream:
+        async for last in stream:
             pass
-    assert len(firsts) == 4 and len(rests) == 2
+        lasts.append(last)
+    assert [(o.index, o.token_id >= 0, o.finish_reason) for o in firsts + rests] == [(0, True, None)] * 6
+    assert all(o.finish_reason in (FinishReason.LENGTH, FinishReason.EOS) and o.error is None for o in lasts)
     await eventually(lambda: tiny_engine.num_running == 0)
 
 
@@ -163,8 +173,8 @@ def test_requests_beyond_the_limits_are_rejected_with_the_limit_named(tiny_engin
         tiny_engine.check([1] * prompt_tokens, SamplingParams(max_tokens=max_tokens))
 
 
-async def test_closing_the_engine_ends_every_stream_with_shutdown(tiny_model_dir):
-    engine = LLMEngine(load_model(str(tiny_model_dir), dtype="float32"))
+async def test_closing_the_engine_ends_every_stream_with_shutdown(tiny_model_dir, fast_path):
+    engine = LLMEngine(load_model(str(tiny_model_dir), dtype="float32"), EngineConfig(fast_path=fast_path))
     stream = engine.generate(engine.tokenize("go"), SamplingParams(max_tokens=4000))
     first = await anext(stream)
     engine.close()
@@ -192,18 +202,20 @@ async def test_a_failing_step_ends_the_streams_in_flight_with_an_error_and_the_e
     decode = tiny_engine.runner.decode
     failed = []
 
-    def decode_failing_once(batch):
+    def decode_failing_once(request_ids, input_ids):
         if not failed:
-            failed.append(len(batch))
+            failed.append(len(request_ids))
             raise RuntimeError("injected decode failure")
-        return decode(batch)
+        return decode(request_ids, input_ids)
 
     monkeypatch.setattr(tiny_engine.runner, "decode", decode_failing_once)
     streams = await asyncio.gather(*(collect(tiny_engine, p, max_tokens=8) for p in PROMPTS[:3]))
     errors = [outputs[-1].error for outputs in streams if outputs[-1].finish_reason is FinishReason.ERROR]
     # The rows decoded in the failing step end with the error; the streams prefilled after it complete.
     assert len(errors) == failed[0] >= 1
-    assert all("injected decode failure" in error for error in errors)
+    # The answer names the failure's kind, not its internals (which the log has).
+    assert all(error == "internal error in the engine: RuntimeError" for error in errors)
+    assert all(outputs[-1].error_code is ErrorCode.INTERNAL for outputs in streams if outputs[-1].error)
     assert tiny_engine.num_running == 0
     after = await collect(tiny_engine, PROMPTS[0], max_tokens=8)
     assert after[-1].finish_reason in (FinishReason.LENGTH, FinishReason.EOS) and after[-1].error is None
@@ -223,7 +235,7 @@ async def test_a_tiny_temperature_samples_the_most_likely_token(tiny_engine):
     ids=["prefill-first", "alternating-once-the-pause-is-spent"],
 )
 async def test_a_burst_of_arrivals_is_prefilled_before_the_running_stream_decodes_again(
-    tiny_model_dir, max_decode_pause_s, steps_after_the_burst
+    tiny_model_dir, fast_path, max_decode_pause_s, steps_after_the_burst
 ):
     """Three prompts arrive while one stream runs; the budget fits one prompt per prefill step. Within the pause
     bound, all three get their first token before the running stream's next step; with no pause allowed, the
@@ -231,21 +243,22 @@ async def test_a_burst_of_arrivals_is_prefilled_before_the_running_stream_decode
     loaded = load_model(str(tiny_model_dir), dtype="float32")
     burst = [loaded.tokenizer(p)["input_ids"] for p in ("red green blue", "one two three", "cat dog cow")]
     assert 2 * min(map(len, burst)) > max(map(len, burst))  # so a prefill step of max(len) tokens takes one
-    engine = LLMEngine(loaded, EngineConfig(prefill_chunk=max(map(len, burst)), max_decode_pause_s=max_decode_pause_s))
+    config = EngineConfig(prefill_chunk=max(map(len, burst)), max_decode_pause_s=max_decode_pause_s, fast_path=fast_path)
+    engine = LLMEngine(loaded, config)
     steps: list[str] = []
     held, release = threading.Event(), threading.Event()
     prefill, decode = engine.runner.prefill, engine.runner.decode
 
-    def recorded_prefill(batch, chunks):
+    def recorded_prefill(plan):
         steps.append("prefill")
-        return prefill(batch, chunks)
+        return prefill(plan)
 
-    def held_decode(batch):
+    def held_decode(request_ids, input_ids):
         if not held.is_set():  # the first decode waits until the burst is queued, so it lands all at once
             held.set()
             release.wait()
         steps.append("decode")
-        return decode(batch)
+        return decode(request_ids, input_ids)
 
     engine.runner.prefill, engine.runner.decode = recorded_prefill, held_decode
     try:
@@ -283,27 +296,50 @@ async def test_a_consumer_whose_event_loop_closed_is_cancelled_and_the_engine_se
     assert outputs[-1].finish_reason in (FinishReason.LENGTH, FinishReason.EOS)
 
 
-async def test_a_stream_left_open_when_its_owner_task_ends_is_cancelled(tiny_engine):
-    """Jina's worker can drop the executor's generator at a `yield` when its gRPC call ends, closing it only at
-    a later garbage collection: the end of the task that owns the stream cancels the request meanwhile."""
+async def test_cancel_by_request_id_ends_a_stream_nobody_closes(tiny_engine):
+    """The executor cancels by id when Jina's worker drops its generator without closing it (workarounds/)."""
     reported = []
     tiny_engine.on_finished = reported.append
-    left_open = []
-
-    async def read_one_output_and_return() -> None:
-        stream = tiny_engine.generate(
-            tiny_engine.tokenize("go on"), SamplingParams(max_tokens=4000), owner=asyncio.current_task()
-        )
-        first = await anext(stream)
-        left_open.append((stream, first.request_id))  # still referenced: neither closed nor collected
-
     try:
-        await asyncio.create_task(read_one_output_and_return())
-        [(_, request_id)] = left_open
-        await eventually(lambda: any(o.request_id == request_id for o in reported))
-        assert [o.finish_reason for o in reported if o.request_id == request_id] == [FinishReason.CANCELLED]
+        stream = tiny_engine.generate(tiny_engine.tokenize("go on"), SamplingParams(max_tokens=4000), "left-open")
+        first = await anext(stream)
+        tiny_engine.cancel("left-open")
+        rest = [o async for o in stream]
+        assert first.request_id == "left-open" and first.finish_reason is None
+        assert rest[-1].finish_reason is FinishReason.CANCELLED and len(rest) < 100
+        await eventually(lambda: any(o.request_id == "left-open" for o in reported))
+        tiny_engine.cancel("left-open")  # finished: a no-op
     finally:
         tiny_engine.on_finished = None
+
+
+async def test_a_request_id_already_in_flight_is_refused(tiny_engine):
+    stream = tiny_engine.generate(tiny_engine.tokenize("go on"), SamplingParams(max_tokens=4000), "twice")
+    await anext(stream)
+    try:
+        duplicate = [o async for o in tiny_engine.generate([1, 2], SamplingParams(max_tokens=2), "twice")]
+        assert [o.error_code for o in duplicate] == [ErrorCode.INVALID_REQUEST]
+        assert "already in flight" in duplicate[0].error
+    finally:
+        await stream.aclose()
+
+
+async def test_each_step_wakes_the_event_loop_once_for_all_of_its_streams(tiny_engine, monkeypatch):
+    """Outputs of one step reach an event loop in one call_soon_threadsafe, not one per stream."""
+    loop = asyncio.get_running_loop()
+    calls = []
+    original = loop.call_soon_threadsafe
+
+    def counted(callback, *args, **kwargs):
+        calls.append(callback)
+        return original(callback, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", counted)
+    steps = tiny_engine.steps
+    streams = await asyncio.gather(*(collect(tiny_engine, p, max_tokens=12) for p in PROMPTS[:4]))
+    outputs = sum(map(len, streams))
+    assert outputs >= 4 * 6
+    assert len(calls) <= tiny_engine.steps - steps + 1 < outputs / 2
 
 
 async def test_every_finished_request_is_reported_once_with_its_reason(tiny_engine):

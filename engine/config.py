@@ -1,0 +1,28 @@
+"""The engine's settings and their defaults: the one place they are written (the executor, config.yml and the
+bench take them from here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class EngineConfig:
+    max_running: int = 32  # sequences decoded together in one batch
+    max_waiting: int = 256  # requests queued beyond that; more are refused as overloaded
+    # Prompt tokens (padding included) prefilled per step: bounds how long one prefill stalls the running streams.
+    # On 2 CPU cores a forward costs about 60 ms plus 0.8 ms per token (python -m bench.trace): 192 splits a
+    # burst of 16 chat prompts into two groups, the first of which streams sooner (smaller groups pay the 60 ms
+    # too often: 96 and 128 measured slower).
+    prefill_chunk: int = 192
+    # While prompts wait for a free slot, prefill steps go before decode steps until the running sequences have
+    # waited this long for their next token: a burst of arrivals gets its first tokens sooner, at the price of
+    # one longer gap for the streams already running.
+    max_decode_pause_s: float = 0.4
+    max_model_len: Optional[int] = None  # prompt + new tokens; default: the model's own context, capped at 4096
+    # The compact Llama-family forward of engine/fast/ where the model is one it handles exactly; otherwise (or
+    # when False) the transformers model itself (engine/runner.py).
+    fast_path: bool = True
+    # Weights of the fast path: none (the model's precision), int8 (weight-only). See engine/fast/.
+    quantization: str = "none"

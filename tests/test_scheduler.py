@@ -1,0 +1,184 @@
+"""The scheduler's policy, without a model (as vLLM tests its v1 scheduler): admission order, packing prompts into
+the prefill budget, chunking a long prompt, the shared prefix, prefill-first within the pause bound,
+cancellation in every state, and what a failed step leaves."""
+
+import ast
+from pathlib import Path
+
+from engine.config import EngineConfig
+from engine.plan import StepPlan
+from engine.request import Consumer, Request, SamplingParams
+from engine.scheduler import Scheduler
+
+PREFIX = (1, 2, 3)
+
+
+def request(request_id: str, prompt_len: int, prefix: tuple[int, ...] = ()) -> Request:
+    prompt = list(prefix) + [100 + i for i in range(prompt_len - len(prefix))]
+    return Request(request_id, prompt, SamplingParams(max_tokens=8), Consumer(lambda output: None))
+
+
+def scheduler(**config) -> Scheduler:
+    config = {"max_running": 4, "prefill_chunk": 16, "max_decode_pause_s": 0.4, **config}
+    return Scheduler(EngineConfig(**config), PREFIX)
+
+
+def run(s: Scheduler, now: float, finished: tuple[str, ...] = ()) -> StepPlan:
+    """One step: plan, then report that it ran (with `finished` rows done)."""
+    plan, _ = s.schedule(now)
+    s.update(plan, finished, now)
+    return plan
+
+
+def test_waiting_prompts_that_fit_the_budget_are_prefilled_together_in_arrival_order():
+    s = scheduler()
+    for rid, length in [("a", 5), ("b", 3), ("c", 4), ("d", 6)]:
+        s.add(request(rid, length))
+    plan, _ = s.schedule(now=0.0)
+    # Padded to the longest: a+b+c take 3 x 5 = 15 tokens; d would make 4 x 6 = 24 > 16.
+    assert plan.prefill is not None and plan.prefill.request_ids == ["a", "b", "c"]
+    assert plan.prefill.first and plan.prefill.joins and not plan.decode
+    assert [c.token_ids for c in plan.prefill.chunks] == [r.prompt_ids for r in s.prefilling]
+    assert [r.request_id for r in s.waiting] == ["d"]
+
+
+def test_the_group_joins_the_running_batch_and_decodes_every_row():
+    s = scheduler()
+    s.add(request("a", 5))
+    s.add(request("b", 5))
+    run(s, now=0.0)
+    assert list(s.running) == ["a", "b"] and not s.prefilling
+    plan = run(s, now=0.1, finished=("a",))
+    assert plan.decode == ["a", "b"] and plan.prefill is None
+    assert list(s.running) == ["b"]
+    assert run(s, now=0.2).decode == ["b"]
+
+
+def test_a_prompt_longer_than_the_budget_is_prefilled_in_chunks_and_alone():
+    s = scheduler(prefill_chunk=16)
+    s.add(request("long", 40))
+    s.add(request("short", 4))
+    chunks = []
+    for step in range(3):
+        plan = run(s, now=step * 0.01)
+        assert plan.prefill is not None and plan.prefill.request_ids == ["long"]
+        chunks.append((plan.prefill.chunks[0].start, len(plan.prefill.chunks[0].token_ids), plan.prefill.first, plan.prefill.joins))
+    assert chunks == [(0, 16, True, False), (16, 16, False, False), (32, 8, False, True)]
+    assert list(s.running) == ["long"]
+    # The next group: the short prompt, which waited behind the long one.
+    assert run(s, now=0.05).prefill.request_ids == ["short"]
+
+
+def test_prefill_goes_first_while_the_running_rows_have_paused_less_than_the_bound():
+    s = scheduler(prefill_chunk=5, max_decode_pause_s=0.4)
+    s.add(request("running", 5))
+    run(s, now=0.0)
+    for rid in "xyz":
+        s.add(request(rid, 5))
+    kinds = []
+    for now in (0.1, 0.2, 0.3):  # within 0.4 s of the running row's last token: the three prompts go first
+        plan = run(s, now)
+        kinds.append("prefill" if plan.prefill else "decode")
+    assert kinds == ["prefill", "prefill", "prefill"]
+    assert run(s, now=0.35).decode == ["running", "x", "y", "z"]
+
+
+def test_once_the_pause_is_spent_decode_and_prefill_alternate():
+    s = scheduler(prefill_chunk=5, max_decode_pause_s=0.0)
+    s.add(request("running", 5))
+    run(s, now=0.0)
+    for rid in "xy":
+        s.add(request(rid, 5))
+    kinds = ["prefill" if run(s, now=0.1 * step).prefill else "decode" for step in range(1, 5)]
+    assert kinds == ["decode", "prefill", "decode", "prefill"]
+
+
+def test_a_full_batch_admits_no_prefill_until_a_row_finishes():
+    s = scheduler(max_running=2)
+    for rid in "abc":
+        s.add(request(rid, 4))
+    run(s, now=0.0)
+    assert list(s.running) == ["a", "b"]
+    assert run(s, now=0.1).decode == ["a", "b"]  # c waits: no free row
+    run(s, now=0.2, finished=("a",))
+    assert run(s, now=0.3).prefill.request_ids == ["c"]
+
+
+def test_prompts_with_and_without_the_shared_prefix_are_never_in_one_group():
+    s = scheduler()
+    s.add(request("p1", 6, PREFIX))
+    s.add(request("p2", 7, PREFIX))
+    s.add(request("plain", 4))
+    plan = run(s, now=0.0)
+    assert plan.prefill.request_ids == ["p1", "p2"]
+    # Only what follows the prefix is prefilled; the runner starts the rows with the prefix's cache.
+    assert [(c.start, c.token_ids) for c in plan.prefill.chunks] == [(3, [100, 101, 102]), (3, [100, 101, 102, 103])]
+    plan = run(s, now=0.01)
+    assert plan.prefill.request_ids == ["plain"] and plan.prefill.chunks[0].start == 0
+
+
+def test_a_prompt_that_is_only_the_prefix_is_prefilled_whole():
+    s = scheduler()
+    s.add(request("just-prefix", 3, PREFIX))
+    plan = run(s, now=0.0)
+    assert plan.prefill.chunks[0].start == 0 and plan.prefill.chunks[0].token_ids == list(PREFIX)
+
+
+def test_cancellation_frees_a_request_in_every_state():
+    s = scheduler(prefill_chunk=8, max_decode_pause_s=0.0)
+    s.add(request("running", 4))
+    run(s, now=0.0)
+    s.add(request("long", 20))  # prefilled in chunks of 8
+    s.add(request("waiting", 4))
+    run(s, now=0.1)  # decode: the pause is spent
+    run(s, now=0.2)  # the first chunk of "long"
+    assert [r.request_id for r in s.prefilling] == ["long"] and [r.request_id for r in s.waiting] == ["waiting"]
+    for rid in ("running", "long", "waiting", "unknown"):
+        s.cancel(rid)
+    plan, freed = s.schedule(now=0.3)
+    assert sorted(plan.freed) == ["long", "running", "waiting"] == sorted(r.request_id for r in freed)
+    assert plan.prefill is None and not plan.decode
+    assert not s.running and not s.prefilling and not s.waiting and not s.has_work
+
+
+def test_a_cancelled_row_of_a_prefilling_group_leaves_the_others_prefilling():
+    s = scheduler(prefill_chunk=4)
+    s.add(request("long", 10))
+    run(s, now=0.0)
+    s.cancel("long")
+    s.add(request("next", 3))
+    plan, freed = s.schedule(now=0.1)
+    assert plan.freed == ["long"] and plan.prefill.request_ids == ["next"] and plan.prefill.first
+
+
+def test_a_failed_step_aborts_the_rows_in_flight_and_keeps_the_waiting_queue():
+    s = scheduler(max_running=1)
+    s.add(request("running", 4))
+    s.add(request("waiting", 4))
+    run(s, now=0.0)
+    aborted = s.abort_in_flight()
+    assert [r.request_id for r in aborted] == ["running"]
+    assert run(s, now=0.1).prefill.request_ids == ["waiting"]
+
+
+def test_rows_whose_first_token_was_their_last_never_join():
+    s = scheduler()
+    s.add(request("one-token", 4))
+    s.add(request("more", 4))
+    run(s, now=0.0, finished=("one-token",))
+    assert list(s.running) == ["more"]
+
+
+def test_the_scheduler_needs_no_torch():
+    """The policy is plain Python, so it stays testable and readable without a model (imports checked statically:
+    importing the engine package itself loads torch)."""
+    for module in ("scheduler", "plan", "request", "config"):
+        tree = ast.parse((Path(__file__).resolve().parent.parent / "engine" / f"{module}.py").read_text())
+        runtime_imports = [
+            alias.name
+            for node in tree.body  # module level only: `if TYPE_CHECKING:` blocks are not imports at run time
+            if isinstance(node, (ast.Import, ast.ImportFrom))
+            for alias in node.names
+            if (node.module if isinstance(node, ast.ImportFrom) else alias.name) in {"torch", "transformers"}
+        ]
+        assert runtime_imports == [], module
