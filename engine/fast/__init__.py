@@ -1,0 +1,8 @@
+"""The fast decode path for Llama-family models: a compact forward with fused projections, a slot KV cache,
+weights in the precision measured fastest per batch size, optional int8/int4 weight-only quantization.
+`supports(model)` says whether a model can take it; otherwise the engine uses engine/runner.py."""
+
+from engine.fast.model import supports
+from engine.fast.runner import FastRunner
+
+__all__ = ["FastRunner", "supports"]

@@ -1,0 +1,210 @@
+"""A compact Llama forward over a slot KV cache, gpt-fast style: one function per step, fused projections.
+
+Per layer: RMSNorm, one QKV matmul, RoPE on q and k together, K/V written into the cache at each token's
+position, SDPA over the rows' cached positions, one output matmul; RMSNorm, one gate+up matmul, SiLU, one
+down matmul. 30 layers make 120 matmuls instead of transformers' 210, and about 25 torch ops per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from transformers import LlamaForCausalLM, PreTrainedModel
+
+from engine.fast.linear import DenseLinear, Int4Linear, Int8Linear, Linear, int4_fits
+
+if TYPE_CHECKING:
+    from engine.fast.cache import SlotCache
+
+# RoPE variants whose frequencies do not depend on the sequence length: a table computed once matches
+# transformers exactly. "dynamic" and "longrope" rescale with the length and are left to the fallback.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def supports(model: PreTrainedModel) -> bool:
+    """True when `forward` below computes exactly what transformers computes for this model."""
+    config = model.config
+    if not isinstance(model, LlamaForCausalLM) or getattr(config, "model_type", None) != "llama":
+        return False
+    if getattr(model, "hf_quantizer", None) is not None or not model.dtype.is_floating_point:
+        return False
+    rotary = getattr(model.model, "rotary_emb", None)
+    return (
+        getattr(rotary, "rope_type", None) in STATIC_ROPE_TYPES
+        and config.hidden_act == "silu"
+        and not getattr(config, "attention_bias", False)
+        and not getattr(config, "mlp_bias", False)
+        and getattr(config, "pretraining_tp", 1) == 1
+        and config.num_attention_heads % config.num_key_value_heads == 0
+    )
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+    eps: float
+
+    @property
+    def groups(self) -> int:
+        """Query heads per KV head (GQA)."""
+        return self.heads // self.kv_heads
+
+
+@dataclass
+class LayerWeights:
+    qkv: Linear  # q, k and v projections stacked: one matmul
+    out: Linear
+    gate_up: Linear  # gate and up projections stacked: one matmul
+    down: Linear
+
+
+@dataclass
+class Precision:
+    """The matmul weights in one format: a model runs steps in whichever precision suits the batch."""
+
+    name: str
+    layers: list[LayerWeights]
+    lm_head: Linear
+
+
+class FastLlama:
+    """The parts of a LlamaForCausalLM that every precision shares (norms, embeddings, RoPE tables, shape), and
+    builders for the matmul weights in each precision."""
+
+    def __init__(self, model: LlamaForCausalLM, max_len: int, device: torch.device, activation_dtype: torch.dtype) -> None:
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.shape = Shape(
+            config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads, head_dim,
+            config.hidden_size, config.rms_norm_eps,
+        )
+        self.device, self.activation_dtype = device, activation_dtype
+        self._source = model  # the float weights every precision is built from; dropped by release_source()
+
+        def param(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.detach().to(device=device, dtype=activation_dtype).contiguous()
+
+        self.embedding = param(model.model.embed_tokens.weight)
+        self.input_norms = [param(layer.input_layernorm.weight) for layer in model.model.layers]
+        self.post_attention_norms = [param(layer.post_attention_layernorm.weight) for layer in model.model.layers]
+        self.final_norm = param(model.model.norm.weight)
+        self.cos, self.sin_signed = rope_tables(model, max_len, device, activation_dtype)
+
+    def precision(self, name: str) -> Precision:
+        """The matmul weights as float32, bfloat16, float16, int8 or int4 (the last two: weight-only, CPU)."""
+        model = self._source
+        if model is None:
+            raise RuntimeError("the source weights were released")
+
+        def linear(weights: list[torch.Tensor]) -> Linear:
+            weight = torch.cat([w.detach() for w in weights]).to(self.device)
+            if name == "int8":
+                return Int8Linear(weight)
+            if name == "int4":
+                return Int4Linear(weight) if int4_fits(weight) else Int8Linear(weight)
+            return DenseLinear(weight, getattr(torch, name))
+
+        layers = []
+        for layer in model.model.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            layers.append(
+                LayerWeights(
+                    qkv=linear([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]),
+                    out=linear([attention.o_proj.weight]),
+                    gate_up=linear([mlp.gate_proj.weight, mlp.up_proj.weight]),
+                    down=linear([mlp.down_proj.weight]),
+                )
+            )
+        # The output layer decides every token: int4 there costs more agreement than it saves, int8 does not.
+        head_name = "int8" if name == "int4" else name
+        lm_head = Int8Linear if head_name == "int8" else (lambda w: DenseLinear(w, getattr(torch, head_name)))
+        return Precision(name, layers, lm_head(model.lm_head.weight.detach().to(self.device)))
+
+    def release_source(self) -> None:
+        self._source = None
+
+
+def rope_tables(model: LlamaForCausalLM, max_len: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sign-folded sin per position, [max_len, head_dim], computed as transformers' LlamaRotaryEmbedding
+    does (its own inv_freq and attention scaling, float32 products), so the rotation matches it exactly.
+
+    rotate_half(x) * sin == roll(x, head_dim / 2) * cat(-sin_half, sin_half): one roll instead of two slices,
+    a negation and a cat per step."""
+    rotary = model.model.rotary_emb
+    inv_freq = rotary.inv_freq.detach().to(device=device, dtype=torch.float32)
+    positions = torch.arange(max_len, device=device, dtype=torch.float32)
+    freqs = positions[:, None] * inv_freq[None, :]
+    angles = torch.cat((freqs, freqs), dim=-1)
+    cos = angles.cos() * rotary.attention_scaling
+    sin = angles.sin() * rotary.attention_scaling
+    half = sin.shape[-1] // 2
+    sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+    return cos.to(dtype), sin_signed.to(dtype)
+
+
+@dataclass
+class StepInputs:
+    """Where a forward's tokens come from and go: built once per step, shared by every layer."""
+
+    input_ids: torch.Tensor  # [rows, tokens]
+    positions: torch.Tensor  # [rows, tokens]: each token's position in its row (padding repeats the last one)
+    rows: slice | torch.Tensor  # the rows' cache slots: a slice when contiguous (decode), else an index
+    write_slots: torch.Tensor  # [written tokens]: the cache slot of each real (non-padding) token
+    write_positions: torch.Tensor  # [written tokens]: its position
+    real_tokens: torch.Tensor | None  # [written tokens]: flat index of the real tokens, None when all are real
+    # [rows, 1, groups * tokens, attended]: key position <= query position, repeated for the query heads that
+    # share a KV head ([rows, 1, 1, attended] when decoding: it broadcasts)
+    mask: torch.Tensor
+    last: torch.Tensor | None  # [rows]: index of the token whose logits each row needs; None: the only one
+    output_order: torch.Tensor | None  # rows' order in the returned logits; None: as computed
+
+
+def forward(llama: FastLlama, weights: Precision, cache: "SlotCache", step: StepInputs) -> torch.Tensor:
+    """Logits [rows, vocab] after each row's `last` token; writes every real token's K and V into the cache."""
+    shape = llama.shape
+    rows, tokens = step.input_ids.shape
+    attended = step.mask.shape[-1]
+    x = F.embedding(step.input_ids, llama.embedding)
+    cos = llama.cos[step.positions].unsqueeze(2)  # [rows, tokens, 1, head_dim]: broadcast over heads
+    sin = llama.sin_signed[step.positions].unsqueeze(2)
+    for index, layer in enumerate(weights.layers):
+        h = F.rms_norm(x, (shape.hidden,), llama.input_norms[index], shape.eps)
+        qkv = layer.qkv(h).view(rows, tokens, shape.heads + 2 * shape.kv_heads, shape.head_dim)
+        qk = rope(qkv[:, :, : shape.heads + shape.kv_heads], cos, sin)
+        q, k, v = qk[:, :, : shape.heads], qk[:, :, shape.heads :], qkv[:, :, shape.heads + shape.kv_heads :]
+        keys, values = cache.write(index, step, k, v, attended)
+        x = x + layer.out(attention(q, keys, values, step.mask, shape))
+        h = F.rms_norm(x, (shape.hidden,), llama.post_attention_norms[index], shape.eps)
+        gate, up = layer.gate_up(h).chunk(2, dim=-1)
+        x = x + layer.down(F.silu(gate) * up)
+    x = x[:, -1] if step.last is None else x[torch.arange(rows, device=x.device), step.last]
+    if step.output_order is not None:
+        x = x[step.output_order]
+    # Only the positions that need a token go through the 49152-wide output layer.
+    return weights.lm_head(F.rms_norm(x, (shape.hidden,), llama.final_norm, shape.eps)).float()
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """transformers' x * cos + rotate_half(x) * sin, [rows, tokens, heads, head_dim]."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
+
+
+def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, shape: Shape) -> torch.Tensor:
+    """q [rows, tokens, heads, head_dim] against the cache [rows, kv_heads, attended, head_dim].
+
+    GQA without copying the cache: the query heads that share a KV head become extra queries of that head,
+    [rows, kv_heads, groups * tokens, head_dim] (the step's mask is built for that layout). Returns
+    [rows, tokens, heads * head_dim]."""
+    rows, tokens = q.shape[:2]
+    q = q.view(rows, tokens, shape.kv_heads, shape.groups, shape.head_dim).permute(0, 2, 3, 1, 4)
+    q = q.reshape(rows, shape.kv_heads, shape.groups * tokens, shape.head_dim)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    out = out.view(rows, shape.kv_heads, shape.groups, tokens, shape.head_dim).permute(0, 3, 1, 2, 4)
+    return out.reshape(rows, tokens, shape.heads * shape.head_dim)

@@ -1,0 +1,216 @@
+"""FastRunner: engine/plan.py's Runner for Llama-family models, on engine/fast/model.py's forward and a slot
+KV cache. Rows are named by request id; the scheduler never sees a tensor."""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+from transformers import PreTrainedModel
+
+from engine.fast import autotune
+from engine.fast.cache import SlotCache
+from engine.fast.linear import check_quantization
+from engine.fast.model import FastLlama, Precision, StepInputs, forward, supports
+from engine.plan import PrefillChunk, PrefillPlan
+
+log = logging.getLogger(__name__)
+
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+MEASURED_CONTEXT = 128  # cached positions per row while the precisions are timed: a short chat turn
+PREFIX_ROW = "\0shared-prefix"  # a row id no request can have
+
+
+class FastRunner:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        max_rows: int,
+        max_len: int,
+        dtype: str = "auto",
+        quantization: str = "none",
+    ) -> None:
+        if not supports(model):
+            raise ValueError(f"FastRunner does not handle {type(model).__name__} with this config: use the transformers runner")
+        if dtype != "auto" and dtype not in FLOAT_DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}: use auto, {', '.join(FLOAT_DTYPES)}")
+        self.device = model.device
+        check_quantization(quantization, self.device)
+        self.candidates = _candidates(dtype, quantization, self.device)
+        # On CPU the residual stream, norms, RoPE, attention and the KV cache stay float32 whatever the
+        # weights are: a row's cache then does not depend on which precision each step ran in (the band
+        # changes with the batch size), and the casts around a matmul cost far less than the matmul.
+        activation_dtype = torch.float32 if self.device.type == "cpu" else getattr(torch, self.candidates[0])
+        self.llama = FastLlama(model, max_len, self.device, activation_dtype)
+        self.precisions = {name: self.llama.precision(name) for name in self.candidates}
+        self.max_rows, self.max_len = max_rows, max_len
+        self.cache = SlotCache(self.llama.shape, max_rows, max_len, self.device, activation_dtype)
+        self.positions = torch.arange(max_len, device=self.device)
+        self.decode_bands: list[tuple[int, Precision]] = []  # [(most rows, precision)], chosen by start()
+        self.prefill_precision: Precision | None = None
+
+    # -- the Runner protocol ---------------------------------------------------------------------------------
+
+    def start(self, shared_prefix: Sequence[int]) -> None:
+        self._choose_precisions()
+        if shared_prefix:
+            self.prefill(PrefillPlan([PrefillChunk(PREFIX_ROW, list(shared_prefix), 0)], first=True, joins=False))
+            self.cache.set_prefix(self.cache.slot_of[PREFIX_ROW], len(shared_prefix))
+            self.cache.free(PREFIX_ROW)
+
+    def prefill(self, plan: PrefillPlan) -> torch.Tensor:
+        cache = self.cache
+        if plan.first:
+            for chunk in plan.chunks:
+                cache.allocate(chunk.request_id, chunk.start)
+        slots = [cache.slot_of[chunk.request_id] for chunk in plan.chunks]
+        for chunk, slot in zip(plan.chunks, slots):
+            if not chunk.token_ids or chunk.start != cache.lengths[slot]:
+                raise ValueError(
+                    f"chunk of {chunk.request_id!r} at {chunk.start} with {len(chunk.token_ids)} tokens: "
+                    f"its row holds {cache.lengths[slot]} positions"
+                )
+        ends = [chunk.start + len(chunk.token_ids) for chunk in plan.chunks]
+        cache.reserve(max(ends))
+        logits = forward(self.llama, self._started(self.prefill_precision), cache, self._prefill_inputs(plan.chunks, slots))
+        for slot, chunk in zip(slots, plan.chunks):
+            cache.lengths[slot] += len(chunk.token_ids)
+        if plan.joins:
+            cache.join(plan.request_ids)
+        return logits
+
+    def decode(self, request_ids: Sequence[str], input_ids: Sequence[int]) -> torch.Tensor:
+        cache = self.cache
+        rows = len(request_ids)
+        slots = [cache.slot_of.get(request_id, rows) for request_id in request_ids]
+        if rows != cache.running or sorted(slots) != list(range(rows)) or len(input_ids) != rows:
+            raise ValueError(f"decode needs every running row once with one token each: {cache.running} run, {rows} given")
+        tokens = [0] * rows
+        for slot, token in zip(slots, input_ids):
+            tokens[slot] = token
+        lengths = cache.lengths[:rows]
+        attended = max(lengths) + 1
+        cache.reserve(attended)
+        positions = torch.tensor(lengths, device=self.device)
+        step = StepInputs(
+            input_ids=torch.tensor(tokens, device=self.device)[:, None],
+            positions=positions[:, None],
+            rows=slice(0, rows),
+            write_slots=self.positions[:rows],
+            write_positions=positions,
+            real_tokens=None,
+            mask=(self.positions[:attended] <= positions[:, None]).view(rows, 1, 1, attended),
+            last=None,
+            output_order=None if slots == list(range(rows)) else torch.tensor(slots, device=self.device),
+        )
+        logits = forward(self.llama, self._decode_precision(rows), cache, step)
+        for slot in range(rows):
+            cache.lengths[slot] += 1
+        return logits
+
+    def free(self, request_ids: Sequence[str]) -> None:
+        for request_id in request_ids:
+            self.cache.free(request_id)
+
+    def reset(self) -> None:
+        self.cache.clear()
+        self.cache.zero()
+
+    # -- steps -----------------------------------------------------------------------------------------------
+
+    def _prefill_inputs(self, chunks: list[PrefillChunk], slots: list[int]) -> StepInputs:
+        """Chunks right-padded to the longest; padding repeats a row's last real position (so its queries see
+        only real keys) and is neither written to the cache nor read out."""
+        rows, width = len(chunks), max(len(chunk.token_ids) for chunk in chunks)
+        input_ids, positions, write_slots, write_positions, real_tokens = [], [], [], [], []
+        for row, (chunk, slot) in enumerate(zip(chunks, slots)):
+            count = len(chunk.token_ids)
+            input_ids.append(chunk.token_ids + [0] * (width - count))
+            positions.append([chunk.start + min(index, count - 1) for index in range(width)])
+            write_slots += [slot] * count
+            write_positions += range(chunk.start, chunk.start + count)
+            real_tokens += range(row * width, row * width + count)
+        device, groups = self.device, self.llama.shape.groups
+        position_tensor = torch.tensor(positions, device=device)
+        attended = max(chunk.start + len(chunk.token_ids) for chunk in chunks)
+        mask = self.positions[:attended] <= position_tensor[:, :, None]  # [rows, tokens, attended]
+        # repeated for the query heads sharing a KV head, the layout attention() uses
+        mask = mask[:, None, None].expand(rows, 1, groups, width, attended).reshape(rows, 1, groups * width, attended)
+        contiguous = slots == list(range(slots[0], slots[0] + rows))
+        all_real = len(real_tokens) == rows * width
+        return StepInputs(
+            input_ids=torch.tensor(input_ids, device=device),
+            positions=position_tensor,
+            rows=slice(slots[0], slots[0] + rows) if contiguous else torch.tensor(slots, device=device),
+            write_slots=torch.tensor(write_slots, device=device),
+            write_positions=torch.tensor(write_positions, device=device),
+            real_tokens=None if all_real else torch.tensor(real_tokens, device=device),
+            mask=mask,
+            last=None if all_real else torch.tensor([len(chunk.token_ids) - 1 for chunk in chunks], device=device),
+            output_order=None,
+        )
+
+    def _decode_precision(self, rows: int) -> Precision:
+        for most_rows, precision in self.decode_bands:
+            if rows <= most_rows:
+                return precision
+        return self._started(self.decode_bands[-1][1] if self.decode_bands else None)
+
+    @staticmethod
+    def _started(precision: Precision | None) -> Precision:
+        if precision is None:
+            raise RuntimeError("FastRunner.start() must run before the first step")
+        return precision
+
+    # -- precision -------------------------------------------------------------------------------------------
+
+    def _choose_precisions(self) -> None:
+        """Time a decode step per candidate and batch size (on this, the engine's loop thread: torch ops on
+        another thread would start a second OpenMP team), keep the winners, drop the other weights."""
+        if len(self.candidates) == 1:
+            only = self.precisions[self.candidates[0]]
+            self.decode_bands, self.prefill_precision = [(self.max_rows, only)], only
+            log.info("fast runner: %s weights (no choice to measure)", only.name)
+        else:
+            counts = autotune.row_counts(self.max_rows)
+            timings = autotune.measure(self.candidates, counts, self._time_decode_step)
+            self.cache.clear()
+            chosen = autotune.bands(self.candidates, counts, timings, self.max_rows)
+            self.decode_bands = [(most_rows, self.precisions[name]) for most_rows, name in chosen]
+            # A prefill is many rows' worth of tokens: the winner at the most rows measured runs it.
+            self.prefill_precision = self.decode_bands[-1][1]
+            log.info(
+                "fast runner: decode weights by rows %s, prefill %s; ms per decode step (context %d): %s",
+                ", ".join(f"<={most_rows}: {name}" for most_rows, name in chosen),
+                self.prefill_precision.name,
+                MEASURED_CONTEXT,
+                ", ".join(f"{name} x{rows} {seconds * 1000:.1f}" for (name, rows), seconds in sorted(timings.items(), key=lambda item: item[0][1])),
+            )
+        used = {precision.name for _, precision in self.decode_bands}
+        self.precisions = {name: precision for name, precision in self.precisions.items() if name in used}
+        self.llama.release_source()
+
+    def _time_decode_step(self, name: str, rows: int) -> None:
+        """One decode step of `rows` rows with MEASURED_CONTEXT cached positions each, in precision `name`."""
+        cache = self.cache
+        cache.clear()
+        context = min(MEASURED_CONTEXT, self.max_len - 1)
+        cache.reserve(context + 1)
+        request_ids = [f"\0measure-{row}" for row in range(rows)]
+        for request_id in request_ids:
+            cache.lengths[cache.allocate(request_id, 0)] = context
+        cache.join(request_ids)
+        self.decode_bands = [(rows, self.precisions[name])]
+        self.decode(request_ids, [0] * rows)
+
+
+def _candidates(dtype: str, quantization: str, device: torch.device) -> list[str]:
+    """The precisions start() chooses from. A quantization asked for is used everywhere (its accuracy is what
+    was asked); with dtype auto on CPU float32 and bfloat16 compete per batch size; on CUDA bfloat16 is the
+    fast path without measuring."""
+    if quantization != "none":
+        return [quantization]
+    if dtype != "auto":
+        return [dtype]
+    return ["float32", "bfloat16"] if device.type == "cpu" else ["bfloat16"]
