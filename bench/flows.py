@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import AsyncIterator, Iterator
 
 from client import grpc_client, stream_documents
+from harness.processes import free_port, running_flow, write_flow
 from schemas import ModelOutputDocument, PromptDocument
-from tests.servers import free_port, running_flow, write_flow
 
 ROOT = Path(__file__).resolve().parent.parent
 LOGS = Path(__file__).resolve().parent / "logs"

@@ -40,8 +40,9 @@ import psutil
 
 from bench import flows, report
 from bench.load import PROMPTS, OpenStream, StreamTiming, percentile, time_stream
+from harness.processes import process_listening_on
+from harness.service import Service, serve
 from schemas import OVERLOADED_ERROR_PREFIX, ModelOutputDocument
-from tests.conftest import Service, serve
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,16 +88,8 @@ def log(message: str) -> None:
     print(f"[soak {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def process_listening_on(port: int) -> psutil.Process:
-    """The local process that listens on `port`: the executor on its monitoring port, the gateway on gRPC's."""
-    for connection in psutil.net_connections(kind="tcp"):
-        if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port and connection.pid:
-            return psutil.Process(connection.pid)
-    raise LookupError(f"no process listens on port {port}")
-
-
 class _LogDirs:
-    """What tests.conftest.serve needs of pytest's tmp_path_factory: a fresh directory, here under bench/logs."""
+    """What harness.service.serve needs of pytest's tmp_path_factory: a fresh directory, here under bench/logs."""
 
     def mktemp(self, name: str) -> Path:
         path = flows.LOGS / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"

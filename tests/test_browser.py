@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Page, async_playwright
 
-from tests.conftest import Service, eventually, stream_docs
-from tests.test_http import FRANCE, idle
+from harness.service import FRANCE, Service, eventually, idle, stream_docs
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 

@@ -7,7 +7,7 @@ import re
 import shutil
 import tomllib
 import zipfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import pathspec
 import yaml
@@ -16,9 +16,9 @@ from hubble.executor.hubapi import extract_executor_name
 from jina import Executor
 
 from executor import TokenStreamingExecutor
-from tests.conftest import ROOT
+from harness import ROOT
+from harness.dockerfile import copy_instructions, dockerfile_instructions, image_layout
 
-DOCKERFILE = ROOT / "Dockerfile"
 # What the Hub needs to build and describe the executor: its config, its build and its code.
 BUNDLE = [
     "config.yml",
@@ -62,60 +62,7 @@ def test_config_yml_loads_the_streaming_executor(tiny_model_dir):
         executor.close()
 
 
-# The Dockerfile, read as Docker reads it ------------------------------------------------------------------------
-
-
-def dockerfile_instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) in order: comment lines dropped, continuation lines joined."""
-    instructions: list[tuple[str, str]] = []
-    current = ""
-    for line in path.read_text().splitlines():
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        if stripped.endswith("\\"):
-            current += stripped[:-1] + " "
-            continue
-        keyword, _, arguments = (current + stripped).partition(" ")
-        instructions.append((keyword.upper(), arguments.strip()))
-        current = ""
-    return instructions
-
-
-def copy_instructions() -> list[tuple[list[str], str, str]]:
-    """Each COPY as (sources in the build context, destination, the WORKDIR it is relative to)."""
-    copies = []
-    workdir = "/"
-    for keyword, arguments in dockerfile_instructions():
-        if keyword == "WORKDIR":
-            workdir = arguments
-        elif keyword in ("COPY", "ADD"):
-            *sources, destination = arguments.split()
-            # Flags (--from, --chown) or ADD's URLs would need more than this model of a build context.
-            assert keyword == "COPY" and not any(s.startswith("--") for s in sources), arguments
-            copies.append((sources, destination, workdir))
-    return copies
-
-
-def image_layout(target: Path) -> Path:
-    """The image's WORKDIR, rebuilt in `target` from the Dockerfile's COPY instructions (Docker's rules: a directory
-    source copies its contents, several sources or a trailing slash copy into the destination directory)."""
-    for sources, destination, workdir in copy_instructions():
-        path = PurePosixPath(workdir, destination)
-        # Everything the image needs at run time lies under the WORKDIR, where Jina's commands run.
-        relative = path.relative_to(workdir)
-        into_directory = destination.endswith("/") or len(sources) > 1
-        for source in sources:
-            origin = ROOT / source
-            if origin.is_dir():
-                shutil.copytree(
-                    origin, target / relative, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"), dirs_exist_ok=True
-                )
-            else:
-                copied = target / relative / origin.name if into_directory else target / relative
-                copied.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(origin, copied)
-    return target
+# The Dockerfile, read as Docker reads it (harness.dockerfile) -------------------------------------------------
 
 
 def copied_files() -> set[str]:

@@ -18,10 +18,11 @@ from jina.jaml.helper import complete_path
 from jina.parsers import set_gateway_parser, set_pod_parser
 
 from client import stream_documents
+from harness import ROOT
+from harness.dockerfile import image_layout
+from harness.processes import JINA, free_port, port_open, stop_process_group
+from harness.service import FRANCE, grpc_client
 from schemas import PromptDocument
-from tests.conftest import ROOT, grpc_client
-from tests.servers import JINA, free_port, port_open, stop_process_group
-from tests.test_bundle import image_layout
 
 IMAGE = "token-streaming-llm:latest"
 K8S_FLOW = ROOT / "deploy" / "flow.yml"
@@ -295,7 +296,7 @@ async def test_the_exported_commands_serve_a_stream(exported_service):
     models = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/models", timeout=10).read())
     # The HTTP routes of LLMGateway (Jina's own gateway has no /v1), with the flow's model name.
     assert [model["id"] for model in models["data"]] == [flow_file(K8S_FLOW)["gateway"]["uses_with"]["model_name"]]
-    request = PromptDocument(prompt="what is the capital of France ?", max_tokens=8)
+    request = PromptDocument(prompt=FRANCE, max_tokens=8)
     docs = [doc async for doc in stream_documents(grpc_client(grpc_port), request)]
     last = docs[-1]
     assert last.finish_reason in ("eos", "length"), last.error

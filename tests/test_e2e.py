@@ -4,15 +4,14 @@ import pytest
 from docarray import DocList
 from transformers import AutoTokenizer
 
+from harness.service import FRANCE, grpc_client, seed_client_texts, stream_docs
 from schemas import ModelOutputDocument, PromptDocument
-from tests.conftest import grpc_client, stream_docs
-from tests.test_service import seed_client_texts
 
 pytestmark = pytest.mark.e2e
 
 
 async def test_seed_tutorial_client_gets_paris(embedded_service):
-    texts = await seed_client_texts(embedded_service, "what is the capital of France ?", max_tokens=10)
+    texts = await seed_client_texts(embedded_service, FRANCE, max_tokens=10)
     assert texts[-1] == "The capital of France is Paris."
     assert len(texts) >= 7  # one document per token, not one at the end
     assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:]))

@@ -10,7 +10,7 @@ from typing import Any, AsyncIterator, Callable
 import pytest
 
 from gateway.relay import READ_AHEAD, TaskRelay, relayed
-from tests.conftest import eventually
+from harness.service import eventually
 
 
 class CallContext:

@@ -12,10 +12,9 @@ import openai
 import pytest
 from websockets.asyncio.client import connect
 
+from harness.service import FRANCE, Service, eventually, idle, serve, stream_docs
 from schemas import ModelOutputDocument
-from tests.conftest import Service, eventually, serve, stream_docs
 
-FRANCE = "what is the capital of France ?"
 LONG = 480  # max_tokens for a stream that is still running when the client leaves
 
 
@@ -48,10 +47,6 @@ async def chat_stream(client: openai.AsyncOpenAI, **kwargs) -> tuple[list[str], 
     chunks = [chunk async for chunk in await client.chat.completions.create(stream=True, **kwargs)]
     texts = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     return texts, chunks
-
-
-async def idle(service: Service) -> None:
-    await eventually(lambda: service.running_streams() == 0)
 
 
 # Jina's own HTTP streaming and gRPC, on the gateway flow ---------------------------------------------------------

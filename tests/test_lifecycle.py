@@ -11,9 +11,10 @@ import time
 from grpc_health.v1 import health_pb2
 from jina.serve.networking.utils import send_health_check_sync
 
+from harness import ROOT
+from harness.processes import free_port, live_processes, running_flow, write_flow
+from harness.service import Service, documents, eventually, serve, stream_docs
 from schemas import ModelOutputDocument
-from tests.conftest import ROOT, Service, documents, eventually, serve, stream_docs
-from tests.servers import free_port, live_processes, running_flow, write_flow
 
 LONG_STREAM_TOKENS = 4000  # far longer than the grace period on the tiny model: still running when it ends
 

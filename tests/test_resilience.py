@@ -23,10 +23,10 @@ from jina.proto import jina_pb2
 from jina.types.request.data import SingleDocumentRequest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from bench.soak import process_listening_on
 from client import stream_documents
+from harness.processes import process_listening_on
+from harness.service import Service, documents, eventually, grpc_client, serve, stream_docs
 from schemas import ModelOutputDocument, PromptDocument
-from tests.conftest import Service, documents, eventually, grpc_client, serve, stream_docs
 
 # Room for the whole storm at once (32 decoded together, the rest queued): nothing here is refused as overloaded.
 ROOMY_LIMITS = {"dtype": "float32", "max_running": 32, "max_waiting": 128}

@@ -6,46 +6,25 @@ import subprocess
 import sys
 
 import pytest
-from docarray import BaseDoc, DocList
+from docarray import DocList
 
 from client import StreamError, stream
-from schemas import ModelOutputDocument, PromptDocument
-from tests.conftest import (
-    ROOT,
+from harness import ROOT
+from harness.service import (
+    FRANCE,
     TINY_LIMITS,
-    Service,
     documents,
     eventually,
     grpc_client,
+    seed_client_texts,
     serve,
     stream_docs,
 )
-
-
-class SeedPromptDocument(BaseDoc):  # the seed tutorial's two-field schemas, exactly
-    prompt: str
-    max_tokens: int
-
-
-class SeedModelOutputDocument(BaseDoc):
-    token_id: int
-    generated_text: str
-
-
-async def seed_client_texts(service: Service, prompt: str, max_tokens: int) -> list[str]:
-    """The `generated_text` of each document, as the seed tutorial's client with its own schemas receives them."""
-    return [
-        doc.generated_text
-        async for doc in grpc_client(service.grpc_port).stream_doc(
-            on="/stream",
-            inputs=SeedPromptDocument(prompt=prompt, max_tokens=max_tokens),
-            return_type=SeedModelOutputDocument,
-        )
-    ]
+from schemas import ModelOutputDocument, PromptDocument
 
 
 async def test_seed_two_field_client_streams_growing_text(tiny_service):
-    texts = await seed_client_texts(tiny_service, "what is the capital of France ?", max_tokens=10)
+    texts = await seed_client_texts(tiny_service, FRANCE, max_tokens=10)
     assert 1 <= len(texts) <= 11
     assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:]))
 

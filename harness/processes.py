@@ -1,4 +1,5 @@
-"""Starting and stopping a real `jina flow` for tests: its own process group, free ports, a bounded wait."""
+"""Starting and stopping a real `jina flow`: its own process group, free ports, a bounded wait; and finding the
+process behind a port."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import psutil
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from harness import ROOT
+
 JINA = Path(sys.executable).parent / "jina"
 
 
@@ -107,3 +110,11 @@ def stop_process_group(process: subprocess.Popen, grace: float = 20) -> None:
     except ProcessLookupError:
         pass
     process.wait(timeout=10)
+
+
+def process_listening_on(port: int) -> psutil.Process:
+    """The local process that listens on `port`: the executor on its monitoring port, the gateway on gRPC's."""
+    for connection in psutil.net_connections(kind="tcp"):
+        if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port and connection.pid:
+            return psutil.Process(connection.pid)
+    raise LookupError(f"no process listens on port {port}")

@@ -1,0 +1,136 @@
+"""The service as `make serve` runs it (the service's gateway on gRPC and HTTP, then the executor), started on
+free ports, and the clients that talk to it: the product's gRPC client and the seed tutorial's two-field one."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable, Iterator
+
+from docarray import BaseDoc
+from jina import Client
+
+from client import grpc_client as product_grpc_client
+from client import stream_documents
+from harness import ROOT
+from harness.processes import free_port, running_flow, write_service_flow
+from schemas import ModelOutputDocument, PromptDocument
+
+FRANCE = "what is the capital of France ?"  # the seed tutorial's prompt
+# The tiny model's flow: limits small enough that a test fills the batch and the queue with a few streams.
+TINY_LIMITS = {"dtype": "float32", "max_running": 4, "max_waiting": 2}
+
+
+@dataclass
+class Service:
+    grpc_port: int
+    http_port: int
+    monitoring_ports: list[int]  # the executor's Prometheus endpoint, one per replica
+    process: subprocess.Popen | None = None  # the `jina flow` process
+
+    @property
+    def monitoring_port(self) -> int:
+        return self.monitoring_ports[0]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def metric(self, name: str, replica: int = 0, **labels: str) -> float:
+        port = self.monitoring_ports[replica]
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        label_text = ",".join(f'{key}="{value}"' for key, value in labels.items())
+        pattern = rf"^{re.escape(name)}{re.escape('{' + label_text + '}') if labels else ''} (\S+)$"
+        match = re.search(pattern, text, re.MULTILINE)
+        return float(match.group(1)) if match else 0.0
+
+    def running_streams(self) -> float:
+        return self.metric("llm_running_streams")
+
+    def waiting_streams(self) -> float:
+        return self.metric("llm_waiting_streams")
+
+    def cancelled_requests(self) -> float:
+        return self.metric("llm_requests_total", finish_reason="cancelled")
+
+
+@contextmanager
+def serve(
+    tmp_path_factory,
+    name: str,
+    uses_with: dict,
+    uses: str = "config.yml",
+    model_name: str = "test-model",
+    replicas: int = 1,
+) -> Iterator[Service]:
+    """A real `jina flow` like flow.yml, serving the executor of `uses` with `uses_with`, on free ports.
+    `tmp_path_factory` is pytest's, or anything whose `mktemp(name)` makes a fresh directory."""
+    tmp = tmp_path_factory.mktemp(name)
+    service = Service(free_port(), free_port(), [free_port() for _ in range(replicas)])
+    executor = {
+        "name": "llm",
+        "uses": str(ROOT / uses),
+        "uses_with": uses_with,
+        "replicas": replicas,
+        "monitoring": True,
+        "port_monitoring": service.monitoring_ports,
+    }
+    flow_file = write_service_flow(tmp / "flow.yml", service.grpc_port, service.http_port, executor, model_name)
+    ports = [service.grpc_port, service.http_port, *service.monitoring_ports]
+    with running_flow(flow_file, ports, tmp / "flow.log") as service.process:
+        yield service
+
+
+def grpc_client(port: int) -> Client:
+    """The product's client (client/): Jina's Client, with a cancelled stream reaching the server."""
+    return product_grpc_client("127.0.0.1", port)
+
+
+def documents(service: Service, **fields) -> AsyncIterator[ModelOutputDocument]:
+    """The documents of one gRPC `stream_doc` call of a PromptDocument with `fields`, as they arrive."""
+    return stream_documents(grpc_client(service.grpc_port), PromptDocument(**fields))
+
+
+async def stream_docs(service: Service, **fields) -> list[ModelOutputDocument]:
+    """Every document of one gRPC `stream_doc` call."""
+    return [doc async for doc in documents(service, **fields)]
+
+
+class SeedPromptDocument(BaseDoc):  # the seed tutorial's two-field schemas, exactly
+    prompt: str
+    max_tokens: int
+
+
+class SeedModelOutputDocument(BaseDoc):
+    token_id: int
+    generated_text: str
+
+
+async def seed_client_texts(service: Service, prompt: str, max_tokens: int) -> list[str]:
+    """The `generated_text` of each document, as the seed tutorial's client with its own schemas receives them."""
+    return [
+        doc.generated_text
+        async for doc in grpc_client(service.grpc_port).stream_doc(
+            on="/stream",
+            inputs=SeedPromptDocument(prompt=prompt, max_tokens=max_tokens),
+            return_type=SeedModelOutputDocument,
+        )
+    ]
+
+
+async def eventually(predicate: Callable[[], object], attempts: int = 400) -> None:
+    """Poll until the predicate holds (20 s at most): for state another process or thread reaches."""
+    for _ in range(attempts):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not reached")
+
+
+async def idle(service: Service) -> None:
+    """Until the executor runs no stream (one that a client left has been cancelled and freed)."""
+    await eventually(lambda: service.running_streams() == 0)
