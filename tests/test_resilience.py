@@ -166,7 +166,9 @@ async def test_a_storm_of_100_streams_half_cancelled_at_random_points(roomy_serv
 
         completed = [s for s, t in zip(streams, tasks) if not t.cancelled()]
         cancelled = [s for s, t in zip(streams, tasks) if t.cancelled()]
-        assert len(completed) >= STORM_STREAMS // 2 and len(completed) + len(cancelled) == STORM_STREAMS
+        # Only a client cancels its stream: every stream read to the end completed (run_storm failed any task that
+        # raised; one that ended cancelled was cut off by something other than its client).
+        assert [s for s in cancelled if s.cancel_after is None] == [], "a stream nobody cancelled did not complete"
         for stream in completed:
             reference_ids, reference_finish = references[stream.prompt]
             expected_ids = reference_ids[: stream.max_tokens]
