@@ -21,6 +21,11 @@ class EngineConfig:
     # one longer gap for the streams already running.
     max_decode_pause_s: float = 0.4
     max_model_len: Optional[int] = None  # prompt + new tokens; default: the model's own context, capped at 4096
+    # Refused before tokenizing: tokenizing a 10 MB prompt took 18 s. Default: 16 characters per context token.
+    max_prompt_chars: Optional[int] = None
+    # Stop strings a request may give, and their length (OpenAI allows 4; TGI's default is 4 of any length).
+    max_stop_strings: int = 16
+    max_stop_length: int = 256
     # The compact Llama-family forward of engine/fast/ where the model is one it handles exactly; otherwise (or
     # when False) the transformers model itself (engine/runner.py).
     fast_path: bool = True

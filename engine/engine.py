@@ -32,6 +32,7 @@ from engine.request import Consumer, ErrorCode, FinishReason, Request, SamplingP
 from engine.runner import CacheRunner
 from engine.sampling import sample_next_tokens
 from engine.scheduler import Scheduler
+from engine.stopping import compile_stops
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class LLMEngine:
         self.model_name = loaded.name
         model_context = getattr(loaded.model.config, "max_position_embeddings", None) or 4096
         self.max_model_len = self.config.max_model_len or min(model_context, 4096)
+        self.max_prompt_chars = self.config.max_prompt_chars or 16 * self.max_model_len
         self.eos_token_ids = _eos_token_ids(loaded)
         self.runner = runner or make_runner(loaded.model, self.config, self.max_model_len)
         self.scheduler = Scheduler(self.config, self._chat_template_head())  # owned by the loop thread
@@ -100,6 +102,20 @@ class LLMEngine:
     def num_waiting(self) -> int:
         with self._lock:
             return len(self._in_flight) - self._running_rows
+
+    def prepare(self, prompt: str, params: SamplingParams, chat_template: bool | None = None) -> list[int]:
+        """Everything a request needs before `generate`, off the event loop and the engine thread (it blocks:
+        tokenizing a long prompt takes a while): the prompt's ids, checked against the limits. Raises
+        InvalidRequest naming the limit."""
+        if len(prompt) > self.max_prompt_chars:
+            raise InvalidRequest(
+                f"the prompt is {len(prompt)} characters; the limit is {self.max_prompt_chars} characters"
+            )
+        self.check_stop(params.stop)
+        prompt_ids = self.tokenize(prompt, chat_template)
+        self.check(prompt_ids, params)
+        compile_stops(params.stop)  # here rather than on the engine thread when the request starts decoding
+        return prompt_ids
 
     def tokenize(self, prompt: str, chat_template: bool | None = None) -> list[int]:
         """Prompt text to ids; the tokenizer's chat template applies unless turned off or absent."""
@@ -142,6 +158,16 @@ class LLMEngine:
             raise InvalidRequest(f"temperature must be a number >= 0, got {params.temperature}")
         if not 0 < params.top_p <= 1:
             raise InvalidRequest(f"top_p must be in (0, 1], got {params.top_p}")
+        self.check_stop(params.stop)
+
+    def check_stop(self, stop: Sequence[str]) -> None:
+        if len(stop) > self.config.max_stop_strings:
+            raise InvalidRequest(f"{len(stop)} stop strings given; the limit is {self.config.max_stop_strings}")
+        longest = max(map(len, stop), default=0)
+        if longest > self.config.max_stop_length:
+            raise InvalidRequest(
+                f"a stop string is {longest} characters; the limit is {self.config.max_stop_length} characters"
+            )
 
     def new_request_id(self) -> str:
         return f"req-{next(self._ids)}"

@@ -1,6 +1,8 @@
 """Incremental detokenization with the real SmolLM2 tokenizer: UTF-8 safe, equal to a full decode."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from engine.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
@@ -76,3 +78,35 @@ def test_text_that_may_start_a_stop_string_is_held_until_resolved():
     assert matcher.push("go ST") == ("go ", False)
     assert matcher.push("O") == ("", False)
     assert matcher.push("RY") == ("STORY", False)
+
+
+def reference_stop_matching(pieces: list[str], stop: list[str]) -> tuple[str, bool]:
+    """What stop strings mean, computed the slow way: the text up to the earliest stop string found once a piece
+    has arrived, and everything when none is."""
+    text = ""
+    for piece in pieces:
+        text += piece
+        starts = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+        if starts:
+            return text[: min(starts)], True
+    return text, False
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pieces=st.lists(st.text(alphabet="abc\n", max_size=6), max_size=12),
+    stop=st.lists(st.text(alphabet="abc\n", min_size=1, max_size=5), min_size=1, max_size=4),
+)
+def test_stop_matching_equals_searching_the_whole_text_after_every_piece(pieces, stop):
+    matcher = StopStringMatcher(stop)
+    sent, hit = "", False
+    for piece in pieces:
+        released, hit = matcher.push(piece)
+        sent += released
+        # Held back: only a text that could still become a stop string.
+        assert any(s.startswith(matcher.pending) for s in stop) or not matcher.pending
+        if hit:
+            break
+    if not hit:
+        sent += matcher.flush()
+    assert (sent, hit) == reference_stop_matching(pieces, stop)

@@ -361,3 +361,21 @@ async def test_every_finished_request_is_reported_once_with_its_reason(tiny_engi
         assert [o.completion_tokens for o in reported if o.request_id == completed[-1].request_id] == [3]
     finally:
         tiny_engine.on_finished = None
+
+
+@pytest.mark.parametrize(
+    "prompt, stop, message",
+    [
+        ("x" * 70000, (), "the prompt is 70000 characters; the limit is 65536 characters"),
+        ("hi", ("a",) * 17, "17 stop strings given; the limit is 16"),
+        ("hi", ("a" * 257,), "a stop string is 257 characters; the limit is 256 characters"),
+    ],
+)
+def test_prompts_and_stop_strings_beyond_the_limits_are_refused_before_tokenizing(tiny_engine, prompt, stop, message):
+    with pytest.raises(InvalidRequest, match=message):
+        tiny_engine.prepare(prompt, SamplingParams(max_tokens=4, stop=stop))
+
+
+def test_prepare_gives_the_prompt_ids_generate_takes(tiny_engine):
+    params = SamplingParams(max_tokens=4, stop=("\n\n",))
+    assert tiny_engine.prepare("hello", params) == tiny_engine.tokenize("hello")
