@@ -34,8 +34,10 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not e2e and not browser"
 
+# The first run also builds llama.cpp's server, the peer, from source (bench/peer.py: about 25 minutes on 2 cores,
+# then cached). Options go through BENCH_ARGS, e.g. `make bench BENCH_ARGS="--quick --skip-peer"`.
 bench: install
-	$(PY) -m bench
+	$(PY) -m bench $(BENCH_ARGS)
 
 soak: install
 	$(PY) -m bench.soak

@@ -1,14 +1,18 @@
 """The load driver and its statistics: N concurrent streams, timed at the consumer.
 
-A stream is any async iterator of items with a `token_id` (Jina's ModelOutputDocument, the engine's StepOutput);
-an item with token_id >= 0 carries a generated token. For each stream we record the time from opening it to the
-first token (TTFT) and the gaps between consecutive tokens (ITL); a round's aggregate rate is every generated
-token of the round over the round's wall time (first stream opened to last stream finished).
+A stream is any async iterator of items that carry generated tokens: Jina's ModelOutputDocument, the engine's
+StepOutput and the ceiling's Token have a `token_id` (>= 0 for a generated token); an OpenAI chunk
+(bench.openai_client.Chunk) has text. For each stream we record the time from opening it to the first token
+(TTFT) and the gaps between consecutive tokens (ITL); a round's aggregate rate is every generated token of the
+round over the round's wall time (first stream opened to last stream finished). Tokens are counted as the stream
+reports them in its usage (`completion_tokens` of the last document or chunk) where it does: an OpenAI chunk can
+hold more than one token (a character split over tokens), so counting chunks would undercount.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,15 +38,24 @@ PROMPTS = [
     "Write a long story about a village where it never stops raining.",
 ]
 
-OpenStream = Callable[[str, int], AsyncIterator]  # (prompt, max_tokens) -> stream of items with token_id
+OpenStream = Callable[[str, int], AsyncIterator]  # (prompt, max_tokens) -> stream of items with token_id or text
+
+# Numbers every measured round, so that no prompt is ever sent twice in a run (see round_prompts).
+_ROUND_NUMBERS = itertools.count(1)
 
 
 @dataclass
 class StreamTiming:
     ttft_s: float | None = None
     gaps_s: list[float] = field(default_factory=list)
-    tokens: int = 0
+    tokens: int = 0  # items that carried a token
+    reported_tokens: int | None = None  # the stream's own count (completion_tokens), when it gives one
+    prompt_tokens: int | None = None
     error: str | None = None
+
+    @property
+    def generated(self) -> int:
+        return self.tokens if self.reported_tokens is None else self.reported_tokens
 
 
 @dataclass
@@ -52,6 +65,7 @@ class RoundResult:
     max_tokens: int
     rounds: int
     tokens: int  # generated tokens, all rounds
+    prompt_tokens: float | None  # mean per stream, as the system counted them (chat template included)
     tokens_per_s: float  # median over rounds of (tokens of the round / wall time of the round)
     ttft_p50_ms: float | None
     ttft_p95_ms: float | None
@@ -80,6 +94,12 @@ def _ms(value: float | None) -> float | None:
     return None if value is None else value * 1000
 
 
+def carries_token(item) -> bool:
+    if hasattr(item, "token_id"):
+        return item.token_id is not None and item.token_id >= 0
+    return bool(item.text)
+
+
 async def time_stream(open_stream: OpenStream, prompt: str, max_tokens: int) -> StreamTiming:
     timing = StreamTiming()
     started = time.perf_counter()
@@ -89,7 +109,9 @@ async def time_stream(open_stream: OpenStream, prompt: str, max_tokens: int) -> 
             now = time.perf_counter()
             if getattr(item, "error", None):
                 timing.error = str(item.error)
-            if item.token_id is None or item.token_id < 0:
+            if getattr(item, "completion_tokens", None) is not None:
+                timing.reported_tokens, timing.prompt_tokens = item.completion_tokens, item.prompt_tokens
+            if not carries_token(item):
                 continue
             if last is None:
                 timing.ttft_s = now - started
@@ -102,9 +124,17 @@ async def time_stream(open_stream: OpenStream, prompt: str, max_tokens: int) -> 
     return timing
 
 
-async def run_round(open_stream: OpenStream, streams: int, max_tokens: int, offset: int = 0) -> tuple[list[StreamTiming], float]:
-    """Open `streams` streams at once, each on a different prompt; returns their timings and the wall time."""
-    prompts = [PROMPTS[(offset + i) % len(PROMPTS)] for i in range(streams)]
+def round_prompts(streams: int, number: int) -> list[str]:
+    """The prompts of the run's round `number`: PROMPTS, rotated by the round, each opened by the round's number.
+    llama.cpp's server keeps each slot's last prompt in its KV cache and reuses the longest common prefix of the
+    next one (`cache_prompt`, on by default): the same 16 prompts in every round would let it skip nearly all of
+    its prefill from the second round on, which no real traffic gives it. With the number first, what any
+    system can reuse is the chat template's system turn, as the service's engine does (its shared prefix)."""
+    return [f"Request {number}. {PROMPTS[(number + i) % len(PROMPTS)]}" for i in range(streams)]
+
+
+async def run_round(open_stream: OpenStream, prompts: list[str], max_tokens: int) -> tuple[list[StreamTiming], float]:
+    """Open a stream per prompt, all at once; returns their timings and the wall time."""
     started = time.perf_counter()
     timings = await asyncio.gather(*(time_stream(open_stream, p, max_tokens) for p in prompts))
     return list(timings), time.perf_counter() - started
@@ -122,15 +152,17 @@ async def measure_interleaved(
     """Round r of every system before round r+1 of any. On a shared host the machine's speed drifts by tens of
     percent within minutes; interleaved, every system sees the same drift and the ratios between them hold."""
     runs: dict[str, list[tuple[list[StreamTiming], float]]] = {name: [] for name in systems}
-    for r in range(rounds):
+    for _ in range(rounds):
+        prompts = round_prompts(streams, next(_ROUND_NUMBERS))  # the same for every system in the round
         for name, open_stream in systems.items():
-            runs[name].append(await run_round(open_stream, streams, max_tokens, offset=r))
+            runs[name].append(await run_round(open_stream, prompts, max_tokens))
     return [summarize(name, streams, max_tokens, runs[name], (notes or {}).get(name, "")) for name in systems]
 
 
 def summarize(system: str, streams: int, max_tokens: int, runs: list[tuple[list[StreamTiming], float]], note: str) -> RoundResult:
     all_timings = [t for timings, _ in runs for t in timings]
-    rates = [sum(t.tokens for t in timings) / elapsed for timings, elapsed in runs]
+    rates = [sum(t.generated for t in timings) / elapsed for timings, elapsed in runs]
+    prompt_tokens = [t.prompt_tokens for t in all_timings if t.prompt_tokens is not None]
     ttfts = [t.ttft_s for t in all_timings if t.ttft_s is not None]
     gaps = [g for t in all_timings for g in t.gaps_s]
     errors = [t.error for t in all_timings if t.error]
@@ -141,7 +173,8 @@ def summarize(system: str, streams: int, max_tokens: int, runs: list[tuple[list[
         streams=streams,
         max_tokens=max_tokens,
         rounds=len(runs),
-        tokens=sum(t.tokens for t in all_timings),
+        tokens=sum(t.generated for t in all_timings),
+        prompt_tokens=statistics.mean(prompt_tokens) if prompt_tokens else None,
         tokens_per_s=statistics.median(rates),
         ttft_p50_ms=_ms(percentile(ttfts, 50)),
         ttft_p95_ms=_ms(percentile(ttfts, 95)),

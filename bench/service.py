@@ -1,0 +1,70 @@
+"""The service as `make serve` runs it, for the benchmark: flow.yml itself (the LLMGateway on gRPC and HTTP,
+config.yml's executor with flow.yml's settings), on free ports instead of 12345/8080/9090/9091, in its own
+process group (harness's running_flow), stopped even on error. Its flow file and log stay in bench/logs/."""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import yaml
+
+from executor import TokenStreamingExecutor
+from harness.processes import free_port, running_flow
+
+ROOT = Path(__file__).resolve().parent.parent
+LOGS = Path(__file__).resolve().parent / "logs"
+
+
+@dataclass
+class Ports:
+    grpc: int
+    http: int
+
+
+def flow_settings() -> dict:
+    return yaml.safe_load((ROOT / "flow.yml").read_text())
+
+
+def model_name() -> str:
+    """The id the gateway's OpenAI API answers to (flow.yml's `model_name`)."""
+    return flow_settings()["gateway"]["uses_with"]["model_name"]
+
+
+def executor_accepts(setting: str) -> bool:
+    """Whether the executor has a setting (a newer one, such as `quantization`, may not have landed yet)."""
+    return setting in inspect.signature(TokenStreamingExecutor.__init__).parameters
+
+
+def executor_settings(overrides: dict) -> dict:
+    """What the service's executor is built with: config.yml's `with`, then flow.yml's uses_with, then overrides."""
+    config = yaml.safe_load((ROOT / "config.yml").read_text())["with"]
+    [executor] = flow_settings()["executors"]
+    return {**config, **executor.get("uses_with", {}), **overrides}
+
+
+@contextmanager
+def serving(name: str, overrides: dict, timeout: float = 300) -> Iterator[Ports]:
+    """flow.yml with its ports replaced by free ones and `overrides` added to the executor's uses_with."""
+    LOGS.mkdir(exist_ok=True)
+    flow = flow_settings()
+    ports = Ports(free_port(), free_port())
+    gateway = flow["gateway"]
+    gateway["port"] = [ports.grpc if protocol == "grpc" else ports.http for protocol in gateway["protocol"]]
+    # Relative paths in flow.yml are relative to the repository root, where `make serve` runs it; the flow file
+    # written here lies in bench/logs/.
+    gateway["extra_search_paths"] = [str(ROOT)]
+    gateway["py_modules"] = [str(ROOT / module) for module in gateway["py_modules"]]
+    gateway["port_monitoring"] = free_port()
+    for executor in flow["executors"]:
+        executor["uses"] = str(ROOT / executor["uses"])
+        executor["uses_with"] = {**executor.get("uses_with", {}), **overrides}
+        replicas = executor.get("replicas", 1)
+        executor["port_monitoring"] = free_port() if replicas == 1 else [free_port() for _ in range(replicas)]
+    flow_file = LOGS / f"{name}.flow.yml"
+    flow_file.write_text(yaml.safe_dump(flow, sort_keys=False))
+    with running_flow(flow_file, [ports.grpc, ports.http], LOGS / f"{name}.log", timeout=timeout):
+        yield ports
