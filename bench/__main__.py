@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                 openai_ports[name] = port = free_port()
                 log(f"starting {name} on port {port}")
                 stack.enter_context(peer.llama_server(
-                    model, port, service.LOGS / f"llama-server-{model.stem}.log",
+                    model, port, flows.LOGS / f"llama-server-{model.stem}.log",
                     parallel=report.PEER_PARALLEL, threads=args.peer_threads, context=context))
         results = asyncio.run(side_by_side(executor.engine, open_ceiling, ports.grpc, openai_ports, args))
     if not args.skip_seed:

@@ -1,5 +1,6 @@
-"""Real `jina flow`s for the benchmark (each in its own process group, stopped even on error) and the gRPC
-stream the load driver opens against them: each stream is its own `stream_doc` call, on its own gRPC channel."""
+"""Real `jina flow`s with Jina's plain gRPC gateway for the benchmark (the seed baseline; the service runs from
+flow.yml itself, bench/service.py), each in its own process group, stopped even on error; and the gRPC stream the
+load driver opens against a flow: each stream is its own `stream_doc` call, on its own gRPC channel."""
 
 from __future__ import annotations
 
@@ -13,15 +14,6 @@ from schemas import ModelOutputDocument, PromptDocument
 
 ROOT = Path(__file__).resolve().parent.parent
 LOGS = Path(__file__).resolve().parent / "logs"
-
-
-def service_executor(device: str, dtype: str) -> dict:
-    """The project's executor through config.yml, with flow.yml's limits."""
-    return {
-        "name": "llm",
-        "uses": str(ROOT / "config.yml"),
-        "uses_with": {"model": "embedded", "device": device, "dtype": dtype, "max_running": 32, "max_waiting": 256},
-    }
 
 
 def seed_executor(device: str, dtype: str) -> dict:

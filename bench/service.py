@@ -12,11 +12,11 @@ from typing import Iterator
 
 import yaml
 
+from bench.flows import LOGS
 from executor import TokenStreamingExecutor
 from harness.processes import free_port, running_flow
 
 ROOT = Path(__file__).resolve().parent.parent
-LOGS = Path(__file__).resolve().parent / "logs"
 
 
 @dataclass
