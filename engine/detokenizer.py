@@ -36,9 +36,10 @@ class IncrementalDetokenizer:
         return ""
 
     def flush(self) -> str:
-        """At the end of generation: whatever is still held back (an incomplete character stays as U+FFFD,
-        exactly as a full decode shows it)."""
+        """At the end of generation: whatever is still held back, except the bytes of a character the output
+        stopped in the middle of (max_tokens cut it): a full decode shows them as U+FFFD, a broken last
+        character the client would keep. vLLM holds them back too; the token ids still carry them."""
         prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
         full_text = self._decode(self.token_ids[self.prefix_offset :])
         self.prefix_offset = self.read_offset = len(self.token_ids)
-        return full_text[len(prefix_text) :]
+        return full_text[len(prefix_text) :].rstrip(REPLACEMENT_CHAR)

@@ -110,3 +110,17 @@ def test_stop_matching_equals_searching_the_whole_text_after_every_piece(pieces,
     if not hit:
         sent += matcher.flush()
     assert (sent, hit) == reference_stop_matching(pieces, stop)
+
+
+@pytest.mark.parametrize("text", [t for t in TEXTS if any(ord(c) > 0x2000 for c in t)])
+def test_an_output_cut_inside_a_character_ends_without_a_broken_one(tokenizer, text):
+    """max_tokens can end the output between the bytes of one character: its last text is the complete
+    characters, with no U+FFFD (seen on a Chinese answer cut at 48 tokens)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    cuts = [n for n in range(1, len(ids)) if tokenizer.decode(ids[:n]).endswith(REPLACEMENT_CHAR)]
+    assert cuts, "this text has no token boundary inside a character"
+    for n in cuts:
+        detokenizer = IncrementalDetokenizer(tokenizer)
+        sent = "".join(detokenizer.add(i) for i in ids[:n]) + detokenizer.flush()
+        assert REPLACEMENT_CHAR not in sent
+        assert sent == tokenizer.decode(ids[:n]).rstrip(REPLACEMENT_CHAR) and text.startswith(sent)
