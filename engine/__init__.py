@@ -2,9 +2,10 @@
 detokenization. It imports neither jina nor docarray, so it can be driven, tested and benchmarked alone."""
 
 from engine.config import EngineConfig
-from engine.engine import InvalidRequest, LLMEngine
+from engine.engine import LLMEngine
 from engine.loading import EMBEDDED, LoadedModel, load_model
-from engine.request import ErrorCode, FinishReason, SamplingParams, StepOutput
+from engine.prompts import InvalidRequest, Prompt
+from engine.request import ErrorCode, FinishReason, SamplingParams, StepOutput, TokenLogprobs
 
 __all__ = [
     "EMBEDDED",
@@ -14,7 +15,9 @@ __all__ = [
     "InvalidRequest",
     "LLMEngine",
     "LoadedModel",
+    "Prompt",
     "SamplingParams",
     "StepOutput",
+    "TokenLogprobs",
     "load_model",
 ]

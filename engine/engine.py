@@ -28,7 +28,8 @@ from engine.config import EngineConfig
 from engine.loading import LoadedModel
 from engine.output import RequestOutputProcessor, final_output
 from engine.plan import PrefillPlan, Runner
-from engine.request import Consumer, ErrorCode, FinishReason, Request, SamplingParams, StepOutput
+from engine.prompts import InvalidRequest, Prompt, PromptEncoder
+from engine.request import Consumer, ErrorCode, FinishReason, Request, SamplingParams, StepOutput, TokenLogprobs
 from engine.runner import CacheRunner
 from engine.sampling import sample_next_tokens
 from engine.scheduler import Scheduler
@@ -36,11 +37,9 @@ from engine.stopping import compile_stops
 
 log = logging.getLogger(__name__)
 
+MAX_TOP_LOGPROBS = 20  # as OpenAI
+
 OutputProcessorFactory = Callable[[Request, "LLMEngine"], RequestOutputProcessor]
-
-
-class InvalidRequest(ValueError):
-    """The request cannot be served as asked; the message says why and what the limit is."""
 
 
 def default_output_processor(request: Request, engine: LLMEngine) -> RequestOutputProcessor:
@@ -66,7 +65,8 @@ class LLMEngine:
         self.max_prompt_chars = self.config.max_prompt_chars or 16 * self.max_model_len
         self.eos_token_ids = _eos_token_ids(loaded)
         self.runner = runner or make_runner(loaded.model, self.config, self.max_model_len)
-        self.scheduler = Scheduler(self.config, self._chat_template_head())  # owned by the loop thread
+        self.prompts = PromptEncoder(loaded.tokenizer)
+        self.scheduler = Scheduler(self.config, self.prompts.chat_template_head())  # owned by the loop thread
         self._output_processor = output_processor
         self._processors: dict[str, RequestOutputProcessor] = {}  # running requests' (loop thread)
         self._outbox: list[tuple[Request, StepOutput]] = []  # this step's outputs, dispatched at its end
@@ -103,40 +103,21 @@ class LLMEngine:
         with self._lock:
             return len(self._in_flight) - self._running_rows
 
-    def prepare(self, prompt: str, params: SamplingParams, chat_template: bool | None = None) -> list[int]:
+    def prepare(self, prompt: Prompt, params: SamplingParams, chat_template: bool | None = None) -> list[int]:
         """Everything a request needs before `generate`, off the event loop and the engine thread (it blocks:
-        tokenizing a long prompt takes a while): the prompt's ids, checked against the limits. Raises
-        InvalidRequest naming the limit."""
-        if len(prompt) > self.max_prompt_chars:
-            raise InvalidRequest(
-                f"the prompt is {len(prompt)} characters; the limit is {self.max_prompt_chars} characters"
-            )
+        tokenizing a long prompt takes a while): the prompt's ids, checked against the limits. `prompt` is a text
+        or a conversation (messages with a role and a content). Raises InvalidRequest naming the limit."""
+        characters = len(prompt) if isinstance(prompt, str) else sum(len(str(m.get("content", ""))) for m in prompt)
+        if characters > self.max_prompt_chars:
+            raise InvalidRequest(f"the prompt is {characters} characters; the limit is {self.max_prompt_chars} characters")
         self.check_stop(params.stop)
         prompt_ids = self.tokenize(prompt, chat_template)
         self.check(prompt_ids, params)
         compile_stops(params.stop)  # here rather than on the engine thread when the request starts decoding
         return prompt_ids
 
-    def tokenize(self, prompt: str, chat_template: bool | None = None) -> list[int]:
-        """Prompt text to ids; the tokenizer's chat template applies unless turned off or absent."""
-        use_template = chat_template is not False and self.tokenizer.chat_template is not None
-        if use_template:
-            encoded = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=True
-            )
-            return list(encoded["input_ids"])
-        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-
-    def _chat_template_head(self) -> list[int]:
-        """The token ids every chat-templated prompt starts with (the system turn): where the template applied to
-        two different messages stops agreeing. Empty without a chat template. The runner caches them once."""
-        if self.tokenizer.chat_template is None:
-            return []
-        one, other = self.tokenize("a", True), self.tokenize("b", True)
-        common = 0
-        while common < min(len(one), len(other)) and one[common] == other[common]:
-            common += 1
-        return one[:common]
+    def tokenize(self, prompt: Prompt, chat_template: bool | None = None) -> list[int]:
+        return self.prompts.encode(prompt, chat_template)
 
     def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
@@ -159,6 +140,20 @@ class LLMEngine:
         if not 0 < params.top_p <= 1:
             raise InvalidRequest(f"top_p must be in (0, 1], got {params.top_p}")
         self.check_stop(params.stop)
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(params, name)
+            if not -2 <= value <= 2:  # NaN fails too
+                raise InvalidRequest(f"{name} must be between -2 and 2, got {value}")
+        if not 0 < params.repetition_penalty < math.inf:
+            raise InvalidRequest(f"repetition_penalty must be a number > 0, got {params.repetition_penalty}")
+        vocab = len(self.tokenizer)
+        for token_id, bias in params.logit_bias:
+            if not 0 <= token_id < vocab:
+                raise InvalidRequest(f"logit_bias names token {token_id}; token ids go from 0 to {vocab - 1}")
+            if not -100 <= bias <= 100:
+                raise InvalidRequest(f"logit_bias for token {token_id} must be between -100 and 100, got {bias}")
+        if not 0 <= params.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequest(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {params.top_logprobs}")
 
     def check_stop(self, stop: Sequence[str]) -> None:
         if len(stop) > self.config.max_stop_strings:
@@ -352,7 +347,7 @@ class LLMEngine:
             logits = self.runner.prefill(plan)
             if not plan.joins:
                 return []
-            tokens = sample_next_tokens(logits, requests)
+            tokens, logprobs = sample_next_tokens(logits, requests)
         except Exception as error:  # these requests fail alone; the running batch goes on
             log.exception("prefill failed for %s", plan.request_ids)
             for request in requests:
@@ -360,20 +355,20 @@ class LLMEngine:
             return plan.request_ids
         for request in requests:
             self._processors[request.request_id] = self._output_processor(request, self)
-        return self._emit(requests, tokens)
+        return self._emit(requests, tokens, logprobs)
 
     def _decode(self, request_ids: Sequence[str]) -> list[str]:
         requests = [self.scheduler.running[rid] for rid in request_ids]
         # A failure here leaves the shared cache unusable: the loop's guard fails every stream in flight.
         logits = self.runner.decode(request_ids, [r.output_ids[-1] for r in requests])
-        return self._emit(requests, sample_next_tokens(logits, requests))
+        return self._emit(requests, *sample_next_tokens(logits, requests))
 
-    def _emit(self, requests: list[Request], tokens: list[int]) -> list[str]:
+    def _emit(self, requests: list[Request], tokens: list[int], logprobs: list[TokenLogprobs | None]) -> list[str]:
         """Each request's output for its new token. Returns the requests that finished."""
         finished: list[str] = []
-        for request, token in zip(requests, tokens):
+        for request, token, token_logprobs in zip(requests, tokens, logprobs):
             try:
-                output = self._processors[request.request_id].on_token(token)
+                output = self._processors[request.request_id].on_token(token, token_logprobs)
             except Exception as error:  # e.g. detokenization: this stream fails, its neighbours go on
                 log.exception("output processing failed for %s", request.request_id)
                 output = final_output(

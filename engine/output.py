@@ -7,7 +7,7 @@ import time
 from transformers import PreTrainedTokenizerBase
 
 from engine.detokenizer import IncrementalDetokenizer
-from engine.request import ErrorCode, FinishReason, Request, StepOutput
+from engine.request import ErrorCode, FinishReason, Request, StepOutput, TokenLogprobs
 from engine.stopping import StopStringMatcher
 
 
@@ -18,7 +18,7 @@ class RequestOutputProcessor:
         self.detokenizer = IncrementalDetokenizer(tokenizer)
         self.stop_matcher = StopStringMatcher(list(request.params.stop)) if request.params.stop else None
 
-    def on_token(self, token_id: int) -> StepOutput:
+    def on_token(self, token_id: int, logprobs: TokenLogprobs | None = None) -> StepOutput:
         request = self.request
         request.output_ids.append(token_id)
         if request.first_token_at is None:
@@ -39,9 +39,11 @@ class RequestOutputProcessor:
             elif finish is not None:
                 piece += self.stop_matcher.flush()
         request.generated_text += piece
-        return self._output(token_id, piece, finish)
+        return self._output(token_id, piece, finish, logprobs)
 
-    def _output(self, token_id: int, piece: str, finish: FinishReason | None) -> StepOutput:
+    def _output(
+        self, token_id: int, piece: str, finish: FinishReason | None, logprobs: TokenLogprobs | None
+    ) -> StepOutput:
         output = StepOutput(
             request_id=self.request.request_id,
             token_id=token_id,
@@ -49,6 +51,7 @@ class RequestOutputProcessor:
             generated_text=self.request.generated_text,
             index=len(self.request.output_ids) - 1,
             finish_reason=finish,
+            logprobs=logprobs,
         )
         return finalize(output, self.request) if finish is not None else output
 

@@ -38,10 +38,38 @@ class SamplingParams:
     top_p: float = 1.0
     seed: Optional[int] = None
     stop: tuple[str, ...] = ()
+    # Logits processing, in OpenAI's sense for the first three: over the tokens generated so far, a token's logit
+    # drops by presence_penalty once it has appeared and by frequency_penalty per appearance; logit_bias adds to
+    # chosen tokens' logits. repetition_penalty (CTRL, as in transformers and TGI) divides the positive logits
+    # of every token of the prompt and the output so far, and multiplies the negative ones.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: bool = False  # report the chosen token's log probability
+    top_logprobs: int = 0  # and this many most likely alternatives (0-20)
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+    @property
+    def processes_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0 or self.logit_bias)
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs or self.top_logprobs > 0
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Log probabilities from the model's own distribution (before penalties, bias and temperature), as OpenAI
+    reports them: the chosen token's, and the most likely tokens' in descending order."""
+
+    logprob: float
+    top_ids: tuple[int, ...] = ()
+    top_logprobs: tuple[float, ...] = ()
 
 
 @dataclass
@@ -54,6 +82,7 @@ class StepOutput:
     finish_reason: Optional[FinishReason] = None
     error: Optional[str] = None
     error_code: Optional[ErrorCode] = None  # set with `error`
+    logprobs: Optional[TokenLogprobs] = None  # when the request asked for them
     prompt_tokens: int = 0
     completion_tokens: int = 0
     queue_time_s: Optional[float] = None

@@ -1,19 +1,53 @@
-"""Choosing the next token of every row of a batch: greedy by default, temperature/top-p when asked."""
+"""Choosing the next token of every row of a batch: greedy by default; penalties, logit bias, temperature and
+top-p when a request asks for them; log probabilities when it wants them."""
 
 from __future__ import annotations
 
 import torch
 
-from engine.request import Request
+from engine.request import Request, TokenLogprobs
 
 
-def sample_next_tokens(logits: torch.Tensor, requests: list[Request]) -> list[int]:
-    """logits: [batch, vocab] for the last position of each row."""
+def sample_next_tokens(logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], list[TokenLogprobs | None]]:
+    """logits: [batch, vocab] for the last position of each row. Rows that only want the greedy token cost one
+    batched argmax; the others are processed row by row."""
     next_tokens = torch.argmax(logits, dim=-1)
     for row, request in enumerate(requests):
-        if not request.params.greedy:
-            next_tokens[row] = _sample(logits[row], request)
-    return next_tokens.tolist()
+        params = request.params
+        if params.processes_logits or not params.greedy:
+            processed = processed_logits(logits[row], request)
+            next_tokens[row] = torch.argmax(processed) if params.greedy else _sample(processed, request)
+    tokens = next_tokens.tolist()
+    logprobs = [
+        token_logprobs(logits[row], token, request.params.top_logprobs) if request.params.wants_logprobs else None
+        for row, (request, token) in enumerate(zip(requests, tokens))
+    ]
+    return tokens, logprobs
+
+
+def processed_logits(logits: torch.Tensor, request: Request) -> torch.Tensor:
+    """A row's logits after the request's logit bias and penalties (a float32 copy)."""
+    params = request.params
+    logits = logits.float().clone()
+    if params.logit_bias:
+        ids, biases = zip(*params.logit_bias)
+        logits[list(ids)] += torch.tensor(biases, device=logits.device)
+    if request.output_ids and (params.presence_penalty or params.frequency_penalty):
+        ids, counts = torch.tensor(request.output_ids, device=logits.device).unique(return_counts=True)
+        logits[ids] -= params.presence_penalty + params.frequency_penalty * counts
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(request.prompt_ids + request.output_ids, device=logits.device).unique()
+        scores = logits[seen]
+        logits[seen] = torch.where(scores > 0, scores / params.repetition_penalty, scores * params.repetition_penalty)
+    return logits
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> TokenLogprobs:
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    if top == 0:
+        return TokenLogprobs(float(logprobs[token]))
+    top_logprobs, top_ids = torch.topk(logprobs, top)
+    return TokenLogprobs(float(logprobs[token]), tuple(top_ids.tolist()), tuple(top_logprobs.tolist()))
 
 
 def _sample(logits: torch.Tensor, request: Request) -> int:

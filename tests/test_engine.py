@@ -379,3 +379,77 @@ def test_prompts_and_stop_strings_beyond_the_limits_are_refused_before_tokenizin
 def test_prepare_gives_the_prompt_ids_generate_takes(tiny_engine):
     params = SamplingParams(max_tokens=4, stop=("\n\n",))
     assert tiny_engine.prepare("hello", params) == tiny_engine.tokenize("hello")
+
+
+async def test_logprobs_are_the_models_own_log_probabilities(embedded_engine):
+    """Each output's logprob and top alternatives equal a plain forward's log_softmax at that position (fp32)."""
+    prompt_ids = embedded_engine.tokenize(PROMPTS[0])
+    params = SamplingParams(max_tokens=6, top_logprobs=5)
+    outputs = [o async for o in embedded_engine.generate(prompt_ids, params)]
+    model = load_model("embedded", dtype="float32").model
+    tokens = [o.token_id for o in outputs]
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt_ids + tokens])).logits[0, len(prompt_ids) - 1 : -1]
+    expected = torch.log_softmax(logits.float(), dim=-1)
+    for step, output in enumerate(outputs):
+        assert output.logprobs.logprob == pytest.approx(float(expected[step, output.token_id]), abs=1e-3)
+        top = torch.topk(expected[step], 5)
+        assert list(output.logprobs.top_ids) == top.indices.tolist()
+        assert list(output.logprobs.top_logprobs) == pytest.approx(top.values.tolist(), abs=1e-3)
+        assert output.logprobs.top_ids[0] == output.token_id  # greedy: the most likely token
+    plain = await collect(embedded_engine, PROMPTS[0], max_tokens=2)
+    assert all(o.logprobs is None for o in plain)  # nobody asked: nothing computed
+
+
+async def test_logit_bias_and_penalties_change_what_is_chosen(embedded_engine):
+    greedy = await collect(embedded_engine, PROMPTS[0], max_tokens=8)
+    forced = greedy[0].token_id + 1
+    biased = await collect(embedded_engine, PROMPTS[0], max_tokens=3, logit_bias=((forced, 100.0),))
+    assert [o.token_id for o in biased] == [forced] * 3
+    # A strong frequency penalty forbids repeating any generated token.
+    penalized = await collect(embedded_engine, "Repeat after me: la la la la la la la la", max_tokens=16, frequency_penalty=2.0)
+    ids = [o.token_id for o in penalized if o.token_id >= 0]
+    repeated = await collect(embedded_engine, "Repeat after me: la la la la la la la la", max_tokens=16)
+    assert len(set(ids)) > len({o.token_id for o in repeated})
+
+
+@pytest.mark.parametrize(
+    "sampling, message",
+    [
+        ({"presence_penalty": 2.5}, "presence_penalty must be between -2 and 2, got 2.5"),
+        ({"frequency_penalty": float("nan")}, "frequency_penalty must be between -2 and 2, got nan"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty must be a number > 0, got 0.0"),
+        ({"logit_bias": ((10**9, 1.0),)}, "logit_bias names token 1000000000; token ids go from 0 to"),
+        ({"logit_bias": ((5, 101.0),)}, "logit_bias for token 5 must be between -100 and 100, got 101.0"),
+        ({"top_logprobs": 21}, "top_logprobs must be between 0 and 20, got 21"),
+    ],
+)
+def test_logits_processing_settings_out_of_range_are_refused(tiny_engine, sampling, message):
+    with pytest.raises(InvalidRequest, match=message):
+        tiny_engine.check([1, 2, 3], SamplingParams(max_tokens=4, **sampling))
+
+
+def test_a_conversation_goes_through_the_chat_template_turn_by_turn(embedded_engine):
+    messages = [
+        {"role": "system", "content": "You answer in French."},
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Bonjour"},
+        {"role": "user", "content": "How are you?"},
+    ]
+    expected = embedded_engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert embedded_engine.prepare(messages, SamplingParams(max_tokens=4)) == list(expected["input_ids"])
+    # The model's default system turn is not added in front of the conversation's own.
+    assert embedded_engine.tokenizer.decode(embedded_engine.tokenize(messages)).count("<|im_start|>system") == 1
+
+
+@pytest.mark.parametrize(
+    "messages, message",
+    [
+        ([], "messages is empty"),
+        ([{"role": "tool", "content": "x"}], r"messages\[0\].role is 'tool'; this model takes system, user, assistant"),
+        ([{"role": "user", "content": None}], r"messages\[0\].content must be a text"),
+    ],
+)
+def test_a_conversation_the_model_cannot_take_is_refused(embedded_engine, messages, message):
+    with pytest.raises(InvalidRequest, match=message):
+        embedded_engine.prepare(messages, SamplingParams(max_tokens=4))
