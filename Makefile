@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install model serve test test-fast bench soak clean
+.PHONY: install model serve lint test test-fast bench soak clean
 
 install: $(STAMP) model
 
@@ -27,6 +27,11 @@ model: $(STAMP)
 
 serve: install
 	$(VENV)/bin/jina flow --uses flow.yml
+
+# ruff and mypy, configured in pyproject.toml.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 test: install
 	$(PY) -m pytest -q

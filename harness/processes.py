@@ -9,9 +9,9 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Iterator
 
 import psutil
 import yaml
@@ -105,10 +105,8 @@ def stop_process_group(process: subprocess.Popen, grace: float = 20) -> None:
     deadline = time.monotonic() + grace
     while live_processes(process.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    try:
+    with suppress(ProcessLookupError):  # every process of the group has exited
         os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     process.wait(timeout=10)
 
 

@@ -7,9 +7,9 @@ import asyncio
 import re
 import subprocess
 import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Iterator
 
 from docarray import BaseDoc
 from jina import Client

@@ -3,8 +3,8 @@ real flows served as `make serve` serves them (gRPC and HTTP through the service
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch

@@ -49,9 +49,9 @@ async def observe_until_idle(page: Page) -> list[str]:
     observations: list[str] = []
     for _ in range(6000):
         text = await page.text_content("#answer")
-        if running := await state(page) == "running":
-            if not observations or observations[-1] != text:
-                observations.append(text)
+        running = await state(page) == "running"
+        if running and (not observations or observations[-1] != text):
+            observations.append(text)
         if not running and observations:
             final = await page.text_content("#answer")
             if observations[-1] != final:

@@ -40,12 +40,14 @@ ARTEFACTS = [
     ".pytest_cache/v/cache/nodeids",
     ".hypothesis/examples/0/1",
     ".ruff_cache/0.8.6/123",
+    ".mypy_cache/3.11/cache.db",
     "jina_token_streaming.egg-info/PKG-INFO",
     "build/k8s/gateway/gateway.yml",
 ]
 # The same kinds, as they would appear in an upload of this checkout.
 ARTEFACT_DIRECTORIES = (
-    ".git/", ".venv/", ".cache/", ".pytest_cache/", ".hypothesis/", ".ruff_cache/", "build/", "bench/logs/"
+    ".git/", ".venv/", ".cache/", ".pytest_cache/", ".hypothesis/", ".ruff_cache/", ".mypy_cache/", "build/",
+    "bench/logs/",
 )
 
 

@@ -9,8 +9,8 @@ import subprocess
 import time
 import urllib.request
 from argparse import Namespace
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import yaml

@@ -4,7 +4,7 @@ The real flow's side of it is tests/test_resilience.py (documents of another sch
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from docarray import BaseDoc
 from jina.types.request.data import SingleDocumentRequest
@@ -46,7 +46,8 @@ def test_prompt_error_names_the_field_and_what_is_expected():
     assert prompt_error(received(PromptDocument(prompt="hi", max_tokens=3))) is None
     assert prompt_error(received(WithExtras(prompt="hi", max_tokens=3))) is None
     assert "`max_tokens` is missing (required, of type int)" in prompt_error(received(PromptOnly(prompt="hi")))
-    assert "cannot be read as a PromptDocument" in prompt_error(received(NestedPrompt(prompt=PromptOnly(prompt="x"), max_tokens=1)))
+    nested = NestedPrompt(prompt=PromptOnly(prompt="x"), max_tokens=1)
+    assert "cannot be read as a PromptDocument" in prompt_error(received(nested))
 
 
 async def test_an_invalid_document_gets_one_error_document_and_never_reaches_the_handler():

@@ -56,11 +56,13 @@ async def chat_stream(client: openai.AsyncOpenAI, **kwargs) -> tuple[list[str], 
 async def test_jina_stream_sse_sends_an_update_per_document_then_end(tiny_service, as_json_body):
     fields = {"prompt": "hello there", "max_tokens": 6, "chat_template": False}
     request = {"json": fields} if as_json_body else {"params": fields}
-    async with httpx.AsyncClient(base_url=tiny_service.url, timeout=60) as client:
-        async with client.stream("GET", "/stream", **request) as response:
-            assert response.status_code == 200
-            assert response.headers["content-type"].startswith("text/event-stream")
-            events = [(event, data) async for event, data in sse_events(response)]
+    async with (
+        httpx.AsyncClient(base_url=tiny_service.url, timeout=60) as client,
+        client.stream("GET", "/stream", **request) as response,
+    ):
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [(event, data) async for event, data in sse_events(response)]
     assert [event for event, _ in events] == ["update"] * (len(events) - 1) + ["end"]
     docs = [ModelOutputDocument.parse_raw(data) for _, data in events[:-1]]
     assert [doc.index for doc in docs] == list(range(len(docs)))
@@ -156,9 +158,13 @@ BAD_REQUESTS = [
     pytest.param(CHAT, {"messages": "hello", "max_tokens": 5}, "messages", id="messages-not-a-list"),
     pytest.param(CHAT, {"messages": [{"content": "hi"}], "max_tokens": 5}, "messages", id="message-without-role"),
     pytest.param(CHAT, {"messages": USER, "max_tokens": 0}, "max_tokens", id="max-tokens-zero"),
-    pytest.param(CHAT, {"messages": USER, "max_completion_tokens": -3}, "max_completion_tokens", id="max-completion-negative"),
+    pytest.param(
+        CHAT, {"messages": USER, "max_completion_tokens": -3}, "max_completion_tokens", id="max-completion-negative"
+    ),
     pytest.param(CHAT, {"messages": USER, "max_tokens": "ten"}, "max_tokens", id="max-tokens-a-string"),
-    pytest.param(CHAT, {"messages": USER, "max_tokens": 5, "temperature": "hot"}, "temperature", id="temperature-a-string"),
+    pytest.param(
+        CHAT, {"messages": USER, "max_tokens": 5, "temperature": "hot"}, "temperature", id="temperature-a-string"
+    ),
     pytest.param(CHAT, {"messages": USER, "max_tokens": 5, "stop": 3}, "stop", id="stop-a-number"),
     pytest.param(CHAT, {"messages": USER, "max_tokens": 5, "n": 2}, "n", id="n-above-one"),
     pytest.param(CHAT, {"messages": USER, "max_tokens": 100000}, None, id="max-tokens-beyond-the-context"),
@@ -232,15 +238,17 @@ async def test_closing_a_streaming_http_connection_cancels_the_generation(tiny_s
     await idle(tiny_service)
     cancelled = tiny_service.cancelled_requests()
     body = {"messages": [{"role": "user", "content": "Tell me everything"}], "max_tokens": LONG, "stream": True}
-    async with httpx.AsyncClient(base_url=tiny_service.url, timeout=60) as client:
-        async with client.stream("POST", CHAT, json=body) as response:
-            assert response.status_code == 200
-            seen = 0
-            async for _event, data in sse_events(response):
-                seen += 1
-                if seen == 3:
-                    break
-            assert tiny_service.running_streams() == 1
+    async with (
+        httpx.AsyncClient(base_url=tiny_service.url, timeout=60) as client,
+        client.stream("POST", CHAT, json=body) as response,
+    ):
+        assert response.status_code == 200
+        seen = 0
+        async for _event, _data in sse_events(response):
+            seen += 1
+            if seen == 3:
+                break
+        assert tiny_service.running_streams() == 1
     # The connection is closed: the engine stops the stream (finish_reason=cancelled), long before LONG tokens.
     await eventually(lambda: tiny_service.running_streams() == 0)
     assert tiny_service.cancelled_requests() == cancelled + 1
@@ -263,11 +271,13 @@ async def test_closing_jina_stream_sse_cancels_the_generation(tiny_service):
     await idle(tiny_service)
     cancelled = tiny_service.cancelled_requests()
     params = {"prompt": "Tell me everything", "max_tokens": LONG, "chat_template": False}
-    async with httpx.AsyncClient(base_url=tiny_service.url, timeout=60) as client:
-        async with client.stream("GET", "/stream", params=params) as response:
-            async for event, _data in sse_events(response):
-                assert event == "update"
-                break
+    async with (
+        httpx.AsyncClient(base_url=tiny_service.url, timeout=60) as client,
+        client.stream("GET", "/stream", params=params) as response,
+    ):
+        async for event, _data in sse_events(response):
+            assert event == "update"
+            break
     await eventually(lambda: tiny_service.running_streams() == 0)
     assert tiny_service.cancelled_requests() == cancelled + 1
 
@@ -351,9 +361,11 @@ async def test_sdk_streams_the_france_answer_unchanged(embedded_service):
 
 @pytest.mark.e2e
 async def test_curl_style_jina_stream_gives_the_france_answer(embedded_service):
-    async with httpx.AsyncClient(base_url=embedded_service.url, timeout=120) as client:
-        async with client.stream("GET", "/stream", params={"prompt": FRANCE, "max_tokens": 30}) as response:
-            events = [(event, data) async for event, data in sse_events(response)]
+    async with (
+        httpx.AsyncClient(base_url=embedded_service.url, timeout=120) as client,
+        client.stream("GET", "/stream", params={"prompt": FRANCE, "max_tokens": 30}) as response,
+    ):
+        events = [(event, data) async for event, data in sse_events(response)]
     assert events[-1][0] == "end"
     docs = [json.loads(data) for event, data in events if event == "update"]
     assert len(docs) > 3 and "Paris" in docs[-1]["generated_text"]
@@ -363,7 +375,10 @@ def test_an_overload_refusal_becomes_429_and_a_bad_request_400():
     from gateway.openai_api import failure
     from schemas import OVERLOADED_ERROR_PREFIX, ModelOutputDocument
 
-    overloaded = ModelOutputDocument(token_id=-1, generated_text="", finish_reason="error", error=f"{OVERLOADED_ERROR_PREFIX}: 6 streams")
-    bad = ModelOutputDocument(token_id=-1, generated_text="", finish_reason="error", error="max_tokens must be at least 1, got 0")
+    def error_document(error: str) -> ModelOutputDocument:
+        return ModelOutputDocument(token_id=-1, generated_text="", finish_reason="error", error=error)
+
+    overloaded = error_document(f"{OVERLOADED_ERROR_PREFIX}: 6 streams")
+    bad = error_document("max_tokens must be at least 1, got 0")
     assert failure(overloaded).status == 429
     assert failure(bad).status == 400

@@ -8,9 +8,9 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
 
 import grpc
 import psutil
@@ -94,7 +94,7 @@ class StormStream:
     prompt: str
     chat_template: bool
     max_tokens: int
-    cancel_after: Optional[int]  # cancel the consuming task once it holds this many documents; None: read to the end
+    cancel_after: int | None  # cancel the consuming task once it holds this many documents; None: read to the end
     received: list[ModelOutputDocument] = field(default_factory=list)
     reached: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -115,7 +115,8 @@ def plan_storm(rng: random.Random) -> list[StormStream]:
 async def consume(service: Service, stream: StormStream) -> None:
     if stream.cancel_after == 0:
         stream.reached.set()
-    async for doc in documents(service, prompt=stream.prompt, max_tokens=stream.max_tokens, chat_template=stream.chat_template):
+    fields = dict(prompt=stream.prompt, max_tokens=stream.max_tokens, chat_template=stream.chat_template)
+    async for doc in documents(service, **fields):
         stream.received.append(doc)
         if len(stream.received) == stream.cancel_after:
             stream.reached.set()  # and read on: the cancellation lands while the task awaits the next document
@@ -147,7 +148,9 @@ async def test_a_storm_of_100_streams_half_cancelled_at_random_points(roomy_serv
     # As long as a cancelled stream may get: it reads on until its cancellation lands.
     references = {}
     for prompt, chat_template in STORM_PROMPTS:
-        docs = await bounded(stream_docs(service, prompt=prompt, max_tokens=CANCELLED_MAX_TOKENS, chat_template=chat_template))
+        docs = await bounded(
+            stream_docs(service, prompt=prompt, max_tokens=CANCELLED_MAX_TOKENS, chat_template=chat_template)
+        )
         references[prompt] = ([d.token_id for d in docs], docs[-1].finish_reason)
     rng = random.Random(20261124)
     executor = executor_process(service)
@@ -194,7 +197,8 @@ async def test_a_storm_of_100_streams_half_cancelled_at_random_points(roomy_serv
         # gateway's garbage collector closes them, maybe during a later storm: hence totals since the start.)
         totals["completed"] += len(completed)
         totals["cancelled"] += len(cancelled)
-        finished, counted_cancelled = (now - start for now, start in zip(counted(), (finished_at_start, cancelled_at_start)))
+        now_finished, now_cancelled = counted()
+        finished, counted_cancelled = now_finished - finished_at_start, now_cancelled - cancelled_at_start
         assert finished >= totals["completed"] and counted_cancelled <= totals["cancelled"]
         assert finished + counted_cancelled <= totals["completed"] + totals["cancelled"]
 
@@ -221,7 +225,9 @@ async def test_a_storm_of_100_streams_half_cancelled_at_random_points(roomy_serv
 # its own schema, see test_a_document_without_a_valid_required_field_*.
 
 INT32 = range(-(2**31), 2**31)  # what DocArray's protobuf carries for an int (NodeProto.integer is int32)
-RTL_SNIPPETS = ["مرحبا بالعالم", "שלום עולם", "\u202eevil\u202c", "\u200f\u200e", "abc \u202b مرحبا \u202c def", "\u2067אב\u2069"]
+RTL_SNIPPETS = [
+    "مرحبا بالعالم", "שלום עולם", "\u202eevil\u202c", "\u200f\u200e", "abc \u202b مرحبا \u202c def", "\u2067אב\u2069"
+]
 # Every code point but surrogates: C0/C1 controls and NUL, format characters (bidi overrides), private use...
 ANY_TEXT = st.text(st.characters(codec=None, exclude_categories=["Cs"]), max_size=80)
 PROMPTS = st.one_of(
@@ -229,7 +235,8 @@ PROMPTS = st.one_of(
     st.builds(lambda a, rtl, b: a + rtl + b, ANY_TEXT, st.sampled_from(RTL_SNIPPETS), ANY_TEXT),
     st.sampled_from(["", " ", "\t\n\r ", "\u3000\u00a0\u2028", "\x00", "\x00\x01\x1b[31m\x7f\x9f"]),
     st.builds(lambda a, surrogate, b: a + surrogate + b, ANY_TEXT, st.characters(categories=["Cs"]), ANY_TEXT),
-    st.builds(lambda unit, n: unit * n, st.text(min_size=1, max_size=4), st.integers(500, 12_000)),  # up to past the context
+    # long prompts, up to past the context
+    st.builds(lambda unit, n: unit * n, st.text(min_size=1, max_size=4), st.integers(500, 12_000)),
 )
 MAX_TOKENS = st.one_of(
     st.integers(1, 12),  # a real stream (a short one: the test stays fast), half of the time
@@ -263,7 +270,9 @@ def unsendable(fields: dict) -> list[str]:
 def assert_context_error(error: str, max_tokens: int) -> None:
     """The refusal of a prompt + max_tokens that do not fit must say so with numbers that add up."""
     too_long = re.search(r"the prompt is (\d+) tokens; the model's context is (\d+) tokens", error)
-    too_many = re.search(r"prompt \((\d+) tokens\) \+ max_tokens \((-?\d+)\) exceeds the model's context of (\d+)", error)
+    too_many = re.search(
+        r"prompt \((\d+) tokens\) \+ max_tokens \((-?\d+)\) exceeds the model's context of (\d+)", error
+    )
     assert too_long or too_many, error
     if too_long:
         assert int(too_long[1]) >= int(too_long[2]) == CONTEXT
@@ -293,7 +302,9 @@ def assert_correct_stream(docs: list[ModelOutputDocument], fields: dict, tokeniz
 @example(fields={"prompt": "a\ud800b", "max_tokens": 3})  # a lone surrogate
 @example(fields={"prompt": "hi", "max_tokens": 2**63 - 1})
 @example(fields={"prompt": "hi", "max_tokens": -(2**31)})
-async def test_any_prompt_document_gets_a_stream_or_a_clear_error_and_the_service_stays_healthy(roomy_service, tokenizer, fields):
+async def test_any_prompt_document_gets_a_stream_or_a_clear_error_and_the_service_stays_healthy(
+    roomy_service, tokenizer, fields
+):
     service = roomy_service
     missing = [name for name in ("prompt", "max_tokens") if name not in fields]
     if missing:
@@ -356,7 +367,8 @@ def raw_stream_doc(channel: grpc.aio.Channel, request: bytes) -> grpc.aio.UnaryS
 
 @pytest.mark.parametrize(
     "bad_bytes",
-    [b"\xed\xa0\x80", b"\xff", b"\xc3("],  # a lone surrogate (U+D800 as CESU-8), a byte UTF-8 never uses, a cut sequence
+    # a lone surrogate (U+D800 as CESU-8), a byte UTF-8 never uses, a cut sequence
+    [b"\xed\xa0\x80", b"\xff", b"\xc3("],
 )
 async def test_prompt_bytes_that_are_not_utf8_are_refused_by_the_gateway(roomy_service, bad_bytes: bytes):
     """A client in another language can put any bytes in the prompt's protobuf string: the gateway refuses the

@@ -127,12 +127,17 @@ async def test_a_client_cancelled_before_its_first_document_frees_the_engine(tin
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await eventually(lambda: tiny_service.running_streams() == 0 and tiny_service.cancelled_requests() == cancelled + 4)
+        # Bound as a default: the predicate reads this round's count, not a later one's.
+        await eventually(
+            lambda before=cancelled: tiny_service.running_streams() == 0
+            and tiny_service.cancelled_requests() == before + 4
+        )
 
 
 async def test_a_killed_client_process_frees_the_engine(tiny_service):
     client = subprocess.Popen(
-        [sys.executable, "-m", "client", "long", "--max-tokens", "4000", "--no-chat-template", "--port", str(tiny_service.grpc_port)],
+        [sys.executable, "-m", "client", "long", "--max-tokens", "4000", "--no-chat-template"]
+        + ["--port", str(tiny_service.grpc_port)],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
@@ -184,7 +189,9 @@ async def test_metrics_count_streams_tokens_and_latencies(tiny_service):
 async def test_refused_requests_are_counted_as_errors_and_generate_nothing(tiny_service):
     errors, generated = "llm_requests_total", "llm_generated_tokens_total"
     before = tiny_service.metric(errors, finish_reason="error"), tiny_service.metric(generated)
-    await asyncio.gather(stream_docs(tiny_service, prompt="", max_tokens=5), stream_docs(tiny_service, prompt="hi", max_tokens=0))
+    await asyncio.gather(
+        stream_docs(tiny_service, prompt="", max_tokens=5), stream_docs(tiny_service, prompt="hi", max_tokens=0)
+    )
     after = tiny_service.metric(errors, finish_reason="error"), tiny_service.metric(generated)
     assert (after[0] - before[0], after[1] - before[1]) == (2, 0)
 
@@ -207,14 +214,17 @@ def test_command_line_reports_an_error_and_fails(tiny_service):
     assert result.returncode == 1 and "max_tokens must be at least 1" in result.stderr
 
 
-async def test_a_fault_in_one_stream_ends_it_with_an_error_and_spares_the_others_in_its_batch(tmp_path_factory, tiny_model_dir):
+async def test_a_fault_in_one_stream_ends_it_with_an_error_and_spares_the_others_in_its_batch(
+    tmp_path_factory, tiny_model_dir
+):
     """tests/faulty_executor.py fails the 3rd token of a FAULT prompt inside a batched decode step. The healthy
     streams are already running when the faulty one starts, so the fault strikes one decode step of all four (its
     message says how many streams that step served); the three must then finish with exactly the tokens that
     their prompts give alone (greedy, float32)."""
     healthy_prompts = [f"healthy {i}" for i in range(3)]
     fields = dict(max_tokens=1000, chat_template=False)  # seconds of steps: still running when the fault strikes
-    with serve(tmp_path_factory, "faulty", {"model": str(tiny_model_dir), "dtype": "float32"}, uses="tests/faulty.yml") as service:
+    uses_with = {"model": str(tiny_model_dir), "dtype": "float32"}
+    with serve(tmp_path_factory, "faulty", uses_with, uses="tests/faulty.yml") as service:
         healthy = [asyncio.create_task(stream_docs(service, prompt=prompt, **fields)) for prompt in healthy_prompts]
         await eventually(lambda: service.running_streams() == len(healthy_prompts))
         faulty = await stream_docs(service, prompt="FAULT here", **fields)
