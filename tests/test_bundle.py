@@ -88,6 +88,9 @@ def test_the_image_installs_every_package_it_copies(tmp_path):
     assert {"schemas", "engine", "executor", "gateway"} <= set(packages)
     for package in packages:
         assert (layout / package / "__init__.py").is_file(), f"the image lacks the package {package}"
+    # What only the tests and the benchmark use is neither installed nor copied.
+    assert not {"harness", "tests", "bench"} & set(packages)
+    assert not [name for name in ("harness", "tests", "bench") if (layout / name).exists()]
     assert (layout / "pyproject.toml").is_file()
     instructions = dockerfile_instructions()
     installs = [
