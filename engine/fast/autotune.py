@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 MEASURED_ROWS = (1, 4, 16)  # a band per measured count, up to the geometric midpoint with the next one
 TIMED_STEPS = 2  # after one warm-up step each; the best counts (the host is shared: the best is the least disturbed)
 
 
-def measure(candidates: list[str], row_counts: list[int], time_step: Callable[[str, int], float]) -> dict[tuple[str, int], float]:
+def measure(
+    candidates: list[str], row_counts: list[int], time_step: Callable[[str, int], object]
+) -> dict[tuple[str, int], float]:
     """Seconds per decode step, best of TIMED_STEPS, for every candidate at every row count. Candidates
     alternate within a row count, so a burst of load on the host hits them alike."""
     timings: dict[tuple[str, int], float] = {}
@@ -32,7 +34,9 @@ def measure(candidates: list[str], row_counts: list[int], time_step: Callable[[s
     return timings
 
 
-def bands(candidates: list[str], row_counts: list[int], timings: dict[tuple[str, int], float], max_rows: int) -> list[tuple[int, str]]:
+def bands(
+    candidates: list[str], row_counts: list[int], timings: dict[tuple[str, int], float], max_rows: int
+) -> list[tuple[int, str]]:
     """[(most rows, precision)], ascending: the fastest candidate at each measured count serves the rows up to
     the geometric midpoint with the next count; neighbouring bands with the same winner merge."""
     result: list[tuple[int, str]] = []

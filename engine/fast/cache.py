@@ -90,6 +90,7 @@ class SlotCache:
             keys[target, :, :length] = keys[source, :, :length]
             values[target, :, :length] = values[source, :, :length]
         request_id = self.owner[source]
+        assert request_id is not None, f"slot {source} has no row to move"
         self.owner[target], self.owner[source] = request_id, None
         self.lengths[target], self.lengths[source] = length, 0
         self.slot_of[request_id] = target

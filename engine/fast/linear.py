@@ -89,4 +89,6 @@ def check_quantization(quantization: str, device: torch.device) -> None:
     if quantization != "none" and device.type != "cpu":
         raise ValueError(f"quantization {quantization!r} uses CPU kernels: use 'none' on {device.type}")
     if quantization == "int4" and not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
-        raise ValueError("quantization 'int4' needs torch._weight_int4pack_mm_for_cpu, missing in this torch: use none or int8")
+        raise ValueError(
+            "quantization 'int4' needs torch._weight_int4pack_mm_for_cpu, missing in this torch: use none or int8"
+        )

@@ -78,15 +78,23 @@ class FastLlama:
     """The parts of a LlamaForCausalLM that every precision shares (norms, embeddings, RoPE tables, shape), and
     builders for the matmul weights in each precision."""
 
-    def __init__(self, model: LlamaForCausalLM, max_len: int, device: torch.device, activation_dtype: torch.dtype) -> None:
+    def __init__(
+        self, model: LlamaForCausalLM, max_len: int, device: torch.device, activation_dtype: torch.dtype
+    ) -> None:
         config = model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.shape = Shape(
-            config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads, head_dim,
-            config.hidden_size, config.rms_norm_eps,
+            config.num_hidden_layers,
+            config.num_attention_heads,
+            config.num_key_value_heads or config.num_attention_heads,
+            head_dim,
+            config.hidden_size,
+            config.rms_norm_eps,
         )
         self.device, self.activation_dtype = device, activation_dtype
-        self._source = model  # the float weights every precision is built from; dropped by release_source()
+        self._source: LlamaForCausalLM | None = (
+            model  # the float weights every precision is built from; dropped by release_source()
+        )
 
         def param(tensor: torch.Tensor) -> torch.Tensor:
             return tensor.detach().to(device=device, dtype=activation_dtype).contiguous()
@@ -131,7 +139,9 @@ class FastLlama:
         self._source = None
 
 
-def rope_tables(model: LlamaForCausalLM, max_len: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    model: LlamaForCausalLM, max_len: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sign-folded sin per position, [max_len, head_dim], computed as transformers' LlamaRotaryEmbedding
     does (its own inv_freq and attention scaling, float32 products), so the rotation matches it exactly.
 
@@ -166,7 +176,7 @@ class StepInputs:
     output_order: torch.Tensor | None  # rows' order in the returned logits; None: as computed
 
 
-def forward(llama: FastLlama, weights: Precision, cache: "SlotCache", step: StepInputs) -> torch.Tensor:
+def forward(llama: FastLlama, weights: Precision, cache: SlotCache, step: StepInputs) -> torch.Tensor:
     """Logits [rows, vocab] after each row's `last` token; writes every real token's K and V into the cache."""
     shape = llama.shape
     rows, tokens = step.input_ids.shape
@@ -196,7 +206,9 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
 
 
-def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, shape: Shape) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, shape: Shape
+) -> torch.Tensor:
     """q [rows, tokens, heads, head_dim] against the cache [rows, kv_heads, attended, head_dim].
 
     GQA without copying the cache: the query heads that share a KV head become extra queries of that head,

@@ -4,10 +4,11 @@ KV cache. Rows are named by request id; the scheduler never sees a tensor."""
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
+from typing import cast
 
 import torch
-from transformers import PreTrainedModel
+from transformers import LlamaForCausalLM, PreTrainedModel
 
 from engine.fast import autotune
 from engine.fast.cache import SlotCache
@@ -32,7 +33,9 @@ class FastRunner:
         quantization: str = "none",
     ) -> None:
         if not supports(model):
-            raise ValueError(f"FastRunner does not handle {type(model).__name__} with this config: use the transformers runner")
+            raise ValueError(
+                f"FastRunner does not handle {type(model).__name__} with this config: use the transformers runner"
+            )
         if dtype != "auto" and dtype not in FLOAT_DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}: use auto, {', '.join(FLOAT_DTYPES)}")
         self.device = model.device
@@ -42,7 +45,7 @@ class FastRunner:
         # weights are: a row's cache then does not depend on which precision each step ran in (the band
         # changes with the batch size), and the casts around a matmul cost far less than the matmul.
         activation_dtype = torch.float32 if self.device.type == "cpu" else getattr(torch, self.candidates[0])
-        self.llama = FastLlama(model, max_len, self.device, activation_dtype)
+        self.llama = FastLlama(cast(LlamaForCausalLM, model), max_len, self.device, activation_dtype)
         self.precisions = {name: self.llama.precision(name) for name in self.candidates}
         self.max_rows, self.max_len = max_rows, max_len
         self.cache = SlotCache(self.llama.shape, max_rows, max_len, self.device, activation_dtype)
@@ -73,7 +76,9 @@ class FastRunner:
                 )
         ends = [chunk.start + len(chunk.token_ids) for chunk in plan.chunks]
         cache.reserve(max(ends))
-        logits = forward(self.llama, self._started(self.prefill_precision), cache, self._prefill_inputs(plan.chunks, slots))
+        logits = forward(
+            self.llama, self._started(self.prefill_precision), cache, self._prefill_inputs(plan.chunks, slots)
+        )
         for slot, chunk in zip(slots, plan.chunks):
             cache.lengths[slot] += len(chunk.token_ids)
         if plan.joins:
@@ -85,7 +90,9 @@ class FastRunner:
         rows = len(request_ids)
         slots = [cache.slot_of.get(request_id, rows) for request_id in request_ids]
         if rows != cache.running or sorted(slots) != list(range(rows)) or len(input_ids) != rows:
-            raise ValueError(f"decode needs every running row once with one token each: {cache.running} run, {rows} given")
+            raise ValueError(
+                f"decode needs every running row once with one token each: {cache.running} run, {rows} given"
+            )
         tokens = [0] * rows
         for slot, token in zip(slots, input_ids):
             tokens[slot] = token
@@ -123,7 +130,11 @@ class FastRunner:
         """Chunks right-padded to the longest; padding repeats a row's last real position (so its queries see
         only real keys) and is neither written to the cache nor read out."""
         rows, width = len(chunks), max(len(chunk.token_ids) for chunk in chunks)
-        input_ids, positions, write_slots, write_positions, real_tokens = [], [], [], [], []
+        input_ids: list[list[int]] = []
+        positions: list[list[int]] = []
+        write_slots: list[int] = []
+        write_positions: list[int] = []
+        real_tokens: list[int] = []
         for row, (chunk, slot) in enumerate(zip(chunks, slots)):
             count = len(chunk.token_ids)
             input_ids.append(chunk.token_ids + [0] * (width - count))
@@ -185,7 +196,10 @@ class FastRunner:
                 ", ".join(f"<={most_rows}: {name}" for most_rows, name in chosen),
                 self.prefill_precision.name,
                 MEASURED_CONTEXT,
-                ", ".join(f"{name} x{rows} {seconds * 1000:.1f}" for (name, rows), seconds in sorted(timings.items(), key=lambda item: item[0][1])),
+                ", ".join(
+                    f"{name} x{rows} {seconds * 1000:.1f}"
+                    for (name, rows), seconds in sorted(timings.items(), key=lambda item: item[0][1])
+                ),
             )
         used = {precision.name for _, precision in self.decode_bands}
         self.precisions = {name: precision for name, precision in self.precisions.items() if name in used}

@@ -1,0 +1,273 @@
+"""engine/fast/: the Llama forward matches transformers, and the Runner protocol (prefill groups, chunks, joins,
+frees, the shared prefix) gives every row the tokens it gets alone."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from engine.fast import FastRunner, supports
+from engine.plan import PrefillChunk, PrefillPlan
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+    "List three colours:",
+    "What is 12 times 7?",
+    "The quick brown fox",
+]
+
+
+@pytest.fixture(scope="module")
+def embedded(embedded_dir):
+    tokenizer = AutoTokenizer.from_pretrained(embedded_dir)
+    model = AutoModelForCausalLM.from_pretrained(embedded_dir, dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(embedded) -> list[list[int]]:
+    _, tokenizer = embedded
+    return [tokenizer(prompt).input_ids for prompt in PROMPTS]
+
+
+def started(model, max_rows: int = 8, max_len: int = 512, prefix: Sequence[int] = (), **settings) -> FastRunner:
+    runner = FastRunner(model, max_rows, max_len, **{"dtype": "float32", **settings})
+    runner.start(list(prefix))
+    return runner
+
+
+def prefill(
+    runner: FastRunner, chunks: dict[str, tuple[list[int], int]], first: bool = True, joins: bool = True
+) -> dict[str, int]:
+    """Prefill {id: (tokens, start)} as one group; the greedy token of each row."""
+    plan = PrefillPlan([PrefillChunk(rid, tokens, start) for rid, (tokens, start) in chunks.items()], first, joins)
+    logits = runner.prefill(plan)
+    return dict(zip(plan.request_ids, logits.argmax(-1).tolist()))
+
+
+def decode(runner: FastRunner, last: dict[str, int]) -> dict[str, int]:
+    ids = list(last)
+    logits = runner.decode(ids, [last[rid] for rid in ids])
+    return dict(zip(ids, logits.argmax(-1).tolist()))
+
+
+def alone(runner: FastRunner, prompt: list[int], steps: int) -> list[int]:
+    tokens = [prefill(runner, {"alone": (prompt, 0)})["alone"]]
+    for _ in range(steps - 1):
+        tokens.append(decode(runner, {"alone": tokens[-1]})["alone"])
+    runner.free(["alone"])
+    return tokens
+
+
+@torch.no_grad()
+def test_greedy_tokens_equal_model_generate(embedded, prompt_ids):
+    model, tokenizer = embedded
+    runner = started(model)
+    for prompt in prompt_ids[:4]:
+        expected = model.generate(
+            torch.tensor([prompt]), max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.eos_token_id
+        )[0, len(prompt) :].tolist()
+        assert alone(runner, prompt, 24) == expected
+
+
+@torch.no_grad()
+def test_rows_joining_chunked_and_freed_get_the_tokens_they_get_alone(embedded, prompt_ids):
+    """Rows of different lengths join at different times (one group padded, one prompt in two chunks, a group
+    that joins while another is still being prefilled), run in a shuffled order, and leave mid-way."""
+    model, _ = embedded
+    runner = started(model, max_rows=5)
+    steps = 16
+    expected = {f"r{index}": alone(runner, prompt, steps) for index, prompt in enumerate(prompt_ids[:5])}
+    prompts = {f"r{index}": prompt for index, prompt in enumerate(prompt_ids[:5])}
+    got: dict[str, list[int]] = {rid: [] for rid in prompts}
+    running: list[str] = []
+
+    def run(first_token: dict[str, int]) -> None:
+        for rid, token in first_token.items():
+            got[rid].append(token)
+        running.extend(first_token)
+
+    def step() -> None:
+        order = running[::-1] if len(got[running[0]]) % 2 else running  # any order: logits come back in it
+        for rid, token in decode(runner, {rid: got[rid][-1] for rid in order}).items():
+            got[rid].append(token)
+
+    def leave(rid: str) -> None:
+        runner.free([rid])
+        running.remove(rid)
+
+    run(prefill(runner, {"r0": (prompts["r0"], 0)}))
+    step()
+    step()
+    run(prefill(runner, {"r1": (prompts["r1"], 0), "r2": (prompts["r2"], 0)}))  # padded to the longer prompt
+    step()
+    long = prompts["r3"]
+    half = len(long) // 2
+    prefill(runner, {"r3": (long[:half], 0)}, joins=False)  # r3's first chunk: r3 does not decode yet
+    step()
+    run(prefill(runner, {"r4": (prompts["r4"], 0)}))  # joins while r3 waits in the slot r4 must take
+    step()
+    leave_after = {"r1": len(got["r1"])}
+    leave("r1")  # a row in the middle of the running ones: the last one moves into its slot
+    run(prefill(runner, {"r3": (long[half:], half)}, first=False))
+    while running:
+        step()
+        for rid in list(running):
+            if len(got[rid]) >= steps:
+                leave(rid)
+    assert got["r1"] == expected["r1"][: leave_after["r1"]]
+    for rid in ("r0", "r2", "r3", "r4"):
+        assert got[rid] == expected[rid], rid
+    assert runner.cache.running == 0 and not runner.cache.slot_of
+
+
+@torch.no_grad()
+def test_shared_prefix_equals_prefilling_the_whole_prompt(embedded):
+    model, tokenizer = embedded
+    chat = [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False) for text in PROMPTS[:3]]
+    ids = [tokenizer(text).input_ids for text in chat]
+    prefix_length = next(i for i in range(min(map(len, ids))) if len({tuple(p[: i + 1]) for p in ids}) > 1)
+    assert prefix_length > 8  # the chat template's system turn
+    with_prefix = started(model, prefix=ids[0][:prefix_length])
+    whole = started(model)
+    tails = {f"p{index}": (prompt[prefix_length:], prefix_length) for index, prompt in enumerate(ids)}
+    logits_with_prefix = with_prefix.prefill(
+        PrefillPlan([PrefillChunk(r, t, s) for r, (t, s) in tails.items()], True, True)
+    )
+    logits_whole = whole.prefill(PrefillPlan([PrefillChunk(f"p{i}", p, 0) for i, p in enumerate(ids)], True, True))
+    torch.testing.assert_close(logits_with_prefix, logits_whole, atol=2e-4, rtol=1e-4)
+    last = dict(zip(tails, logits_with_prefix.argmax(-1).tolist()))
+    last_whole = dict(last)
+    for _ in range(8):
+        last, last_whole = decode(with_prefix, last), decode(whole, last_whole)
+        assert last == last_whole
+
+
+def tiny_llama(**overrides) -> LlamaForCausalLM:
+    settings = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**{**settings, **overrides})).eval()
+
+
+ROPE_VARIANTS = {
+    "default": {},
+    "linear": {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+    "llama3": {
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 128,
+        }
+    },
+    "yarn": {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}},
+    "untied, no GQA, head_dim 32": {"tie_word_embeddings": False, "num_key_value_heads": 4, "head_dim": 32},
+}
+
+
+@pytest.mark.parametrize("variant", ROPE_VARIANTS)
+@torch.no_grad()
+def test_logits_match_transformers_forward_on_a_tiny_random_llama(variant):
+    model = tiny_llama(**ROPE_VARIANTS[variant])
+    assert supports(model)
+    runner = started(model, max_rows=2, max_len=400)
+    torch.manual_seed(1)
+    sequence = torch.randint(0, 256, (2, 300))
+    reference = model(sequence).logits  # [rows, 300, vocab]
+    logits = runner.prefill(
+        PrefillPlan(
+            [PrefillChunk("a", sequence[0, :290].tolist(), 0), PrefillChunk("b", sequence[1, :250].tolist(), 0)],
+            True,
+            True,
+        )
+    )
+    torch.testing.assert_close(logits, torch.stack([reference[0, 289], reference[1, 249]]), atol=1e-4, rtol=1e-4)
+    # decode steps past the shorter row's prompt: positions 290.. and 250.. (beyond yarn's original context)
+    for step in range(5):
+        logits = runner.decode(["b", "a"], [sequence[1, 250 + step].item(), sequence[0, 290 + step].item()])
+        torch.testing.assert_close(
+            logits, torch.stack([reference[1, 250 + step], reference[0, 290 + step]]), atol=1e-4, rtol=1e-4
+        )
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        pytest.param(lambda: tiny_llama(attention_bias=True), id="attention bias"),
+        pytest.param(lambda: tiny_llama(mlp_bias=True), id="mlp bias"),
+        pytest.param(lambda: tiny_llama(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), id="dynamic rope"),
+        pytest.param(lambda: tiny_llama(hidden_act="gelu"), id="gelu"),
+        pytest.param(lambda: GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)), id="gpt2"),
+    ],
+)
+def test_models_the_forward_does_not_reproduce_are_not_supported(model):
+    model = model()
+    assert not supports(model)
+    with pytest.raises(ValueError, match="transformers runner"):
+        FastRunner(model, 2, 64)
+
+
+def test_an_unknown_quantization_is_refused_with_the_allowed_ones_named():
+    with pytest.raises(ValueError, match="none, int8, int4"):
+        FastRunner(tiny_llama(), 2, 64, quantization="int3")
+    with pytest.raises(ValueError, match="auto, float32, bfloat16"):
+        FastRunner(tiny_llama(), 2, 64, dtype="float8")
+
+
+def greedy_agreement(runner: FastRunner, prompts: list[list[int]], references: list[list[int]]) -> float:
+    """Share of the reference's greedy tokens that `runner` also picks when fed the reference's own tokens
+    (teacher-forced, so one early difference does not count as every later token)."""
+    agreed = total = 0
+    chunks = {f"q{i}": (prompt, 0) for i, prompt in enumerate(prompts)}
+    picked = prefill(runner, chunks)
+    for step in range(len(references[0])):
+        for index, rid in enumerate(chunks):
+            agreed += picked[rid] == references[index][step]
+            total += 1
+        if step + 1 < len(references[0]):
+            picked = decode(runner, {rid: references[index][step] for index, rid in enumerate(chunks)})
+    runner.free(list(chunks))
+    return agreed / total
+
+
+@pytest.mark.parametrize("quantization, threshold", [("int8", 0.9), ("int4", 0.6)])
+@torch.no_grad()
+def test_quantized_weights_agree_with_float32_on_most_greedy_tokens(embedded, prompt_ids, quantization, threshold):
+    model, _ = embedded
+    steps = 32
+    reference = started(model)
+    references = [alone(reference, prompt, steps) for prompt in prompt_ids]
+    quantized = started(model, quantization=quantization, dtype="auto")
+    agreement = greedy_agreement(quantized, prompt_ids, references)
+    logging.getLogger(__name__).info("%s greedy agreement with float32: %.3f", quantization, agreement)
+    assert agreement >= threshold
+
+
+@torch.no_grad()
+def test_auto_dtype_measures_and_covers_every_batch_size(tiny_model_dir, caplog):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with caplog.at_level(logging.INFO, logger="engine.fast.runner"):
+        runner = started(model, max_rows=6, dtype="auto")
+    assert "ms per decode step" in caplog.text
+    assert runner.decode_bands[-1][0] == 6
+    assert runner.cache.running == 0 and not runner.cache.slot_of
+    for rows in range(1, 7):
+        assert runner._decode_precision(rows).name in ("float32", "bfloat16")
+    first = prefill(runner, {"x": ([1, 2, 3, 4], 0)})
+    assert decode(runner, first).keys() == {"x"}
