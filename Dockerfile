@@ -17,12 +17,13 @@ COPY executor executor
 COPY client client
 COPY gateway gateway
 COPY lifecycle lifecycle
+COPY workarounds workarounds
 COPY config.yml flow.yml ./
 COPY deploy/gateway deploy/gateway
 # Installed, so that `import schemas` (and engine, executor, gateway) works from any directory: the py_modules
 # that Jina imports by path use absolute imports. The import from / (not the WORKDIR) proves it at build time.
 RUN pip install --no-cache-dir --no-deps --no-build-isolation -e . \
- && cd / && python -c "import schemas, engine, executor, gateway, client, lifecycle" \
+ && cd / && python -c "import schemas, engine, executor, gateway, client, lifecycle, workarounds" \
  # Convert the embedded model at build time, so a container starts in seconds.
  && TOKEN_STREAMING_CACHE=/workdir/.cache python -c "from engine.loading import embedded_model_dir; embedded_model_dir()"
 ENV TOKEN_STREAMING_CACHE=/workdir/.cache

@@ -42,7 +42,7 @@ from bench import flows, report
 from bench.load import PROMPTS, OpenStream, StreamTiming, percentile, time_stream
 from harness.processes import process_listening_on
 from harness.service import Service, serve
-from schemas import OVERLOADED_ERROR_PREFIX, ModelOutputDocument
+from schemas import ErrorCode, ModelOutputDocument
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -134,11 +134,11 @@ class RecordingStream:
 
 def classify(kind: str, last: Optional[ModelOutputDocument], timing: StreamTiming) -> tuple[str, str]:
     if last is not None and last.finish_reason == "error":
-        if (last.error or "").startswith(OVERLOADED_ERROR_PREFIX):
+        if last.error_code == ErrorCode.OVERLOADED:
             return REFUSED_OVERLOADED, ""
-        if kind == BAD_INPUT:
+        if kind == BAD_INPUT and last.error_code == ErrorCode.INVALID_REQUEST:
             return REFUSED_BAD_INPUT, ""
-        return UNEXPECTED, f"error document: {last.error}"
+        return UNEXPECTED, f"error document ({last.error_code}): {last.error}"
     if timing.error:  # time_stream's record of an exception out of the stream
         return UNEXPECTED, f"client exception: {timing.error}"
     if last is None:

@@ -3,32 +3,36 @@
     async for doc in stream("what is the capital of France ?", max_tokens=20):
         print(doc.text, end="", flush=True)
 
-It raises StreamError when the service ends a stream with an error (bad input, overload) or shuts down.
-Cancelling the task that iterates it stops the generation on the server. For that, importing this package makes
-grpc.aio forward every cancellation to its call (client/grpc_cancel.py): a process that drives Jina's Client
-itself should build it with `grpc_client()`.
+It raises StreamError when the service ends a stream with an error (bad input, overload) or shuts down; its
+`code` says which (schemas.ErrorCode). Cancelling the task that iterates it stops the generation on the server.
+For that, `grpc_client()` makes grpc.aio forward every cancellation to its call (workarounds/grpc_cancel.py): a
+process that drives Jina's Client itself should build it with `grpc_client()`. Importing this package patches
+nothing.
 """
 
 from __future__ import annotations
 
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from docarray import BaseDoc
 from jina import Client
 
-from client import grpc_cancel
 from schemas import ModelOutputDocument, PromptDocument
-
-grpc_cancel.install()
+from workarounds import grpc_cancel
 
 FAILURE_REASONS = {"error", "shutdown"}
 
 
 class StreamError(RuntimeError):
-    def __init__(self, finish_reason: str, message: str | None) -> None:
-        super().__init__(f"{finish_reason}: {message or 'no detail given'}")
+    """The service ended a stream in failure: `finish_reason` ('error' or 'shutdown'), `code` (an ErrorCode value:
+    invalid_request, overloaded, shutdown, unavailable, internal; None from a service without codes) and the
+    `message` in words."""
+
+    def __init__(self, finish_reason: str, message: str | None, code: str | None = None) -> None:
+        super().__init__(f"{finish_reason}{f' ({code})' if code else ''}: {message or 'no detail given'}")
         self.finish_reason = finish_reason
         self.message = message
+        self.code = code
 
 
 async def stream(
@@ -43,12 +47,13 @@ async def stream(
     request = PromptDocument(prompt=prompt, max_tokens=max_tokens, **options)
     async for doc in stream_documents(grpc_client(host, port), request):
         if doc.finish_reason in FAILURE_REASONS:
-            raise StreamError(doc.finish_reason, doc.error)
+            raise StreamError(doc.finish_reason, doc.error, doc.error_code)
         yield doc
 
 
 def grpc_client(host: str = "localhost", port: int = 12345) -> Client:
     """Jina's async gRPC Client, in a process where cancelling a stream reaches the server (see above)."""
+    grpc_cancel.install()
     return Client(host=host, port=port, protocol="grpc", asyncio=True)
 
 

@@ -25,11 +25,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def main(args: argparse.Namespace) -> int:
-    options = {
-        name: value
-        for name, value in (("stop", args.stop), ("temperature", args.temperature), ("top_p", args.top_p), ("seed", args.seed))
-        if value is not None
-    }
+    given = {"stop": args.stop, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+    options = {name: value for name, value in given.items() if value is not None}
     if args.no_chat_template:
         options["chat_template"] = False
     started = time.perf_counter()

@@ -2,22 +2,36 @@
 
 It validates a PromptDocument, submits it to the engine, and relays each StepOutput as a ModelOutputDocument.
 It never raises out of a streaming generator (Jina's gateway would replay the stream): every failure becomes
-a last document with finish_reason='error' and an `error` in words.
+a last document with finish_reason='error', an `error` in words and an `error_code` (schemas.ErrorCode).
+
+The engine's settings and their defaults are EngineConfig's (engine/config.py): the signature below takes them
+from there, so config.yml and the flows name a setting only to change it.
 """
 
 # No `from __future__ import annotations` here: Jina reads the endpoint's document types from real annotations.
 import asyncio
 import time
-from typing import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator
 
 from docarray import DocList
 from jina import Executor, requests
 from prometheus_client import CollectorRegistry
 
-from engine import EMBEDDED, EngineConfig, FinishReason, InvalidRequest, LLMEngine, SamplingParams, StepOutput, load_model
+from engine import (
+    EMBEDDED,
+    EngineConfig,
+    FinishReason,
+    InvalidRequest,
+    LLMEngine,
+    SamplingParams,
+    StepOutput,
+    load_model,
+)
 from executor.metrics import StreamMetrics
 from lifecycle import OpenStreams, drain_on_sigterm
-from schemas import ModelOutputDocument, PromptDocument, error_document
+from schemas import ErrorCode, ModelOutputDocument, PromptDocument, error_document
+from workarounds import jina_worker
 
 WARMUP_PROMPT = "Hello"
 
@@ -29,16 +43,19 @@ class TokenStreamingExecutor(Executor):
         device: str = "auto",
         dtype: str = "auto",
         chat_template: bool = True,
-        max_running: int = 32,
-        max_waiting: int = 256,
-        prefill_chunk: int = 192,
-        max_decode_pause_s: float = 0.4,
-        max_model_len: int | None = None,
+        max_running: int = EngineConfig.max_running,
+        max_waiting: int = EngineConfig.max_waiting,
+        prefill_chunk: int = EngineConfig.prefill_chunk,
+        max_decode_pause_s: float = EngineConfig.max_decode_pause_s,
+        max_model_len: int | None = EngineConfig.max_model_len,
+        fast_path: bool = EngineConfig.fast_path,
+        quantization: str = EngineConfig.quantization,
         warmup_tokens: int = 8,
         shutdown_grace_s: float = 10.0,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        jina_worker.install()  # before the model loads: an unverified jina fails the start at once
         loaded = load_model(model, device=device, dtype=dtype)
         self.engine = LLMEngine(loaded, EngineConfig(
             max_running=max_running,
@@ -46,6 +63,8 @@ class TokenStreamingExecutor(Executor):
             prefill_chunk=prefill_chunk,
             max_decode_pause_s=max_decode_pause_s,
             max_model_len=max_model_len,
+            fast_path=fast_path,
+            quantization=quantization,
         ))
         self.chat_template = chat_template
         self.shutdown_grace_s = shutdown_grace_s
@@ -65,7 +84,9 @@ class TokenStreamingExecutor(Executor):
         self.engine.run_to_completion(prompt_ids, SamplingParams(max_tokens=tokens))
 
     @requests(on="/stream")
-    async def stream(self, doc: PromptDocument, **kwargs) -> ModelOutputDocument:
+    # Jina reads the streamed document type from the return annotation: the one thing an async generator's
+    # annotation cannot say for mypy.
+    async def stream(self, doc: PromptDocument, **kwargs) -> ModelOutputDocument:  # type: ignore[misc]
         """One ModelOutputDocument per decode step; the last one carries finish_reason, usage and timings."""
         async for output in self._generate(doc):
             yield output
@@ -75,10 +96,9 @@ class TokenStreamingExecutor(Executor):
         """Unary: the last document of each prompt's stream (its generated_text is the whole answer)."""
 
         async def last_document(doc: PromptDocument) -> ModelOutputDocument:
-            last = None
-            async for last in self._generate(doc):
+            async for last in self._generate(doc):  # noqa: B007 (the loop keeps the last document)
                 pass
-            return last
+            return last  # _relay always yields a last document
 
         return DocList[ModelOutputDocument](await asyncio.gather(*(last_document(doc) for doc in docs)))
 
@@ -86,22 +106,32 @@ class TokenStreamingExecutor(Executor):
         return self._open_streams.track(self._relay(doc))
 
     async def _relay(self, doc: PromptDocument) -> AsyncIterator[ModelOutputDocument]:
+        finished = False
         try:
             prompt_ids, params = await self._prepare(doc)
-        except Exception as error:  # never raise out of a streaming endpoint
-            message = str(error) if isinstance(error, InvalidRequest) else f"internal error while preparing the request: {error!r}"
+            request_id = f"exec-{uuid.uuid4().hex}"
+            # Jina's worker may drop this generator at its `yield` when the call is cancelled, without closing it:
+            # the end of its task must cancel the request (workarounds/jina_worker.py). A no-op once it finished.
+            worker_task = asyncio.current_task()
+            assert worker_task is not None  # a generator being iterated runs in a task
+            stop_watching = jina_worker.cancel_when_task_ends(worker_task, lambda: self.engine.cancel(request_id))
+            try:
+                last_output_at = None
+                async for output in self.engine.generate(prompt_ids, params, request_id):
+                    now = time.perf_counter()
+                    self.metrics.observe_token(output, None if last_output_at is None else now - last_output_at)
+                    last_output_at = now
+                    finished = output.finished
+                    yield to_document(output)
+            finally:
+                stop_watching()
+        except InvalidRequest as error:
             self.metrics.requests.labels(FinishReason.ERROR.value).inc()  # a refusal is a request too
-            yield error_document(message)
-            return
-        last_output_at = None
-        # Owner: the task reading this generator, Jina worker's task of the gRPC call, which ends when the call
-        # ends. A call cancelled while the worker sends a document drops this generator at its `yield` without
-        # closing it (until a later garbage collection): the request must not run on to max_tokens meanwhile.
-        async for output in self.engine.generate(prompt_ids, params, owner=asyncio.current_task()):
-            now = time.perf_counter()
-            self.metrics.observe_token(output, None if last_output_at is None else now - last_output_at)
-            last_output_at = now
-            yield to_document(output)
+            yield error_document(str(error), ErrorCode.INVALID_REQUEST)
+        except Exception as error:  # never raise out of a streaming endpoint: Jina's gateway would replay it
+            self.logger.error(f"stream failed: {error!r}")
+            if not finished:
+                yield error_document(f"internal error: {error!r}", ErrorCode.INTERNAL)
 
     async def _prepare(self, doc: PromptDocument) -> tuple[list[int], SamplingParams]:
         if not isinstance(doc.prompt, str) or not doc.prompt.strip():
@@ -140,6 +170,8 @@ def to_document(output: StepOutput) -> ModelOutputDocument:
         index=output.index,
         finish_reason=None if output.finish_reason is None else output.finish_reason.value,
         error=output.error,
+        # The engine's codes are the contract's (tests/test_error_codes.py): a value the contract lacks fails loudly.
+        error_code=None if output.error_code is None else ErrorCode(output.error_code.value).value,
         prompt_tokens=output.prompt_tokens if output.finished else None,
         completion_tokens=output.completion_tokens if output.finished else None,
         queue_time_s=output.queue_time_s,

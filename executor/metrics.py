@@ -3,7 +3,7 @@ generator, so the executor measures streams itself, from the engine's outputs.""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -36,6 +36,7 @@ class StreamMetrics:
 
     def observe_finished(self, output: StepOutput) -> None:
         """The engine's `on_finished`: every request's last output, also of a stream nobody reads any more."""
+        assert output.finish_reason is not None  # the engine reports finished requests only
         self.requests.labels(output.finish_reason.value).inc()
         self.prompt_tokens.inc(output.prompt_tokens)
         self.generated_tokens.inc(output.completion_tokens)

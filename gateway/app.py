@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -18,12 +19,13 @@ from gateway.openai_api import (
     CompletionRequest,
     OpenAIError,
     ResponseBuilder,
+    error_code,
     failure,
     models_list,
     parse_request,
 )
 from gateway.streams import DocStream
-from schemas import ModelOutputDocument, PromptDocument
+from schemas import ErrorCode, ModelOutputDocument, PromptDocument
 
 STATIC = Path(__file__).resolve().parent / "static"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -73,11 +75,12 @@ def add_routes(app: FastAPI, streamer: Any, model_name: str) -> FastAPI:
         stream = DocStream(streamer, prompt)
         # The first document decides the status: a refused request is a 4xx, before any stream starts.
         first = await until_disconnect(request, stream.first())
-        if first is None or (error := failure(first)) is not None:
+        if first is None:
             await stream.close()
-            if first is None:
-                return Response(status_code=499)
-            return error_response(error)
+            return Response(status_code=499)
+        if (refusal := failure(first)) is not None:
+            await stream.close()
+            return error_response(refusal)
         if parsed.stream:
             return StreamingResponse(
                 stream_chunks(stream, first, builder, parsed.include_usage),
@@ -88,9 +91,8 @@ def add_routes(app: FastAPI, streamer: Any, model_name: str) -> FastAPI:
         await stream.close()
         if last is None:
             return Response(status_code=499)
-        if (error := failure(last)) is not None:
-            error.status = 500 if error.status < 500 else error.status
-            return error_response(error)
+        if (late_failure := failure(last)) is not None:  # after the first token: 500 or 503, by its code
+            return error_response(late_failure)
         return JSONResponse(builder.response(last))
 
     @app.websocket("/ws")
@@ -129,7 +131,7 @@ async def wait_disconnect(request: Request) -> None:
 
 async def last_document(stream: DocStream, first: ModelOutputDocument) -> ModelOutputDocument:
     last = first
-    async for last in stream:
+    async for last in stream:  # noqa: B007 (the loop keeps the last document)
         pass
     return last
 
@@ -170,7 +172,8 @@ async def stream_chunks(
 # Server -> client:  {"type": "start", "id": n}
 #                    {"type": "token", "id": n, "text": "...", "index": i}
 #                    {"type": "end", "id": n, "finish_reason": "...", "text": "whole answer", "usage": {...}}
-#                    {"type": "error", "id": n or null, "message": "...", "finish_reason": "..."}
+#                    {"type": "error", "id": n or null, "message": "...", "code": "<an ErrorCode>",
+#                     "finish_reason": "..." (with an id)}
 
 PROMPT_FIELDS = set(PromptDocument.__fields__) - {"id"}
 DEFAULT_WS_MAX_TOKENS = 256
@@ -186,6 +189,10 @@ async def websocket_session(websocket: WebSocket, streamer: Any) -> None:
         async with send_lock:
             await websocket.send_json(message)
 
+    async def refuse(message: str) -> None:
+        """A message the session cannot act on: an error with no answer's id; the connection stays open."""
+        await send({"type": "error", "id": None, "message": message, "code": ErrorCode.INVALID_REQUEST.value})
+
     async def answer(number: int, prompt: PromptDocument) -> None:
         async with DocStream(streamer, prompt) as stream:
             await send({"type": "start", "id": number})
@@ -194,7 +201,7 @@ async def websocket_session(websocket: WebSocket, streamer: Any) -> None:
                     await send({"type": "token", "id": number, "text": doc.text, "index": doc.index})
                 if doc.finish_reason in ("error", "shutdown"):
                     await send({"type": "error", "id": number, "message": doc.error or doc.finish_reason,
-                                "finish_reason": doc.finish_reason})
+                                "code": error_code(doc).value, "finish_reason": doc.finish_reason})
                 elif doc.finish_reason is not None:
                     usage = {"prompt_tokens": doc.prompt_tokens, "completion_tokens": doc.completion_tokens}
                     await send({"type": "end", "id": number, "finish_reason": doc.finish_reason,
@@ -205,10 +212,10 @@ async def websocket_session(websocket: WebSocket, streamer: Any) -> None:
             try:
                 message = await websocket.receive_json()
             except (ValueError, KeyError):
-                await send({"type": "error", "id": None, "message": "send JSON messages"})
+                await refuse("send JSON messages")
                 continue
             if not isinstance(message, dict):
-                await send({"type": "error", "id": None, "message": "send a JSON object"})
+                await refuse("send a JSON object")
                 continue
             kind = message.get("type", "prompt")
             if kind == "cancel":
@@ -218,18 +225,17 @@ async def websocket_session(websocket: WebSocket, streamer: Any) -> None:
                     await send({"type": "end", "id": counter, "finish_reason": "cancelled"})
                 continue
             if kind != "prompt":
-                await send({"type": "error", "id": None, "message": f"unknown message type {kind!r}"})
+                await refuse(f"unknown message type {kind!r}")
                 continue
             if running is not None and not running.done():
-                await send({"type": "error", "id": None,
-                            "message": 'an answer is still running: wait for its end or send {"type": "cancel"}'})
+                await refuse('an answer is still running: wait for its end or send {"type": "cancel"}')
                 continue
             fields = {key: value for key, value in message.items() if key in PROMPT_FIELDS}
             fields.setdefault("max_tokens", DEFAULT_WS_MAX_TOKENS)
             try:
                 prompt = PromptDocument(**fields)
             except ValidationError as error:
-                await send({"type": "error", "id": None, "message": str(error)})
+                await refuse(str(error))
                 continue
             counter += 1
             running = asyncio.create_task(answer(counter, prompt))

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Optional, Union
+from typing import Any
 
 from pydantic import BaseModel, Extra, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError, validator
 
-from schemas import OVERLOADED_ERROR_PREFIX, ModelOutputDocument
+from schemas import ErrorCode, ModelOutputDocument
 
 DEFAULT_MAX_TOKENS = 256  # OpenAI's default is "the rest of the context"; the gateway does not know the context
 
@@ -31,18 +31,18 @@ class OpenAIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-Number = Union[StrictInt, StrictFloat]
+Number = StrictInt | StrictFloat
 
 
 class ContentPart(BaseModel):
     type: StrictStr
-    text: Optional[StrictStr] = None
+    text: StrictStr | None = None
 
 
 class Message(BaseModel):
     role: StrictStr
-    content: Union[StrictStr, list[ContentPart], None] = None
-    name: Optional[StrictStr] = None
+    content: StrictStr | list[ContentPart] | None = None
+    name: StrictStr | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -53,22 +53,22 @@ class Message(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: Optional[StrictBool] = None
+    include_usage: StrictBool | None = None
 
 
 class CommonRequest(BaseModel):
     """Fields shared by /v1/chat/completions and /v1/completions. Unknown fields are ignored, as OpenAI-compatible
     servers commonly do (SDKs send fields such as `user` or `logit_bias`)."""
 
-    model: Optional[StrictStr] = None
-    max_tokens: Optional[StrictInt] = None
+    model: StrictStr | None = None
+    max_tokens: StrictInt | None = None
     stream: StrictBool = False
-    stream_options: Optional[StreamOptions] = None
-    stop: Union[StrictStr, list[StrictStr], None] = None
-    temperature: Optional[Number] = None
-    top_p: Optional[Number] = None
-    seed: Optional[StrictInt] = None
-    n: Optional[StrictInt] = None
+    stream_options: StreamOptions | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    temperature: Number | None = None
+    top_p: Number | None = None
+    seed: StrictInt | None = None
+    n: StrictInt | None = None
 
     class Config:
         extra = Extra.ignore
@@ -108,7 +108,7 @@ class CommonRequest(BaseModel):
 
 class ChatRequest(CommonRequest):
     messages: list[Message]
-    max_completion_tokens: Optional[StrictInt] = None
+    max_completion_tokens: StrictInt | None = None
 
     @validator("messages")
     def _some_messages(cls, value):
@@ -137,7 +137,7 @@ class ChatRequest(CommonRequest):
 
 
 class CompletionRequest(CommonRequest):
-    prompt: Union[StrictStr, list[StrictStr]]
+    prompt: StrictStr | list[StrictStr]
 
     @validator("prompt")
     def _one_prompt(cls, value):
@@ -164,18 +164,35 @@ def parse_request(model: type[CommonRequest], body: Any) -> CommonRequest:
         raise OpenAIError(400, message, param=param.split(".")[0] if param else None, code=return_code) from None
 
 
+# Each ErrorCode as an HTTP status and OpenAI's error type; the OpenAI error's `code` is the ErrorCode itself.
+STATUSES = {
+    ErrorCode.INVALID_REQUEST: (400, "invalid_request_error"),
+    ErrorCode.OVERLOADED: (429, "rate_limit_error"),
+    ErrorCode.SHUTDOWN: (503, "server_error"),
+    ErrorCode.UNAVAILABLE: (503, "server_error"),
+    ErrorCode.INTERNAL: (500, "server_error"),
+}
+
+
 def failure(doc: ModelOutputDocument) -> OpenAIError | None:
     """The OpenAI error for a document that ends a stream in failure, or None."""
-    reason = doc.finish_reason
-    if reason == "error" and (doc.error or "").startswith(OVERLOADED_ERROR_PREFIX):
-        return OpenAIError(429, doc.error, type="rate_limit_error", code="overloaded")
-    if reason == "error":
-        return OpenAIError(400, doc.error or "the request failed", code="invalid_request")
-    if reason == "shutdown":
-        return OpenAIError(503, doc.error or "the service is shutting down", type="server_error", code="shutdown")
-    if reason == "cancelled":
+    if doc.finish_reason == "cancelled":
         return OpenAIError(500, doc.error or "the generation was cancelled", type="server_error", code="cancelled")
-    return None
+    if doc.finish_reason not in ("error", "shutdown"):
+        return None
+    code = error_code(doc)
+    status, kind = STATUSES[code]
+    return OpenAIError(status, doc.error or f"the request failed ({code.value})", type=kind, code=code.value)
+
+
+def error_code(doc: ModelOutputDocument) -> ErrorCode:
+    """The document's ErrorCode. Every failure the service sends carries one; without a code this gateway knows
+    (an executor of another version: Kubernetes may update the two apart) a shutdown is still a shutdown, and
+    anything else counts as the service's own fault."""
+    try:
+        return ErrorCode(doc.error_code)
+    except ValueError:
+        return ErrorCode.SHUTDOWN if doc.finish_reason == "shutdown" else ErrorCode.INTERNAL
 
 
 def finish_reason(doc: ModelOutputDocument) -> str | None:

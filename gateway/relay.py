@@ -16,7 +16,8 @@ cancellation, GeneratorExit, the gRPC call terminating) cancels that task.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator, Callable, Generic, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Generic, TypeVar
 
 from jina.types.request.data import SingleDocumentRequest
 

@@ -7,10 +7,11 @@ the documents come through a TaskRelay, and `close()` cancels its task.
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Optional
+from collections.abc import AsyncIterator
+from typing import Any
 
 from gateway.relay import TaskRelay
-from schemas import ModelOutputDocument, PromptDocument, error_document
+from schemas import ErrorCode, ModelOutputDocument, PromptDocument, error_document
 
 STREAM_ENDPOINT = "/stream"
 
@@ -23,7 +24,7 @@ class DocStream:
         self._relay = TaskRelay(documents(streamer, prompt))
         self._done = False
 
-    def __aiter__(self) -> "DocStream":
+    def __aiter__(self) -> DocStream:
         return self
 
     async def __anext__(self) -> ModelOutputDocument:
@@ -34,7 +35,7 @@ class DocStream:
             self._done = True
         return doc
 
-    async def first(self) -> Optional[ModelOutputDocument]:
+    async def first(self) -> ModelOutputDocument | None:
         try:
             return await self.__anext__()
         except StopAsyncIteration:
@@ -45,7 +46,7 @@ class DocStream:
         self._done = True
         await self._relay.close()
 
-    async def __aenter__(self) -> "DocStream":
+    async def __aenter__(self) -> DocStream:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -58,8 +59,8 @@ async def documents(streamer: Any, prompt: PromptDocument) -> AsyncIterator[Mode
         # No return_type: Jina then casts each document to the endpoint's output model (from the executor's
         # schema); with one it would fill the wrong class.
         async for doc, error in streamer.stream_doc(doc=prompt, exec_endpoint=STREAM_ENDPOINT):
-            if error:
-                yield error_document(f"the executor failed: {error}")
+            if error:  # the executor raised: it never should (executor/executor.py)
+                yield error_document(f"the executor failed: {error}", ErrorCode.INTERNAL)
                 return
             if not isinstance(doc, ModelOutputDocument):
                 doc = ModelOutputDocument.parse_obj(doc.dict())
@@ -67,6 +68,6 @@ async def documents(streamer: Any, prompt: PromptDocument) -> AsyncIterator[Mode
             if doc.finish_reason is not None:
                 return
     except Exception as error:  # the executor is unreachable, the connection broke, ...
-        yield error_document(f"the stream failed: {error!r}")
+        yield error_document(f"the stream failed: {error!r}", ErrorCode.UNAVAILABLE)
         return
-    yield error_document("the stream ended without a last document")
+    yield error_document("the stream ended without a last document", ErrorCode.UNAVAILABLE)

@@ -9,17 +9,18 @@ not pass with a last document with finish_reason='error' that names the fields a
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Optional
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 from jina.types.request.data import SingleDocumentRequest
 from pydantic import ValidationError
 
 from gateway.relay import StreamDocHandler
 from gateway.streams import STREAM_ENDPOINT
-from schemas import ModelOutputDocument, PromptDocument, error_document
+from schemas import ErrorCode, ModelOutputDocument, PromptDocument, error_document
 
 
-def prompt_error(request: SingleDocumentRequest) -> Optional[str]:
+def prompt_error(request: SingleDocumentRequest) -> str | None:
     """Why the request's document is not a valid PromptDocument, in words; None when it is one.
 
     `PromptDocument.from_protobuf` is what the executor's worker calls on it: what passes here passes there. (Fields
@@ -35,7 +36,7 @@ def prompt_error(request: SingleDocumentRequest) -> Optional[str]:
     return None
 
 
-def describe(error: dict) -> str:
+def describe(error: Mapping[str, Any]) -> str:
     """One pydantic (v1, as jina 3.34 pins it) error as `field` and what PromptDocument expects there."""
     path = ".".join(map(str, error["loc"]))
     field = PromptDocument.__fields__.get(str(error["loc"][0]))
@@ -46,11 +47,12 @@ def describe(error: dict) -> str:
 
 
 def error_response(request: SingleDocumentRequest, message: str) -> SingleDocumentRequest:
-    """The response that carries error_document(message), as the worker's responses carry the executor's."""
+    """The response that carries an invalid_request error document, as the worker's responses carry the
+    executor's."""
     response = SingleDocumentRequest()
     response.header.request_id = request.header.request_id
     response.document_cls = ModelOutputDocument
-    response.data.doc = error_document(message)
+    response.data.doc = error_document(message, ErrorCode.INVALID_REQUEST)
     return response
 
 
@@ -64,7 +66,9 @@ def validating(stream_doc: StreamDocHandler) -> StreamDocHandler:
     delivers to the executor's generator.
     """
 
-    async def validated_stream_doc(request: SingleDocumentRequest, context: Any) -> AsyncIterator[SingleDocumentRequest]:
+    async def validated_stream_doc(
+        request: SingleDocumentRequest, context: Any
+    ) -> AsyncIterator[SingleDocumentRequest]:
         error = prompt_error(request) if request.header.exec_endpoint == STREAM_ENDPOINT else None
         if error is not None:
             yield error_response(request, error)

@@ -19,7 +19,10 @@ import multiprocessing
 import os
 import signal
 import sys
-from typing import AsyncIterator, Awaitable, Callable, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+from workarounds import asyncio_signals
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +55,16 @@ class OpenStreams:
 def drain_on_sigterm(drain: Callable[[], Awaitable[None]]) -> bool:
     """Run `drain()` on the first SIGTERM, then Jina's own SIGTERM handling. Call it from an Executor's or a
     Gateway's __init__, which Jina runs on its runtime's event loop after installing its signal handlers.
-    Returns False (and changes nothing) outside such a runtime, e.g. an Executor built in a test or a script."""
+    Returns False (and changes nothing) outside such a runtime, e.g. an Executor built in a test or a script.
+    Finding Jina's handler reaches into asyncio (workarounds/asyncio_signals.py): UnverifiedVersion on a python
+    or jina it was not verified on."""
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
         return False
-    # asyncio keeps the handlers it installed in `_signal_handlers`; there is no public getter.
-    jina_handler: asyncio.Handle | None = getattr(loop, "_signal_handlers", {}).get(signal.SIGTERM)
-    if jina_handler is None:
+    asyncio_signals.install()
+    run_jina_handler = asyncio_signals.installed_handler(loop, signal.SIGTERM)
+    if run_jina_handler is None:
         return False
     draining: list[asyncio.Task] = []  # holds the one drain task: a second SIGTERM must not start another
 
@@ -68,7 +73,7 @@ def drain_on_sigterm(drain: Callable[[], Awaitable[None]]) -> bool:
             await drain()
         except Exception:  # a failed drain must not keep the process alive
             log.exception("draining before shutdown failed")
-        jina_handler._run()
+        run_jina_handler()
 
     def on_sigterm() -> None:
         if not draining:

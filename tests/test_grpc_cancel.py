@@ -1,4 +1,4 @@
-"""client/grpc_cancel.py against a real grpc.aio server: a reader cancelled just as its call starts cancels the
+"""workarounds/grpc_cancel.py against a real grpc.aio server: a reader cancelled just as its call starts cancels the
 call, so the server stops streaming (and the service's executor stops generating)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import asyncio
 
 import grpc
 
-from client import grpc_cancel
+from workarounds import grpc_cancel
 
 
 async def test_a_reader_cancelled_as_its_call_starts_cancels_the_call():
@@ -31,9 +31,9 @@ async def test_a_reader_cancelled_as_its_call_starts_cancels_the_call():
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             call = channel.unary_stream("/probe.Probe/Stream")(b"")
             reader: asyncio.Task | None = None
-            # The window, made certain: the call's start (a private task of grpc.aio) completes, and this callback,
-            # registered before the reader awaits that task, cancels the reader before the reader resumes.
-            call._preparation.add_done_callback(lambda _: reader.cancel())
+            # The window, made certain: the call's start completes, and this callback, registered before the
+            # reader awaits it, cancels the reader before the reader resumes.
+            grpc_cancel.when_started(call, lambda: reader.cancel())
             reader = asyncio.create_task(anext(call.__aiter__()))
             await asyncio.gather(reader, return_exceptions=True)
             assert reader.cancelled()

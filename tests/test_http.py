@@ -370,15 +370,3 @@ async def test_curl_style_jina_stream_gives_the_france_answer(embedded_service):
     docs = [json.loads(data) for event, data in events if event == "update"]
     assert len(docs) > 3 and "Paris" in docs[-1]["generated_text"]
 
-
-def test_an_overload_refusal_becomes_429_and_a_bad_request_400():
-    from gateway.openai_api import failure
-    from schemas import OVERLOADED_ERROR_PREFIX, ModelOutputDocument
-
-    def error_document(error: str) -> ModelOutputDocument:
-        return ModelOutputDocument(token_id=-1, generated_text="", finish_reason="error", error=error)
-
-    overloaded = error_document(f"{OVERLOADED_ERROR_PREFIX}: 6 streams")
-    bad = error_document("max_tokens must be at least 1, got 0")
-    assert failure(overloaded).status == 429
-    assert failure(bad).status == 400

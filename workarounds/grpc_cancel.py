@@ -8,15 +8,23 @@ told, and the stream runs on to max_tokens. Measured: 6 client tasks cancelled w
 running and 2 waiting, none yet with a document: in 4 rounds of 16 the 4 running streams ran on (the gateway
 relayed all 4000 tokens of each); with this module, 24 rounds of 24 freed every stream within 0.1 s.
 
-It hits every process that reads Jina's gRPC streams and cancels: the client (Jina's Client, client/__init__.py)
-and the gateway, whose call to the executor's worker is cancelled when its client goes away.
+It hits every process that reads Jina's gRPC streams and cancels: the client (Jina's Client, built by
+client.grpc_client()) and the gateway, whose call to the executor's worker is cancelled when its client goes away.
+Both install it; tests/test_grpc_cancel.py proves it on a real grpc.aio server.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
 from grpc.aio import _call
+
+from workarounds.versions import require_verified
+
+VERIFIED: dict[str, tuple[str, ...]] = {"grpcio": ("1.68",)}
+TEST = "tests/test_grpc_cancel.py"
 
 _read_after_start = _call._StreamResponseMixin._read
 
@@ -32,5 +40,13 @@ async def _read(self: _call._StreamResponseMixin):
 
 
 def install() -> None:
-    """Patch grpc.aio's streaming calls in this process; calling it again changes nothing."""
+    """Patch grpc.aio's streaming calls in this process; calling it again changes nothing. Raises
+    UnverifiedVersion on a grpcio it was not verified against."""
+    require_verified(__name__, VERIFIED, TEST)
     _call._StreamResponseMixin._read = _read
+
+
+def when_started(call: Any, callback: Callable[[], None]) -> None:
+    """Run `callback` as soon as a grpc.aio streaming call has started, before a reader waiting for that start
+    resumes: the window this module closes, made certain for its test."""
+    call._preparation.add_done_callback(lambda _: callback())

@@ -1,0 +1,18 @@
+"""Every workaround of a private internal (or an unfixed quirk) of Jina, grpc and asyncio, fenced in one package.
+
+Each module says what it mends, with what was measured, and names the versions it was verified against
+(`VERIFIED`). Its `install()` (or the function that reaches the internal) first checks that the installed version
+is one of them and raises UnverifiedVersion otherwise: an upgrade must re-run the module's test before it serves.
+Nothing is installed by importing this package or its modules: the entry points that need a workaround (the
+gateway, the executor, client.grpc_client()) install it explicitly. Nothing outside this package touches a private
+name of Jina, grpc or asyncio.
+
+- grpc_cancel:     grpc.aio loses a cancellation that comes just as a streaming call starts (client and gateway).
+- jina_gateway:    a composite gateway with the service's own HTTP server; wrapping gRPC stream_doc and the streams.
+- jina_worker:     Jina's worker drops an executor's generator at a `yield` without closing it.
+- asyncio_signals: running the SIGTERM handler Jina installed, after a drain of our own.
+"""
+
+from workarounds.versions import UnverifiedVersion
+
+__all__ = ["UnverifiedVersion"]

@@ -1,0 +1,78 @@
+"""What the service's gateway (gateway/gateway.py) needs of Jina's gateway internals.
+
+- A composite gateway whose HTTP server is our own. Jina's CompositeServer.__init__ builds the built-in server of
+  each protocol (`jina.parsers.helper._get_gateway_class`) from `_server_kwargs`, with no hook to choose another
+  class for one protocol: `build_servers` runs its parent's __init__ (CompositeBaseServer) and builds the same
+  servers, except that the HTTP one comes from the caller.
+- gRPC `stream_doc`: Jina's gRPC server registers its request handler's `stream_doc` (`server._request_handler`)
+  when it starts (GRPCServer.setup_server). `wrap_grpc_stream_doc` replaces it before that, so that a document
+  that is not a valid PromptDocument gets one error document (Jina failed it in the executor's worker and ended
+  the client's stream with nothing) and the stream to the executor is cancelled when the client's call ends
+  (Jina, when gRPC closed its handler at a `yield`, dropped that stream without cancelling it: measured on gRPC
+  stream_doc with 6 client-cancelled streams a round, in 5 rounds of 10 such streams ran on to max_tokens).
+- Every stream of every protocol (gRPC stream_doc, SSE, OpenAI, WebSocket) goes through the streamer's
+  `rpc_stream_doc` (Jina's GatewayStreamer): `wrap_streams` wraps it, to count the streams in flight.
+tests/test_gateway_relay.py, tests/test_gateway_validation.py and tests/test_http.py prove it on a real flow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from jina.enums import ProtocolType
+from jina.parsers.helper import _get_gateway_class
+from jina.serve.runtimes.gateway.composite import CompositeGateway
+from jina.serve.runtimes.gateway.grpc import GRPCGateway
+from jina.serve.runtimes.servers import BaseServer
+from jina.serve.runtimes.servers.composite import CompositeBaseServer
+
+from workarounds.versions import require_verified
+
+VERIFIED: dict[str, tuple[str, ...]] = {"jina": ("3.34",)}
+TEST = "tests/test_gateway_relay.py tests/test_gateway_validation.py tests/test_http.py"
+
+T = TypeVar("T")
+StreamDoc = Callable[..., AsyncIterator[Any]]
+
+
+def install() -> None:
+    """Check that this jina is one these functions were verified on (UnverifiedVersion if not)."""
+    require_verified(__name__, VERIFIED, TEST)
+
+
+def build_servers(gateway: CompositeGateway, http_server: Callable[..., BaseServer], **kwargs: Any) -> None:
+    """Initialise `gateway` (a CompositeGateway subclass, from its __init__) as Jina's CompositeServer.__init__
+    does, except that the HTTP server, unless the gateway works as a load balancer, is `http_server(**its kwargs)`."""
+    CompositeBaseServer.__init__(gateway, **kwargs)
+    gateway.servers = []
+    for server_kwargs in gateway._server_kwargs:
+        protocol = server_kwargs["runtime_args"]["protocol"]
+        if protocol == ProtocolType.HTTP and not gateway.works_as_load_balancer:
+            server = http_server(**server_kwargs)
+        else:
+            server = _get_gateway_class(protocol, works_as_load_balancer=gateway.works_as_load_balancer)(
+                **server_kwargs
+            )
+        gateway.servers.append(server)
+    gateway.gateways = gateway.servers  # as CompositeServer: backwards compatibility
+
+
+def wrap_grpc_stream_doc(servers: list[BaseServer], wrap: Callable[[StreamDoc], StreamDoc]) -> None:
+    """Replace the gRPC request handler's `stream_doc` of each gRPC server by `wrap(stream_doc)`. Call it before
+    the servers start."""
+    for server in servers:
+        if isinstance(server, GRPCGateway):
+            handler = server._request_handler
+            handler.stream_doc = wrap(handler.stream_doc)
+
+
+def wrap_streams(servers: list[BaseServer], wrap: Callable[[AsyncIterator[T]], AsyncIterator[T]]) -> None:
+    """Pass every stream the servers relay from the executors through `wrap` (servers may share a streamer)."""
+    for streamer in {id(server.streamer): server.streamer for server in servers}.values():
+        _wrap_rpc_stream_doc(streamer, wrap)
+
+
+def _wrap_rpc_stream_doc(streamer: Any, wrap: Callable[[AsyncIterator[T]], AsyncIterator[T]]) -> None:
+    relay = streamer.rpc_stream_doc
+    streamer.rpc_stream_doc = lambda *args, **kwargs: wrap(relay(*args, **kwargs))
