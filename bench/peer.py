@@ -157,25 +157,45 @@ def ready(port: int) -> bool:
         return False
 
 
+class ServerDied(RuntimeError):
+    pass
+
+
+def start_server(command: list[str], port: int, log_file: Path, timeout: float) -> subprocess.Popen:
+    """Start llama-server in its own process group and wait until it serves; stopped again if it does not."""
+    with open(log_file, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while not (port_open(port) and ready(port)):
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_process_group(process, grace=10)
+            raise ServerDied(f"llama-server did not start (exit {process.returncode}); log:\n{log_file.read_text()[-3000:]}")
+        time.sleep(0.5)
+    return process
+
+
 @contextmanager
 def llama_server(model: Path, port: int, log_file: Path, parallel: int, threads: int, context: int,
-                 timeout: float = 120) -> Iterator[None]:
-    """llama-server on `model` until the block ends, in its own process group (stopped even on error).
-    `context` is the whole KV cache: each of the `parallel` slots gets context / parallel of it."""
-    command = [
-        str(binary("llama-server")), "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
+                 timeout: float = 120) -> Iterator[list[str]]:
+    """llama-server on `model` until the block ends, in its own process group (stopped even on error); yields the
+    flags it runs with. `context` is the whole KV cache: each of the `parallel` slots gets context / parallel.
+
+    llama.cpp's defaults first. If the server dies while it starts, it is started once more with --no-repack:
+    on an AMX machine (a VM) the native build's AMX kernels, used for repacked quantized weights, crashed in its
+    warm-up (SIGSEGV at `ldtilecfg` in ggml_backend_amx_mul_mat; Q4_1 only, F32 is not repacked)."""
+    flags = [
         "--parallel", str(parallel), "--threads", str(threads), "--ctx-size", str(context),
         "--jinja",  # the GGUF's own chat template, as the service applies the tokenizer's
     ]
-    with open(log_file, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    command = [str(binary("llama-server")), "--model", str(model), "--host", "127.0.0.1", "--port", str(port)]
     try:
-        deadline = time.monotonic() + timeout
-        while not (port_open(port) and ready(port)):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"llama-server did not start; log:\n{log_file.read_text()[-4000:]}")
-            time.sleep(0.5)
-        yield
+        process = start_server(command + flags, port, log_file, timeout)
+    except ServerDied as error:
+        log(f"{error}\nstarting it again with --no-repack")
+        flags.append("--no-repack")
+        process = start_server(command + flags, port, log_file, timeout)
+    try:
+        yield flags
     finally:
         stop_process_group(process, grace=10)
 

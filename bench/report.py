@@ -146,9 +146,8 @@ def markdown(date: str, command: str, info: dict, results: list[RoundResult], go
         + ", at end: " + " / ".join(f"{x:.2f}" for x in info["load_average_at_end"]),
     ]
     if peer := info.get("peer"):
-        machine_lines.append(
-            f"- llama.cpp: `llama-server` of {peer['llama.cpp']} (built here from source), `--parallel {peer['parallel']} "
-            f"--threads {peer['threads']} --ctx-size {peer['context']} --jinja`, on {peer['F32']} and {peer['Q4_1']}")
+        machine_lines.append(f"- llama.cpp: `llama-server` of {peer['llama.cpp']}, built here from source, on "
+                             + "; on ".join(f"{model}: `{flags}`" for model, flags in peer["servers"].items()))
     if "quantization" in info:
         machine_lines.append(f"- quantized service: {info['quantization']}")
     warnings = []
