@@ -48,6 +48,9 @@ class TokenStreamingExecutor(Executor):
         prefill_chunk: int = EngineConfig.prefill_chunk,
         max_decode_pause_s: float = EngineConfig.max_decode_pause_s,
         max_model_len: int | None = EngineConfig.max_model_len,
+        max_prompt_chars: int | None = EngineConfig.max_prompt_chars,
+        max_stop_strings: int = EngineConfig.max_stop_strings,
+        max_stop_length: int = EngineConfig.max_stop_length,
         fast_path: bool = EngineConfig.fast_path,
         quantization: str = EngineConfig.quantization,
         warmup_tokens: int = 8,
@@ -63,6 +66,9 @@ class TokenStreamingExecutor(Executor):
             prefill_chunk=prefill_chunk,
             max_decode_pause_s=max_decode_pause_s,
             max_model_len=max_model_len,
+            max_prompt_chars=max_prompt_chars,
+            max_stop_strings=max_stop_strings,
+            max_stop_length=max_stop_length,
             fast_path=fast_path,
             quantization=quantization,
         ))
@@ -145,8 +151,7 @@ class TokenStreamingExecutor(Executor):
         )
         template = self.chat_template if doc.chat_template is None else doc.chat_template
         # Off the event loop: a 100k-character prompt takes a while to tokenize.
-        prompt_ids = await asyncio.to_thread(self.engine.tokenize, doc.prompt, template)
-        self.engine.check(prompt_ids, params)
+        prompt_ids = await asyncio.to_thread(self.engine.prepare, doc.prompt, params, template)
         return prompt_ids, params
 
     async def _drain(self) -> None:

@@ -15,6 +15,7 @@ from hubble.executor.helper import archive_package, get_requirements_env_variabl
 from hubble.executor.hubapi import extract_executor_name
 from jina import Executor
 
+from engine import EngineConfig
 from executor import TokenStreamingExecutor
 from harness import ROOT
 from harness.dockerfile import copy_instructions, dockerfile_instructions, image_layout
@@ -58,7 +59,7 @@ def test_config_yml_loads_the_streaming_executor(tiny_model_dir):
     try:
         assert isinstance(executor, TokenStreamingExecutor)
         assert {"/stream", "/generate"} <= set(executor.requests)
-        assert executor.engine.config.max_running == 3
+        assert executor.engine.config == EngineConfig(max_running=3)  # the rest: EngineConfig's defaults
         assert executor.metas.name == "TokenStreamingExecutor"
     finally:
         executor.close()
