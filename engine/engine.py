@@ -22,10 +22,9 @@ import time
 from typing import AsyncIterator, Callable, Sequence
 
 import torch
-from transformers import PreTrainedModel
 
 from engine.config import EngineConfig
-from engine.loading import LoadedModel
+from engine.loading import LoadedModel, resolve_dtype
 from engine.output import RequestOutputProcessor, final_output
 from engine.plan import PrefillPlan, Runner
 from engine.prompts import InvalidRequest, Prompt, PromptEncoder
@@ -64,7 +63,7 @@ class LLMEngine:
         self.max_model_len = self.config.max_model_len or min(model_context, 4096)
         self.max_prompt_chars = self.config.max_prompt_chars or 16 * self.max_model_len
         self.eos_token_ids = _eos_token_ids(loaded)
-        self.runner = runner or make_runner(loaded.model, self.config, self.max_model_len)
+        self.runner = runner or make_runner(loaded, self.config, self.max_model_len)
         self.prompts = PromptEncoder(loaded.tokenizer)
         self.scheduler = Scheduler(self.config, self.prompts.chat_template_head())  # owned by the loop thread
         self._output_processor = output_processor
@@ -429,19 +428,24 @@ def _put_all(items: list[tuple[Request, StepOutput]]) -> None:
         request.consumer.put(output)
 
 
-def make_runner(model: PreTrainedModel, config: EngineConfig, max_model_len: int) -> Runner:
+def make_runner(loaded: LoadedModel, config: EngineConfig, max_model_len: int) -> Runner:
     """The compact fast path for the models it handles exactly, the transformers model itself otherwise."""
+    model = loaded.model
     if config.fast_path:
-        from engine import fast  # torch-heavy set-up only where it is used
+        from engine import fast  # its set-up only where it is used
 
         if fast.supports(model):
-            return fast.FastRunner(model, config.max_running, max_model_len, quantization=config.quantization)
+            dtype = loaded.requested_dtype if loaded.requested_dtype == "auto" else str(loaded.dtype).removeprefix("torch.")
+            return fast.FastRunner(model, config.max_running, max_model_len, dtype, config.quantization)
         log.info("the fast path does not handle %s: using the transformers model", type(model).__name__)
     if config.quantization != "none":
         raise ValueError(
             f"quantization={config.quantization!r} needs the fast path (engine/fast/), which does not handle "
             f"{type(model).__name__}: use quantization='none'"
         )
+    if loaded.requested_dtype == "auto":  # loaded in float32 for the fast path's sake
+        loaded.dtype = resolve_dtype("auto", loaded.device)
+        model.to(loaded.dtype)
     return CacheRunner(model)
 
 

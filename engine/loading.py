@@ -32,7 +32,8 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     name: str
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # of the loaded weights
+    requested_dtype: str = "auto"  # what was asked: the fast path measures which precision is fastest for auto
 
 
 def cache_root() -> Path:
@@ -109,11 +110,13 @@ def embedded_model_dir() -> Path:
 
 
 def load_model(name: str = EMBEDDED, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load a causal LM and its tokenizer by hub id, local path or `embedded`."""
+    """Load a causal LM and its tokenizer by hub id, local path or `embedded`. With dtype auto on CPU the weights
+    load in float32, so that the fast path (engine/fast/) can derive each precision it times from full precision;
+    the transformers runner converts them by the CPU's flags instead (engine.engine.make_runner)."""
     source = embedded_model_dir() if name == EMBEDDED else name
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+    torch_dtype = torch.float32 if dtype == "auto" and torch_device.type == "cpu" else resolve_dtype(dtype, torch_device)
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype).to(torch_device).eval()
-    return LoadedModel(model, tokenizer, name, torch_device, torch_dtype)
+    return LoadedModel(model, tokenizer, name, torch_device, torch_dtype, dtype)
 

@@ -260,8 +260,9 @@ async def test_a_burst_of_arrivals_is_prefilled_before_the_running_stream_decode
         steps.append("decode")
         return decode(request_ids, input_ids)
 
-    engine.runner.prefill, engine.runner.decode = recorded_prefill, held_decode
     try:
+        await collect_ids(engine, burst[0])  # the runner has started (it may time steps of its own at its start)
+        engine.runner.prefill, engine.runner.decode = recorded_prefill, held_decode
         running = asyncio.create_task(collect(engine, "go on", max_tokens=40))
         await eventually(held.is_set)
         arrivals = [asyncio.create_task(collect_ids(engine, ids)) for ids in burst]
