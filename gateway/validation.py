@@ -14,6 +14,7 @@ from typing import Any
 
 from jina.types.request.data import SingleDocumentRequest
 from pydantic import ValidationError
+from pydantic.typing import display_as_type
 
 from gateway.relay import StreamDocHandler
 from gateway.streams import STREAM_ENDPOINT
@@ -40,7 +41,7 @@ def describe(error: Mapping[str, Any]) -> str:
     """One pydantic (v1, as jina 3.34 pins it) error as `field` and what PromptDocument expects there."""
     path = ".".join(map(str, error["loc"]))
     field = PromptDocument.__fields__.get(str(error["loc"][0]))
-    expected = field._type_display() if field is not None else "see PromptDocument"
+    expected = display_as_type(field.outer_type_) if field is not None else "see PromptDocument"
     if error["type"] == "value_error.missing":
         return f"`{path}` is missing (required, of type {expected})"
     return f"`{path}` must be of type {expected}: {error['msg']}"

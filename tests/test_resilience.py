@@ -437,7 +437,7 @@ async def test_a_document_without_a_valid_required_field_gets_an_error_naming_it
     docs = await send(roomy_service, doc)
     assert len(docs) == 1, f"expected one error document, got {len(docs)} documents"
     # The field, and what PromptDocument expects there.
-    expected = PromptDocument.__fields__[field]._type_display()
+    expected = {"prompt": "str", "max_tokens": "int"}[field]
     assert docs[0].finish_reason == "error" and f"`{field}`" in docs[0].error, docs[0].error
     assert f"of type {expected}" in docs[0].error, docs[0].error
 

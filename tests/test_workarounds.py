@@ -65,9 +65,9 @@ def test_importing_the_client_patches_nothing():
     """Only grpc_client() installs grpc_cancel: a program that imports client for its schemas or helpers keeps
     grpc.aio as it is."""
     probe = (
-        "from grpc.aio import _call; original = _call._StreamResponseMixin._read; import client; "
-        "assert _call._StreamResponseMixin._read is original, 'import client patched grpc.aio'; "
-        "client.grpc_client(); assert _call._StreamResponseMixin._read is not original, 'grpc_client() did not'"
+        "from workarounds import grpc_cancel; import client; "
+        "assert not grpc_cancel.installed(), 'import client patched grpc.aio'; "
+        "client.grpc_client(); assert grpc_cancel.installed(), 'grpc_client() did not'"
     )
     subprocess.run([sys.executable, "-c", probe], cwd=ROOT, check=True, timeout=120)
 

@@ -46,6 +46,11 @@ def install() -> None:
     _call._StreamResponseMixin._read = _read
 
 
+def installed() -> bool:
+    """Whether this process's grpc.aio streaming calls forward every cancellation (install() has run)."""
+    return _call._StreamResponseMixin._read is _read
+
+
 def when_started(call: Any, callback: Callable[[], None]) -> None:
     """Run `callback` as soon as a grpc.aio streaming call has started, before a reader waiting for that start
     resumes: the window this module closes, made certain for its test."""
