@@ -14,9 +14,10 @@ from websockets.asyncio.client import connect
 
 import engine
 from client import StreamError, stream
+from executor import TokenStreamingExecutor
 from gateway.openai_api import failure
 from harness.service import TINY_LIMITS, Service, eventually, grpc_client, stream_docs
-from schemas import ErrorCode, ModelOutputDocument
+from schemas import ErrorCode, ModelOutputDocument, PromptDocument
 
 CHAT = "/v1/chat/completions"
 
@@ -114,3 +115,19 @@ async def test_overload_is_overloaded_over_grpc_and_a_429_over_http(tiny_service
             task.cancel()
         await asyncio.gather(*streams, return_exceptions=True)
         await eventually(lambda: tiny_service.running_streams() + tiny_service.waiting_streams() == 0)
+
+
+async def test_an_unexpected_failure_in_the_executor_is_one_internal_error_document(tiny_model_dir, monkeypatch):
+    """Never raised out of the streaming endpoint (Jina's gateway would replay the stream): one last document."""
+    executor = TokenStreamingExecutor(model=str(tiny_model_dir), dtype="float32", warmup_tokens=0)
+    try:
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("a bug of our own")
+
+        monkeypatch.setattr(executor.engine, "prepare", broken)
+        docs = [doc async for doc in executor.stream(PromptDocument(prompt="hi", max_tokens=3))]
+        assert [(doc.finish_reason, doc.error_code) for doc in docs] == [("error", "internal")]
+        assert "a bug of our own" in docs[0].error
+    finally:
+        executor.close()

@@ -3,6 +3,7 @@ what to do, and the entry points that install them fail to start on one instead 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -70,6 +71,22 @@ def test_importing_the_client_patches_nothing():
         "client.grpc_client(); assert grpc_cancel.installed(), 'grpc_client() did not'"
     )
     subprocess.run([sys.executable, "-c", probe], cwd=ROOT, check=True, timeout=120)
+
+
+async def test_the_end_of_the_worker_task_cancels_the_request_unless_its_stream_ended_first():
+    cancelled: list[str] = []
+
+    async def worker_call() -> None:
+        await asyncio.sleep(0)
+
+    dropped = asyncio.create_task(worker_call())  # a call whose generator Jina dropped at a `yield`
+    jina_worker.cancel_when_task_ends(dropped, lambda: cancelled.append("dropped"))
+    finished = asyncio.create_task(worker_call())  # a call whose stream ended normally
+    stop_watching = jina_worker.cancel_when_task_ends(finished, lambda: cancelled.append("finished"))
+    stop_watching()
+    await asyncio.gather(dropped, finished)
+    await asyncio.sleep(0)  # done callbacks run on the loop's next turn
+    assert cancelled == ["dropped"]
 
 
 # The entry points, started as Jina starts them (`jina executor`, `jina gateway`), with jina 3.35.0 seen by the
