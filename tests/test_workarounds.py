@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import uvloop
 
 from harness import ROOT
 from harness.processes import free_port
@@ -87,6 +88,29 @@ async def test_the_end_of_the_worker_task_cancels_the_request_unless_its_stream_
     await asyncio.gather(dropped, finished)
     await asyncio.sleep(0)  # done callbacks run on the loop's next turn
     assert cancelled == ["dropped"]
+
+
+def test_the_installed_sigterm_handler_is_found_and_run_and_a_loop_that_hides_it_is_named(caplog):
+    ran: list[str] = []
+
+    async def find_handler() -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, ran.append, "jina's handler")
+        try:
+            handler = asyncio_signals.installed_handler(loop, signal.SIGTERM)
+            assert handler is not None
+            handler()
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)
+
+    asyncio.run(find_handler())
+    assert ran == ["jina's handler"]
+
+    async def find_none() -> None:
+        assert asyncio_signals.installed_handler(asyncio.get_running_loop(), signal.SIGTERM) is None
+
+    uvloop.run(find_none())
+    assert "no drain on SIGTERM" in caplog.text
 
 
 # The entry points, started as Jina starts them (`jina executor`, `jina gateway`), with jina 3.35.0 seen by the

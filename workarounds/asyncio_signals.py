@@ -4,13 +4,16 @@ Jina's runtime (AsyncNewLoopRuntime) installs its SIGTERM handler with `loop.add
 the Executor or Gateway, and that handler tears the server down at once: streams in flight are cut. To drain
 first, lifecycle replaces it with its own and must still run Jina's afterwards. asyncio has no public getter for
 an installed handler: it keeps them in the loop's `_signal_handlers` (a dict of asyncio.Handle), and a Handle runs
-its callback through `_run()`. Measured: Jina's executor and gateway processes run asyncio's own selector loop
-(not uvloop, whose loop has no `_signal_handlers`); tests/test_lifecycle.py drains a real flow on SIGTERM.
+its callback through `_run()`. Measured: an executor started by `jina flow` or by `jina executor` runs asyncio's
+own selector loop, although uvloop is installed (whose loop has no `_signal_handlers`: there the handler cannot
+be found, and a warning says that SIGTERM will not drain); tests/test_lifecycle.py drains a real flow's executor
+and gateway on SIGTERM.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 from collections.abc import Callable
 
@@ -18,6 +21,8 @@ from workarounds.versions import require_verified
 
 VERIFIED: dict[str, tuple[str, ...]] = {"python": ("3.11",), "jina": ("3.34",)}
 TEST = "tests/test_lifecycle.py"
+
+log = logging.getLogger(__name__)
 
 
 def install() -> None:
@@ -27,8 +32,10 @@ def install() -> None:
 
 def installed_handler(loop: asyncio.AbstractEventLoop, sig: signal.Signals) -> Callable[[], None] | None:
     """A function that runs the handler installed for `sig` on `loop` as asyncio would, or None when there is
-    none (a loop outside a Jina runtime, or not asyncio's own)."""
-    handle: asyncio.Handle | None = getattr(loop, "_signal_handlers", {}).get(sig)
-    if handle is None:
+    none (a loop outside a Jina runtime, or one that is not asyncio's own)."""
+    handlers: dict[int, asyncio.Handle] | None = getattr(loop, "_signal_handlers", None)
+    if handlers is None:
+        log.warning(f"{type(loop).__name__} keeps its signal handlers where asyncio does not: no drain on {sig.name}")
         return None
-    return handle._run
+    handle = handlers.get(sig)
+    return None if handle is None else handle._run

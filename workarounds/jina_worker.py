@@ -4,8 +4,9 @@ Jina's worker reads a streaming endpoint's async generator in the task of the gR
 while the worker sends a document, the worker drops the generator at its `yield` without closing it: no
 CancelledError, no GeneratorExit reaches the executor until a later garbage collection (seconds later, or never),
 and the request runs on to max_tokens meanwhile. The end of that task is the one signal that comes at once.
-Measured (with grpc_cancel and the gateway's relay): before, 6 client tasks cancelled while the engine held 4
-streams running and 2 waiting left streams running to max_tokens in 4 rounds of 16; after, none in 42 rounds.
+Measured for the three fixes of lost cancellations together (this, grpc_cancel and the gateway's relay): before
+them, 6 client tasks cancelled while the engine held 4 streams running and 2 waiting (tiny model) left streams
+running on to max_tokens in 4 rounds of 16; after them, in none of 42 rounds.
 tests/test_service.py cancels 4 streams the moment the engine runs them, 3 times over.
 """
 
