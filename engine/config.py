@@ -4,7 +4,6 @@ bench take them from here)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 
 @dataclass
@@ -20,9 +19,9 @@ class EngineConfig:
     # waited this long for their next token: a burst of arrivals gets its first tokens sooner, at the price of
     # one longer gap for the streams already running.
     max_decode_pause_s: float = 0.4
-    max_model_len: Optional[int] = None  # prompt + new tokens; default: the model's own context, capped at 4096
+    max_model_len: int | None = None  # prompt + new tokens; default: the model's own context, capped at 4096
     # Refused before tokenizing: tokenizing a 10 MB prompt took 18 s. Default: 16 characters per context token.
-    max_prompt_chars: Optional[int] = None
+    max_prompt_chars: int | None = None
     # Stop strings a request may give, and their length (OpenAI allows 4; TGI's default is 4 of any length).
     max_stop_strings: int = 16
     max_stop_length: int = 256

@@ -9,6 +9,8 @@ so a step costs O(window), never O(output).
 
 from __future__ import annotations
 
+from typing import cast
+
 from transformers import PreTrainedTokenizerBase
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -22,7 +24,8 @@ class IncrementalDetokenizer:
         self.read_offset = 0  # tokens before this have been turned into text and sent
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        text = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return cast(str, text)  # one sequence of ids decodes to one text
 
     def add(self, token_id: int) -> str:
         """Append one token; return the text it completes (possibly empty)."""

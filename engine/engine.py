@@ -19,7 +19,7 @@ import logging
 import math
 import threading
 import time
-from typing import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import torch
 
@@ -108,7 +108,9 @@ class LLMEngine:
         or a conversation (messages with a role and a content). Raises InvalidRequest naming the limit."""
         characters = len(prompt) if isinstance(prompt, str) else sum(len(str(m.get("content", ""))) for m in prompt)
         if characters > self.max_prompt_chars:
-            raise InvalidRequest(f"the prompt is {characters} characters; the limit is {self.max_prompt_chars} characters")
+            raise InvalidRequest(
+                f"the prompt is {characters} characters; the limit is {self.max_prompt_chars} characters"
+            )
         self.check_stop(params.stop)
         prompt_ids = self.tokenize(prompt, chat_template)
         self.check(prompt_ids, params)
@@ -240,12 +242,16 @@ class LLMEngine:
                 return final_output(request, FinishReason.ERROR, self._unavailable, ErrorCode.UNAVAILABLE)
             if not self._accepting:
                 return final_output(
-                    request, FinishReason.SHUTDOWN, "the service is shutting down; retry on another replica",
+                    request,
+                    FinishReason.SHUTDOWN,
+                    "the service is shutting down; retry on another replica",
                     ErrorCode.SHUTDOWN,
                 )
             if request.request_id in self._in_flight:
                 return final_output(
-                    request, FinishReason.ERROR, f"request id {request.request_id!r} is already in flight",
+                    request,
+                    FinishReason.ERROR,
+                    f"request id {request.request_id!r} is already in flight",
                     ErrorCode.INVALID_REQUEST,
                 )
             capacity = self.config.max_running + self.config.max_waiting
@@ -371,7 +377,9 @@ class LLMEngine:
             except Exception as error:  # e.g. detokenization: this stream fails, its neighbours go on
                 log.exception("output processing failed for %s", request.request_id)
                 output = final_output(
-                    request, FinishReason.ERROR, f"internal error while processing a token: {type(error).__name__}",
+                    request,
+                    FinishReason.ERROR,
+                    f"internal error while processing a token: {type(error).__name__}",
                     ErrorCode.INTERNAL,
                 )
             if output.finished:
@@ -393,7 +401,9 @@ class LLMEngine:
     def _fail(self, request: Request, message: str) -> None:
         self._end(request, FinishReason.ERROR, message, ErrorCode.INTERNAL)
 
-    def _end(self, request: Request, reason: FinishReason, message: str | None = None, code: ErrorCode | None = None) -> None:
+    def _end(
+        self, request: Request, reason: FinishReason, message: str | None = None, code: ErrorCode | None = None
+    ) -> None:
         self._release(request, final_output(request, reason, message, code))
 
     def _release(self, request: Request, last_output: StepOutput) -> None:
@@ -435,7 +445,9 @@ def make_runner(loaded: LoadedModel, config: EngineConfig, max_model_len: int) -
         from engine import fast  # its set-up only where it is used
 
         if fast.supports(model):
-            dtype = loaded.requested_dtype if loaded.requested_dtype == "auto" else str(loaded.dtype).removeprefix("torch.")
+            dtype = (
+                loaded.requested_dtype if loaded.requested_dtype == "auto" else str(loaded.dtype).removeprefix("torch.")
+            )
             return fast.FastRunner(model, config.max_running, max_model_len, dtype, config.quantization)
         log.info("the fast path does not handle %s: using the transformers model", type(model).__name__)
     if config.quantization != "none":
@@ -445,7 +457,7 @@ def make_runner(loaded: LoadedModel, config: EngineConfig, max_model_len: int) -
         )
     if loaded.requested_dtype == "auto":  # loaded in float32 for the fast path's sake
         loaded.dtype = resolve_dtype("auto", loaded.device)
-        model.to(loaded.dtype)
+        model.to(loaded.dtype)  # type: ignore[arg-type]  # transformers' to() wrapper is mistyped
     return CacheRunner(model)
 
 

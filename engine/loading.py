@@ -92,7 +92,7 @@ def embedded_model_dir() -> Path:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The GGUF loader leaves a quantizer attached; save_pretrained refuses the model until it is gone.
     # The weights are already dequantized to float32, so nothing is lost.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # typed as a submodule by nn.Module's __setattr__
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -115,8 +115,10 @@ def load_model(name: str = EMBEDDED, device: str = "auto", dtype: str = "auto") 
     the transformers runner converts them by the CPU's flags instead (engine.engine.make_runner)."""
     source = embedded_model_dir() if name == EMBEDDED else name
     torch_device = resolve_device(device)
-    torch_dtype = torch.float32 if dtype == "auto" and torch_device.type == "cpu" else resolve_dtype(dtype, torch_device)
+    torch_dtype = (
+        torch.float32 if dtype == "auto" and torch_device.type == "cpu" else resolve_dtype(dtype, torch_device)
+    )
     tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype).to(torch_device).eval()
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    model = model.to(torch_device).eval()  # type: ignore[arg-type]  # transformers' to() wrapper is mistyped
     return LoadedModel(model, tokenizer, name, torch_device, torch_dtype, dtype)
-

@@ -7,8 +7,9 @@ Requests are named by their id only, so the scheduler can be tested without a mo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:  # the scheduler builds plans without torch
     import torch

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 ROLES = ("system", "user", "assistant")
 
-Prompt = Union[str, Sequence[Mapping[str, Any]]]  # a text, or a conversation: [{"role": ..., "content": ...}]
+Prompt = str | Sequence[Mapping[str, Any]]  # a text, or a conversation: [{"role": ..., "content": ...}]
 
 
 class InvalidRequest(ValueError):
@@ -29,7 +30,9 @@ class PromptEncoder:
                 return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
             return self._apply_chat_template([{"role": "user", "content": prompt}])
         if not use_template:
-            raise InvalidRequest("messages need the model's chat template, which is turned off or absent: send a prompt")
+            raise InvalidRequest(
+                "messages need the model's chat template, which is turned off or absent: send a prompt"
+            )
         return self._apply_chat_template(checked_messages(prompt))
 
     def chat_template_head(self) -> list[int]:
@@ -50,7 +53,7 @@ class PromptEncoder:
             )
         except TemplateError as error:  # the template's own refusal, e.g. a role this model cannot take
             raise InvalidRequest(f"the model's chat template refused the messages: {error}") from None
-        return list(encoded["input_ids"])
+        return list(cast(Any, encoded)["input_ids"])  # a BatchEncoding (return_dict=True), typed as a union
 
 
 def checked_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the scheduler handles requests without torch
     import torch
@@ -36,7 +37,7 @@ class SamplingParams:
     max_tokens: int
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
-    seed: Optional[int] = None
+    seed: int | None = None
     stop: tuple[str, ...] = ()
     # Logits processing, in OpenAI's sense for the first three: over the tokens generated so far, a token's logit
     # drops by presence_penalty once it has appeared and by frequency_penalty per appearance; logit_bias adds to
@@ -55,7 +56,9 @@ class SamplingParams:
 
     @property
     def processes_logits(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0 or self.logit_bias)
+        return bool(
+            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0 or self.logit_bias
+        )
 
     @property
     def wants_logprobs(self) -> bool:
@@ -79,15 +82,15 @@ class StepOutput:
     text: str  # text this step added
     generated_text: str  # all text so far
     index: int
-    finish_reason: Optional[FinishReason] = None
-    error: Optional[str] = None
-    error_code: Optional[ErrorCode] = None  # set with `error`
-    logprobs: Optional[TokenLogprobs] = None  # when the request asked for them
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    error_code: ErrorCode | None = None  # set with `error`
+    logprobs: TokenLogprobs | None = None  # when the request asked for them
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    queue_time_s: Optional[float] = None
-    time_to_first_token_s: Optional[float] = None
-    total_time_s: Optional[float] = None
+    queue_time_s: float | None = None
+    time_to_first_token_s: float | None = None
+    total_time_s: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -100,7 +103,7 @@ class Consumer:
     one call), or on the engine thread when `loop` is None (a blocking caller)."""
 
     put: Callable[[StepOutput], None]
-    loop: Optional[asyncio.AbstractEventLoop] = None
+    loop: asyncio.AbstractEventLoop | None = None
 
 
 @dataclass
@@ -115,9 +118,9 @@ class Request:
     prefilled: int = 0  # prompt tokens already in the KV cache (chunked prefill)
     output_ids: list[int] = field(default_factory=list)
     generated_text: str = ""
-    scheduled_at: Optional[float] = None
-    first_token_at: Optional[float] = None
-    generator: Optional["torch.Generator"] = None  # per-request RNG, so a seed reproduces the same sample
+    scheduled_at: float | None = None
+    first_token_at: float | None = None
+    generator: torch.Generator | None = None  # per-request RNG, so a seed reproduces the same sample
 
     @property
     def prompt_len(self) -> int:

@@ -10,8 +10,9 @@ mask hides the padding (at the left, or between a shared prefix and a prompt); e
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,11 @@ class SharedPrefix:
 
     token_ids: tuple[int, ...]
     cache: DynamicCache
+
+
+def _layers(cache: DynamicCache) -> list[Any]:
+    """The cache's per-layer holders of keys and values (transformers' type for them also covers layers without)."""
+    return list(cache.layers)
 
 
 def _left_pad(tensor: torch.Tensor, amount: int, dim: int) -> torch.Tensor:
@@ -121,7 +127,7 @@ class CacheRunner:
         rows = len(request_ids)
         cache = DynamicCache(config=self.model.config)
         if prefix is not None:
-            for layer_index, layer in enumerate(prefix.cache.layers):
+            for layer_index, layer in enumerate(_layers(prefix.cache)):
                 cache.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1), layer_index)
         cached = 0 if prefix is None else len(prefix.token_ids)
         mask = torch.ones(rows, cached, dtype=torch.long, device=self.device)
@@ -134,8 +140,12 @@ class CacheRunner:
         width = max(len(chunk) for chunk in chunks)
         padding = [width - len(chunk) for chunk in chunks]
         input_ids = torch.tensor([[0] * pad + chunk for pad, chunk in zip(padding, chunks)], device=self.device)
-        chunk_mask = torch.tensor([[0] * pad + [1] * len(chunk) for pad, chunk in zip(padding, chunks)], device=self.device)
-        offsets = torch.tensor([[0] * pad + list(range(len(chunk))) for pad, chunk in zip(padding, chunks)], device=self.device)
+        chunk_mask = torch.tensor(
+            [[0] * pad + [1] * len(chunk) for pad, chunk in zip(padding, chunks)], device=self.device
+        )
+        offsets = torch.tensor(
+            [[0] * pad + list(range(len(chunk))) for pad, chunk in zip(padding, chunks)], device=self.device
+        )
         batch.attention_mask = torch.cat([batch.attention_mask, chunk_mask], dim=1)
         logits = self._forward(input_ids, batch.attention_mask, batch.positions[:, None] + offsets, batch.cache)
         batch.positions += torch.tensor([len(chunk) for chunk in chunks], device=self.device)
@@ -159,7 +169,7 @@ class CacheRunner:
         def stack(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
             return torch.cat([_left_pad(a, width - running_width, dim), _left_pad(b, width - joining_width, dim)])
 
-        for layer, other in zip(running.cache.layers, joining.cache.layers):
+        for layer, other in zip(_layers(running.cache), _layers(joining.cache)):
             layer.keys, layer.values = stack(layer.keys, other.keys, -2), stack(layer.values, other.values, -2)
         running.attention_mask = stack(running.attention_mask, joining.attention_mask, -1)
         running.positions = torch.cat([running.positions, joining.positions])
@@ -174,7 +184,7 @@ class CacheRunner:
         index = torch.tensor(keep, device=self.device)
         mask = batch.attention_mask[index]
         first_used = int(mask.any(dim=0).nonzero()[0])
-        for layer in batch.cache.layers:
+        for layer in _layers(batch.cache):
             layer.keys = layer.keys[index, :, first_used:]
             layer.values = layer.values[index, :, first_used:]
         batch.attention_mask = mask[:, first_used:]

@@ -17,7 +17,7 @@ decode and prefill steps alternate.
 from __future__ import annotations
 
 from collections import deque
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from engine.config import EngineConfig
 from engine.plan import PrefillChunk, PrefillPlan, StepPlan
@@ -113,9 +113,7 @@ class Scheduler:
         has_prefill_work = bool(self.prefilling) or (bool(self.waiting) and len(self.running) < self.config.max_running)
         if not has_prefill_work:
             return False
-        return (
-            not self.running or self._decoded_last or now - self._last_decode_at < self.config.max_decode_pause_s
-        )
+        return not self.running or self._decoded_last or now - self._last_decode_at < self.config.max_decode_pause_s
 
     def _prefill_plan(self, now: float) -> PrefillPlan:
         """The next chunk of the group being prefilled, or a new group: the oldest waiting prompts that fit the

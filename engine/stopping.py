@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 from collections import deque
-from typing import Sequence
+from collections.abc import Sequence
 
 
 class StopStringMatcher:

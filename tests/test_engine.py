@@ -74,7 +74,9 @@ async def test_long_prompt_is_prefilled_in_chunks_and_equals_one_shot(tiny_engin
     """prefill_chunk=16 splits a long prompt over several steps; the result must not change."""
     prompt = "count with me: " + " ".join(str(i) for i in range(60))
     chunked = await collect(tiny_engine, prompt, max_tokens=16)
-    one_shot = LLMEngine(load_model(str(tiny_model_dir), dtype="float32"), EngineConfig(prefill_chunk=4096, fast_path=fast_path))
+    one_shot = LLMEngine(
+        load_model(str(tiny_model_dir), dtype="float32"), EngineConfig(prefill_chunk=4096, fast_path=fast_path)
+    )
     try:
         assert [o.token_id for o in await collect(one_shot, prompt, max_tokens=16)] == [o.token_id for o in chunked]
     finally:
@@ -140,7 +142,9 @@ async def test_cancelled_consumer_frees_its_slot(tiny_engine):
 
 async def test_overload_is_refused_at_once_and_others_complete(tiny_engine):
     """max_running=4, max_waiting=2: the 7th concurrent stream is refused with a clear error."""
-    started = [tiny_engine.generate(tiny_engine.tokenize(f"stream {i}"), SamplingParams(max_tokens=60)) for i in range(6)]
+    started = [
+        tiny_engine.generate(tiny_engine.tokenize(f"stream {i}"), SamplingParams(max_tokens=60)) for i in range(6)
+    ]
     firsts = await asyncio.gather(*(anext(s) for s in started[:4]))  # these four are running
     waiting = [asyncio.create_task(anext(s)) for s in started[4:]]
     await eventually(lambda: tiny_engine.num_waiting == 2)
@@ -149,11 +153,7 @@ async def test_overload_is_refused_at_once_and_others_complete(tiny_engine):
     # Transports map the code to a status (HTTP 429, retry later).
     assert refused[0].error_code is ErrorCode.OVERLOADED and "limit 6" in refused[0].error
     rests = await asyncio.gather(*waiting)  # the queued two start once slots free up
-    lasts = []
-    for stream in started:
-        async for last in stream:
-            pass
-        lasts.append(last)
+    lasts = [[o async for o in stream][-1] for stream in started]
     assert [(o.index, o.token_id >= 0, o.finish_reason) for o in firsts + rests] == [(0, True, None)] * 6
     assert all(o.finish_reason in (FinishReason.LENGTH, FinishReason.EOS) and o.error is None for o in lasts)
     await eventually(lambda: tiny_engine.num_running == 0)
@@ -198,7 +198,9 @@ def test_sampling_settings_that_cannot_be_used_are_rejected(tiny_engine, samplin
         tiny_engine.check([1, 2, 3], SamplingParams(max_tokens=4, **sampling))
 
 
-async def test_a_failing_step_ends_the_streams_in_flight_with_an_error_and_the_engine_serves_on(tiny_engine, monkeypatch):
+async def test_a_failing_step_ends_the_streams_in_flight_with_an_error_and_the_engine_serves_on(
+    tiny_engine, monkeypatch
+):
     decode = tiny_engine.runner.decode
     failed = []
 
@@ -231,7 +233,10 @@ async def test_a_tiny_temperature_samples_the_most_likely_token(tiny_engine):
 
 @pytest.mark.parametrize(
     "max_decode_pause_s, steps_after_the_burst",
-    [(60.0, ["prefill", "prefill", "prefill", "decode"]), (0.0, ["prefill", "decode", "prefill", "decode", "prefill", "decode"])],
+    [
+        (60.0, ["prefill", "prefill", "prefill", "decode"]),
+        (0.0, ["prefill", "decode", "prefill", "decode", "prefill", "decode"]),
+    ],
     ids=["prefill-first", "alternating-once-the-pause-is-spent"],
 )
 async def test_a_burst_of_arrivals_is_prefilled_before_the_running_stream_decodes_again(
@@ -243,7 +248,9 @@ async def test_a_burst_of_arrivals_is_prefilled_before_the_running_stream_decode
     loaded = load_model(str(tiny_model_dir), dtype="float32")
     burst = [loaded.tokenizer(p)["input_ids"] for p in ("red green blue", "one two three", "cat dog cow")]
     assert 2 * min(map(len, burst)) > max(map(len, burst))  # so a prefill step of max(len) tokens takes one
-    config = EngineConfig(prefill_chunk=max(map(len, burst)), max_decode_pause_s=max_decode_pause_s, fast_path=fast_path)
+    config = EngineConfig(
+        prefill_chunk=max(map(len, burst)), max_decode_pause_s=max_decode_pause_s, fast_path=fast_path
+    )
     engine = LLMEngine(loaded, config)
     steps: list[str] = []
     held, release = threading.Event(), threading.Event()
@@ -408,7 +415,9 @@ async def test_logit_bias_and_penalties_change_what_is_chosen(embedded_engine):
     biased = await collect(embedded_engine, PROMPTS[0], max_tokens=3, logit_bias=((forced, 100.0),))
     assert [o.token_id for o in biased] == [forced] * 3
     # A strong frequency penalty forbids repeating any generated token.
-    penalized = await collect(embedded_engine, "Repeat after me: la la la la la la la la", max_tokens=16, frequency_penalty=2.0)
+    penalized = await collect(
+        embedded_engine, "Repeat after me: la la la la la la la la", max_tokens=16, frequency_penalty=2.0
+    )
     ids = [o.token_id for o in penalized if o.token_id >= 0]
     repeated = await collect(embedded_engine, "Repeat after me: la la la la la la la la", max_tokens=16)
     assert len(set(ids)) > len({o.token_id for o in repeated})
@@ -437,7 +446,9 @@ def test_a_conversation_goes_through_the_chat_template_turn_by_turn(embedded_eng
         {"role": "assistant", "content": "Bonjour"},
         {"role": "user", "content": "How are you?"},
     ]
-    expected = embedded_engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    expected = embedded_engine.tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True
+    )
     assert embedded_engine.prepare(messages, SamplingParams(max_tokens=4)) == list(expected["input_ids"])
     # The model's default system turn is not added in front of the conversation's own.
     assert embedded_engine.tokenizer.decode(embedded_engine.tokenize(messages)).count("<|im_start|>system") == 1

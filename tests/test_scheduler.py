@@ -62,7 +62,14 @@ def test_a_prompt_longer_than_the_budget_is_prefilled_in_chunks_and_alone():
     for step in range(3):
         plan = run(s, now=step * 0.01)
         assert plan.prefill is not None and plan.prefill.request_ids == ["long"]
-        chunks.append((plan.prefill.chunks[0].start, len(plan.prefill.chunks[0].token_ids), plan.prefill.first, plan.prefill.joins))
+        chunks.append(
+            (
+                plan.prefill.chunks[0].start,
+                len(plan.prefill.chunks[0].token_ids),
+                plan.prefill.first,
+                plan.prefill.joins,
+            )
+        )
     assert chunks == [(0, 16, True, False), (16, 16, False, False), (32, 8, False, True)]
     assert list(s.running) == ["long"]
     # The next group: the short prompt, which waited behind the long one.
