@@ -40,10 +40,9 @@ def executor_accepts(setting: str) -> bool:
 
 
 def executor_settings(overrides: dict) -> dict:
-    """What the service's executor is built with: config.yml's `with`, then flow.yml's uses_with, then overrides."""
-    config = yaml.safe_load((ROOT / "config.yml").read_text())["with"]
+    """The uses_with `make serve` gives config.yml's executor (flow.yml's), then overrides."""
     [executor] = flow_settings()["executors"]
-    return {**config, **executor.get("uses_with", {}), **overrides}
+    return {**executor.get("uses_with", {}), **overrides}
 
 
 @contextmanager
