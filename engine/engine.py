@@ -69,6 +69,7 @@ class LLMEngine:
         self._output_processor = output_processor
         self._processors: dict[str, RequestOutputProcessor] = {}  # running requests' (loop thread)
         self._outbox: list[tuple[Request, StepOutput]] = []  # this step's outputs, dispatched at its end
+        self._released: list[str] = []  # this step's finished requests, no longer in flight once it is published
         self.steps = 0  # forwards run (loop thread)
         # Called on the loop thread with the last output of every request, refusals included, also when nobody
         # reads the stream any more: where finished requests are counted (the executor's metrics).
@@ -294,6 +295,7 @@ class LLMEngine:
                 except Exception as error:  # a bug of the engine's own: end the streams in flight, serve the next
                     log.exception("engine step failed")
                     self._fail_in_flight(f"internal error in the engine: {type(error).__name__}")
+                self._publish()
                 self._dispatch()
             # Closing: nobody may be left waiting for an output that will never come.
             with self._lock:
@@ -301,13 +303,13 @@ class LLMEngine:
             for request in self.scheduler.abort_all():
                 self._end(request, FinishReason.SHUTDOWN, "the service is shutting down", ErrorCode.SHUTDOWN)
             self.runner.reset()
+            self._publish()
             self._dispatch()
 
     def _wait_for_work(self) -> bool:
         """Block until there is something to do; hand submissions and cancellations to the scheduler. False once
         the engine is closing."""
         with self._lock:
-            self._running_rows = self.scheduler.num_running
             while not (self._stopping or self._inbox or self._cancels or self.scheduler.has_work):
                 self._work.wait()
             if self._stopping:
@@ -408,11 +410,18 @@ class LLMEngine:
 
     def _release(self, request: Request, last_output: StepOutput) -> None:
         self._outbox.append((request, last_output))
+        self._released.append(request.request_id)
         self._report_finished(last_output)
+
+    def _publish(self) -> None:
+        """After a step, before its outputs go out: the counts other threads read, as one consistent snapshot
+        (a caller that got its last output sees its request gone from them)."""
         with self._lock:
-            self._in_flight.discard(request.request_id)
+            self._in_flight.difference_update(self._released)
+            self._running_rows = self.scheduler.num_running
             if not self._in_flight:
                 self._idle.notify_all()
+        self._released.clear()
 
     def _dispatch(self) -> None:
         """Hand this step's outputs to their consumers: one call per event loop, with all of that loop's outputs
