@@ -15,6 +15,7 @@ from jina.serve.runtimes.gateway.composite import CompositeGateway
 from jina.serve.runtimes.gateway.http import HTTPGateway
 
 from gateway.app import add_routes
+from gateway.predictions import PredictionSettings, add_prediction_routes
 from gateway.relay import relayed
 from gateway.validation import validating
 from lifecycle import OpenStreams, drain_on_sigterm
@@ -24,15 +25,17 @@ DEFAULT_MODEL_NAME = "llm"
 
 
 class LLMHTTPGateway(HTTPGateway):
-    """Jina's HTTP gateway plus the OpenAI API, `/ws` and the page at `/`."""
+    """Jina's HTTP gateway plus the OpenAI API, `/ws`, the page at `/` and the predictions."""
 
-    def __init__(self, model_name: str = DEFAULT_MODEL_NAME, **kwargs) -> None:
+    def __init__(self, model_name: str = DEFAULT_MODEL_NAME, predictions: dict | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.model_name = model_name
+        self.predictions = PredictionSettings.parse(predictions)  # a wrong setting fails the start
 
     @property
     def app(self):
-        return add_routes(super().app, self.streamer, self.model_name)
+        app = add_routes(super().app, self.streamer, self.model_name)
+        return add_prediction_routes(app, self.streamer, self.model_name, self.predictions)
 
 
 class LLMGateway(CompositeGateway):
@@ -41,15 +44,19 @@ class LLMGateway(CompositeGateway):
     `model_name`: the model id that `GET /v1/models` lists and responses carry when a request names none.
     `drain_timeout_s`: on SIGTERM, how long the gateway keeps relaying the streams in flight before it stops.
     The executor ends its own streams within its `shutdown_grace_s`, so this only needs to be a little longer.
+    `predictions`: the settings of `/v1/predictions` (gateway/predictions.py: PredictionSettings), e.g. `redis_url`.
     """
 
-    def __init__(self, model_name: str = DEFAULT_MODEL_NAME, drain_timeout_s: float = 20.0, **kwargs) -> None:
+    def __init__(self, model_name: str = DEFAULT_MODEL_NAME, drain_timeout_s: float = 20.0,
+                 predictions: dict | None = None, **kwargs) -> None:
         # Both raise UnverifiedVersion on a grpcio or jina they were not verified against: the gateway fails to
         # start rather than serve with a workaround that may no longer hold.
         grpc_cancel.install()  # a cancelled relay must cancel its call to the executor
         jina_gateway.install()
         jina_gateway.build_servers(
-            self, lambda **server_kwargs: LLMHTTPGateway(model_name=model_name, **server_kwargs), **kwargs
+            self,
+            lambda **server_kwargs: LLMHTTPGateway(model_name=model_name, predictions=predictions, **server_kwargs),
+            **kwargs,
         )
         self.model_name = model_name
         self.drain_timeout_s = drain_timeout_s

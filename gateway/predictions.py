@@ -1,0 +1,499 @@
+"""Predictions (Replicate's API shape): a generation created once, that runs to its end whether anyone is connected
+or not, and that clients watch by polling with an offset or through an event stream they can resume.
+
+    POST /v1/predictions               {"input": {PromptDocument fields}, "webhook": url, "webhook_events_filter": [..]}
+    GET  /v1/predictions/{id}          ?offset=N: output from token N on; ?wait=S: hold until there is something new
+    GET  /v1/predictions/{id}/stream   text/event-stream; resumes after `Last-Event-ID` (or from ?offset=N)
+    POST /v1/predictions/{id}/cancel
+
+The runner of a prediction reads the executor's documents through a DocStream (gateway/streams.py) and writes
+them to the store (gateway/prediction_store.py); the routes only read the store, so any gateway sharing a Redis
+store serves any prediction. Cancelling closes the DocStream on the gateway that runs it: the engine frees the slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, fields
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from gateway.app import SSE_HEADERS
+from gateway.openai_api import DEFAULT_MAX_TOKENS, OpenAIError, failure
+from gateway.prediction_store import MemoryStore, Prediction, PredictionStore, RedisStore, Snapshot, StoreFull, now_iso
+from gateway.streams import DocStream
+from schemas import ErrorCode, ModelOutputDocument, PromptDocument
+
+log = logging.getLogger(__name__)
+
+REDIS_URL_ENV = "PREDICTIONS_REDIS_URL"
+INPUT_FIELDS = frozenset(PromptDocument.__fields__) - {"id"}
+WEBHOOK_EVENTS = ("start", "output", "logs", "completed")  # Replicate's; this service has no logs to send
+WEBHOOK_TIMEOUT_S = 10.0
+WEBHOOK_OUTPUT_INTERVAL_S = 0.5  # output webhooks at most this often per prediction, as Replicate throttles them
+WEBHOOK_BACKOFF_S = 0.5  # then doubled per attempt
+SSE_RETRY_MS = 1000  # how soon an EventSource reconnects after a dropped connection
+
+
+@dataclass(frozen=True)
+class PredictionSettings:
+    """flow.yml's `gateway: uses_with: predictions: {...}`."""
+
+    redis_url: str | None = None  # None: in memory (one gateway); also read from PREDICTIONS_REDIS_URL
+    redis_prefix: str = "llm:prediction:"  # the keys of one service, when several share a Redis
+    ttl_s: float = 3600.0  # how long a finished prediction stays readable
+    max_kept: int = 10000  # predictions kept at most; the oldest finished ones make room
+    max_wait_s: float = 60.0  # the longest long poll (`?wait=`)
+    refusal_wait_s: float = 2.0  # how long a create waits for the executor's refusal (then 201 while it queues)
+    keepalive_s: float = 15.0  # an event stream with nothing new sends a comment this often
+    webhook_attempts: int = 4
+
+    @classmethod
+    def parse(cls, settings: dict[str, Any] | None) -> PredictionSettings:
+        settings = dict(settings or {})
+        if unknown := sorted(set(settings) - {f.name for f in fields(cls)}):
+            raise ValueError(f"unknown predictions setting(s) {unknown}; known: {[f.name for f in fields(cls)]}")
+        settings.setdefault("redis_url", os.environ.get(REDIS_URL_ENV) or None)
+        parsed = cls(**settings)
+        for name in ("ttl_s", "max_kept", "max_wait_s", "keepalive_s", "webhook_attempts"):
+            if not getattr(parsed, name) > 0:
+                raise ValueError(f"predictions setting {name} must be above 0, got {getattr(parsed, name)!r}")
+        return parsed
+
+    def store(self) -> PredictionStore:
+        if self.redis_url:
+            return RedisStore(self.redis_url, self.ttl_s, self.max_kept, self.redis_prefix)
+        return MemoryStore(self.ttl_s, self.max_kept)
+
+
+def authorize(request: Request) -> OpenAIError | None:
+    """The one place where the prediction routes check the caller. The service has no API keys yet: everyone is
+    let in. Once keys exist, refuse here with OpenAIError(401, ...)."""
+    return None
+
+
+# Requests ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CreateRequest:
+    prompt: PromptDocument
+    version: str | None
+    webhook: str | None
+    webhook_events_filter: list[str]
+
+
+def bad_request(param: str, message: str) -> OpenAIError:
+    return OpenAIError(400, f"{param}: {message}", param=param, code="invalid_value")
+
+
+def parse_create(body: Any) -> CreateRequest:
+    if not isinstance(body, dict):
+        raise OpenAIError(400, "the request body must be a JSON object")
+    input = body.get("input")
+    if not isinstance(input, dict):
+        raise bad_request("input", "required, a JSON object of PromptDocument fields (prompt, max_tokens, ...)")
+    if unknown := sorted(set(input) - INPUT_FIELDS):
+        raise bad_request(f"input.{unknown[0]}", f"unknown field; the fields are {', '.join(sorted(INPUT_FIELDS))}")
+    try:
+        prompt = PromptDocument(**{"max_tokens": DEFAULT_MAX_TOKENS, **input})
+    except ValidationError as error:
+        first = error.errors()[0]
+        param = "input." + ".".join(str(part) for part in first["loc"])
+        raise bad_request(param, first["msg"]) from None
+    version = body.get("version")
+    if version is not None and not isinstance(version, str):
+        raise bad_request("version", "must be a string")
+    webhook = body.get("webhook")
+    if webhook is not None:
+        url = urlsplit(webhook) if isinstance(webhook, str) else None
+        if url is None or url.scheme not in ("http", "https") or not url.hostname:
+            raise bad_request("webhook", "must be an http:// or https:// URL")
+    events = body.get("webhook_events_filter")
+    if events is None:
+        events = ["start", "output", "completed"]
+    elif not isinstance(events, list) or not all(event in WEBHOOK_EVENTS for event in events):
+        raise bad_request("webhook_events_filter", f"must be a list of {', '.join(WEBHOOK_EVENTS)}")
+    return CreateRequest(prompt, version, webhook, events)
+
+
+def query_number(request: Request, name: str, default: float, maximum: float, integer: bool) -> float:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        raise bad_request(name, f"must be a {'whole ' if integer else ''}number, got {raw!r}") from None
+    if not 0 <= value <= maximum:
+        raise bad_request(name, f"must be between 0 and {maximum:g}, got {raw}")
+    return value
+
+
+# Rendering ---------------------------------------------------------------------------------------------------------
+
+
+def urls(base_url: str, id: str) -> dict[str, str]:
+    get = f"{base_url.rstrip('/')}/v1/predictions/{id}"
+    return {"get": get, "cancel": f"{get}/cancel", "stream": f"{get}/stream"}
+
+
+def render(snapshot: Snapshot, base_url: str) -> dict[str, Any]:
+    """Replicate's prediction JSON; `output` is the list of token texts from the snapshot's offset on."""
+    prediction = snapshot.prediction
+    return {
+        "id": prediction.id,
+        "model": prediction.model,
+        "version": prediction.version,
+        "status": prediction.status,
+        "input": prediction.input,
+        "output": snapshot.output,
+        "offset": snapshot.offset,
+        "error": prediction.error,
+        "error_code": prediction.error_code,
+        "logs": "",
+        "metrics": prediction.metrics,
+        "created_at": prediction.created_at,
+        "started_at": prediction.started_at,
+        "completed_at": prediction.completed_at,
+        "webhook": prediction.webhook,
+        "webhook_events_filter": prediction.webhook_events_filter,
+        "urls": urls(base_url, prediction.id),
+    }
+
+
+def error_json(error: OpenAIError) -> JSONResponse:
+    """The API's error JSON, plus RFC 7807's `detail` and `status`, which Replicate's clients read."""
+    return JSONResponse({**error.body(), "detail": error.message, "status": error.status}, status_code=error.status)
+
+
+def ending(doc: ModelOutputDocument) -> dict[str, Any]:
+    """The record's changes for the document that ends a generation."""
+    metrics = {
+        "input_token_count": doc.prompt_tokens,
+        "output_token_count": doc.completion_tokens,
+        "time_to_first_token": doc.time_to_first_token_s,
+        "queue_time": doc.queue_time_s,
+        "predict_time": doc.total_time_s,
+    }
+    changes: dict[str, Any] = {
+        "completed_at": now_iso(),
+        "metrics": {name: value for name, value in metrics.items() if value is not None},
+    }
+    if doc.finish_reason == "cancelled":
+        return {**changes, "status": "canceled"}
+    if (error := failure(doc)) is not None:
+        return {**changes, "status": "failed", "error": error.message, "error_code": error.code}
+    return {**changes, "status": "succeeded"}
+
+
+def sse_event(event: str, id: int, data: str) -> bytes:
+    # A text holding line breaks goes as several data lines, which the client joins with "\n".
+    lines = "".join(f"data: {line}\n" for line in data.replace("\r\n", "\n").replace("\r", "\n").split("\n"))
+    return f"event: {event}\nid: {id}\n{lines}\n".encode()
+
+
+def end_events(prediction: Prediction, count: int) -> list[tuple[int, str, str]]:
+    """(id, event, data) of what follows the `count` outputs of an ended prediction: error (when it failed), done."""
+    events = []
+    if prediction.status == "failed":
+        events.append((count, "error", json.dumps({"detail": prediction.error, "code": prediction.error_code})))
+    events.append((count + len(events), "done", json.dumps({"status": prediction.status})))
+    return events
+
+
+# Webhooks ----------------------------------------------------------------------------------------------------------
+
+
+class WebhookSender:
+    """POSTs a prediction's events to its webhook in order, each with retries: start, output (coalesced: what is
+    sent is the prediction as it is when the POST goes out), completed (which supersedes pending output)."""
+
+    def __init__(self, http: httpx.AsyncClient, url: str, events: list[str], attempts: int,
+                 payload: Callable[[], Any]) -> None:
+        self._http, self._url, self._events, self._attempts = http, url, frozenset(events), attempts
+        self._payload = payload  # async: the prediction's JSON now
+        self._due: set[str] = set()
+        self._wake = asyncio.Event()
+        self.task = asyncio.create_task(self._run())
+
+    def notify(self, event: str) -> None:
+        if event in self._events or event == "completed":  # completed also ends the sender
+            self._due.add(event)
+            self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            for event in ("start", "completed", "output"):
+                if event in self._due:
+                    self._due.discard(event)
+                    break
+            else:
+                continue
+            if event == "completed":
+                if "completed" in self._events:
+                    await self._post(event)
+                return
+            await self._post(event)
+            if event == "output":
+                await asyncio.sleep(WEBHOOK_OUTPUT_INTERVAL_S)
+            if self._due:
+                self._wake.set()
+
+    async def _post(self, event: str) -> None:
+        for attempt in range(self._attempts):
+            try:
+                response = await self._http.post(self._url, json=await self._payload(), timeout=WEBHOOK_TIMEOUT_S)
+                if response.is_success:
+                    return
+                if 400 <= response.status_code < 500 and response.status_code != 429:
+                    log.warning(f"webhook {event} refused by {self._url}: HTTP {response.status_code}")
+                    return
+                reason = f"HTTP {response.status_code}"
+            except httpx.HTTPError as error:
+                reason = repr(error)
+            if attempt + 1 < self._attempts:
+                await asyncio.sleep(WEBHOOK_BACKOFF_S * 2**attempt)
+        log.warning(f"webhook {event} to {self._url} failed {self._attempts} times, last: {reason}")
+
+
+# The runner and the routes -----------------------------------------------------------------------------------------
+
+
+class Predictions:
+    """Runs this gateway's predictions and answers the routes from the store."""
+
+    def __init__(self, streamer: Any, model_name: str, settings: PredictionSettings) -> None:
+        self.streamer = streamer
+        self.model_name = model_name
+        self.settings = settings
+        self.store = settings.store()
+        self.store.on_cancel = self._stop_local
+        self._streams: dict[str, DocStream] = {}  # the predictions this gateway runs
+        self._tasks: set[asyncio.Task] = set()
+        self._http: httpx.AsyncClient | None = None
+
+    async def start(self) -> None:
+        await self.store.start()
+        self._http = httpx.AsyncClient()
+
+    async def close(self) -> None:
+        """Server shutdown: the predictions still running here fail (the drain on SIGTERM has let them end first)."""
+        for stream in list(self._streams.values()):
+            await stream.close()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.store.close()
+        if self._http is not None:
+            await self._http.aclose()
+
+    def _spawn(self, work: Any) -> asyncio.Task:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _stop_local(self, id: str) -> None:
+        if (stream := self._streams.get(id)) is not None:
+            self._spawn(stream.close())
+
+    async def create(self, request: CreateRequest, base_url: str) -> Snapshot:
+        prompt = request.prompt
+        prediction = Prediction(
+            id=uuid.uuid4().hex,
+            model=self.model_name,
+            version=request.version or self.model_name,
+            input=prompt.dict(exclude={"id"}, exclude_none=True),
+            created_at=now_iso(),
+            webhook=request.webhook,
+            webhook_events_filter=request.webhook_events_filter if request.webhook else None,
+        )
+        try:
+            await self.store.create(prediction)
+        except StoreFull as error:
+            raise OpenAIError(429, f"the service is overloaded: {error}", type="rate_limit_error",
+                              code=ErrorCode.OVERLOADED.value) from None
+        stream = DocStream(self.streamer, prompt)
+        # The executor refuses a request it cannot serve (context, overload) at once, before any token: wait for
+        # that long enough to answer it as a 4xx, but not for the first token of a request that queues.
+        first = asyncio.ensure_future(stream.first())
+        await asyncio.wait({first}, timeout=self.settings.refusal_wait_s)
+        if first.done() and (doc := first.result()) is not None and (refusal := failure(doc)) is not None:
+            await stream.close()
+            await self.store.delete(prediction.id)
+            raise refusal
+        self._streams[prediction.id] = stream
+        self._spawn(self._run(prediction, stream, first, base_url))
+        snapshot = await self.store.get(prediction.id)
+        assert snapshot is not None  # just created; the TTL counts from its last change
+        return snapshot
+
+    async def _run(self, prediction: Prediction, stream: DocStream, first: asyncio.Future, base_url: str) -> None:
+        id = prediction.id
+        webhook = None
+        if prediction.webhook and self._http is not None:
+            async def payload() -> Any:
+                snapshot = await self.store.get(id)
+                return None if snapshot is None else render(snapshot, base_url)
+
+            webhook = WebhookSender(self._http, prediction.webhook, prediction.webhook_events_filter or [],
+                                    self.settings.webhook_attempts, payload)
+            self._tasks.add(webhook.task)
+            webhook.task.add_done_callback(self._tasks.discard)
+            webhook.notify("start")
+        last: ModelOutputDocument | None = None
+        try:
+            doc = await first
+            if doc is not None:
+                await self.store.update(id, status="processing", started_at=now_iso())
+            index = 0
+            while doc is not None:
+                if doc.text:
+                    if not await self.store.append(id, index, doc.text):
+                        break  # cancelled, possibly through another gateway
+                    index += 1
+                    if webhook is not None:
+                        webhook.notify("output")
+                if doc.finish_reason is not None:
+                    last = doc
+                    break
+                doc = await stream.first()  # the next document; None once the stream was closed
+            if last is not None:
+                await self.store.finish(id, **ending(last))
+            else:  # closed: by a cancellation (then already canceled), or by the gateway's shutdown
+                await self.store.finish(id, status="failed", completed_at=now_iso(),
+                                        error="the gateway stopped before the prediction ended",
+                                        error_code=ErrorCode.UNAVAILABLE.value)
+        except Exception as error:  # the store failed (Redis unreachable): the generation cannot be kept
+            log.error(f"prediction {id} failed: {error!r}")
+        finally:
+            self._streams.pop(id, None)
+            await stream.close()
+            if webhook is not None:
+                webhook.notify("completed")
+
+    async def get(self, id: str, offset: int, wait_s: float) -> Snapshot:
+        snapshot = await self.store.get(id, offset)
+        if snapshot is not None and wait_s > 0 and not snapshot.output and not snapshot.prediction.ended:
+            await self.store.wait(id, offset, wait_s)
+            snapshot = await self.store.get(id, offset)
+        if snapshot is None:
+            raise self.not_found(id)
+        return snapshot
+
+    def not_found(self, id: str) -> OpenAIError:
+        return OpenAIError(404, f"no prediction {id!r}: finished predictions are kept {self.settings.ttl_s:g} s",
+                           code="not_found")
+
+    async def events(self, id: str, after: int) -> AsyncIterator[bytes]:
+        """The event stream from the event after `after` on: output events (id = output index), then error (when
+        it failed) and done. A comment every `keepalive_s` while nothing happens."""
+        yield f"retry: {SSE_RETRY_MS}\n\n".encode()
+        offset = after + 1
+        waited = False
+        while True:
+            snapshot = await self.store.get(id, offset, with_input=False)
+            if snapshot is None:  # expired meanwhile
+                return
+            for index, text in enumerate(snapshot.output, start=offset):
+                yield sse_event("output", index, text)
+            offset += len(snapshot.output)
+            if snapshot.prediction.ended:
+                for event_id, event, data in end_events(snapshot.prediction, snapshot.count):
+                    if event_id > after:
+                        yield sse_event(event, event_id, data)
+                return
+            if waited and not snapshot.output:
+                yield b": keep-alive\n\n"
+            await self.store.wait(id, offset, self.settings.keepalive_s)
+            waited = True
+
+
+def last_event_id(request: Request) -> int:
+    """The last event the client has (-1: none), from `Last-Event-ID` (an EventSource's reconnection), else from
+    `?offset=N` (start at output N)."""
+    header = request.headers.get("last-event-id")
+    if header is None:
+        return int(query_number(request, "offset", 0, 2**31, integer=True)) - 1
+    try:
+        value = int(header)
+    except ValueError:
+        raise bad_request("Last-Event-ID", f"must be an event id this stream sent (a number), got {header!r}") from None
+    if value < -1:
+        raise bad_request("Last-Event-ID", f"must be -1 or more, got {value}")
+    return value
+
+
+def add_prediction_routes(app: FastAPI, streamer: Any, model_name: str, settings: PredictionSettings) -> FastAPI:
+    predictions = Predictions(streamer, model_name, settings)
+    app.router.add_event_handler("startup", predictions.start)
+    app.router.add_event_handler("shutdown", predictions.close)
+
+    async def answer(request: Request, work: Callable[[], Any]) -> Response:
+        """Authorize, run `work`, turn an OpenAIError into the API's error JSON."""
+        try:
+            if (refusal := authorize(request)) is not None:
+                raise refusal
+            return await work()
+        except OpenAIError as error:
+            return error_json(error)
+
+    @app.post("/v1/predictions")
+    async def create(request: Request) -> Response:
+        async def work() -> Response:
+            try:
+                body = await request.json()
+            except ValueError as error:
+                raise OpenAIError(400, f"the request body is not valid JSON: {error}") from None
+            snapshot = await predictions.create(parse_create(body), str(request.base_url))
+            return JSONResponse(render(snapshot, str(request.base_url)), status_code=201)
+
+        return await answer(request, work)
+
+    @app.get("/v1/predictions/{id}")
+    async def get(id: str, request: Request) -> Response:
+        async def work() -> Response:
+            offset = int(query_number(request, "offset", 0, 2**31, integer=True))
+            wait_s = query_number(request, "wait", 0, predictions.settings.max_wait_s, integer=False)
+            snapshot = await predictions.get(id, offset, wait_s)
+            return JSONResponse(render(snapshot, str(request.base_url)))
+
+        return await answer(request, work)
+
+    @app.get("/v1/predictions/{id}/stream")
+    async def stream(id: str, request: Request) -> Response:
+        async def work() -> Response:
+            after = last_event_id(request)
+            snapshot = await predictions.store.get(id, after + 1, with_input=False)
+            if snapshot is None:
+                raise predictions.not_found(id)
+            if snapshot.prediction.ended and after >= end_events(snapshot.prediction, snapshot.count)[-1][0]:
+                return Response(status_code=204)  # the client has the done event: an EventSource stops on a 204
+            return StreamingResponse(predictions.events(id, after), media_type="text/event-stream",
+                                     headers=SSE_HEADERS)
+
+        return await answer(request, work)
+
+    @app.post("/v1/predictions/{id}/cancel")
+    async def cancel(id: str, request: Request) -> Response:
+        async def work() -> Response:
+            await predictions.store.cancel(id)
+            snapshot = await predictions.store.get(id)
+            if snapshot is None:
+                raise predictions.not_found(id)
+            return JSONResponse(render(snapshot, str(request.base_url)))
+
+        return await answer(request, work)
+
+    return app

@@ -1,0 +1,340 @@
+"""Predictions (gateway/predictions.py): create, poll with offsets, long poll, the resumable event stream, cancel,
+webhooks, bounds (TTL, max kept) and refusals; in memory and in a real redis-server, where two gateways serve the
+same predictions.
+
+The first part serves the routes in process over a scripted executor whose tokens come out when the test releases
+them (harness/predictions.py): "mid-answer" is a state the test holds. The second part runs on real flows of the
+tiny model, with the engine's gauges and counters."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+
+from harness.predictions import (
+    FAIL,
+    OVERLOAD,
+    REFUSE,
+    ScriptedStreamer,
+    answer_of,
+    eventually_async,
+    gateway,
+    receiver,
+    redis_server,
+    sse_events,
+)
+
+PREDICTIONS = "/v1/predictions"
+FAST_REFUSAL = {"refusal_wait_s": 0.5}  # the scripted executor refuses in microseconds; don't hold creates for 2 s
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory) -> Any:
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request) -> dict[str, Any]:
+    """Settings of either store; each Redis test has keys of its own."""
+    if request.param == "memory":
+        return dict(FAST_REFUSAL)
+    return {**FAST_REFUSAL, "redis_url": request.getfixturevalue("redis_url"),
+            "redis_prefix": f"test:{uuid.uuid4().hex}:"}
+
+
+async def create(client: httpx.AsyncClient, status: int = 201, **body: Any) -> dict:
+    response = await client.post(PREDICTIONS, json=body)
+    assert response.status_code == status, response.text
+    return response.json()
+
+
+async def poll_to_end(client: httpx.AsyncClient, prediction: dict, streamer: ScriptedStreamer | None) -> tuple:
+    """Long-poll with offsets until the prediction ends, releasing one token per poll; (texts, last body)."""
+    texts: list[str] = []
+    while True:
+        if streamer is not None:
+            streamer.release(1)
+        response = await client.get(prediction["urls"]["get"], params={"offset": len(texts), "wait": 30})
+        body = response.json()
+        assert response.status_code == 200 and body["offset"] == len(texts)
+        texts += body["output"]
+        if body["status"] not in ("starting", "processing"):
+            return texts, body
+
+
+async def read_events(client: httpx.AsyncClient, url: str, limit: int | None = None, **headers: str) -> list[dict]:
+    """The stream's events, up to `limit` output events (then the connection is dropped)."""
+    events = []
+    async with client.stream("GET", url, headers={"Accept": "text/event-stream", **headers}) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        async for event in sse_events(response):
+            events.append(event)
+            if limit is not None and sum(e["event"] == "output" for e in events) == limit:
+                break
+    return events
+
+
+def outputs(events: list[dict]) -> list[dict]:
+    return [event for event in events if event["event"] == "output"]
+
+
+# In process, over the scripted executor --------------------------------------------------------------------------
+
+
+async def test_create_then_poll_with_offsets_and_long_polls(store):
+    streamer = ScriptedStreamer()
+    async with gateway(streamer, **store) as gw, gw.client() as client:
+        prediction = await create(client, input={"prompt": "hi", "max_tokens": 7}, stream=True)
+        assert prediction["status"] == "starting" and prediction["output"] == []
+        assert prediction["input"] == {"prompt": "hi", "max_tokens": 7}
+        assert prediction["urls"] == {
+            "get": f"{gw.url}{PREDICTIONS}/{prediction['id']}",
+            "cancel": f"{gw.url}{PREDICTIONS}/{prediction['id']}/cancel",
+            "stream": f"{gw.url}{PREDICTIONS}/{prediction['id']}/stream",
+        }
+        # A long poll is held until a token comes.
+        poll = asyncio.create_task(client.get(prediction["urls"]["get"], params={"wait": 30}))
+        await asyncio.sleep(0.2)
+        assert not poll.done()
+        streamer.release(1)
+        first = (await poll).json()
+        assert first["status"] == "processing" and first["output"] == [" Hello"] and first["started_at"]
+        texts, last = await poll_to_end(client, prediction, streamer)
+        assert last["status"] == "succeeded" and last["completed_at"] and last["error"] is None
+        assert "".join(texts) == answer_of(7)
+        whole = (await client.get(prediction["urls"]["get"])).json()
+        assert "".join(whole["output"]) == answer_of(7) and len(whole["output"]) == 7
+        assert whole["metrics"]["output_token_count"] == 7 and whole["metrics"]["input_token_count"] == 3
+        # Short polls from an offset: only what follows; beyond the end nothing. An ended prediction answers a
+        # long poll at once.
+        assert (await client.get(prediction["urls"]["get"], params={"offset": 5})).json()["output"] == whole["output"][5:]
+        assert (await client.get(prediction["urls"]["get"], params={"offset": 99, "wait": 30})).json()["output"] == []
+
+
+async def test_the_event_stream_resumes_after_a_drop_with_no_gap_and_no_repeat(store):
+    streamer = ScriptedStreamer()
+    async with gateway(streamer, **store) as gw, gw.client() as client:
+        prediction = await create(client, input={"prompt": "hi", "max_tokens": 12})
+        stream_url = prediction["urls"]["stream"]
+        streamer.release(4)
+        before = await read_events(client, stream_url, limit=4)  # the connection drops mid-answer
+        assert [e["id"] for e in outputs(before)] == ["0", "1", "2", "3"]
+        assert before[0].get("retry") == "1000" or "retry" not in before[0]
+        streamer.release(3)
+        # A reconnection with Last-Event-ID, as an EventSource does; the prediction is still running.
+        middle = await read_events(client, stream_url, limit=3, **{"Last-Event-ID": before[-1]["id"]})
+        streamer.release(5)
+        after = await read_events(client, stream_url, **{"Last-Event-ID": middle[-1]["id"]})
+        events = outputs(before) + outputs(middle) + outputs(after)
+        assert [int(e["id"]) for e in events] == list(range(12))
+        final = (await client.get(prediction["urls"]["get"])).json()
+        assert [e["data"] for e in events] == final["output"]
+        assert "".join(e["data"] for e in events) == answer_of(12)  # line breaks inside tokens included
+        done = after[-1]
+        assert (done["event"], json.loads(done["data"])) == ("done", {"status": "succeeded"}) and done["id"] == "12"
+        # ?offset= resumes too; after the done event there is nothing left: 204 stops an EventSource.
+        tail = await read_events(client, stream_url + "?offset=9")
+        assert [e["id"] for e in tail] == ["9", "10", "11", "12"]
+        assert (await client.get(stream_url, headers={"Last-Event-ID": "12"})).status_code == 204
+        # Last-Event-ID wins over the offset of the URL the EventSource was opened with.
+        assert [e["id"] for e in await read_events(client, stream_url + "?offset=0", **{"Last-Event-ID": "10"})] == [
+            "11", "12"]
+
+
+async def test_a_multi_line_token_is_sent_as_several_data_lines(store):
+    streamer = ScriptedStreamer(free_running=True)
+    async with gateway(streamer, **store) as gw, gw.client() as client:
+        prediction = await create(client, input={"prompt": "hi", "max_tokens": 5})
+        response = await client.get(prediction["urls"]["stream"])
+        assert "event: output\nid: 4\ndata: two\ndata: lines\n\n" in response.text
+        assert "event: output\nid: 3\ndata: \ndata: \n\n" in response.text  # the token "\n"
+
+
+async def test_a_failure_ends_the_stream_with_an_error_event_then_done(store):
+    streamer = ScriptedStreamer(free_running=True)
+    async with gateway(streamer, **store) as gw, gw.client() as client:
+        prediction = await create(client, input={"prompt": f"{FAIL} now", "max_tokens": 9})
+        events = await read_events(client, prediction["urls"]["stream"])
+        assert [(e["event"], e["id"]) for e in events] == [("output", "0"), ("output", "1"), ("error", "2"),
+                                                           ("done", "3")]
+        assert json.loads(events[2]["data"]) == {"detail": "internal error: injected", "code": "internal"}
+        assert json.loads(events[3]["data"]) == {"status": "failed"}
+        body = (await client.get(prediction["urls"]["get"])).json()
+        assert (body["status"], body["error"], body["error_code"]) == ("failed", "internal error: injected",
+                                                                       "internal")
+        # Resuming after the error event gives the done event only.
+        resumed = await read_events(client, prediction["urls"]["stream"], **{"Last-Event-ID": "2"})
+        assert [e["event"] for e in resumed] == ["done"]
+
+
+async def test_cancel_stops_the_generation_and_ends_every_reader(store):
+    streamer = ScriptedStreamer()
+    async with gateway(streamer, **store) as gw, gw.client() as client:
+        prediction = await create(client, input={"prompt": "hi", "max_tokens": 50})
+        streamer.release(2)
+        reader = asyncio.create_task(read_events(client, prediction["urls"]["stream"]))
+        await eventually_async(lambda: _output_count(client, prediction, 2))
+        response = await client.post(prediction["urls"]["cancel"])
+        assert response.status_code == 200 and response.json()["status"] == "canceled"
+        # The generation was closed (the engine would free the slot), and the reader got the end.
+        await eventually_async(lambda: _true(streamer.running == 0))
+        assert streamer.cancelled == 1
+        events = await reader
+        assert [e["event"] for e in events] == ["output", "output", "done"]
+        assert json.loads(events[-1]["data"]) == {"status": "canceled"}
+        body = (await client.get(prediction["urls"]["get"])).json()
+        assert body["status"] == "canceled" and len(body["output"]) == 2 and body["completed_at"]
+        # Cancelling again changes nothing.
+        assert (await client.post(prediction["urls"]["cancel"])).json()["status"] == "canceled"
+
+
+async def _output_count(client: httpx.AsyncClient, prediction: dict, count: int) -> bool:
+    return len((await client.get(prediction["urls"]["get"])).json()["output"]) >= count
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+BAD_CREATES = [
+    pytest.param({"input": {"prompt": "hi", "max_tokens": "ten"}}, "input.max_tokens", id="max-tokens-a-string"),
+    pytest.param({"input": {"max_tokens": 5}}, "input.prompt", id="prompt-missing"),
+    pytest.param({"input": {"prompt": "hi", "max_new_tokens": 5}}, "input.max_new_tokens", id="unknown-field"),
+    pytest.param({"input": {"prompt": "hi", "stop": "x"}}, "input.stop", id="stop-not-a-list"),
+    pytest.param({"input": "hi"}, "input", id="input-not-an-object"),
+    pytest.param({"prompt": "hi"}, "input", id="input-missing"),
+    pytest.param({"input": {"prompt": "hi"}, "webhook": "ftp://x"}, "webhook", id="webhook-not-http"),
+    pytest.param({"input": {"prompt": "hi"}, "webhook": "http://h/", "webhook_events_filter": ["begin"]},
+                 "webhook_events_filter", id="unknown-webhook-event"),
+    pytest.param({"input": {"prompt": "hi"}, "version": 3}, "version", id="version-not-a-string"),
+]
+
+
+@pytest.mark.parametrize("body, param", BAD_CREATES)
+async def test_a_bad_create_is_a_400_naming_the_field(body, param):
+    streamer = ScriptedStreamer(free_running=True)
+    async with gateway(streamer, **FAST_REFUSAL) as gw, gw.client() as client:
+        response = await client.post(PREDICTIONS, json=body)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == param and error["message"].startswith(param) and error["type"] == "invalid_request_error"
+        assert response.json()["detail"] == error["message"]  # what Replicate's clients show
+        assert streamer.running == 0
+
+
+async def test_refusals_of_the_executor_and_of_the_request(store):
+    streamer = ScriptedStreamer(free_running=True)
+    async with gateway(streamer, **store) as gw, gw.client() as client:
+        refused = await create(client, 400, input={"prompt": REFUSE, "max_tokens": 5})
+        assert refused["error"]["code"] == "invalid_request" and "context" in refused["error"]["message"]
+        full = await create(client, 429, input={"prompt": OVERLOAD, "max_tokens": 5})
+        assert (full["error"]["code"], full["error"]["type"]) == ("overloaded", "rate_limit_error")
+        assert (await client.post(PREDICTIONS, content=b"{nope")).status_code == 400
+        assert (await client.post(PREDICTIONS, json=[1])).status_code == 400
+        missing = f"{PREDICTIONS}/{uuid.uuid4().hex}"
+        for response in [await client.get(missing), await client.get(missing + "/stream"),
+                         await client.post(missing + "/cancel")]:
+            assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+        prediction = await create(client, input={"prompt": "hi", "max_tokens": 2})
+        for params, name in [({"offset": -1}, "offset"), ({"offset": "x"}, "offset"), ({"wait": 61}, "wait"),
+                             ({"wait": "soon"}, "wait")]:
+            response = await client.get(prediction["urls"]["get"], params=params)
+            assert response.status_code == 400 and response.json()["error"]["param"] == name, response.text
+        assert "60" in (await client.get(prediction["urls"]["get"], params={"wait": 61})).json()["error"]["message"]
+        response = await client.get(prediction["urls"]["stream"], headers={"Last-Event-ID": "abc"})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "Last-Event-ID"
+
+
+async def test_max_kept_refuses_while_all_run_then_evicts_the_oldest_finished(store):
+    streamer = ScriptedStreamer()
+    async with gateway(streamer, **{**store, "max_kept": 2}) as gw, gw.client() as client:
+        first = await create(client, input={"prompt": "a", "max_tokens": 1})
+        second = await create(client, input={"prompt": "b", "max_tokens": 1})
+        refused = await create(client, 429, input={"prompt": "c", "max_tokens": 1})
+        assert "2 predictions are running" in refused["error"]["message"]
+        streamer.release(1)
+        assert (await poll_to_end(client, first, None))[1]["status"] == "succeeded"
+        third = await create(client, input={"prompt": "c", "max_tokens": 1})  # the first, finished, made room
+        assert (await client.get(first["urls"]["get"])).status_code == 404
+        streamer.release(2)
+        for prediction in (second, third):
+            assert (await poll_to_end(client, prediction, None))[1]["status"] == "succeeded"
+
+
+async def test_a_finished_prediction_is_gone_after_its_ttl(store):
+    streamer = ScriptedStreamer(free_running=True)
+    async with gateway(streamer, **{**store, "ttl_s": 1}) as gw, gw.client() as client:
+        prediction = await create(client, input={"prompt": "hi", "max_tokens": 3})
+        _, last = await poll_to_end(client, prediction, None)
+        assert last["status"] == "succeeded"
+        await eventually_async(lambda: _status(client, prediction["urls"]["get"], 404))
+        assert (await client.get(prediction["urls"]["stream"])).status_code == 404
+
+
+async def _status(client: httpx.AsyncClient, url: str, status: int) -> bool:
+    return (await client.get(url)).status_code == status
+
+
+async def test_webhooks_arrive_in_order_with_retries(store):
+    streamer = ScriptedStreamer()
+    async with (
+        receiver(failures=2) as hooks,  # the first two POSTs of each status get a 500
+        gateway(streamer, **store) as gw,
+        gw.client() as client,
+    ):
+        prediction = await create(client, input={"prompt": "hi", "max_tokens": 6}, webhook=hooks.url)
+        await eventually_async(lambda: _true(len(hooks.received) == 1))
+        streamer.release(6)
+        await eventually_async(lambda: _true(hooks.received[-1]["status"] == "succeeded"))
+        final = (await client.get(prediction["urls"]["get"])).json()
+        assert hooks.received[0]["status"] == "starting" and hooks.received[0]["id"] == prediction["id"]
+        assert hooks.received[-1]["output"] == final["output"] and hooks.received[-1]["metrics"] == final["metrics"]
+        for body in hooks.received[1:-1]:
+            assert body["status"] == "processing" and final["output"][: len(body["output"])] == body["output"]
+        assert hooks.attempts["starting"] == hooks.attempts["succeeded"] == 3  # 2 failures, then delivered
+
+
+async def test_webhook_events_filter_sends_only_the_chosen_events(store):
+    streamer = ScriptedStreamer(free_running=True)
+    async with receiver() as hooks, gateway(streamer, **store) as gw, gw.client() as client:
+        prediction = await create(client, input={"prompt": "hi", "max_tokens": 6}, webhook=hooks.url,
+                                  webhook_events_filter=["completed"])
+        assert prediction["webhook_events_filter"] == ["completed"]
+        await eventually_async(lambda: _true(len(hooks.received) == 1))
+        await asyncio.sleep(0.5)  # nothing else comes
+        assert [body["status"] for body in hooks.received] == ["succeeded"]
+        assert "".join(hooks.received[0]["output"]) == answer_of(6)
+
+
+async def test_two_gateways_sharing_redis_serve_and_cancel_the_same_prediction(redis_url):
+    settings = {**FAST_REFUSAL, "redis_url": redis_url, "redis_prefix": f"test:{uuid.uuid4().hex}:"}
+    runner, other = ScriptedStreamer(), ScriptedStreamer()
+    async with (
+        gateway(runner, **settings) as a,
+        gateway(other, **settings) as b,
+        a.client() as client_a,
+        b.client() as client_b,
+    ):
+        prediction = await create(client_a, input={"prompt": "hi", "max_tokens": 40})
+        on_b = f"{b.url}{PREDICTIONS}/{prediction['id']}"
+        runner.release(3)
+        before = await read_events(client_b, on_b + "/stream", limit=3)
+        runner.release(2)
+        resumed = asyncio.create_task(read_events(client_a, prediction["urls"]["stream"],
+                                                  **{"Last-Event-ID": before[-1]["id"]}))
+        await eventually_async(lambda: _output_count(client_b, {"urls": {"get": on_b}}, 5))
+        # Cancelled through B: A, which runs it, closes the generation.
+        assert (await client_b.post(on_b + "/cancel")).json()["status"] == "canceled"
+        await eventually_async(lambda: _true(runner.running == 0))
+        assert (runner.cancelled, other.cancelled, other.running) == (1, 0, 0)
+        events = outputs(before) + outputs(await resumed)
+        assert [int(e["id"]) for e in events] == list(range(5))
+        for url in (on_b, prediction["urls"]["get"]):
+            body = (await client_a.get(url)).json()
+            assert body["status"] == "canceled" and "".join(body["output"]) == answer_of(5)
