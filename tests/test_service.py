@@ -60,7 +60,9 @@ BAD_INPUTS = [
     (dict(prompt="hi", max_tokens=0), "max_tokens must be at least 1, got 0"),
     (dict(prompt="hi", max_tokens=-3), "max_tokens must be at least 1, got -3"),
     (dict(prompt="hi", max_tokens=100_000), "exceeds the model's context of 4096 tokens"),
-    (dict(prompt="word " * 20_000, max_tokens=5), r"the prompt is \d+ tokens; the model's context is 4096 tokens"),
+    (dict(prompt="word " * 5_000, max_tokens=5), r"the prompt is \d+ tokens; the model's context is 4096 tokens"),
+    # Refused before tokenizing: 16 characters per token of the context.
+    (dict(prompt="x" * 70_000, max_tokens=5), "the prompt is 70000 characters; the limit is 65536 characters"),
     (dict(prompt="hi", max_tokens=5, temperature=-1.0), "temperature must be a number >= 0, got -1.0"),
 ]
 
