@@ -41,14 +41,17 @@ def write_flow(path: Path, grpc_port: int, executor: dict) -> Path:
     return path
 
 
-def write_service_flow(path: Path, grpc_port: int, http_port: int, executor: dict, model_name: str) -> Path:
-    """A flow like flow.yml: the service's gateway (gateway/: LLMGateway) on gRPC and HTTP, then the executor."""
+def write_service_flow(
+    path: Path, grpc_port: int, http_port: int, executor: dict, model_name: str, gateway_settings: dict | None = None
+) -> Path:
+    """A flow like flow.yml: the service's gateway (gateway/: LLMGateway) on gRPC and HTTP, then the executor.
+    `gateway_settings`: more of the gateway's `uses_with` (e.g. `predictions`)."""
     flow = {
         "jtype": "Flow",
         "gateway": {
             "uses": "LLMGateway",
             "py_modules": [str(ROOT / "gateway" / "__init__.py")],
-            "uses_with": {"model_name": model_name},
+            "uses_with": {"model_name": model_name, **(gateway_settings or {})},
             "protocol": ["grpc", "http"],
             "port": [grpc_port, http_port],
         },

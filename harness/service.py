@@ -66,9 +66,11 @@ def serve(
     uses: str = "config.yml",
     model_name: str = "test-model",
     replicas: int = 1,
+    gateway_settings: dict | None = None,
 ) -> Iterator[Service]:
     """A real `jina flow` like flow.yml, serving the executor of `uses` with `uses_with`, on free ports.
-    `tmp_path_factory` is pytest's, or anything whose `mktemp(name)` makes a fresh directory."""
+    `tmp_path_factory` is pytest's, or anything whose `mktemp(name)` makes a fresh directory. `gateway_settings`:
+    more of the gateway's `uses_with` than `model_name`."""
     tmp = tmp_path_factory.mktemp(name)
     service = Service(free_port(), free_port(), [free_port() for _ in range(replicas)])
     executor = {
@@ -79,7 +81,9 @@ def serve(
         "monitoring": True,
         "port_monitoring": service.monitoring_ports,
     }
-    flow_file = write_service_flow(tmp / "flow.yml", service.grpc_port, service.http_port, executor, model_name)
+    flow_file = write_service_flow(
+        tmp / "flow.yml", service.grpc_port, service.http_port, executor, model_name, gateway_settings
+    )
     ports = [service.grpc_port, service.http_port, *service.monitoring_ports]
     with running_flow(flow_file, ports, tmp / "flow.log") as service.process:
         yield service

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+import replicate
 
 from harness.predictions import (
     FAIL,
@@ -28,6 +29,7 @@ from harness.predictions import (
     redis_server,
     sse_events,
 )
+from harness.service import TINY_LIMITS, Service, eventually, idle, serve, stream_docs
 
 PREDICTIONS = "/v1/predictions"
 FAST_REFUSAL = {"refusal_wait_s": 0.5}  # the scripted executor refuses in microseconds; don't hold creates for 2 s
@@ -113,8 +115,9 @@ async def test_create_then_poll_with_offsets_and_long_polls(store):
         assert whole["metrics"]["output_token_count"] == 7 and whole["metrics"]["input_token_count"] == 3
         # Short polls from an offset: only what follows; beyond the end nothing. An ended prediction answers a
         # long poll at once.
-        assert (await client.get(prediction["urls"]["get"], params={"offset": 5})).json()["output"] == whole["output"][5:]
-        assert (await client.get(prediction["urls"]["get"], params={"offset": 99, "wait": 30})).json()["output"] == []
+        url = prediction["urls"]["get"]
+        assert (await client.get(url, params={"offset": 5})).json()["output"] == whole["output"][5:]
+        assert (await client.get(url, params={"offset": 99, "wait": 30})).json()["output"] == []
 
 
 async def test_the_event_stream_resumes_after_a_drop_with_no_gap_and_no_repeat(store):
@@ -223,7 +226,8 @@ async def test_a_bad_create_is_a_400_naming_the_field(body, param):
         response = await client.post(PREDICTIONS, json=body)
         assert response.status_code == 400, response.text
         error = response.json()["error"]
-        assert error["param"] == param and error["message"].startswith(param) and error["type"] == "invalid_request_error"
+        assert error["param"] == param and error["message"].startswith(param)
+        assert error["type"] == "invalid_request_error"
         assert response.json()["detail"] == error["message"]  # what Replicate's clients show
         assert streamer.running == 0
 
@@ -338,3 +342,138 @@ async def test_two_gateways_sharing_redis_serve_and_cancel_the_same_prediction(r
         for url in (on_b, prediction["urls"]["get"]):
             body = (await client_a.get(url)).json()
             assert body["status"] == "canceled" and "".join(body["output"]) == answer_of(5)
+
+
+# On real flows of the tiny model ---------------------------------------------------------------------------------
+
+LONG = 3000  # max_tokens of a prediction that is still running when the test cancels it
+
+
+async def test_real_flow_poll_and_stream_give_what_grpc_gives(tiny_service):
+    fields = {"prompt": "hello there", "max_tokens": 16, "chat_template": False}
+    async with httpx.AsyncClient(base_url=tiny_service.url, timeout=120) as client:
+        prediction = await create(client, input=fields, stream=True)
+        polled, last = await poll_to_end(client, prediction, None)
+        events = await read_events(client, prediction["urls"]["stream"])
+    docs = await stream_docs(tiny_service, **fields)
+    assert last["status"] == "succeeded" and last["metrics"]["output_token_count"] == docs[-1].completion_tokens
+    assert polled == [doc.text for doc in docs if doc.text]
+    assert [e["data"] for e in outputs(events)] == polled
+    assert [int(e["id"]) for e in outputs(events)] == list(range(len(polled)))
+    assert "".join(polled) == docs[-1].generated_text
+    assert events[-1]["event"] == "done"
+
+
+async def test_real_flow_a_prediction_runs_to_its_end_with_nobody_connected(tiny_service):
+    await idle(tiny_service)
+    fields = {"prompt": "nobody reads this", "max_tokens": 200, "chat_template": False}
+    async with httpx.AsyncClient(base_url=tiny_service.url, timeout=120) as client:
+        prediction = await create(client, input=fields)
+    # No connection is open while it runs.
+    await eventually(lambda: tiny_service.running_streams() == 0)
+    async with httpx.AsyncClient(base_url=tiny_service.url, timeout=120) as client:
+        _, last = await poll_to_end(client, prediction, None)
+    docs = await stream_docs(tiny_service, **fields)
+    assert last["status"] == "succeeded" and "".join(last["output"]) == docs[-1].generated_text
+
+
+async def test_real_flow_cancel_frees_the_engine_slot(tiny_service):
+    await idle(tiny_service)
+    cancelled = tiny_service.cancelled_requests()
+    async with httpx.AsyncClient(base_url=tiny_service.url, timeout=120) as client:
+        prediction = await create(client, input={"prompt": "Tell me everything", "max_tokens": LONG})
+        assert (await client.get(prediction["urls"]["get"], params={"offset": 1, "wait": 60})).json()["output"]
+        assert tiny_service.running_streams() == 1
+        body = (await client.post(prediction["urls"]["cancel"])).json()
+        assert body["status"] == "canceled", "the prediction ended before the cancel: raise LONG"
+        await eventually(lambda: tiny_service.running_streams() == 0)
+        assert tiny_service.cancelled_requests() == cancelled + 1
+        final = (await client.get(prediction["urls"]["get"])).json()
+        assert final["status"] == "canceled" and 0 < len(final["output"]) < LONG
+
+
+async def test_real_flow_refusals_are_400_and_429(tiny_service):
+    await idle(tiny_service)
+    async with httpx.AsyncClient(base_url=tiny_service.url, timeout=120) as client:
+        too_long = await create(client, 400, input={"prompt": "hi", "max_tokens": 100000})
+        assert too_long["error"]["code"] == "invalid_request" and "context" in too_long["error"]["message"]
+        # Predictions fill the replica (running and queued), then one more is refused at once.
+        capacity = TINY_LIMITS["max_running"] + TINY_LIMITS["max_waiting"]
+        created = [await create(client, input={"prompt": f"fill {i}", "max_tokens": LONG}) for i in range(capacity)]
+        try:
+            await eventually(lambda: (tiny_service.running_streams(), tiny_service.waiting_streams()) == (4, 2))
+            full = await create(client, 429, input={"prompt": "one too many", "max_tokens": 5})
+            assert (full["error"]["code"], full["error"]["type"]) == ("overloaded", "rate_limit_error")
+        finally:
+            for prediction in created:
+                await client.post(prediction["urls"]["cancel"])
+        await idle(tiny_service)
+
+
+async def test_the_official_replicate_client_works_unchanged(tiny_service):
+    client = replicate.Client(api_token="not-needed", base_url=tiny_service.url)
+    fields = {"prompt": "hello there", "max_tokens": 12, "chat_template": False}
+    prediction = await client.predictions.async_create(version="test-model", input=fields, stream=True)
+    assert prediction.status in ("starting", "processing")
+    streamed = [str(event) async for event in prediction.async_stream()]
+    await prediction.async_wait()
+    assert prediction.status == "succeeded" and "".join(streamed) == "".join(prediction.output)
+    docs = await stream_docs(tiny_service, **fields)
+    assert "".join(prediction.output) == docs[-1].generated_text
+    again = await client.predictions.async_get(prediction.id)
+    assert again.output == prediction.output and again.metrics["output_token_count"] == docs[-1].completion_tokens
+    long = await client.predictions.async_create(version="test-model", input={"prompt": "go on", "max_tokens": LONG})
+    await long.async_cancel()
+    assert long.status == "canceled"
+    with pytest.raises(replicate.exceptions.ReplicateError) as refused:
+        await client.predictions.async_create(version="test-model", input={"prompt": "hi", "max_tokens": "many"})
+    assert refused.value.status == 400 and "input.max_tokens" in refused.value.detail
+    await idle(tiny_service)
+
+
+@pytest.fixture(scope="module")
+def redis_flows(tmp_path_factory, tiny_model_dir, redis_url):
+    """Two flows (two gateways, two executors) whose predictions live in the same Redis."""
+    settings = {"predictions": {"redis_url": redis_url, "redis_prefix": f"flows:{uuid.uuid4().hex}:", "ttl_s": 8}}
+    uses_with = {"model": str(tiny_model_dir), **TINY_LIMITS}
+    with (
+        serve(tmp_path_factory, "redis-flow-a", uses_with, gateway_settings=settings) as a,
+        serve(tmp_path_factory, "redis-flow-b", uses_with, gateway_settings=settings) as b,
+    ):
+        yield a, b
+
+
+async def test_two_flows_sharing_redis_serve_resume_and_cancel_the_same_prediction(redis_flows):
+    a, b = redis_flows
+    fields = {"prompt": "hello there", "max_tokens": 24, "chat_template": False}
+    async with httpx.AsyncClient(timeout=120) as client:
+        prediction = await create_on(client, a, input=fields)
+        on_b = f"{b.url}{PREDICTIONS}/{prediction['id']}"
+        before = await read_events(client, on_b + "/stream", limit=3)  # through B, dropped after 3 tokens
+        after = await read_events(client, prediction["urls"]["stream"], **{"Last-Event-ID": before[-1]["id"]})
+        events = outputs(before) + outputs(after)
+        assert [int(e["id"]) for e in events] == list(range(len(events)))
+        body = (await client.get(on_b)).json()
+        assert body["status"] == "succeeded" and [e["data"] for e in events] == body["output"]
+        docs = await stream_docs(a, **fields)
+        assert "".join(body["output"]) == docs[-1].generated_text
+
+        # Created through B, cancelled through A: B's engine frees the slot.
+        await idle(b)
+        cancelled = b.cancelled_requests()
+        long = await create_on(client, b, input={"prompt": "Tell me everything", "max_tokens": LONG})
+        assert (await client.get(f"{a.url}{PREDICTIONS}/{long['id']}", params={"offset": 1, "wait": 60})).json()[
+            "output"]
+        assert (await client.post(f"{a.url}{PREDICTIONS}/{long['id']}/cancel")).json()["status"] == "canceled"
+        await eventually(lambda: b.running_streams() == 0)
+        assert b.cancelled_requests() == cancelled + 1 and a.running_streams() == 0
+
+        # Both gone from both gateways after the TTL (8 s here).
+        for url in (on_b, prediction["urls"]["get"], long["urls"]["get"]):
+            await eventually_async(lambda url=url: _status(client, url, 404), timeout_s=120)
+
+
+async def create_on(client: httpx.AsyncClient, service: Service, **body: Any) -> dict:
+    response = await client.post(service.url + PREDICTIONS, json=body)
+    assert response.status_code == 201, response.text
+    return response.json()
