@@ -112,32 +112,38 @@ class TokenStreamingExecutor(Executor):
         return self._open_streams.track(self._relay(doc))
 
     async def _relay(self, doc: PromptDocument) -> AsyncIterator[ModelOutputDocument]:
-        finished = False
+        # Never raises out of a streaming endpoint (Jina's gateway would replay it): a failure is a last document.
         try:
             prompt_ids, params = await self._prepare(doc)
-            request_id = f"exec-{uuid.uuid4().hex}"
-            # Jina's worker may drop this generator at its `yield` when the call is cancelled, without closing it:
-            # the end of its task must cancel the request (workarounds/jina_worker.py). A no-op once it finished.
-            worker_task = asyncio.current_task()
-            assert worker_task is not None  # a generator being iterated runs in a task
-            stop_watching = jina_worker.cancel_when_task_ends(worker_task, lambda: self.engine.cancel(request_id))
-            try:
-                last_output_at = None
-                async for output in self.engine.generate(prompt_ids, params, request_id):
-                    now = time.perf_counter()
-                    self.metrics.observe_token(output, None if last_output_at is None else now - last_output_at)
-                    last_output_at = now
-                    finished = output.finished
-                    yield to_document(output)
-            finally:
-                stop_watching()
-        except InvalidRequest as error:
-            self.metrics.requests.labels(FinishReason.ERROR.value).inc()  # a refusal is a request too
-            yield error_document(str(error), ErrorCode.INVALID_REQUEST)
-        except Exception as error:  # never raise out of a streaming endpoint: Jina's gateway would replay it
-            self.logger.error(f"stream failed: {error!r}")
+        except Exception as error:
+            # Refused before the engine took it (the engine's on_finished counts the requests it took).
+            self.metrics.requests.labels(FinishReason.ERROR.value).inc()
+            if isinstance(error, InvalidRequest):
+                yield error_document(str(error), ErrorCode.INVALID_REQUEST)
+            else:
+                yield error_document(f"internal error while preparing the request: {error!r}", ErrorCode.INTERNAL)
+            return
+        request_id = f"exec-{uuid.uuid4().hex}"
+        # Jina's worker may drop this generator at its `yield` when the call is cancelled, without closing it: the
+        # end of its task must cancel the request (workarounds/jina_worker.py). A no-op once the request finished.
+        worker_task = asyncio.current_task()
+        assert worker_task is not None  # a generator being iterated runs in a task
+        stop_watching = jina_worker.cancel_when_task_ends(worker_task, lambda: self.engine.cancel(request_id))
+        finished = False
+        try:
+            last_output_at = None
+            async for output in self.engine.generate(prompt_ids, params, request_id):
+                now = time.perf_counter()
+                self.metrics.observe_token(output, None if last_output_at is None else now - last_output_at)
+                last_output_at = now
+                finished = output.finished
+                yield to_document(output)
+        except Exception as error:  # a bug of ours while relaying
+            self.logger.error(f"relaying {request_id} failed: {error!r}")
             if not finished:
-                yield error_document(f"internal error: {error!r}", ErrorCode.INTERNAL)
+                yield error_document(f"internal error while relaying the stream: {error!r}", ErrorCode.INTERNAL)
+        finally:
+            stop_watching()
 
     async def _prepare(self, doc: PromptDocument) -> tuple[list[int], SamplingParams]:
         if not isinstance(doc.prompt, str) or not doc.prompt.strip():

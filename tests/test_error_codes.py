@@ -117,15 +117,23 @@ async def test_overload_is_overloaded_over_grpc_and_a_429_over_http(tiny_service
         await eventually(lambda: tiny_service.running_streams() + tiny_service.waiting_streams() == 0)
 
 
-async def test_an_unexpected_failure_in_the_executor_is_one_internal_error_document(tiny_model_dir, monkeypatch):
+def broken_prepare(*args, **kwargs):
+    raise RuntimeError("a bug of our own")
+
+
+async def broken_generate(*args, **kwargs):
+    raise RuntimeError("a bug of our own")
+    yield  # an async generator, as LLMEngine.generate
+
+
+@pytest.mark.parametrize("method, broken", [("prepare", broken_prepare), ("generate", broken_generate)])
+async def test_an_unexpected_failure_in_the_executor_is_one_internal_error_document(
+    tiny_model_dir, monkeypatch, method, broken
+):
     """Never raised out of the streaming endpoint (Jina's gateway would replay the stream): one last document."""
     executor = TokenStreamingExecutor(model=str(tiny_model_dir), dtype="float32", warmup_tokens=0)
     try:
-
-        def broken(*args, **kwargs):
-            raise RuntimeError("a bug of our own")
-
-        monkeypatch.setattr(executor.engine, "prepare", broken)
+        monkeypatch.setattr(executor.engine, method, broken)
         docs = [doc async for doc in executor.stream(PromptDocument(prompt="hi", max_tokens=3))]
         assert [(doc.finish_reason, doc.error_code) for doc in docs] == [("error", "internal")]
         assert "a bug of our own" in docs[0].error
