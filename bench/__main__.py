@@ -210,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
                     model, port, flows.LOGS / f"llama-server-{model.stem}.log",
                     parallel=report.PEER_PARALLEL, threads=args.peer_threads, context=context))
                 info["peer"]["servers"][model.name] = " ".join(flags)
+        before, started_at = report.cpu_seconds(), time.monotonic()
         results = asyncio.run(side_by_side(executor.engine, open_ceiling, ports.grpc, openai_ports, args))
+        info["other_cores"] = report.other_cores(before, report.cpu_seconds(), time.monotonic() - started_at)
     if not args.skip_seed:
         log("starting the seed baseline flow")
         with flows.serving("seed", flows.seed_executor(args.device, args.dtype)) as port:

@@ -7,6 +7,7 @@ import platform
 from importlib.metadata import version
 from pathlib import Path
 
+import psutil
 import torch
 
 from bench.load import RoundResult
@@ -21,6 +22,7 @@ LLAMA_Q4 = "llama.cpp server Q4_1 (OpenAI API)"
 PEER_PARALLEL = 16  # llama.cpp's slots: as many as the most streams it is compared at
 
 MARK = {True: "PASS", False: "FAIL", None: "n/a"}
+BUSY_CORES = 0.25  # other processes' average CPU use above which a run is flagged as disturbed
 LEVERS = Path(__file__).resolve().parent / "levers.md"
 
 
@@ -53,6 +55,27 @@ def machine(device: torch.device, dtype: torch.dtype) -> dict:
         "load_average_at_start": os.getloadavg(),
     }
     return info
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """CPU seconds used so far by the whole machine, and by this process with all its descendants (the flows,
+    llama.cpp's servers, the ceiling's process). Between two readings, the difference of the differences is what
+    other processes took from the benchmark."""
+    machine = psutil.cpu_times()
+    busy = machine.user + machine.nice + machine.system + machine.irq + machine.softirq
+    me = psutil.Process()
+    own = sum(me.cpu_times()[:4])  # user, system, and those of its waited-for children
+    for child in me.children(recursive=True):
+        try:
+            own += sum(child.cpu_times()[:2])
+        except psutil.NoSuchProcess:  # ended while we looked
+            pass
+    return busy, own
+
+
+def other_cores(before: tuple[float, float], after: tuple[float, float], elapsed_s: float) -> float:
+    """Cores' worth of CPU that processes outside the benchmark used on average between two cpu_seconds()."""
+    return max(0.0, (after[0] - before[0]) - (after[1] - before[1])) / elapsed_s
 
 
 def _find(results: list[RoundResult], system: str, streams: int | None = None) -> RoundResult | None:
@@ -144,6 +167,7 @@ def markdown(date: str, command: str, info: dict, results: list[RoundResult], go
         f"- torch {info['torch']} ({info['torch_threads']} intra-op threads), transformers {info['transformers']}, jina {info['jina']}, docarray {info['docarray']}",
         "- load average (1/5/15 min) at start: " + " / ".join(f"{x:.2f}" for x in info["load_average_at_start"])
         + ", at end: " + " / ".join(f"{x:.2f}" for x in info["load_average_at_end"]),
+        f"- CPU used by other processes while the systems ran side by side: {info['other_cores']:.2f} cores on average",
     ]
     if peer := info.get("peer"):
         machine_lines.append(f"- llama.cpp: `llama-server` of {peer['llama.cpp']}, built here from source, on "
@@ -154,9 +178,13 @@ def markdown(date: str, command: str, info: dict, results: list[RoundResult], go
     if quick:
         warnings.append("> **Smoke run (`--quick`)**: few streams and tokens, one round; these are not the benchmark's numbers.")
     # At the start only: by the end, the load average counts the benchmark's own processes (about 2 on 2 cores).
-    if info["device"] == "cpu" and info["load_average_at_start"][0] > info["cores"]:
-        warnings.append("> **Busy machine**: the load average exceeded the core count when the run started, so other "
-                        "processes competed for the CPU and the numbers are noisy (latencies inflated, rates deflated).")
+    busy_at_start = info["load_average_at_start"][0] > info["cores"]
+    if info["device"] == "cpu" and (busy_at_start or info["other_cores"] > BUSY_CORES):
+        warnings.append(
+            "> **Busy machine**: " + ("the load average exceeded the core count when the run started and " if busy_at_start else "")
+            + f"other processes used {info['other_cores']:.2f} cores on average while the systems ran, so they "
+            "competed for the CPU and the numbers are noisy (latencies inflated, rates deflated), and the systems "
+            "do not slow down alike, so the ratios between them are unreliable too.")
     goal_lines = ["| issue | target | measured | result |", "|---|---|---|---|"] + [
         f"| {g['issues']} | {g['target']} | {g['measured']} | {MARK[g['passed']]} |" for g in goals
     ]
