@@ -16,6 +16,7 @@ import engine
 from client import StreamError, stream
 from executor import TokenStreamingExecutor
 from gateway.openai_api import failure
+from gateway.streams import DocStream
 from harness.service import TINY_LIMITS, Service, eventually, grpc_client, stream_docs
 from schemas import ErrorCode, ModelOutputDocument, PromptDocument
 
@@ -44,6 +45,21 @@ def test_a_failure_without_a_known_code_is_the_service_s_fault_and_a_shutdown_st
         shutdown = ModelOutputDocument(token_id=-1, generated_text="", finish_reason="shutdown", error_code=code)
         assert (failure(error).status, failure(error).code) == (500, "internal")
         assert (failure(shutdown).status, failure(shutdown).code) == (503, "shutdown")
+
+
+class UnreachableExecutor:
+    """A gateway streamer whose executor cannot be reached, as Jina's raises it to the HTTP transports."""
+
+    async def stream_doc(self, **kwargs):
+        raise ConnectionError("failed to connect to all addresses")
+        yield
+
+
+async def test_an_unreachable_executor_is_unavailable_a_503():
+    async with DocStream(UnreachableExecutor(), PromptDocument(prompt="hi", max_tokens=3)) as docs:
+        (doc,) = [doc async for doc in docs]
+    assert (doc.finish_reason, doc.error_code) == ("error", "unavailable")
+    assert "failed to connect" in doc.error and failure(doc).status == 503
 
 
 # On the real flow (the tiny model, TINY_LIMITS: 4 running, 2 waiting) ------------------------------------------
