@@ -118,7 +118,7 @@ async def test_cancelling_the_client_task_frees_the_engine_and_counts_the_cancel
 async def test_a_client_cancelled_before_its_first_document_frees_the_engine(tiny_service):
     """Cancelled as soon as the engine runs the streams, whether or not the first documents have reached the
     clients: grpc.aio's call start and Jina's dropped generators each lost such cancellations (gateway/relay.py,
-    client/grpc_cancel.py), and the streams ran on to max_tokens."""
+    workarounds/grpc_cancel.py, workarounds/jina_worker.py), and the streams ran on to max_tokens."""
     for _ in range(3):
         cancelled = tiny_service.cancelled_requests()
         tasks = [
