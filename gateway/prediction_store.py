@@ -87,7 +87,10 @@ class StoreFull(Exception):
 
 class PredictionStore(ABC):
     """The store's contract. `on_cancel(id)` is called on this gateway when a cancellation of `id` was asked for
-    (on any gateway sharing the store); the gateway stops the prediction if it runs it."""
+    (on any gateway sharing the store); the gateway stops the prediction if it runs it. `errors`: the exceptions
+    the store raises when its backend fails (the routes answer them with a 503)."""
+
+    errors: tuple[type[Exception], ...] = ()
 
     def __init__(self, ttl_s: float, max_kept: int) -> None:
         self.ttl_s = ttl_s
@@ -338,9 +341,12 @@ class RedisStore(PredictionStore):
 
     def __init__(self, url: str, ttl_s: float, max_kept: int, prefix: str = "llm:prediction:") -> None:
         super().__init__(ttl_s, max_kept)
-        import redis.asyncio as redis  # only a gateway configured with Redis needs the package
+        # Only a gateway configured with Redis needs the package.
+        from redis.asyncio import from_url
+        from redis.exceptions import RedisError
 
-        self._redis = redis.from_url(url, decode_responses=True)
+        self.errors = (RedisError, OSError)
+        self._redis = from_url(url, decode_responses=True)
         self._prefix = prefix
         self._ttl_ms = int(ttl_s * 1000)
         self._running_key, self._finished_key = prefix + "running", prefix + "finished"

@@ -136,7 +136,7 @@ def query_number(request: Request, name: str, default: float, maximum: float, in
     except ValueError:
         raise bad_request(name, f"must be a {'whole ' if integer else ''}number, got {raw!r}") from None
     if not 0 <= value <= maximum:
-        raise bad_request(name, f"must be between 0 and {maximum:g}, got {raw}")
+        raise bad_request(name, f"must be between 0 and {maximum if integer else f'{maximum:g}'}, got {raw}")
     return value
 
 
@@ -282,7 +282,8 @@ class Predictions:
         self.store = settings.store()
         self.store.on_cancel = self._stop_local
         self._streams: dict[str, DocStream] = {}  # the predictions this gateway runs
-        self._tasks: set[asyncio.Task] = set()
+        self._runners: set[asyncio.Task] = set()
+        self._webhooks: set[asyncio.Task] = set()
         self._http: httpx.AsyncClient | None = None
 
     async def start(self) -> None:
@@ -293,20 +294,22 @@ class Predictions:
         """Server shutdown: the predictions still running here fail (the drain on SIGTERM has let them end first)."""
         for stream in list(self._streams.values()):
             await stream.close()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._runners, return_exceptions=True)
+        for webhook in self._webhooks:  # a webhook still retrying must not hold the shutdown for its backoff
+            webhook.cancel()
+        await asyncio.gather(*self._webhooks, return_exceptions=True)
         await self.store.close()
         if self._http is not None:
             await self._http.aclose()
 
-    def _spawn(self, work: Any) -> asyncio.Task:
-        task = asyncio.create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+    @staticmethod
+    def _keep(task: asyncio.Task, tasks: set[asyncio.Task]) -> None:
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     def _stop_local(self, id: str) -> None:
         if (stream := self._streams.get(id)) is not None:
-            self._spawn(stream.close())
+            self._keep(asyncio.create_task(stream.close()), self._runners)
 
     async def create(self, request: CreateRequest, base_url: str) -> Snapshot:
         prompt = request.prompt
@@ -334,7 +337,7 @@ class Predictions:
             await self.store.delete(prediction.id)
             raise refusal
         self._streams[prediction.id] = stream
-        self._spawn(self._run(prediction, stream, first, base_url))
+        self._keep(asyncio.create_task(self._run(prediction, stream, first, base_url)), self._runners)
         snapshot = await self.store.get(prediction.id)
         assert snapshot is not None  # just created; the TTL counts from its last change
         return snapshot
@@ -349,8 +352,7 @@ class Predictions:
 
             webhook = WebhookSender(self._http, prediction.webhook, prediction.webhook_events_filter or [],
                                     self.settings.webhook_attempts, payload)
-            self._tasks.add(webhook.task)
-            webhook.task.add_done_callback(self._tasks.discard)
+            self._keep(webhook.task, self._webhooks)
             webhook.notify("start")
         last: ModelOutputDocument | None = None
         try:
@@ -448,6 +450,10 @@ def add_prediction_routes(app: FastAPI, streamer: Any, model_name: str, settings
             return await work()
         except OpenAIError as error:
             return error_json(error)
+        except predictions.store.errors as error:
+            log.error(f"{request.method} {request.url.path}: the prediction store failed: {error!r}")
+            return error_json(OpenAIError(503, "the prediction store is unavailable, retry later", type="server_error",
+                                          code=ErrorCode.UNAVAILABLE.value))
 
     @app.post("/v1/predictions")
     async def create(request: Request) -> Response:

@@ -9,12 +9,15 @@ tiny model, with the engine's gauges and counters."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio
+import redis.exceptions
 import replicate
 
 from harness.predictions import (
@@ -477,3 +480,15 @@ async def create_on(client: httpx.AsyncClient, service: Service, **body: Any) ->
     response = await client.post(service.url + PREDICTIONS, json=body)
     assert response.status_code == 201, response.text
     return response.json()
+
+
+async def test_a_redis_outage_is_a_503_without_internal_detail(tmp_path):
+    streamer = ScriptedStreamer(free_running=True)
+    with redis_server(tmp_path) as url:
+        async with gateway(streamer, **FAST_REFUSAL, redis_url=url) as gw, gw.client() as client:
+            prediction = await create(client, input={"prompt": "hi", "max_tokens": 2})
+            with contextlib.suppress(redis.exceptions.ConnectionError):  # the server closes the connection
+                await redis.asyncio.from_url(url).shutdown(nosave=True)
+            response = await client.get(prediction["urls"]["get"])
+            assert response.status_code == 503 and response.json()["error"]["code"] == "unavailable", response.text
+            assert "redis" not in response.text.lower() and "127.0.0.1" not in response.text
