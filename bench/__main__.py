@@ -24,7 +24,7 @@ import os
 import sys
 import time
 from contextlib import ExitStack
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from jina import Executor
@@ -38,23 +38,35 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 and 4 streams, 16 tokens, 1 round")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (the executors' uses_with)")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 (the executors' uses_with)")
     parser.add_argument("--streams", type=int, nargs="+", help="concurrent gRPC streams per round (default 1 4 16 32)")
-    parser.add_argument("--openai-streams", type=int, nargs="+",
-                        help="concurrent streams per round of the systems driven over the OpenAI API: the service, "
-                             "llama.cpp, the quantized service (default 1 16)")
+    parser.add_argument(
+        "--openai-streams",
+        type=int,
+        nargs="+",
+        help="concurrent streams per round of the systems driven over the OpenAI API: the service, "
+        "llama.cpp, the quantized service (default 1 16)",
+    )
     parser.add_argument("--max-tokens", type=int, help="new tokens per stream (default 64)")
     parser.add_argument("--rounds", type=int, help="rounds per setting (default 5)")
     parser.add_argument("--seed-streams", type=int, nargs="+", help="streams for the seed baseline (default 1 16)")
-    parser.add_argument("--seed-budget-s", type=float, default=600,
-                        help="the seed baseline serializes streams; fewer streams are run where the projected time exceeds this")
+    parser.add_argument(
+        "--seed-budget-s",
+        type=float,
+        default=600,
+        help="the seed baseline serializes streams; fewer streams are run where the projected time exceeds this",
+    )
     parser.add_argument("--skip-seed", action="store_true", help="leave the seed baseline out")
     parser.add_argument("--skip-peer", action="store_true", help="leave llama.cpp out (no build, no servers)")
     parser.add_argument("--peer-threads", type=int, default=2, help="llama.cpp's --threads (default 2)")
-    parser.add_argument("--quantization", help="also run the service with this executor `quantization` setting (e.g. int8)")
+    parser.add_argument(
+        "--quantization", help="also run the service with this executor `quantization` setting (e.g. int8)"
+    )
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results.json")
     args = parser.parse_args(argv)
@@ -80,20 +92,29 @@ async def side_by_side(engine, open_ceiling, grpc_port: int, openai_ports: dict[
     async with openai_client.session() as http:
         model = service.model_name()
         openai_systems = {name: openai_client.chat_stream(http, port, model) for name, port in openai_ports.items()}
-        systems = {report.CEILING: open_ceiling, report.ENGINE: ceiling.engine_stream(engine),
-                   report.SERVICE: flows.grpc_stream(grpc_port), **openai_systems}
+        systems = {
+            report.CEILING: open_ceiling,
+            report.ENGINE: ceiling.engine_stream(engine),
+            report.SERVICE: flows.grpc_stream(grpc_port),
+            **openai_systems,
+        }
         for open_stream in systems.values():
             await warm_up(open_stream)
         results: list[RoundResult] = []
         for n in sorted(set(args.streams) | set(args.openai_streams)):
             compared = []
             if n in args.streams:  # the ceiling is one stream
-                compared += [report.CEILING, report.ENGINE, report.SERVICE] if n == 1 else [report.ENGINE, report.SERVICE]
+                compared += (
+                    [report.CEILING, report.ENGINE, report.SERVICE] if n == 1 else [report.ENGINE, report.SERVICE]
+                )
             if n in args.openai_streams:
                 compared += list(openai_systems)
             log(f"{n} streams: {', '.join(compared)}, rounds interleaved")
             results += await measure_interleaved(
-                {name: systems[name] for name in compared}, n, args.max_tokens, args.rounds,
+                {name: systems[name] for name in compared},
+                n,
+                args.max_tokens,
+                args.rounds,
                 notes={report.CEILING: "greedy, EOS ignored"},
             )
     return sorted(results, key=lambda r: (list(systems).index(r.system), r.streams))
@@ -170,20 +191,27 @@ NOTES = [
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     command = "python -m bench" + ("" if len(sys.argv) <= 1 else " " + " ".join(sys.argv[1:]))
     device = resolve_device(args.device)
     info = report.machine(device, resolve_dtype(args.dtype, device))
-    log(f"{device}; streams {args.streams} (OpenAI API {args.openai_streams}), {args.max_tokens} tokens, {args.rounds} rounds")
+    log(
+        f"{device}; streams {args.streams} (OpenAI API {args.openai_streams}), {args.max_tokens} tokens, "
+        f"{args.rounds} rounds"
+    )
     placement = {key: value for key, value in (("device", args.device), ("dtype", args.dtype)) if value != "auto"}
     quantized = None
     if args.quantization:
         if service.executor_accepts("quantization"):
             quantized = report.quantized_service(args.quantization)
-            info["quantization"] = f"a second flow.yml flow with `quantization: {args.quantization}` added to the executor's uses_with"
+            info["quantization"] = (
+                f"a second flow.yml flow with `quantization: {args.quantization}` added to the executor's uses_with"
+            )
         else:
-            log(f"the executor has no `quantization` setting yet: the service with quantization "
-                f"{args.quantization} is left out")
+            log(
+                f"the executor has no `quantization` setting yet: the service with quantization "
+                f"{args.quantization} is left out"
+            )
             info["quantization"] = f"{args.quantization} asked for, but the executor has no `quantization` setting yet"
     if not args.skip_peer:
         peer.ensure_built()
@@ -200,15 +228,23 @@ def main(argv: list[str] | None = None) -> int:
         openai_ports = {report.SERVICE_HTTP: ports.http}  # the same service, its own row over the OpenAI API
         if quantized:
             openai_ports[quantized] = stack.enter_context(
-                service.serving("service-quantized", placement | {"quantization": args.quantization})).http
+                service.serving("service-quantized", placement | {"quantization": args.quantization})
+            ).http
         if not args.skip_peer:
             context = peer_context(executor.engine, args)
             for name, model in ((report.LLAMA_F32, f32), (report.LLAMA_Q4, embedded_gguf_path())):
                 openai_ports[name] = port = free_port()
                 log(f"starting {name} on port {port}")
-                flags = stack.enter_context(peer.llama_server(
-                    model, port, flows.LOGS / f"llama-server-{model.stem}.log",
-                    parallel=report.PEER_PARALLEL, threads=args.peer_threads, context=context))
+                flags = stack.enter_context(
+                    peer.llama_server(
+                        model,
+                        port,
+                        flows.LOGS / f"llama-server-{model.stem}.log",
+                        parallel=report.PEER_PARALLEL,
+                        threads=args.peer_threads,
+                        context=context,
+                    )
+                )
                 info["peer"]["servers"][model.name] = " ".join(flags)
         before, started_at = report.cpu_seconds(), time.monotonic()
         results = asyncio.run(side_by_side(executor.engine, open_ceiling, ports.grpc, openai_ports, args))
@@ -226,11 +262,20 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("\n".join(f"{report.MARK[g['passed']]}: {g['target']}: {g['measured']}" for g in goals))
     args.output.write_text(text)
-    args.json.write_text(json.dumps(
-        {"date": date, "command": command, "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-         "machine": info, "results": [r.to_dict() for r in results], "targets": goals},
-        indent=2,
-    ) + "\n")
+    args.json.write_text(
+        json.dumps(
+            {
+                "date": date,
+                "command": command,
+                "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                "machine": info,
+                "results": [r.to_dict() for r in results],
+                "targets": goals,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     log(f"wrote {args.output} and {args.json}")
     return 0
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import inspect
 import multiprocessing
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import AsyncIterator, Callable, Iterator
 
 import torch
 from transformers import DynamicCache
@@ -65,7 +65,9 @@ def kv_cache_process(model_name: str, device: str, dtype: str) -> Iterator[Calla
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch state inherited
     requests, requests_end = context.Pipe()
     tokens_end, tokens = context.Pipe()
-    process = context.Process(target=_decode_forever, args=(model_name, device, dtype, requests_end, tokens), daemon=True)
+    process = context.Process(
+        target=_decode_forever, args=(model_name, device, dtype, requests_end, tokens), daemon=True
+    )
     process.start()
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-cache-reader")
 

@@ -4,9 +4,9 @@ load driver opens against a flow: each stream is its own `stream_doc` call, on i
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import AsyncIterator, Iterator
 
 from client import grpc_client, stream_documents
 from harness.processes import free_port, running_flow, write_flow

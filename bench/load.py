@@ -15,8 +15,8 @@ import asyncio
 import itertools
 import statistics
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
-from typing import AsyncIterator, Callable
 
 # Varied prompts that make a small instruct model talk for well over 64 tokens.
 PROMPTS = [
@@ -140,7 +140,9 @@ async def run_round(open_stream: OpenStream, prompts: list[str], max_tokens: int
     return list(timings), time.perf_counter() - started
 
 
-async def measure(system: str, open_stream: OpenStream, streams: int, max_tokens: int, rounds: int, note: str = "") -> RoundResult:
+async def measure(
+    system: str, open_stream: OpenStream, streams: int, max_tokens: int, rounds: int, note: str = ""
+) -> RoundResult:
     """`rounds` rounds of `streams` concurrent streams; latencies pooled over the rounds, rate = median round."""
     [result] = await measure_interleaved({system: open_stream}, streams, max_tokens, rounds, {system: note})
     return result
@@ -159,7 +161,9 @@ async def measure_interleaved(
     return [summarize(name, streams, max_tokens, runs[name], (notes or {}).get(name, "")) for name in systems]
 
 
-def summarize(system: str, streams: int, max_tokens: int, runs: list[tuple[list[StreamTiming], float]], note: str) -> RoundResult:
+def summarize(
+    system: str, streams: int, max_tokens: int, runs: list[tuple[list[StreamTiming], float]], note: str
+) -> RoundResult:
     all_timings = [t for timings, _ in runs for t in timings]
     rates = [sum(t.generated for t in timings) / elapsed for timings, elapsed in runs]
     prompt_tokens = [t.prompt_tokens for t in all_timings if t.prompt_tokens is not None]

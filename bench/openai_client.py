@@ -4,8 +4,8 @@ gateway and llama.cpp's server speak, for bench.load to time: every system gets 
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 import aiohttp
 

@@ -25,9 +25,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from engine.loading import cache_root, embedded_gguf_path
 from harness.processes import port_open, stop_process_group
@@ -142,7 +142,9 @@ def f32_gguf() -> Path:
         partial = f32.with_suffix(".partial")
         subprocess.run(
             [str(binary("llama-quantize")), "--allow-requantize", str(q4), str(partial), "F32"],
-            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         partial.rename(f32)
     return f32
@@ -169,14 +171,17 @@ def start_server(command: list[str], port: int, log_file: Path, timeout: float) 
     while not (port_open(port) and ready(port)):
         if process.poll() is not None or time.monotonic() > deadline:
             stop_process_group(process, grace=10)
-            raise ServerDied(f"llama-server did not start (exit {process.returncode}); log:\n{log_file.read_text()[-3000:]}")
+            raise ServerDied(
+                f"llama-server did not start (exit {process.returncode}); log:\n{log_file.read_text()[-3000:]}"
+            )
         time.sleep(0.5)
     return process
 
 
 @contextmanager
-def llama_server(model: Path, port: int, log_file: Path, parallel: int, threads: int, context: int,
-                 timeout: float = 120) -> Iterator[list[str]]:
+def llama_server(
+    model: Path, port: int, log_file: Path, parallel: int, threads: int, context: int, timeout: float = 120
+) -> Iterator[list[str]]:
     """llama-server on `model` until the block ends, in its own process group (stopped even on error); yields the
     flags it runs with. `context` is the whole KV cache: each of the `parallel` slots gets context / parallel.
 
@@ -184,7 +189,12 @@ def llama_server(model: Path, port: int, log_file: Path, parallel: int, threads:
     on an AMX machine (a VM) the native build's AMX kernels, used for repacked quantized weights, crashed in its
     warm-up (SIGSEGV at `ldtilecfg` in ggml_backend_amx_mul_mat; Q4_1 only, F32 is not repacked)."""
     flags = [
-        "--parallel", str(parallel), "--threads", str(threads), "--ctx-size", str(context),
+        "--parallel",
+        str(parallel),
+        "--threads",
+        str(threads),
+        "--ctx-size",
+        str(context),
         "--jinja",  # the GGUF's own chat template, as the service applies the tokenizer's
     ]
     command = [str(binary("llama-server")), "--model", str(model), "--host", "127.0.0.1", "--port", str(port)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 from importlib.metadata import version
@@ -32,9 +33,10 @@ def quantized_service(quantization: str) -> str:
 
 def cpu_model() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or "unknown"
@@ -66,10 +68,8 @@ def cpu_seconds() -> tuple[float, float]:
     me = psutil.Process()
     own = sum(me.cpu_times()[:4])  # user, system, and those of its waited-for children
     for child in me.children(recursive=True):
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):  # ended while we looked
             own += sum(child.cpu_times()[:2])
-        except psutil.NoSuchProcess:  # ended while we looked
-            pass
     return busy, own
 
 
@@ -87,8 +87,12 @@ def _ratio_goal(issues: str, target: str, ours: RoundResult | None, peer: RoundR
     if ours is None or peer is None:
         return dict(issues=issues, target=target, measured="not measured in this run", passed=None)
     ratio = ours.tokens_per_s / peer.tokens_per_s
-    return dict(issues=issues, target=target, passed=ratio >= goal,
-                measured=f"{ours.tokens_per_s:.1f} vs {peer.tokens_per_s:.1f} tok/s: {ratio:.2f}x")
+    return dict(
+        issues=issues,
+        target=target,
+        passed=ratio >= goal,
+        measured=f"{ours.tokens_per_s:.1f} vs {peer.tokens_per_s:.1f} tok/s: {ratio:.2f}x",
+    )
 
 
 def targets(results: list[RoundResult], quantization: str | None) -> list[dict]:
@@ -97,8 +101,14 @@ def targets(results: list[RoundResult], quantization: str | None) -> list[dict]:
     ceiling, single = _find(results, CEILING, 1), _find(results, SERVICE, 1)
     if ceiling and single:
         ratio = single.tokens_per_s / ceiling.tokens_per_s
-        out.append(dict(issues="3", target="single stream (gRPC) within 10% of the in-process loop's tokens/s",
-                        measured=f"{single.tokens_per_s:.1f} vs {ceiling.tokens_per_s:.1f} tok/s ({ratio:.0%})", passed=ratio >= 0.9))
+        out.append(
+            dict(
+                issues="3",
+                target="single stream (gRPC) within 10% of the in-process loop's tokens/s",
+                measured=f"{single.tokens_per_s:.1f} vs {ceiling.tokens_per_s:.1f} tok/s ({ratio:.0%})",
+                passed=ratio >= 0.9,
+            )
+        )
     sixteen = _find(results, SERVICE, 16)
     seed = _find(results, SEED, 16) or _find(results, SEED)
     grpc_goals = [
@@ -107,21 +117,60 @@ def targets(results: list[RoundResult], quantization: str | None) -> list[dict]:
         ("3", "gRPC, 16 streams: p50 ITL < 100 ms"),
     ]
     if sixteen is None:
-        out += [dict(issues=i, target=t, measured="not measured (no 16-stream round in this run)", passed=None) for i, t in grpc_goals]
+        out += [
+            dict(issues=i, target=t, measured="not measured (no 16-stream round in this run)", passed=None)
+            for i, t in grpc_goals
+        ]
     else:
         if seed is not None:
             ratio = sixteen.tokens_per_s / seed.tokens_per_s
-            out.append(dict(issues=grpc_goals[0][0], target=grpc_goals[0][1], passed=ratio >= 20,
-                            measured=f"{sixteen.tokens_per_s:.1f} vs {seed.tokens_per_s:.2f} tok/s (seed at N={seed.streams}): {ratio:.1f}x"))
-        out.append(dict(issues=grpc_goals[1][0], target=grpc_goals[1][1], measured=f"{sixteen.ttft_p50_ms:.0f} ms", passed=sixteen.ttft_p50_ms < 500))
-        out.append(dict(issues=grpc_goals[2][0], target=grpc_goals[2][1], measured=f"{sixteen.itl_p50_ms:.1f} ms", passed=sixteen.itl_p50_ms < 100))
+            out.append(
+                dict(
+                    issues=grpc_goals[0][0],
+                    target=grpc_goals[0][1],
+                    passed=ratio >= 20,
+                    measured=f"{sixteen.tokens_per_s:.1f} vs {seed.tokens_per_s:.2f} tok/s "
+                    f"(seed at N={seed.streams}): {ratio:.1f}x",
+                )
+            )
+        out.append(
+            dict(
+                issues=grpc_goals[1][0],
+                target=grpc_goals[1][1],
+                measured=f"{sixteen.ttft_p50_ms:.0f} ms",
+                passed=sixteen.ttft_p50_ms < 500,
+            )
+        )
+        out.append(
+            dict(
+                issues=grpc_goals[2][0],
+                target=grpc_goals[2][1],
+                measured=f"{sixteen.itl_p50_ms:.1f} ms",
+                passed=sixteen.itl_p50_ms < 100,
+            )
+        )
     for n in (1, 16):
-        out.append(_ratio_goal("10", f"OpenAI API, {n} stream{'s' * (n > 1)}: >= 1.0x llama.cpp F32",
-                               _find(results, SERVICE_HTTP, n), _find(results, LLAMA_F32, n), 1.0))
+        out.append(
+            _ratio_goal(
+                "10",
+                f"OpenAI API, {n} stream{'s' * (n > 1)}: >= 1.0x llama.cpp F32",
+                _find(results, SERVICE_HTTP, n),
+                _find(results, LLAMA_F32, n),
+                1.0,
+            )
+        )
     for n, goal in ((1, 0.8), (16, 1.0)):
         quantized = _find(results, quantized_service(quantization), n) if quantization else None
-        out.append(_ratio_goal("10", f"quantized mode ({quantization or 'none given'}), OpenAI API, {n} stream{'s' * (n > 1)}: "
-                                     f">= {goal:.1f}x llama.cpp Q4_1", quantized, _find(results, LLAMA_Q4, n), goal))
+        out.append(
+            _ratio_goal(
+                "10",
+                f"quantized mode ({quantization or 'none given'}), OpenAI API, {n} stream{'s' * (n > 1)}: "
+                f">= {goal:.1f}x llama.cpp Q4_1",
+                quantized,
+                _find(results, LLAMA_Q4, n),
+                goal,
+            )
+        )
     return out
 
 
@@ -148,48 +197,67 @@ def _num(value: float | None, digits: int = 0) -> str:
 
 def table(results: list[RoundResult]) -> str:
     lines = [
-        "| system | streams | prompt tokens (mean) | tokens/stream (mean / max) | rounds | agg tok/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms | errors | note |",
+        "| system | streams | prompt tokens (mean) | tokens/stream (mean / max) | rounds | agg tok/s "
+        "| TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms | errors | note |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         per_stream = r.tokens / (r.streams * r.rounds)
         lines.append(
-            f"| {r.system} | {r.streams} | {_num(r.prompt_tokens, 1)} | {per_stream:.1f} / {r.max_tokens} | {r.rounds} | {r.tokens_per_s:.1f} | "
-            f"{_num(r.ttft_p50_ms)} | {_num(r.ttft_p95_ms)} | {_num(r.itl_p50_ms, 1)} | {_num(r.itl_p95_ms, 1)} | {r.errors} | {r.note} |"
+            f"| {r.system} | {r.streams} | {_num(r.prompt_tokens, 1)} | {per_stream:.1f} / {r.max_tokens} | "
+            f"{r.rounds} | {r.tokens_per_s:.1f} | {_num(r.ttft_p50_ms)} | {_num(r.ttft_p95_ms)} | "
+            f"{_num(r.itl_p50_ms, 1)} | {_num(r.itl_p95_ms, 1)} | {r.errors} | {r.note} |"
         )
     return "\n".join(lines)
 
 
-def markdown(date: str, command: str, info: dict, results: list[RoundResult], goals: list[dict], notes: list[str], quick: bool) -> str:
+def markdown(
+    date: str, command: str, info: dict, results: list[RoundResult], goals: list[dict], notes: list[str], quick: bool
+) -> str:
     machine_lines = [
         f"- CPU: {info['cpu']}, {info['cores']} cores available to the benchmark",
-        f"- device: {info['device']}" + (f" ({info['cuda_device']})" if info["cuda_device"] else "") + f", dtype: {info['dtype']}",
-        f"- torch {info['torch']} ({info['torch_threads']} intra-op threads), transformers {info['transformers']}, jina {info['jina']}, docarray {info['docarray']}",
-        "- load average (1/5/15 min) at start: " + " / ".join(f"{x:.2f}" for x in info["load_average_at_start"])
-        + ", at end: " + " / ".join(f"{x:.2f}" for x in info["load_average_at_end"]),
+        f"- device: {info['device']}"
+        + (f" ({info['cuda_device']})" if info["cuda_device"] else "")
+        + f", dtype: {info['dtype']}",
+        f"- torch {info['torch']} ({info['torch_threads']} intra-op threads), transformers {info['transformers']}, "
+        f"jina {info['jina']}, docarray {info['docarray']}",
+        "- load average (1/5/15 min) at start: "
+        + " / ".join(f"{x:.2f}" for x in info["load_average_at_start"])
+        + ", at end: "
+        + " / ".join(f"{x:.2f}" for x in info["load_average_at_end"]),
         f"- CPU used by other processes while the systems ran side by side: {info['other_cores']:.2f} cores on average",
     ]
     if peer := info.get("peer"):
-        machine_lines.append(f"- llama.cpp: `llama-server` of {peer['llama.cpp']}, built here from source, on "
-                             + "; on ".join(f"{model}: `{flags}`" for model, flags in peer["servers"].items()))
+        machine_lines.append(
+            f"- llama.cpp: `llama-server` of {peer['llama.cpp']}, built here from source, on "
+            + "; on ".join(f"{model}: `{flags}`" for model, flags in peer["servers"].items())
+        )
     if "quantization" in info:
         machine_lines.append(f"- quantized service: {info['quantization']}")
     warnings = []
     if quick:
-        warnings.append("> **Smoke run (`--quick`)**: few streams and tokens, one round; these are not the benchmark's numbers.")
+        warnings.append(
+            "> **Smoke run (`--quick`)**: few streams and tokens, one round; these are not the benchmark's numbers."
+        )
     # At the start only: by the end, the load average counts the benchmark's own processes (about 2 on 2 cores).
     busy_at_start = info["load_average_at_start"][0] > info["cores"]
     if info["device"] == "cpu" and (busy_at_start or info["other_cores"] > BUSY_CORES):
         warnings.append(
-            "> **Busy machine**: " + ("the load average exceeded the core count when the run started and " if busy_at_start else "")
+            "> **Busy machine**: "
+            + ("the load average exceeded the core count when the run started and " if busy_at_start else "")
             + f"other processes used {info['other_cores']:.2f} cores on average while the systems ran, so they "
             "competed for the CPU and the numbers are noisy (latencies inflated, rates deflated), and the systems "
-            "do not slow down alike, so the ratios between them are unreliable too.")
+            "do not slow down alike, so the ratios between them are unreliable too."
+        )
     goal_lines = ["| issue | target | measured | result |", "|---|---|---|---|"] + [
         f"| {g['issues']} | {g['target']} | {g['measured']} | {MARK[g['passed']]} |" for g in goals
     ]
     against = ratios(results)
-    levers = ["## Levers of the fast decode path", "", "Measured one by one: [bench/levers.md](bench/levers.md).", ""] if LEVERS.is_file() else []
+    levers = (
+        ["## Levers of the fast decode path", "", "Measured one by one: [bench/levers.md](bench/levers.md).", ""]
+        if LEVERS.is_file()
+        else []
+    )
     return "\n".join(
         [
             "# Benchmarks",
@@ -205,7 +273,11 @@ def markdown(date: str, command: str, info: dict, results: list[RoundResult], go
             "",
             table(results),
             "",
-            *[line for line in ("## Against llama.cpp (aggregate tokens/s, same run, same API)", "", *against, "") if against],
+            *[
+                line
+                for line in ("## Against llama.cpp (aggregate tokens/s, same run, same API)", "", *against, "")
+                if against
+            ],
             "## Targets (issues 3 and 10)",
             "",
             *goal_lines,

@@ -5,10 +5,10 @@ process group (harness's running_flow), stopped even on error. Its flow file and
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import yaml
 
