@@ -24,6 +24,7 @@ from engine import (
     FinishReason,
     InvalidRequest,
     LLMEngine,
+    LoadedModel,
     SamplingParams,
     StepOutput,
     load_model,
@@ -60,7 +61,7 @@ class TokenStreamingExecutor(Executor):
         super().__init__(**kwargs)
         jina_worker.install()  # before the model loads: an unverified jina fails the start at once
         loaded = load_model(model, device=device, dtype=dtype)
-        self.engine = LLMEngine(loaded, EngineConfig(
+        self.engine = self.build_engine(loaded, EngineConfig(
             max_running=max_running,
             max_waiting=max_waiting,
             prefill_chunk=prefill_chunk,
@@ -84,6 +85,10 @@ class TokenStreamingExecutor(Executor):
         self.engine.on_finished = self.metrics.observe_finished  # after the warm-up, which no client asked for
         drain_on_sigterm(self._drain)
         self.logger.info(f"serving {loaded.name} on {loaded.device} ({loaded.dtype})")
+
+    def build_engine(self, loaded: LoadedModel, config: EngineConfig) -> LLMEngine:
+        """The seam where a subclass builds its engine otherwise (tests/faulty_executor.py injects a fault)."""
+        return LLMEngine(loaded, config)
 
     def _warm_up(self, tokens: int) -> None:
         prompt_ids = self.engine.tokenize(WARMUP_PROMPT, self.chat_template)
