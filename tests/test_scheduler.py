@@ -76,28 +76,30 @@ def test_a_prompt_longer_than_the_budget_is_prefilled_in_chunks_and_alone():
     assert run(s, now=0.05).prefill.request_ids == ["short"]
 
 
-def test_prefill_goes_first_while_the_running_rows_have_paused_less_than_the_bound():
-    s = scheduler(prefill_chunk=5, max_decode_pause_s=0.4)
+def burst_behind_a_running_row(max_decode_pause_s: float, burst: str) -> Scheduler:
+    """One row running since t=0, then one 5-token prompt per letter of `burst` arrives (a prefill step each)."""
+    s = scheduler(prefill_chunk=5, max_decode_pause_s=max_decode_pause_s)
     s.add(request("running", 5))
     run(s, now=0.0)
-    for rid in "xyz":
+    for rid in burst:
         s.add(request(rid, 5))
-    kinds = []
-    for now in (0.1, 0.2, 0.3):  # within 0.4 s of the running row's last token: the three prompts go first
-        plan = run(s, now)
-        kinds.append("prefill" if plan.prefill else "decode")
-    assert kinds == ["prefill", "prefill", "prefill"]
+    return s
+
+
+def step_kinds(s: Scheduler, times: list[float]) -> list[str]:
+    return ["prefill" if run(s, now).prefill else "decode" for now in times]
+
+
+def test_prefill_goes_first_while_the_running_rows_have_paused_less_than_the_bound():
+    s = burst_behind_a_running_row(max_decode_pause_s=0.4, burst="xyz")
+    # Within 0.4 s of the running row's last token: the three prompts go first.
+    assert step_kinds(s, [0.1, 0.2, 0.3]) == ["prefill", "prefill", "prefill"]
     assert run(s, now=0.35).decode == ["running", "x", "y", "z"]
 
 
 def test_once_the_pause_is_spent_decode_and_prefill_alternate():
-    s = scheduler(prefill_chunk=5, max_decode_pause_s=0.0)
-    s.add(request("running", 5))
-    run(s, now=0.0)
-    for rid in "xy":
-        s.add(request(rid, 5))
-    kinds = ["prefill" if run(s, now=0.1 * step).prefill else "decode" for step in range(1, 5)]
-    assert kinds == ["decode", "prefill", "decode", "prefill"]
+    s = burst_behind_a_running_row(max_decode_pause_s=0.0, burst="xy")
+    assert step_kinds(s, [0.1, 0.2, 0.3, 0.4]) == ["decode", "prefill", "decode", "prefill"]
 
 
 def test_a_full_batch_admits_no_prefill_until_a_row_finishes():
