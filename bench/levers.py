@@ -1,0 +1,360 @@
+"""What each lever of the fast decode path (engine/fast/) is worth: ms per decode step at 1 and 16 rows for the
+transformers path and the fast runner per precision, matmul-level levers alone, and the greedy-token
+agreement of the quantized modes with float32.
+
+    python -m bench.levers            # native, then with AVX2 only (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA)
+                                      # in a subprocess; prints and writes bench/levers.md
+
+Every figure of one ISA comes from one process, configurations interleaved round by round (the host is
+shared: a burst of load hits them alike); each is the median of its steps, the best beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from engine.fast import FastRunner
+from engine.fast.linear import DenseLinear
+from engine.fast.model import Precision
+from engine.loading import embedded_model_dir
+from engine.plan import PrefillChunk, PrefillPlan
+
+OUTPUT = Path(__file__).resolve().parent / "levers.md"
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+ROWS = (1, 16)
+CONTEXT = 128  # cached positions per row before the timed steps
+ROUNDS, STEPS_PER_ROUND = 4, 3
+AGREEMENT_STEPS = 64
+AGREEMENT_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village by the sea,",
+    "List three colours:",
+    "What is 12 times 7?",
+    "The quick brown fox",
+    "Water boils at",
+    "import numpy as np\n",
+    "The best way to learn a language is",
+    "Dear Sir or Madam,",
+    "In 1969, the first humans",
+    "A haiku about autumn:",
+    "The three laws of thermodynamics are",
+    "SELECT name FROM users WHERE",
+    "My favourite recipe for pancakes:",
+    "Photosynthesis is the process by which",
+]
+
+
+def load():
+    directory = embedded_model_dir()
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(directory)
+
+
+# -- decode steps, one callable per configuration ---------------------------------------------------------------
+
+
+def transformers_steps(model, rows: int) -> Callable[[], None]:
+    """The transformers runner's decode: the HF forward with a DynamicCache (CONTEXT zero positions per row to
+    start) and a mask grown by a cat per step."""
+    config = model.config
+    cache = DynamicCache(config=config)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    cached = torch.zeros(rows, config.num_key_value_heads, CONTEXT, head_dim, dtype=model.dtype)
+    for layer in range(config.num_hidden_layers):
+        cache.update(cached.clone(), cached.clone(), layer)
+    state = {"mask": torch.ones(rows, CONTEXT, dtype=torch.long), "position": CONTEXT}
+
+    def step() -> None:
+        state["mask"] = torch.cat([state["mask"], torch.ones(rows, 1, dtype=torch.long)], dim=1)
+        model(
+            input_ids=torch.zeros(rows, 1, dtype=torch.long),
+            attention_mask=state["mask"],
+            position_ids=torch.full((rows, 1), state["position"]),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        state["position"] += 1
+
+    return step
+
+
+def fast_steps(runner: FastRunner, rows: int) -> Callable[[], None]:
+    """Rows with CONTEXT cached positions each (zeros: a prefill of 16 x 128 tokens would cost more time than
+    every timed step, and the values do not change a step's cost)."""
+    runner.reset()
+    ids = [f"row{row}" for row in range(rows)]
+    for rid in ids:
+        runner.cache.lengths[runner.cache.allocate(rid, 0)] = CONTEXT
+    runner.cache.join(ids)
+    runner.cache.reserve(CONTEXT + ROUNDS * STEPS_PER_ROUND + 2)
+    return lambda: runner.decode(ids, [0] * rows)
+
+
+def interleaved(configurations: dict[str, Callable[[], None]]) -> dict[str, dict[str, float]]:
+    times: dict[str, list[float]] = {name: [] for name in configurations}
+    for step in configurations.values():
+        step()  # warm-up
+    for _ in range(ROUNDS):
+        for name, step in configurations.items():
+            for _ in range(STEPS_PER_ROUND):
+                started = time.perf_counter()
+                step()
+                times[name].append((time.perf_counter() - started) * 1000)
+    return {name: {"median": statistics.median(values), "best": min(values)} for name, values in times.items()}
+
+
+# -- matmul-level levers ------------------------------------------------------------------------------------------
+
+
+class MklPackedLinear:
+    """float32 weight pre-packed by MKL for a fixed row count (inductor's freezing path on CPU)."""
+
+    def __init__(self, weight: torch.Tensor, rows: int) -> None:
+        self.weight, self.rows = weight, rows
+        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        return torch.ops.mkl._mkl_linear(flat, self.packed, self.weight, None, flat.shape[0]).reshape(*x.shape[:-1], -1)
+
+
+class OneDnnPackedLinear:
+    """bfloat16 weight pre-packed by oneDNN (needs AVX512-BF16/AMX or AVX512BW at least)."""
+
+    def __init__(self, weight: torch.Tensor, rows: int) -> None:
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(torch.bfloat16), rows)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.packed, None, "none", [], "")
+        return out.to(x.dtype)
+
+
+def packed(precision: Precision, kind: type, rows: int) -> Precision | None:
+    """A copy of a float precision with every matmul weight pre-packed; None where this CPU cannot."""
+    try:
+        layers = [
+            type(layer)(
+                *(kind(getattr(layer, name).weight.float(), rows) for name in ("qkv", "out", "gate_up", "down"))
+            )
+            for layer in precision.layers
+        ]
+        return Precision(f"{precision.name} {kind.__name__}", layers, precision.lm_head)
+    except RuntimeError as error:
+        print(f"{kind.__name__}: {str(error).splitlines()[0]}", file=sys.stderr)
+        return None
+
+
+def layer_matmuls(model, dtype: torch.dtype, rows: int, fused: bool) -> Callable[[], None]:
+    """All the layers' projections of one decode step, alone: 7 per layer, or 4 with QKV and gate+up fused."""
+    linears = []
+    for layer in model.model.layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        groups = [
+            [attention.q_proj, attention.k_proj, attention.v_proj],
+            [attention.o_proj],
+            [mlp.gate_proj, mlp.up_proj],
+            [mlp.down_proj],
+        ]
+        for group in groups:
+            weights = [module.weight for module in group]
+            linears += [DenseLinear(torch.cat(weights), dtype)] if fused else [DenseLinear(w, dtype) for w in weights]
+    x = torch.randn(rows, model.config.hidden_size, dtype=dtype)
+    wide = torch.randn(rows, model.config.intermediate_size, dtype=dtype)
+
+    def step() -> None:
+        for linear in linears:
+            linear(wide if linear.weight.shape[1] == wide.shape[1] else x)
+
+    return step
+
+
+def lm_head_matmul(model, dtype: torch.dtype, rows: int) -> Callable[[], None]:
+    weight, x = model.lm_head.weight.detach().to(dtype), torch.randn(rows, model.config.hidden_size, dtype=dtype)
+    return lambda: F.linear(x, weight)
+
+
+# -- agreement -------------------------------------------------------------------------------------------------------
+
+
+def greedy(runner: FastRunner, prompts: list[list[int]], forced: list[list[int]] | None = None) -> list[list[int]]:
+    """Each row's greedy tokens; with `forced`, the tokens fed back are forced's (teacher forcing)."""
+    ids = [f"p{index}" for index in range(len(prompts))]
+    logits = runner.prefill(
+        PrefillPlan([PrefillChunk(rid, prompt, 0) for rid, prompt in zip(ids, prompts)], True, True)
+    )
+    picked = [logits.argmax(-1).tolist()]
+    for step in range(AGREEMENT_STEPS - 1):
+        fed = picked[-1] if forced is None else [tokens[step] for tokens in forced]
+        picked.append(runner.decode(ids, fed).argmax(-1).tolist())
+    runner.free(ids)
+    return [list(row) for row in zip(*picked)]
+
+
+def agreement(model, tokenizer) -> dict[str, dict[str, float]]:
+    prompts = [tokenizer(prompt).input_ids for prompt in AGREEMENT_PROMPTS]
+    reference_runner = started(model, "float32", "none")
+    reference = greedy(reference_runner, prompts)
+    results = {}
+    for name, dtype, quantization in (
+        ("bfloat16", "bfloat16", "none"),
+        ("int8", "auto", "int8"),
+        ("int4", "auto", "int4"),
+    ):
+        runner = started(model, dtype, quantization)
+        forced = greedy(runner, prompts, forced=reference)
+        free_running = greedy(runner, prompts)
+        same = sum(a == b for row, ref in zip(forced, reference) for a, b in zip(row, ref))
+        prefix = [
+            next((i for i, (a, b) in enumerate(zip(row, ref)) if a != b), AGREEMENT_STEPS)
+            for row, ref in zip(free_running, reference)
+        ]
+        results[name] = {
+            "teacher_forced": same / (len(prompts) * AGREEMENT_STEPS),
+            "identical_sequences": sum(length == AGREEMENT_STEPS for length in prefix) / len(prompts),
+            "mean_identical_prefix": statistics.mean(prefix),
+        }
+    return results
+
+
+def started(model, dtype: str, quantization: str, rows: int = 16) -> FastRunner:
+    runner = FastRunner(model, rows, 1024, dtype=dtype, quantization=quantization)
+    runner.start([])
+    return runner
+
+
+# -- one ISA, in this process ----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def measure(with_agreement: bool) -> dict:
+    model, tokenizer = load()
+    bf16_model = AutoModelForCausalLM.from_pretrained(embedded_model_dir(), dtype=torch.bfloat16).eval()
+    results: dict = {"capability": torch.backends.cpu.get_cpu_capability(), "load_before": os.getloadavg()[0]}
+    auto = started(model, "auto", "none")
+    results["auto"] = [(most, precision.name) for most, precision in auto.decode_bands]
+    del auto
+    runners = {
+        "fast float32": started(model, "float32", "none"),
+        "fast bfloat16": started(model, "bfloat16", "none"),
+        "fast int8": started(model, "auto", "int8"),
+        "fast int4": started(model, "auto", "int4"),
+    }
+    steps: dict[int, dict] = {}
+    for rows in ROWS:
+        configurations = {
+            "transformers float32 (DynamicCache)": transformers_steps(model, rows),
+            "transformers bfloat16 (DynamicCache)": transformers_steps(bf16_model, rows),
+        }
+        for name, runner in runners.items():
+            configurations[name] = fast_steps(runner, rows)
+        for kind, source in ((MklPackedLinear, "fast float32"), (OneDnnPackedLinear, "fast bfloat16")):
+            runner = started(model, source.split()[1], "none")
+            variant = packed(runner.prefill_precision, kind, rows)
+            if variant is not None:
+                runner.decode_bands, runner.prefill_precision = [(16, variant)], variant
+                configurations[f"fast, {kind.__doc__.split('(')[0].strip()}"] = fast_steps(runner, rows)
+        for dtype in (torch.float32, torch.bfloat16):
+            name = str(dtype).removeprefix("torch.")
+            configurations[f"matmuls only {name}: 210 separate"] = layer_matmuls(model, dtype, rows, fused=False)
+            configurations[f"matmuls only {name}: 120 fused"] = layer_matmuls(model, dtype, rows, fused=True)
+            configurations[f"lm_head only {name}"] = lm_head_matmul(model, dtype, rows)
+        steps[rows] = interleaved(configurations)
+    results["steps"] = steps
+    if with_agreement:
+        results["agreement"] = agreement(model, tokenizer)
+    results["load_after"] = os.getloadavg()[0]
+    return results
+
+
+# -- both ISAs, the report -------------------------------------------------------------------------------------------
+
+
+def run_isa(env: dict[str, str], with_agreement: bool) -> dict:
+    output = subprocess.run(
+        [sys.executable, "-m", "bench.levers", "--one", *([] if with_agreement else ["--no-agreement"])],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    sys.stderr.write(output.stderr[-2000:])
+    return json.loads(output.stdout.strip().splitlines()[-1])
+
+
+def report(native: dict, avx2: dict) -> str:
+    def label(result: dict) -> str:
+        return f"{result['capability']} (load {result['load_before']:.1f} -> {result['load_after']:.1f})"
+
+    def bands(result: dict) -> str:
+        return ", ".join(f"<= {most} rows {name}" for most, name in result["auto"])
+
+    lines = [
+        "# Levers of the fast decode path (`python -m bench.levers`)",
+        "",
+        f"SmolLM2-135M, {CONTEXT} cached positions per row, torch {torch.__version__}, {os.cpu_count()} cores. "
+        "ms per decode step, "
+        f"median of {ROUNDS * STEPS_PER_ROUND} (best in brackets), configurations interleaved in one process per ISA. "
+        f"Native: {label(native)}; emulated AVX2: {label(avx2)} (`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`). "
+        "Load averages are of the whole 2-core host, shared while this ran.",
+        "",
+        f"`dtype: auto` chose: native {bands(native)}; AVX2 {bands(avx2)}.",
+        "",
+        "| configuration | native 1 row | native 16 rows | AVX2 1 row | AVX2 16 rows |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name in native["steps"]["1"]:
+        cells = []
+        for result in (native, avx2):
+            for rows in ("1", "16"):
+                figure = result["steps"][rows].get(name)
+                cells.append(f"{figure['median']:.1f} ({figure['best']:.1f})" if figure else "n/a")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Greedy agreement with the fast runner in float32 over {len(AGREEMENT_PROMPTS)} prompts x "
+        f"{AGREEMENT_STEPS} tokens, measured natively: "
+        "teacher-forced (the share of float32's tokens picked when fed float32's own tokens), the share of whole "
+        "sequences identical, and the mean length of the identical start.",
+        "",
+        "| weights | teacher-forced | identical sequences | mean identical prefix |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, figure in native["agreement"].items():
+        lines.append(
+            f"| {name} | {figure['teacher_forced']:.1%} | {figure['identical_sequences']:.0%} | "
+            f"{figure['mean_identical_prefix']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--one", action="store_true", help="measure this process's ISA only and print JSON")
+    parser.add_argument("--no-agreement", action="store_true", help="with --one: timings only")
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(with_agreement=not args.no_agreement)))
+        return
+    # Agreement natively only: it is a property of the weights, and the emulated bfloat16 runs take minutes.
+    native, avx2 = run_isa({}, with_agreement=True), run_isa(AVX2_ENV, with_agreement=False)
+    text = report(native, avx2)
+    OUTPUT.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
