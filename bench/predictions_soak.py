@@ -13,6 +13,11 @@ A create refused with 429 (replica full, or every kept prediction running) waits
 soak waits until the engine is idle, then for the TTL and the store's sweep, and samples the gateway's resident
 memory throughout. With `--redis`, the predictions live in a redis-server started for the run.
 
+`--in-process` measures the in-memory store alone instead: `--predictions` finished predictions of `--tokens`
+token texts each (a fresh string per token, as the executor's documents bring them), the resident memory they
+take, that none is kept after the TTL, and that a second round after the expiry reuses that memory (Python keeps
+freed memory for reuse rather than handing it back to the system, so it is growth that would show a leak).
+
 Prints a summary and writes bench/predictions_soak_results.json.
 """
 
@@ -34,6 +39,7 @@ import httpx
 import psutil
 
 from bench import flows
+from gateway.prediction_store import MemoryStore, Prediction, now_iso
 from harness.predictions import redis_server, sse_events
 from harness.processes import process_listening_on
 from harness.service import Service, serve
@@ -185,6 +191,37 @@ async def soak(args: argparse.Namespace, service: Service) -> dict:
     }
 
 
+async def store_memory(args: argparse.Namespace) -> dict:
+    store = MemoryStore(ttl_s=args.ttl, max_kept=args.predictions)
+    await store.start()
+    vocabulary = [f" word{i}" for i in range(8000)]
+    process = psutil.Process()
+    rss_start = process.memory_info().rss
+    rng = random.Random(args.seed)
+
+    async def fill(round: int) -> None:
+        for number in range(args.predictions):
+            prediction = Prediction(id=f"{round}-{number}", model="m", version="m", created_at=now_iso(),
+                                    input={"prompt": "x" * 200, "max_tokens": args.tokens})
+            await store.create(prediction)
+            for index in range(args.tokens):
+                await store.append(prediction.id, index, "".join(["", rng.choice(vocabulary)]))  # a new string
+            await store.finish(prediction.id, status="succeeded", completed_at=now_iso())
+
+    await fill(1)
+    rss_full = process.memory_info().rss
+    await asyncio.sleep(args.ttl + min(args.ttl, 30) + 1)
+    kept = store.kept
+    await fill(2)
+    rss_second = process.memory_info().rss
+    await store.close()
+    mib = 2**20
+    return {"predictions": args.predictions, "tokens_each": args.tokens, "kept_after_ttl": kept,
+            "rss_mib": {"start": round(rss_start / mib, 1), "full": round(rss_full / mib, 1),
+                        "full_again_after_expiry": round(rss_second / mib, 1)},
+            "kib_per_prediction": round((rss_full - rss_start) / args.predictions / 1024, 1)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.predictions_soak", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -198,7 +235,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-every", type=float, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "predictions_soak_results.json")
+    parser.add_argument("--in-process", action="store_true", help="measure the in-memory store alone (no flow)")
+    parser.add_argument("--predictions", type=int, default=2000, help="--in-process: predictions kept")
+    parser.add_argument("--tokens", type=int, default=256, help="--in-process: token texts per prediction")
     args = parser.parse_args(argv)
+    if args.in_process:
+        summary = asyncio.run(store_memory(args))
+        print(json.dumps(summary, indent=2))
+        return 0 if summary["kept_after_ttl"] == 0 else 1
     with ExitStack() as stack:
         settings = {"ttl_s": args.ttl, "max_kept": args.max_kept}
         if args.redis:

