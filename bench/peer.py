@@ -172,7 +172,8 @@ def start_server(command: list[str], port: int, log_file: Path, timeout: float) 
         if process.poll() is not None or time.monotonic() > deadline:
             stop_process_group(process, grace=10)
             raise ServerDied(
-                f"llama-server did not start (exit {process.returncode}); log:\n{log_file.read_text()[-3000:]}"
+                f"llama-server did not start (exit {process.returncode}); the end of {log_file}:\n"
+                + "\n".join(log_file.read_text().splitlines()[-5:])
             )
         time.sleep(0.5)
     return process
@@ -188,15 +189,8 @@ def llama_server(
     llama.cpp's defaults first. If the server dies while it starts, it is started once more with --no-repack:
     on an AMX machine (a VM) the native build's AMX kernels, used for repacked quantized weights, crashed in its
     warm-up (SIGSEGV at `ldtilecfg` in ggml_backend_amx_mul_mat; Q4_1 only, F32 is not repacked)."""
-    flags = [
-        "--parallel",
-        str(parallel),
-        "--threads",
-        str(threads),
-        "--ctx-size",
-        str(context),
-        "--jinja",  # the GGUF's own chat template, as the service applies the tokenizer's
-    ]
+    # --jinja: the GGUF's own chat template, as the service applies the tokenizer's.
+    flags = ["--parallel", str(parallel), "--threads", str(threads), "--ctx-size", str(context), "--jinja"]
     command = [str(binary("llama-server")), "--model", str(model), "--host", "127.0.0.1", "--port", str(port)]
     try:
         process = start_server(command + flags, port, log_file, timeout)
