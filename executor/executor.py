@@ -10,13 +10,19 @@ from there, so config.yml and the flows name a setting only to change it.
 
 # No `from __future__ import annotations` here: Jina reads the endpoint's document types from real annotations.
 import asyncio
+import functools
+import hashlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
+import numpy as np
 from docarray import DocList
+from docarray.typing import NdArray
 from jina import Executor, requests
 from prometheus_client import CollectorRegistry
+from pydantic import parse_obj_as
 
 from engine import (
     EMBEDDED,
@@ -25,16 +31,18 @@ from engine import (
     InvalidRequest,
     LLMEngine,
     LoadedModel,
+    Prompt,
     SamplingParams,
     StepOutput,
     load_model,
 )
 from executor.metrics import StreamMetrics
 from lifecycle import OpenStreams, drain_on_sigterm
-from schemas import ErrorCode, ModelOutputDocument, PromptDocument, error_document
+from schemas import ErrorCode, ModelInfoDocument, ModelOutputDocument, PromptDocument, error_document
 from workarounds import jina_worker
 
 WARMUP_PROMPT = "Hello"
+EMBEDDED_ID = "SmolLM2-135M-Instruct"  # the embedded GGUF's model
 
 
 class TokenStreamingExecutor(Executor):
@@ -74,6 +82,10 @@ class TokenStreamingExecutor(Executor):
             quantization=quantization,
         ))
         self.chat_template = chat_template
+        # Logprobs name up to 21 tokens a step: each token's text is decoded once. A byte-level token that holds
+        # part of a character decodes to U+FFFD, as in vLLM's and OpenAI's answers.
+        tokenizer = self.engine.tokenizer
+        self.token_text = functools.lru_cache(maxsize=65536)(lambda token_id: str(tokenizer.decode([token_id])))
         self.shutdown_grace_s = shutdown_grace_s
         self._open_streams = OpenStreams()  # generators that have not handed their last document to Jina yet
         registry = getattr(self.runtime_args, "metrics_registry", None) or CollectorRegistry()
@@ -84,6 +96,7 @@ class TokenStreamingExecutor(Executor):
             self._warm_up(warmup_tokens)
         self.engine.on_finished = self.metrics.observe_finished  # after the warm-up, which no client asked for
         drain_on_sigterm(self._drain)
+        self.model_info = model_info(loaded, self.engine.max_model_len)
         self.logger.info(f"serving {loaded.name} on {loaded.device} ({loaded.dtype})")
 
     def build_engine(self, loaded: LoadedModel, config: EngineConfig) -> LLMEngine:
@@ -101,6 +114,11 @@ class TokenStreamingExecutor(Executor):
         """One ModelOutputDocument per decode step; the last one carries finish_reason, usage and timings."""
         async for output in self._generate(doc):
             yield output
+
+    @requests(on="/info")
+    async def info(self, docs: DocList[ModelInfoDocument], **kwargs) -> DocList[ModelInfoDocument]:
+        """What this replica serves: the gateway's OpenAI API names the model by it (gateway/model_info.py)."""
+        return DocList[ModelInfoDocument]([self.model_info for _ in docs])
 
     @requests(on="/generate")
     async def generate(self, docs: DocList[PromptDocument], **kwargs) -> DocList[ModelOutputDocument]:
@@ -142,7 +160,7 @@ class TokenStreamingExecutor(Executor):
                 self.metrics.observe_token(output, None if last_output_at is None else now - last_output_at)
                 last_output_at = now
                 finished = output.finished
-                yield to_document(output)
+                yield to_document(output, self.token_text)
         except Exception as error:  # a bug of ours while relaying
             self.logger.error(f"relaying {request_id} failed: {error!r}")
             if not finished:
@@ -151,18 +169,10 @@ class TokenStreamingExecutor(Executor):
             stop_watching()
 
     async def _prepare(self, doc: PromptDocument) -> tuple[list[int], SamplingParams]:
-        if not isinstance(doc.prompt, str) or not doc.prompt.strip():
-            raise InvalidRequest("the prompt is empty: send some text in `prompt`")
-        params = SamplingParams(
-            max_tokens=doc.max_tokens,
-            temperature=doc.temperature or 0.0,
-            top_p=1.0 if doc.top_p is None else doc.top_p,
-            seed=doc.seed,
-            stop=tuple(doc.stop or ()),
-        )
+        params = sampling_params(doc)
         template = self.chat_template if doc.chat_template is None else doc.chat_template
         # Off the event loop: a 100k-character prompt takes a while to tokenize.
-        prompt_ids = await asyncio.to_thread(self.engine.prepare, doc.prompt, params, template)
+        prompt_ids = await asyncio.to_thread(self.engine.prepare, prompt_of(doc), params, template)
         return prompt_ids, params
 
     async def _drain(self) -> None:
@@ -178,8 +188,60 @@ class TokenStreamingExecutor(Executor):
         super().close()
 
 
-def to_document(output: StepOutput) -> ModelOutputDocument:
-    return ModelOutputDocument(
+def model_info(loaded: LoadedModel, max_model_len: int) -> ModelInfoDocument:
+    if loaded.name == EMBEDDED:
+        model = EMBEDDED_ID
+    else:  # a hub id as it is; a local directory by its last part (the full path is a detail of this host)
+        model = Path(loaded.name).name if Path(loaded.name).is_dir() else loaded.name
+    served = f"{model}|{loaded.dtype}|{loaded.device.type}|{max_model_len}"
+    fingerprint = "fp_" + hashlib.sha256(served.encode()).hexdigest()[:10]
+    return ModelInfoDocument(model=model, max_model_len=max_model_len, fingerprint=fingerprint)
+
+
+def prompt_of(doc: PromptDocument) -> Prompt:
+    """The document's text or conversation, as the engine takes it; InvalidRequest unless exactly one is sent."""
+    if doc.messages is not None:
+        if doc.prompt is not None:
+            raise InvalidRequest("send either `prompt` or `messages`, not both")
+        if doc.messages and not any(message.content.strip() for message in doc.messages):
+            raise InvalidRequest("the messages hold no text: send some in `content`")
+        return [{"role": message.role, "content": message.content} for message in doc.messages]
+    if not isinstance(doc.prompt, str) or not doc.prompt.strip():
+        raise InvalidRequest("the prompt is empty: send some text in `prompt`, or a conversation in `messages`")
+    return str(doc.prompt)
+
+
+def sampling_params(doc: PromptDocument) -> SamplingParams:
+    """The document's settings as the engine takes them; the engine checks the ranges (prepare)."""
+    return SamplingParams(
+        max_tokens=doc.max_tokens,
+        temperature=doc.temperature or 0.0,
+        top_p=1.0 if doc.top_p is None else doc.top_p,
+        seed=doc.seed,
+        stop=tuple(doc.stop or ()),
+        presence_penalty=doc.presence_penalty or 0.0,
+        frequency_penalty=doc.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if doc.repetition_penalty is None else doc.repetition_penalty,
+        logit_bias=logit_bias(doc.logit_bias or {}),
+        logprobs=bool(doc.logprobs),
+        top_logprobs=doc.top_logprobs or 0,
+    )
+
+
+def logit_bias(bias: dict[str, float]) -> tuple[tuple[int, float], ...]:
+    """OpenAI's map of token ids, written as text (JSON keys), to biases."""
+    pairs = []
+    for key, value in bias.items():
+        try:
+            pairs.append((int(key), float(value)))
+        except ValueError:
+            raise InvalidRequest(f"logit_bias keys are token ids, got {key!r}") from None
+    return tuple(pairs)
+
+
+def to_document(output: StepOutput, token_text: Callable[[int], str]) -> ModelOutputDocument:
+    """`token_text` names tokens (the executor's tokenizer) when the request asked for logprobs."""
+    doc = ModelOutputDocument(
         token_id=output.token_id,
         generated_text=output.generated_text,
         text=output.text,
@@ -194,3 +256,10 @@ def to_document(output: StepOutput) -> ModelOutputDocument:
         time_to_first_token_s=output.time_to_first_token_s,
         total_time_s=output.total_time_s,
     )
+    if (logprobs := output.logprobs) is not None:
+        doc.token = token_text(output.token_id)
+        doc.logprob = logprobs.logprob
+        doc.top_token_ids = parse_obj_as(NdArray, np.asarray(logprobs.top_ids, dtype=np.int64))
+        doc.top_logprobs = parse_obj_as(NdArray, np.asarray(logprobs.top_logprobs, dtype=np.float32))
+        doc.top_tokens = [token_text(token_id) for token_id in logprobs.top_ids]
+    return doc

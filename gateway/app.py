@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
+from gateway.model_info import ModelInfo
 from gateway.openai_api import (
     ChatRequest,
     CompletionRequest,
@@ -21,6 +22,7 @@ from gateway.openai_api import (
     ResponseBuilder,
     error_code,
     failure,
+    model_card,
     models_list,
     parse_request,
 )
@@ -39,8 +41,9 @@ def error_response(error: OpenAIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status)
 
 
-def add_routes(app: FastAPI, streamer: Any, model_name: str) -> FastAPI:
-    """Add the service's own routes to Jina's FastAPI app (which already serves `GET /stream` as SSE)."""
+def add_routes(app: FastAPI, streamer: Any, model_name: str | None) -> FastAPI:
+    """Add the service's own routes to Jina's FastAPI app (which already serves `GET /stream` as SSE).
+    `model_name`: the id the OpenAI API serves the model under; None: the executor's own (gateway/model_info.py)."""
     # The page replaces Jina's health check at `/`: it answers 200 as well, which is all readiness checks need.
     app.router.routes = [route for route in app.router.routes if getattr(route, "path", None) != "/"]
     index_html = (STATIC / "index.html").read_text()
@@ -49,9 +52,21 @@ def add_routes(app: FastAPI, streamer: Any, model_name: str) -> FastAPI:
     async def page() -> HTMLResponse:
         return HTMLResponse(index_html)
 
+    model_info = ModelInfo(streamer, model_name)
+
     @app.get("/v1/models")
-    async def models() -> dict:
-        return models_list(model_name)
+    async def models() -> Response:
+        try:
+            return JSONResponse(models_list(await model_info.get()))
+        except OpenAIError as error:
+            return error_response(error)
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> Response:
+        try:
+            return JSONResponse(model_card(await model_info.check(model)))
+        except OpenAIError as error:
+            return error_response(error)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -69,9 +84,10 @@ def add_routes(app: FastAPI, streamer: Any, model_name: str) -> FastAPI:
                 raise OpenAIError(400, f"the request body is not valid JSON: {error}") from None
             parsed = parse_request(request_model, body)
             prompt = make_prompt(parsed.document_fields())
+            info = await model_info.check(parsed.model)
         except OpenAIError as error:
             return error_response(error)
-        builder = ResponseBuilder(chat, parsed.model or model_name)
+        builder = ResponseBuilder(parsed, info.model, info.fingerprint)
         stream = DocStream(streamer, prompt)
         # The first document decides the status: a refused request is a 4xx, before any stream starts.
         first = await until_disconnect(request, stream.first())
@@ -87,13 +103,13 @@ def add_routes(app: FastAPI, streamer: Any, model_name: str) -> FastAPI:
                 media_type="text/event-stream",
                 headers=SSE_HEADERS,
             )
-        last = await until_disconnect(request, last_document(stream, first))
+        docs = await until_disconnect(request, all_documents(stream, first))
         await stream.close()
-        if last is None:
+        if docs is None:
             return Response(status_code=499)
-        if (late_failure := failure(last)) is not None:  # after the first token: 500 or 503, by its code
+        if (late_failure := failure(docs[-1])) is not None:  # after the first token: 500 or 503, by its code
             return error_response(late_failure)
-        return JSONResponse(builder.response(last))
+        return JSONResponse(builder.response(docs))
 
     @app.websocket("/ws")
     async def websocket_chat(websocket: WebSocket) -> None:
@@ -129,11 +145,8 @@ async def wait_disconnect(request: Request) -> None:
         pass
 
 
-async def last_document(stream: DocStream, first: ModelOutputDocument) -> ModelOutputDocument:
-    last = first
-    async for last in stream:  # noqa: B007 (the loop keeps the last document)
-        pass
-    return last
+async def all_documents(stream: DocStream, first: ModelOutputDocument) -> list[ModelOutputDocument]:
+    return [first, *[doc async for doc in stream]]
 
 
 async def stream_chunks(
@@ -141,8 +154,8 @@ async def stream_chunks(
 ) -> AsyncIterator[bytes]:
     """The SSE body. Closing the connection cancels this generator, whose `finally` cancels the generation."""
     try:
-        if (role := builder.role_chunk()) is not None:
-            yield sse(role)
+        if (opening := builder.first_chunk()) is not None:
+            yield sse(opening)
         doc = first
         while True:
             if (error := failure(doc)) is not None:
@@ -168,6 +181,10 @@ async def stream_chunks(
 # WebSocket chat ------------------------------------------------------------------------------------------------
 #
 # Client -> server:  {"type": "prompt", "prompt": "...", "max_tokens": 64, ...PromptDocument's optional fields}
+#                       the connection keeps the conversation: each prompt is sent with the turns before it (unless
+#                       "chat_template": false); "system": "..." sets its system prompt; "messages": [...] instead
+#                       of "prompt" replaces the whole conversation
+#                    {"type": "reset"}   forget the conversation
 #                    {"type": "cancel"}
 # Server -> client:  {"type": "start", "id": n}
 #                    {"type": "token", "id": n, "text": "...", "index": i}
@@ -175,8 +192,37 @@ async def stream_chunks(
 #                    {"type": "error", "id": n or null, "message": "...", "code": "<an ErrorCode>",
 #                     "finish_reason": "..." (with an id)}
 
-PROMPT_FIELDS = set(PromptDocument.__fields__) - {"id"}
+PROMPT_FIELDS = set(PromptDocument.__fields__) - {"id", "prompt", "messages"}
 DEFAULT_WS_MAX_TOKENS = 256
+ANSWERED = ("length", "eos", "stop", "context_length")  # an answer that joins the conversation
+
+
+class Conversation:
+    """The turns of one WebSocket connection. An answer joins them only once it has ended normally: a cancelled
+    or failed one is forgotten, with its question."""
+
+    def __init__(self) -> None:
+        self.system: str | None = None
+        self.turns: list[dict[str, Any]] = []  # every turn but the system prompt
+
+    def reset(self) -> None:
+        self.system, self.turns = None, []
+
+    def messages(self, message: dict) -> tuple[list[dict[str, Any]] | None, str | None]:
+        """The conversation to send for a prompt message, or its plain prompt (without the chat template)."""
+        if "system" in message:
+            self.system = message["system"] or None
+        if "messages" in message:  # the client holds the conversation
+            return message["messages"], None
+        if message.get("chat_template") is False:
+            return None, message.get("prompt")
+        system = [] if self.system is None else [{"role": "system", "content": self.system}]
+        return [*system, *self.turns, {"role": "user", "content": message.get("prompt")}], None
+
+    def answered(self, messages: list[dict[str, Any]], answer: str) -> None:
+        """The conversation is now the one that was sent, and its answer."""
+        self.system = next((m["content"] for m in messages if m["role"] == "system"), None)
+        self.turns = [m for m in messages if m["role"] != "system"] + [{"role": "assistant", "content": answer}]
 
 
 async def websocket_session(websocket: WebSocket, streamer: Any) -> None:
@@ -184,6 +230,7 @@ async def websocket_session(websocket: WebSocket, streamer: Any) -> None:
     send_lock = asyncio.Lock()
     running: asyncio.Task | None = None
     counter = 0
+    conversation = Conversation()
 
     async def send(message: dict) -> None:
         async with send_lock:
@@ -203,6 +250,9 @@ async def websocket_session(websocket: WebSocket, streamer: Any) -> None:
                     await send({"type": "error", "id": number, "message": doc.error or doc.finish_reason,
                                 "code": error_code(doc).value, "finish_reason": doc.finish_reason})
                 elif doc.finish_reason is not None:
+                    if prompt.messages is not None and doc.finish_reason in ANSWERED:
+                        conversation.answered([m.dict(include={"role", "content"}) for m in prompt.messages],
+                                              doc.generated_text)
                     usage = {"prompt_tokens": doc.prompt_tokens, "completion_tokens": doc.completion_tokens}
                     await send({"type": "end", "id": number, "finish_reason": doc.finish_reason,
                                 "text": doc.generated_text, "usage": usage})
@@ -218,6 +268,9 @@ async def websocket_session(websocket: WebSocket, streamer: Any) -> None:
                 await refuse("send a JSON object")
                 continue
             kind = message.get("type", "prompt")
+            if kind == "reset":
+                conversation.reset()
+                continue
             if kind == "cancel":
                 if running is not None and not running.done():
                     running.cancel()
@@ -232,6 +285,7 @@ async def websocket_session(websocket: WebSocket, streamer: Any) -> None:
                 continue
             fields = {key: value for key, value in message.items() if key in PROMPT_FIELDS}
             fields.setdefault("max_tokens", DEFAULT_WS_MAX_TOKENS)
+            fields["messages"], fields["prompt"] = conversation.messages(message)
             try:
                 prompt = PromptDocument(**fields)
             except ValidationError as error:

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, Extra, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError, validator
 
-from schemas import ErrorCode, ModelOutputDocument
+from schemas import ErrorCode, ModelInfoDocument, ModelOutputDocument
 
 DEFAULT_MAX_TOKENS = 256  # OpenAI's default is "the rest of the context"; the gateway does not know the context
 
@@ -32,6 +32,9 @@ class OpenAIError(Exception):
 
 
 Number = StrictInt | StrictFloat
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat; completions' `logprobs` takes as many here (OpenAI: 5)
+# OpenAI's "developer" role is its newer name for the system prompt (reasoning models, recent SDKs).
+ROLE_ALIASES = {"developer": "system"}
 
 
 class ContentPart(BaseModel):
@@ -51,14 +54,39 @@ class Message(BaseModel):
             return self.content
         return "".join(part.text or "" for part in self.content if part.type == "text")
 
+    def document_message(self) -> dict[str, str]:
+        return {"role": ROLE_ALIASES.get(self.role, self.role), "content": self.text()}
+
 
 class StreamOptions(BaseModel):
     include_usage: StrictBool | None = None
 
 
+def in_range(name: str, low: float, high: float):
+    """A validator that refuses a value outside OpenAI's [low, high], naming the field and the range."""
+
+    def check(cls, value):
+        if value is not None and not low <= value <= high:
+            raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+        return value
+
+    return validator(name, allow_reuse=True)(check)
+
+
+def unsupported(name: str, reason: str, allowed=lambda value: value is None):
+    """A validator that refuses a field this service does not implement, saying so (rather than ignoring it)."""
+
+    def check(cls, value):
+        if not allowed(value):
+            raise ValueError(f"{name} is not supported by this service: {reason}")
+        return value
+
+    return validator(name, allow_reuse=True, pre=True)(check)
+
+
 class CommonRequest(BaseModel):
     """Fields shared by /v1/chat/completions and /v1/completions. Unknown fields are ignored, as OpenAI-compatible
-    servers commonly do (SDKs send fields such as `user` or `logit_bias`)."""
+    servers commonly do (SDKs send fields such as `user`); those that would change the answer are refused."""
 
     model: StrictStr | None = None
     max_tokens: StrictInt | None = None
@@ -69,9 +97,19 @@ class CommonRequest(BaseModel):
     top_p: Number | None = None
     seed: StrictInt | None = None
     n: StrictInt | None = None
+    presence_penalty: Number | None = None
+    frequency_penalty: Number | None = None
+    repetition_penalty: Number | None = None  # an extension (vLLM's and TGI's): CTRL's penalty, > 0, 1 is none
+    logit_bias: dict[StrictStr, Number] | None = None  # token id (a JSON key, so text) -> -100..100
 
     class Config:
         extra = Extra.ignore
+
+    _temperature = in_range("temperature", 0, 2)
+    _top_p = in_range("top_p", 0, 1)
+    _presence_penalty = in_range("presence_penalty", -2, 2)
+    _frequency_penalty = in_range("frequency_penalty", -2, 2)
+    _n = unsupported("n", "one choice per request; send n requests", lambda value: value in (None, 1))
 
     @validator("max_tokens")
     def _positive_max_tokens(cls, value):
@@ -79,10 +117,19 @@ class CommonRequest(BaseModel):
             raise ValueError(f"max_tokens must be at least 1, got {value}")
         return value
 
-    @validator("n")
-    def _single_choice(cls, value):
-        if value not in (None, 1):
-            raise ValueError("only n=1 is supported")
+    @validator("repetition_penalty")
+    def _positive_repetition_penalty(cls, value):
+        if value is not None and not value > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {value}")
+        return value
+
+    @validator("logit_bias")
+    def _token_ids_and_biases(cls, value):
+        for key, bias in (value or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"logit_bias keys are token ids, got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias for token {key} must be between -100 and 100, got {bias}")
         return value
 
     @validator("stop")
@@ -95,9 +142,13 @@ class CommonRequest(BaseModel):
         fields = {
             "max_tokens": self.max_tokens or DEFAULT_MAX_TOKENS,
             "stop": self.stop or None,
-            "temperature": None if self.temperature is None else float(self.temperature),
-            "top_p": None if self.top_p is None else float(self.top_p),
+            "temperature": as_float(self.temperature),
+            "top_p": as_float(self.top_p),
             "seed": self.seed,
+            "presence_penalty": as_float(self.presence_penalty),
+            "frequency_penalty": as_float(self.frequency_penalty),
+            "repetition_penalty": as_float(self.repetition_penalty),
+            "logit_bias": None if not self.logit_bias else {key: float(v) for key, v in self.logit_bias.items()},
         }
         return {key: value for key, value in fields.items() if value is not None}
 
@@ -105,10 +156,36 @@ class CommonRequest(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def wants_logprobs(self) -> bool:
+        return False
+
+
+def as_float(value: float | None) -> float | None:
+    return None if value is None else float(value)
+
 
 class ChatRequest(CommonRequest):
     messages: list[Message]
     max_completion_tokens: StrictInt | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = None
+    # Refused unless absent or harmless (below): declared so that they are not ignored like unknown fields.
+    tools: Any = None
+    functions: Any = None
+    tool_choice: Any = None
+    function_call: Any = None
+    response_format: Any = None
+
+    _top_logprobs = in_range("top_logprobs", 0, MAX_TOP_LOGPROBS)
+    _tools = unsupported("tools", "the model cannot call tools")
+    _functions = unsupported("functions", "the model cannot call tools")
+    _tool_choice = unsupported("tool_choice", "the model cannot call tools", lambda value: value in (None, "none"))
+    _function_call = unsupported("function_call", "the model cannot call tools", lambda v: v in (None, "none"))
+    _response_format = unsupported(
+        "response_format", "only the text format is served",
+        lambda value: value is None or (isinstance(value, dict) and value.get("type") == "text"),
+    )
 
     @validator("messages")
     def _some_messages(cls, value):
@@ -122,22 +199,37 @@ class ChatRequest(CommonRequest):
             raise ValueError(f"max_completion_tokens must be at least 1, got {value}")
         return value
 
+    @validator("top_logprobs")
+    def _top_logprobs_need_logprobs(cls, value, values):
+        if value and not values.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return value
+
     def document_fields(self) -> dict[str, Any]:
         fields = super().document_fields()
         if self.max_completion_tokens is not None:
             fields["max_tokens"] = self.max_completion_tokens
-        if len(self.messages) == 1 and self.messages[0].role == "user":
-            # The executor renders a single user message with the tokenizer's chat template.
-            fields.update(prompt=self.messages[0].text(), chat_template=True)
-        else:
-            # Several turns: a plain transcript, sent as one user message, until PromptDocument has `messages`.
-            lines = [f"{message.role}: {message.text()}" for message in self.messages]
-            fields.update(prompt="\n".join(lines), chat_template=True)
+        # The whole conversation: the executor applies the model's chat template turn by turn.
+        fields.update(messages=[message.document_message() for message in self.messages], chat_template=True)
+        if self.logprobs:
+            fields.update(logprobs=True, top_logprobs=self.top_logprobs or 0)
         return fields
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return bool(self.logprobs)
 
 
 class CompletionRequest(CommonRequest):
     prompt: StrictStr | list[StrictStr]
+    logprobs: StrictInt | None = None  # completions: how many alternatives per token (0: the chosen token's only)
+    echo: StrictBool | None = None  # after logprobs: its validator reads it
+    best_of: Any = None  # refused beyond 1 (below)
+    suffix: Any = None  # refused
+
+    _logprobs = in_range("logprobs", 0, MAX_TOP_LOGPROBS)
+    _best_of = unsupported("best_of", "one choice per request", lambda value: value in (None, 1))
+    _suffix = unsupported("suffix", "the model does not insert text")
 
     @validator("prompt")
     def _one_prompt(cls, value):
@@ -147,8 +239,26 @@ class CompletionRequest(CommonRequest):
             return value[0]
         return value
 
+    @validator("echo")
+    def _echo_without_logprobs(cls, value, values):
+        if value and values.get("logprobs") is not None:
+            raise ValueError("echo with logprobs is not supported: the engine does not score prompt tokens")
+        return value
+
     def document_fields(self) -> dict[str, Any]:
-        return {**super().document_fields(), "prompt": self.prompt, "chat_template": False}
+        fields = {**super().document_fields(), "prompt": self.prompt, "chat_template": False}
+        if self.logprobs is not None:
+            fields.update(logprobs=True, top_logprobs=self.logprobs)
+        return fields
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs is not None
+
+    @property
+    def echoed(self) -> str:
+        """The text put before the answer: the prompt with `echo`."""
+        return str(self.prompt) if self.echo else ""
 
 
 def parse_request(model: type[CommonRequest], body: Any) -> CommonRequest:
@@ -206,49 +316,105 @@ def usage(doc: ModelOutputDocument) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def chat_logprobs(docs: list[ModelOutputDocument]) -> dict:
+    """OpenAI's chat `logprobs`: {"content": [{token, logprob, bytes, top_logprobs: [...]}]} for these tokens."""
+    return {"content": [{**token_entry(doc.token or "", doc.logprob), "top_logprobs": [
+        token_entry(text, logprob) for text, logprob in alternatives(doc)]} for doc in docs], "refusal": None}
+
+
+def token_entry(token: str, logprob: float | None) -> dict:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8", errors="replace"))}
+
+
+def alternatives(doc: ModelOutputDocument) -> list[tuple[str, float]]:
+    """The document's top alternatives as (text, logprob), most likely first."""
+    if doc.top_logprobs is None or not doc.top_tokens:
+        return []
+    return list(zip(doc.top_tokens, map(float, doc.top_logprobs)))
+
+
+def completion_logprobs(docs: list[ModelOutputDocument], offset: int) -> dict:
+    """OpenAI's completions `logprobs`: parallel lists, `text_offset` the token's place in the choice's text
+    (`offset`: what comes before the answer, the echoed prompt)."""
+    return {
+        "tokens": [doc.token or "" for doc in docs],
+        "token_logprobs": [doc.logprob for doc in docs],
+        "top_logprobs": [dict(alternatives(doc)) for doc in docs],
+        "text_offset": [offset + len(doc.generated_text) - len(doc.text) for doc in docs],
+    }
+
+
+def scored(docs: list[ModelOutputDocument]) -> list[ModelOutputDocument]:
+    """The documents whose token is part of the answer: the end-of-sequence token, which OpenAI never shows, and
+    documents without a token (an error, a cancellation) have no logprobs entry."""
+    return [doc for doc in docs if doc.logprob is not None and doc.finish_reason != "eos"]
+
+
 class ResponseBuilder:
     """Builds the chunks and the whole response of one request (chat or text completion)."""
 
-    def __init__(self, chat: bool, model: str) -> None:
-        self.chat = chat
+    def __init__(self, request: CommonRequest, model: str, fingerprint: str) -> None:
+        self.chat = isinstance(request, ChatRequest)
+        self.logprobs = request.wants_logprobs
+        self.echoed = request.echoed if isinstance(request, CompletionRequest) else ""
         self.model = model
-        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.fingerprint = fingerprint
+        self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
     def _envelope(self, object_suffix: str, choices: list[dict]) -> dict:
         kind = "chat.completion" if self.chat else "text_completion"
         return {"id": self.id, "object": kind + object_suffix, "created": self.created, "model": self.model,
-                "choices": choices}
+                "system_fingerprint": self.fingerprint, "choices": choices}
 
-    def role_chunk(self) -> dict | None:
-        if not self.chat:
+    def first_chunk(self) -> dict | None:
+        """What a stream starts with: chat's role, or the echoed prompt of a completion."""
+        if self.chat:
+            choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None}
+            return self._envelope(".chunk", [choice])
+        if self.echoed:
+            return self._envelope("", [{"index": 0, "text": self.echoed, "logprobs": None, "finish_reason": None}])
+        return None
+
+    def _logprobs(self, docs: list[ModelOutputDocument], offset: int) -> dict | None:
+        if not self.logprobs:
             return None
-        choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-        return self._envelope(".chunk", [choice])
+        return chat_logprobs(scored(docs)) if self.chat else completion_logprobs(scored(docs), offset)
 
     def chunk(self, doc: ModelOutputDocument) -> dict | None:
-        """The chunk for one document, or None when it adds nothing (no text and not the last)."""
+        """The chunk for one document, or None when it adds nothing (no text, no logprobs and not the last)."""
         reason = finish_reason(doc)
-        if not doc.text and reason is None:
+        logprobs = self._logprobs([doc], len(self.echoed)) if scored([doc]) else None
+        if not doc.text and reason is None and logprobs is None:
             return None
         if self.chat:
-            choice = {"index": 0, "delta": {"content": doc.text} if doc.text else {}, "logprobs": None,
+            choice = {"index": 0, "delta": {"content": doc.text} if doc.text else {}, "logprobs": logprobs,
                       "finish_reason": reason}
             return self._envelope(".chunk", [choice])
-        choice = {"index": 0, "text": doc.text, "logprobs": None, "finish_reason": reason}
+        choice = {"index": 0, "text": doc.text, "logprobs": logprobs, "finish_reason": reason}
         return self._envelope("", [choice])
 
     def usage_chunk(self, doc: ModelOutputDocument) -> dict:
         return {**self._envelope(".chunk" if self.chat else "", []), "usage": usage(doc)}
 
-    def response(self, last: ModelOutputDocument) -> dict:
+    def response(self, docs: list[ModelOutputDocument]) -> dict:
+        """The whole answer from every document of the stream (the last one carries the text and the usage)."""
+        last = docs[-1]
+        logprobs = self._logprobs(docs, len(self.echoed))
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": last.generated_text},
-                      "logprobs": None, "finish_reason": finish_reason(last)}
+                      "logprobs": logprobs, "finish_reason": finish_reason(last)}
         else:
-            choice = {"index": 0, "text": last.generated_text, "logprobs": None, "finish_reason": finish_reason(last)}
+            choice = {"index": 0, "text": self.echoed + last.generated_text, "logprobs": logprobs,
+                      "finish_reason": finish_reason(last)}
         return {**self._envelope("", [choice]), "usage": usage(last)}
 
 
-def models_list(model: str) -> dict:
-    return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "jina"}]}
+def model_card(info: ModelInfoDocument) -> dict:
+    """OpenAI's model object, plus the context length (prompt + max_tokens) as vLLM names it."""
+    return {"id": info.model, "object": "model", "created": 0, "owned_by": "jina", "max_model_len": info.max_model_len}
+
+
+def models_list(info: ModelInfoDocument) -> dict:
+    return {"object": "list", "data": [model_card(info)]}

@@ -48,10 +48,11 @@ class ScriptedStreamer:
             self._released.release()
 
     async def stream_doc(self, doc: PromptDocument, exec_endpoint: str) -> AsyncIterator[tuple[Any, Any]]:
-        if REFUSE in doc.prompt:
+        prompt = doc.prompt or ""  # predictions send a prompt (PromptDocument's is optional beside messages)
+        if REFUSE in prompt:
             yield error_document("prompt + max_tokens exceed the context (32)", ErrorCode.INVALID_REQUEST), None
             return
-        if OVERLOAD in doc.prompt:
+        if OVERLOAD in prompt:
             yield error_document("the service is overloaded: 6 streams", ErrorCode.OVERLOADED), None
             return
         self.running += 1
@@ -60,7 +61,7 @@ class ScriptedStreamer:
             for index in range(doc.max_tokens):
                 if not self.free_running:
                     await self._released.acquire()
-                if FAIL in doc.prompt and index == 2:
+                if FAIL in prompt and index == 2:
                     yield error_document("internal error: injected", ErrorCode.INTERNAL), None
                     return
                 text += token_text(index)

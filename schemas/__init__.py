@@ -1,11 +1,12 @@
 """The service contract. Two-field clients of the seed tutorial keep working: every field beyond
 `prompt`/`max_tokens` and `token_id`/`generated_text` is optional with a default."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Jina rebuilds these models from their annotations for its endpoint
+# discovery, where a string such as 'list[ChatMessage] | None' cannot be resolved.
 from enum import Enum
 
 from docarray import BaseDoc
+from docarray.typing import NdArray
 
 
 class ErrorCode(str, Enum):
@@ -19,8 +20,19 @@ class ErrorCode(str, Enum):
     INTERNAL = "internal"  # a bug of the service's own; the other streams carry on (HTTP 500)
 
 
+class ChatMessage(BaseDoc):
+    """One turn of a conversation. The model's chat template decides which roles it takes (system, user and
+    assistant for the embedded model); the executor refuses others, naming the message."""
+
+    role: str
+    content: str
+
+
 class PromptDocument(BaseDoc):
-    prompt: str
+    # Exactly one of the two: a text (the seed tutorial's field: the user's message when the chat template
+    # applies), or a whole conversation, to which the chat template is applied turn by turn.
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
     max_tokens: int
     # Generation settings live here, not in Jina `parameters`: those never reach a streaming endpoint.
     chat_template: bool | None = None  # None: the service default (apply the template when the tokenizer has one)
@@ -28,6 +40,15 @@ class PromptDocument(BaseDoc):
     temperature: float | None = None  # None or 0: greedy (the default)
     top_p: float | None = None
     seed: int | None = None
+    # Logits processing (OpenAI's semantics; the engine checks the ranges and names the limit).
+    presence_penalty: float | None = None  # -2..2: subtracted once from the logit of every token generated so far
+    frequency_penalty: float | None = None  # -2..2: subtracted per occurrence
+    repetition_penalty: float | None = None  # > 0 (1: none), CTRL's, over the prompt and the output
+    logit_bias: dict[str, float] | None = None  # token id (as text, as OpenAI sends it) -> -100..100 added to its logit
+    # Log probabilities on each ModelOutputDocument: the chosen token's (`logprob`) and the `top_logprobs` (0-20)
+    # most likely alternatives (`top_token_ids`, `top_logprobs`).
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
 
 class ModelOutputDocument(BaseDoc):
@@ -38,12 +59,29 @@ class ModelOutputDocument(BaseDoc):
     finish_reason: str | None = None  # set on the last document only: length, eos, stop, error, cancelled, ...
     error: str | None = None  # with finish_reason='error' (or 'shutdown'): what went wrong, in words
     error_code: str | None = None  # with `error`: an ErrorCode value, for machines
+    # When the prompt asked for logprobs: from the model's own distribution (before penalties, bias and
+    # temperature), so a client can sample or score on its side. `token` is this step's token as text (its own
+    # decoding, which `text` may hold back while a character is incomplete); `top_tokens` the alternatives' texts.
+    token: str | None = None
+    logprob: float | None = None
+    top_token_ids: NdArray | None = None  # int64, most likely first
+    top_logprobs: NdArray | None = None  # float32, descending, aligned with top_token_ids
+    top_tokens: list[str] | None = None
     # Usage and timings, on the last document only.
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     queue_time_s: float | None = None
     time_to_first_token_s: float | None = None
     total_time_s: float | None = None
+
+
+class ModelInfoDocument(BaseDoc):
+    """What the executor serves (its `/info` endpoint fills in the document it is sent): the gateway learns the
+    model's id from it instead of a setting of its own."""
+
+    model: str = ""  # the id OpenAI clients name: a hub id, a local directory's name, or the embedded model's
+    max_model_len: int = 0  # prompt + max_tokens limit, in tokens
+    fingerprint: str = ""  # changes with the model, its precision or its device: OpenAI's system_fingerprint
 
 
 def error_document(message: str, code: ErrorCode) -> ModelOutputDocument:

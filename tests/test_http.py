@@ -129,11 +129,11 @@ async def test_sdk_sampling_options_reach_the_executor(tiny_service):
 
 async def test_stop_strings_end_the_answer(tiny_service):
     client = sdk(tiny_service)
-    unstopped = await client.completions.create(model="m", prompt="Once upon a time", max_tokens=12)
+    unstopped = await client.completions.create(model="test-model", prompt="Once upon a time", max_tokens=12)
     text = unstopped.choices[0].text
     stop = text[len(text) // 2:][:3]
     assert stop.strip(), "the tiny model's answer should have some text to stop at"
-    stopped = await client.completions.create(model="m", prompt="Once upon a time", max_tokens=12, stop=[stop])
+    stopped = await client.completions.create(model="test-model", prompt="Once upon a time", max_tokens=12, stop=[stop])
     assert stopped.choices[0].finish_reason == "stop"
     assert stopped.choices[0].text == text[: text.index(stop)]
 
@@ -145,7 +145,7 @@ async def test_multi_turn_chat_answers(tiny_service):
         {"role": "assistant", "content": "Hello."},
         {"role": "user", "content": [{"type": "text", "text": "And now?"}]},
     ]
-    whole = await sdk(tiny_service).chat.completions.create(model="m", messages=messages, max_tokens=5)
+    whole = await sdk(tiny_service).chat.completions.create(model="test-model", messages=messages, max_tokens=5)
     assert whole.choices[0].finish_reason in ("length", "stop") and whole.usage.completion_tokens >= 1
 
 
@@ -171,8 +171,10 @@ BAD_REQUESTS = [
     pytest.param(CHAT, {"messages": [{"role": "user", "content": "word " * 5000}], "max_tokens": 5}, None,
                  id="prompt-beyond-the-context"),
     pytest.param(CHAT, {"messages": [{"role": "user", "content": "   "}], "max_tokens": 5}, None, id="empty-prompt"),
-    pytest.param(CHAT, {"messages": USER, "max_tokens": 5, "temperature": -1}, None, id="negative-temperature"),
-    pytest.param(CHAT, {"messages": USER, "max_tokens": 5, "top_p": 1.5}, None, id="top-p-above-one"),
+    pytest.param(
+        CHAT, {"messages": USER, "max_tokens": 5, "temperature": -1}, "temperature", id="negative-temperature"
+    ),
+    pytest.param(CHAT, {"messages": USER, "max_tokens": 5, "top_p": 1.5}, "top_p", id="top-p-above-one"),
     pytest.param(COMPLETIONS, {"max_tokens": 5}, "prompt", id="prompt-missing"),
     pytest.param(COMPLETIONS, {"prompt": 42, "max_tokens": 5}, "prompt", id="prompt-a-number"),
     pytest.param(COMPLETIONS, {"prompt": "hi", "max_tokens": -1}, "max_tokens", id="completion-max-tokens-negative"),
@@ -204,7 +206,9 @@ async def test_invalid_json_gets_a_400(tiny_service):
 
 async def test_sdk_raises_bad_request_for_a_refused_stream(tiny_service):
     with pytest.raises(openai.BadRequestError) as raised:
-        await sdk(tiny_service).chat.completions.create(model="m", messages=USER, max_tokens=100000, stream=True)
+        await sdk(tiny_service).chat.completions.create(
+            model="test-model", messages=USER, max_tokens=100000, stream=True
+        )
     assert raised.value.status_code == 400 and "context" in raised.value.message
 
 
@@ -215,7 +219,9 @@ async def test_a_failure_after_the_stream_started_reaches_the_sdk_as_an_error(tm
         client = sdk(service)
         received = []
         with pytest.raises(openai.APIError) as raised:
-            stream = await client.completions.create(model="m", prompt="FAULT here", max_tokens=20, stream=True)
+            stream = await client.completions.create(
+                model="test-model", prompt="FAULT here", max_tokens=20, stream=True
+            )
             async for chunk in stream:
                 received.append(chunk.choices[0].text)
         assert "internal error while processing a token" in raised.value.message
