@@ -30,11 +30,11 @@ import random
 import sys
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
-from typing import AsyncIterator, Optional
 
 import psutil
 
@@ -66,9 +66,15 @@ UNEXPECTED = "unexpected"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=float, default=600, help="seconds of load (default 600); the last requests then finish")
-    parser.add_argument("--model", default="embedded", help="the executor's model: embedded (default, the product) or a local directory")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.soak", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--duration", type=float, default=600, help="seconds of load (default 600); the last requests then finish"
+    )
+    parser.add_argument(
+        "--model", default="embedded", help="the executor's model: embedded (default, the product) or a local directory"
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--clients", type=int, default=8, help="steady clients, each one request at a time (default 8)")
@@ -76,7 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-running", type=int, default=16)
     parser.add_argument("--max-waiting", type=int, default=16)
     parser.add_argument("--burst-every", type=float, default=60, help="seconds between overload bursts (default 60)")
-    parser.add_argument("--request-timeout", type=float, default=300, help="a request that takes longer is counted as a hang")
+    parser.add_argument(
+        "--request-timeout", type=float, default=300, help="a request that takes longer is counted as a hang"
+    )
     parser.add_argument("--sample-every", type=float, default=10, help="seconds between memory samples")
     parser.add_argument("--seed", type=int, default=0, help="of the request mix")
     parser.add_argument("--output", type=Path, default=ROOT / "SOAK.md")
@@ -106,19 +114,19 @@ class Record:
     max_tokens: int = 0
     tokens: int = 0
     documents: int = 0  # received, the error document included
-    ttft_s: Optional[float] = None
+    ttft_s: float | None = None
     gaps_s: list[float] = field(default_factory=list)
-    end_to_end_s: Optional[float] = None
+    end_to_end_s: float | None = None
 
 
 class RecordingStream:
     """An OpenStream (for bench.load.time_stream) that remembers the last document of the stream it opens and
     signals once `cancel_after` documents have arrived."""
 
-    def __init__(self, open_stream: OpenStream, cancel_after: Optional[int] = None) -> None:
+    def __init__(self, open_stream: OpenStream, cancel_after: int | None = None) -> None:
         self.open_stream = open_stream
         self.cancel_after = cancel_after
-        self.last: Optional[ModelOutputDocument] = None
+        self.last: ModelOutputDocument | None = None
         self.documents = 0
         self.reached = asyncio.Event()
 
@@ -132,7 +140,7 @@ class RecordingStream:
             yield doc
 
 
-def classify(kind: str, last: Optional[ModelOutputDocument], timing: StreamTiming) -> tuple[str, str]:
+def classify(kind: str, last: ModelOutputDocument | None, timing: StreamTiming) -> tuple[str, str]:
     if last is not None and last.finish_reason == "error":
         if last.error_code == ErrorCode.OVERLOADED:
             return REFUSED_OVERLOADED, ""
@@ -151,7 +159,7 @@ def classify(kind: str, last: Optional[ModelOutputDocument], timing: StreamTimin
 
 
 async def one_request(
-    open_stream: OpenStream, kind: str, prompt: str, max_tokens: int, timeout: float, cancel_after: Optional[int] = None
+    open_stream: OpenStream, kind: str, prompt: str, max_tokens: int, timeout: float, cancel_after: int | None = None
 ) -> Record:
     """One stream, timed by bench.load.time_stream; a cancelled one is cancelled (its task, as a client does)
     once it holds `cancel_after` documents."""
@@ -203,10 +211,14 @@ class Load:
         while time.monotonic() < deadline:
             kind = self.rng.choices(list(MIX), weights=list(MIX.values()))[0]
             if kind == NORMAL:
-                request = one_request(self.open_stream, kind, self.normal_prompt(), self.rng.choice(NORMAL_MAX_TOKENS), timeout)
+                request = one_request(
+                    self.open_stream, kind, self.normal_prompt(), self.rng.choice(NORMAL_MAX_TOKENS), timeout
+                )
             elif kind == CANCELLED:
                 cancel_after = self.rng.randint(0, CANCEL_AFTER_MAX)
-                request = one_request(self.open_stream, kind, self.normal_prompt(), CANCELLED_MAX_TOKENS, timeout, cancel_after)
+                request = one_request(
+                    self.open_stream, kind, self.normal_prompt(), CANCELLED_MAX_TOKENS, timeout, cancel_after
+                )
             else:
                 prompt, max_tokens = self.rng.choice(BAD_INPUTS)
                 request = one_request(self.open_stream, kind, prompt, max_tokens, timeout)
@@ -223,19 +235,29 @@ class Load:
                 return
             log(f"burst of {size} streams")
             self.records += await asyncio.gather(
-                *(one_request(self.open_stream, BURST, self.rng.choice(PROMPTS), BURST_MAX_TOKENS, self.args.request_timeout)
-                  for _ in range(size))
+                *(
+                    one_request(
+                        self.open_stream, BURST, self.rng.choice(PROMPTS), BURST_MAX_TOKENS, self.args.request_timeout
+                    )
+                    for _ in range(size)
+                )
             )
 
 
-async def sample_memory(processes: dict[str, psutil.Process], samples: list[dict], every: float, started: float) -> None:
+async def sample_memory(
+    processes: dict[str, psutil.Process], samples: list[dict], every: float, started: float
+) -> None:
     while True:
-        samples.append({"t_s": round(time.monotonic() - started, 1),
-                        **{f"{name}_rss_mib": round(p.memory_info().rss / 2**20, 1) for name, p in processes.items()}})
+        samples.append(
+            {
+                "t_s": round(time.monotonic() - started, 1),
+                **{f"{name}_rss_mib": round(p.memory_info().rss / 2**20, 1) for name, p in processes.items()},
+            }
+        )
         await asyncio.sleep(every)
 
 
-def _ms(value: Optional[float]) -> Optional[float]:
+def _ms(value: float | None) -> float | None:
     return None if value is None else round(value * 1000, 1)
 
 
@@ -261,7 +283,7 @@ def summarize(records: list[Record]) -> dict:
     }
 
 
-async def wait_idle(service: Service, timeout: float) -> Optional[float]:
+async def wait_idle(service: Service, timeout: float) -> float | None:
     """Seconds until the executor runs and queues nothing, or None if it did not within `timeout`."""
     started = time.monotonic()
     while time.monotonic() - started < timeout:
@@ -278,7 +300,10 @@ def executor_counts(service: Service) -> dict[str, float]:
 
 async def soak(args: argparse.Namespace, service: Service) -> dict:
     open_stream = flows.grpc_stream(service.grpc_port)
-    processes = {"executor": process_listening_on(service.monitoring_port), "gateway": process_listening_on(service.grpc_port)}
+    processes = {
+        "executor": process_listening_on(service.monitoring_port),
+        "gateway": process_listening_on(service.grpc_port),
+    }
     await one_request(open_stream, NORMAL, PROMPTS[0], 16, args.request_timeout)  # warm-up, not counted
     counts_before = executor_counts(service)
     rss_start = {name: p.memory_info().rss for name, p in processes.items()}
@@ -303,8 +328,11 @@ async def soak(args: argparse.Namespace, service: Service) -> dict:
         executor_idle_after_load_s=None if idle_after_s is None else round(idle_after_s, 1),
         healthy_after=health.outcome.startswith(COMPLETED),
         memory_mib={
-            name: {"start": round(rss_start[name] / 2**20, 1), "end": round(rss_end[name] / 2**20, 1),
-                   "max_sampled": max(s[f"{name}_rss_mib"] for s in samples)}
+            name: {
+                "start": round(rss_start[name] / 2**20, 1),
+                "end": round(rss_end[name] / 2**20, 1),
+                "max_sampled": max(s[f"{name}_rss_mib"] for s in samples),
+            }
             for name in processes
         },
         memory_samples=samples,
@@ -322,13 +350,14 @@ async def soak(args: argparse.Namespace, service: Service) -> dict:
     return summary
 
 
-def _fmt(value: Optional[float], digits: int = 0) -> str:
+def _fmt(value: float | None, digits: int = 0) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
 def markdown(result: dict) -> str:
     s, settings = result["summary"], result["settings"]
     memory = s["memory_mib"]
+    idle_after = s["executor_idle_after_load_s"]
     lines = [
         "# Soak",
         "",
@@ -351,12 +380,13 @@ def markdown(result: dict) -> str:
         f"| unexpected (errors, hangs, streams without an end) | {s['unexpected']} |",
         f"| TTFT p50 / p95 | {_fmt(s['ttft_ms']['p50'])} / {_fmt(s['ttft_ms']['p95'])} ms |",
         f"| inter-token latency p50 / p95 | {_fmt(s['itl_ms']['p50'], 1)} / {_fmt(s['itl_ms']['p95'], 1)} ms |",
-        f"| end-to-end p50 / p95 (completed streams) | {_fmt(s['end_to_end_s']['p50'], 2)} / {_fmt(s['end_to_end_s']['p95'], 2)} s |",
-        f"| executor RSS start / end (max sampled) | {memory['executor']['start']:.0f} / {memory['executor']['end']:.0f} "
-        f"({memory['executor']['max_sampled']:.0f}) MiB |",
+        f"| end-to-end p50 / p95 (completed streams) | {_fmt(s['end_to_end_s']['p50'], 2)} / "
+        f"{_fmt(s['end_to_end_s']['p95'], 2)} s |",
+        f"| executor RSS start / end (max sampled) | {memory['executor']['start']:.0f} / "
+        f"{memory['executor']['end']:.0f} ({memory['executor']['max_sampled']:.0f}) MiB |",
         f"| gateway RSS start / end (max sampled) | {memory['gateway']['start']:.0f} / {memory['gateway']['end']:.0f} "
         f"({memory['gateway']['max_sampled']:.0f}) MiB |",
-        f"| executor idle after the load | {'never' if s['executor_idle_after_load_s'] is None else str(s['executor_idle_after_load_s']) + ' s'} |",
+        f"| executor idle after the load | {'never' if idle_after is None else f'{idle_after} s'} |",
         f"| client cancellations after the first document / counted by the executor | "
         f"{s['cancellations']['after_the_first_document']} / {s['cancellations']['counted_by_the_executor']:.0f} |",
         f"| a normal request afterwards | {'streams' if s['healthy_after'] else 'FAILED'} |",
@@ -383,16 +413,23 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     command = "python -m bench.soak" + ("" if len(sys.argv) <= 1 else " " + " ".join(sys.argv[1:]))
     machine = {
         "cpu": report.cpu_model(),
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch": version("torch"), "transformers": version("transformers"), "jina": version("jina"),
+        "torch": version("torch"),
+        "transformers": version("transformers"),
+        "jina": version("jina"),
         "load_average_at_start": os.getloadavg(),
     }
-    uses_with = {"model": args.model, "device": args.device, "dtype": args.dtype,
-                 "max_running": args.max_running, "max_waiting": args.max_waiting}
+    uses_with = {
+        "model": args.model,
+        "device": args.device,
+        "dtype": args.dtype,
+        "max_running": args.max_running,
+        "max_waiting": args.max_waiting,
+    }
     log(f"starting the flow ({args.model})")
     with serve(_LogDirs(), "soak", uses_with, model_name=args.model) as service:
         summary = asyncio.run(soak(args, service))
