@@ -15,7 +15,9 @@ from schemas import ModelOutputDocument, PromptDocument
 
 
 class SeedStreamingExecutor(Executor):
-    def __init__(self, model: str = EMBEDDED, device: str = "auto", dtype: str = "auto", chat_template: bool = True, **kwargs) -> None:
+    def __init__(
+        self, model: str = EMBEDDED, device: str = "auto", dtype: str = "auto", chat_template: bool = True, **kwargs
+    ) -> None:
         super().__init__(**kwargs)
         loaded = load_model(model, device=device, dtype=dtype)
         self.model, self.tokenizer, self.device = loaded.model, loaded.tokenizer, loaded.device
@@ -31,7 +33,10 @@ class SeedStreamingExecutor(Executor):
             )
         else:
             inputs = self.tokenizer(prompt, return_tensors="pt")
-        return {"input_ids": inputs["input_ids"].to(self.device), "attention_mask": inputs["attention_mask"].to(self.device)}
+        return {
+            "input_ids": inputs["input_ids"].to(self.device),
+            "attention_mask": inputs["attention_mask"].to(self.device),
+        }
 
     @requests(on="/stream")
     async def stream(self, doc: PromptDocument, **kwargs) -> ModelOutputDocument:
