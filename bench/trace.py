@@ -72,7 +72,9 @@ async def burst(engine, streams: int, spread_s: float, timeline: list[Forward]) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.trace", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.trace", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--spread-ms", type=float, nargs="+", default=[0, 150])
     parser.add_argument("--repeat", type=int, default=2)
@@ -81,9 +83,13 @@ def main() -> None:
     engine = ceiling.start_engine(loaded)
     timeline: list[Forward] = []
     record_forwards(engine, timeline)
-    lines = [f"# Burst trace: `python -m bench.trace` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-             f"{loaded.device}, {str(loaded.dtype).removeprefix('torch.')}, prefill_chunk {engine.config.prefill_chunk}, "
-             f"max_decode_pause_s {engine.config.max_decode_pause_s})", "", "```"]
+    lines = [
+        f"# Burst trace: `python -m bench.trace` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"{loaded.device}, {str(loaded.dtype).removeprefix('torch.')}, prefill_chunk {engine.config.prefill_chunk}, "
+        f"max_decode_pause_s {engine.config.max_decode_pause_s})",
+        "",
+        "```",
+    ]
     try:
         for _ in range(args.repeat):
             for spread_ms in args.spread_ms:
