@@ -15,6 +15,16 @@ from jina.serve.runtimes.gateway.composite import CompositeGateway
 from jina.serve.runtimes.gateway.http import HTTPGateway
 
 from gateway.app import add_routes
+from gateway.health import (
+    ExecutorWatch,
+    RetryLater,
+    State,
+    add_health_routes,
+    executor_addresses,
+    exit_flow,
+    guarded,
+    started_by_jina_flow,
+)
 from gateway.predictions import PredictionSettings, add_prediction_routes
 from gateway.relay import relayed
 from gateway.validation import validating
@@ -27,14 +37,19 @@ DEFAULT_MODEL_NAME = "llm"
 class LLMHTTPGateway(HTTPGateway):
     """Jina's HTTP gateway plus the OpenAI API, `/ws`, the page at `/` and the predictions."""
 
-    def __init__(self, model_name: str = DEFAULT_MODEL_NAME, predictions: dict | None = None, **kwargs) -> None:
+    def __init__(
+        self, watch: ExecutorWatch, model_name: str = DEFAULT_MODEL_NAME, predictions: dict | None = None, **kwargs
+    ) -> None:
         super().__init__(**kwargs)
+        self.watch = watch
         self.model_name = model_name
         self.predictions = PredictionSettings.parse(predictions)  # a wrong setting fails the start
 
     @property
     def app(self):
         app = add_routes(super().app, self.streamer, self.model_name)
+        add_health_routes(app, self.watch)
+        app.add_middleware(RetryLater, watch=self.watch)
         return add_prediction_routes(app, self.streamer, self.model_name, self.predictions)
 
 
@@ -45,17 +60,33 @@ class LLMGateway(CompositeGateway):
     `drain_timeout_s`: on SIGTERM, how long the gateway keeps relaying the streams in flight before it stops.
     The executor ends its own streams within its `shutdown_grace_s`, so this only needs to be a little longer.
     `predictions`: the settings of `/v1/predictions` (gateway/predictions.py: PredictionSettings), e.g. `redis_url`.
+    `health_interval_s`: how often the gateway checks that its executors answer (gateway/health.py).
+    `retry_after_s`: the `Retry-After` of a 429 or a 503.
+    `exit_on_executor_loss`: end the flow with a failure status when an executor that was serving stops answering,
+    for its supervisor to restart; by default only under `jina flow` (elsewhere, e.g. Kubernetes, the executor's
+    own container is restarted, and the gateway reports unavailable meanwhile).
     """
 
     def __init__(self, model_name: str = DEFAULT_MODEL_NAME, drain_timeout_s: float = 20.0,
-                 predictions: dict | None = None, **kwargs) -> None:
+                 predictions: dict | None = None, health_interval_s: float = 0.5, retry_after_s: int = 5,
+                 exit_on_executor_loss: bool | None = None, **kwargs) -> None:
         # Both raise UnverifiedVersion on a grpcio or jina they were not verified against: the gateway fails to
         # start rather than serve with a workaround that may no longer hold.
         grpc_cancel.install()  # a cancelled relay must cancel its call to the executor
         jina_gateway.install()
+        if exit_on_executor_loss is None:
+            exit_on_executor_loss = started_by_jina_flow()
+        runtime_args = kwargs["runtime_args"]
+        deployments = (runtime_args.get if isinstance(runtime_args, dict) else runtime_args.__dict__.get)(
+            "deployments_addresses"
+        )
+        on_lost = exit_flow if exit_on_executor_loss else None
+        self.watch = ExecutorWatch(executor_addresses(deployments), health_interval_s, retry_after_s, on_lost)
         jina_gateway.build_servers(
             self,
-            lambda **server_kwargs: LLMHTTPGateway(model_name=model_name, predictions=predictions, **server_kwargs),
+            lambda **server_kwargs: LLMHTTPGateway(
+                self.watch, model_name=model_name, predictions=predictions, **server_kwargs
+            ),
             **kwargs,
         )
         self.model_name = model_name
@@ -64,11 +95,21 @@ class LLMGateway(CompositeGateway):
         jina_gateway.wrap_streams(self.servers, self.open_streams.track)
         # A document that is not a valid PromptDocument gets one error document, and the stream to the executor is
         # cancelled as soon as the client's call ends, however it ends (gateway/validation.py, gateway/relay.py).
-        jina_gateway.wrap_grpc_stream_doc(self.servers, lambda stream_doc: relayed(validating(stream_doc)))
+        # While the engine is unavailable, one error document without a call to the executor (gateway/health.py).
+        jina_gateway.wrap_grpc_stream_doc(
+            self.servers, lambda stream_doc: guarded(self.watch, relayed(validating(stream_doc)))
+        )
+        self.watch.on_change.append(lambda state: jina_gateway.set_grpc_health(self.servers, state is State.SERVING))
         drain_on_sigterm(self._drain)
+        self.watch.start()
+
+    async def setup_server(self) -> None:
+        jina_gateway.share_cancel(self)  # SIGTERM must stop a start that waits for an executor that never comes
+        await super().setup_server()
 
     async def _drain(self) -> None:
         """On SIGTERM, before Jina stops the servers: keep relaying until the streams in flight have ended (new
         ones reach the executor, which refuses them with finish_reason=shutdown), for `drain_timeout_s` at most."""
+        self.watch.stop()  # the executors stop too: that is no loss
         self.logger.warning(f"SIGTERM: waiting for {self.open_streams.count} streams in flight")
         await self.open_streams.wait_closed(self.drain_timeout_s)

@@ -7,6 +7,7 @@ the documents come through a TaskRelay, and `close()` cancels its task.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,6 +15,11 @@ from gateway.relay import TaskRelay
 from schemas import ErrorCode, ModelOutputDocument, PromptDocument, error_document
 
 STREAM_ENDPOINT = "/stream"
+# What a client is told when the executor cannot be reached: never the error itself, which names internal addresses
+# (it goes to the log).
+UNAVAILABLE_MESSAGE = "the engine is unavailable: retry later"
+
+log = logging.getLogger(__name__)
 
 
 class DocStream:
@@ -68,6 +74,7 @@ async def documents(streamer: Any, prompt: PromptDocument) -> AsyncIterator[Mode
             if doc.finish_reason is not None:
                 return
     except Exception as error:  # the executor is unreachable, the connection broke, ...
-        yield error_document(f"the stream failed: {error!r}", ErrorCode.UNAVAILABLE)
+        log.warning(f"the stream to the executor failed: {error!r}")
+        yield error_document(UNAVAILABLE_MESSAGE, ErrorCode.UNAVAILABLE)
         return
     yield error_document("the stream ended without a last document", ErrorCode.UNAVAILABLE)

@@ -47,13 +47,15 @@ def describe(error: Mapping[str, Any]) -> str:
     return f"`{path}` must be of type {expected}: {error['msg']}"
 
 
-def error_response(request: SingleDocumentRequest, message: str) -> SingleDocumentRequest:
-    """The response that carries an invalid_request error document, as the worker's responses carry the
-    executor's."""
+def error_response(
+    request: SingleDocumentRequest, message: str, code: ErrorCode = ErrorCode.INVALID_REQUEST
+) -> SingleDocumentRequest:
+    """The response that carries an error document (invalid_request unless `code` says otherwise), as the
+    worker's responses carry the executor's."""
     response = SingleDocumentRequest()
     response.header.request_id = request.header.request_id
     response.document_cls = ModelOutputDocument
-    response.data.doc = error_document(message, ErrorCode.INVALID_REQUEST)
+    response.data.doc = error_document(message, code)
     return response
 
 

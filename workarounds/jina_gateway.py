@@ -10,6 +10,14 @@
   the client's stream with nothing) and the stream to the executor is cancelled when the client's call ends
   (Jina, when gRPC closed its handler at a `yield`, dropped that stream without cancelling it: measured on gRPC
   stream_doc with 6 client-cancelled streams a round, in 5 rounds of 10 such streams ran on to max_tokens).
+- gRPC health: Jina's gRPC server keeps its `grpc.health.v1` servicer in `server.health_servicer` and marks its
+  services SERVING once it has started, whatever the executors' state. `set_grpc_health` sets them (and the
+  server's overall status, the empty service name `jina ping` and Kubernetes' probes ask) to the executors' state
+  (gateway/health.py: after `kill -9` of the executor, Jina's gateway still said SERVING).
+- Cancelling a start: each server of a composite gateway keeps an `is_cancel` event of its own, and the runtime's
+  SIGTERM handler sets only the composite's. The HTTP server's start waits for the executors' endpoints until its
+  own is set: with an executor that never came up, SIGTERM left the gateway running for good (an orphan holding
+  its ports after `jina flow` was gone). `share_cancel` gives the servers the composite's event before they start.
 - Every stream of every protocol (gRPC stream_doc, SSE, OpenAI, WebSocket) goes through the streamer's
   `rpc_stream_doc` (Jina's GatewayStreamer): `wrap_streams` wraps it, to count the streams in flight.
 tests/test_gateway_relay.py, tests/test_gateway_validation.py and tests/test_http.py prove it on a real flow.
@@ -20,8 +28,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
+from grpc_health.v1 import health_pb2
 from jina.enums import ProtocolType
 from jina.parsers.helper import _get_gateway_class
+from jina.proto import jina_pb2
 from jina.serve.runtimes.gateway.composite import CompositeGateway
 from jina.serve.runtimes.gateway.grpc import GRPCGateway
 from jina.serve.runtimes.servers import BaseServer
@@ -30,7 +40,7 @@ from jina.serve.runtimes.servers.composite import CompositeBaseServer
 from workarounds.versions import require_verified
 
 VERIFIED: dict[str, tuple[str, ...]] = {"jina": ("3.34",)}
-TEST = "tests/test_gateway_relay.py tests/test_gateway_validation.py tests/test_http.py"
+TEST = "tests/test_gateway_relay.py tests/test_gateway_validation.py tests/test_http.py tests/test_crash_recovery.py"
 
 T = TypeVar("T")
 StreamDoc = Callable[..., AsyncIterator[Any]]
@@ -76,3 +86,20 @@ def wrap_streams(servers: list[BaseServer], wrap: Callable[[AsyncIterator[T]], A
 def _wrap_rpc_stream_doc(streamer: Any, wrap: Callable[[AsyncIterator[T]], AsyncIterator[T]]) -> None:
     relay = streamer.rpc_stream_doc
     streamer.rpc_stream_doc = lambda *args, **kwargs: wrap(relay(*args, **kwargs))
+
+
+async def set_grpc_health(servers: list[BaseServer], serving: bool) -> None:
+    """Set the gRPC health of every gRPC server: the overall status ("") and each of Jina's services."""
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    names = ["", *(service.full_name for service in jina_pb2.DESCRIPTOR.services_by_name.values())]
+    for server in servers:
+        if isinstance(server, GRPCGateway):
+            for name in names:
+                await server.health_servicer.set(name, status)
+
+
+def share_cancel(gateway: CompositeGateway) -> None:
+    """Give every server of `gateway` the event the runtime sets on SIGTERM. Call it at the start of setup_server
+    (the runtime sets the gateway's event after __init__)."""
+    for server in gateway.servers:
+        server.is_cancel = gateway.is_cancel
