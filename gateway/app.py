@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 
 from gateway.model_info import ModelInfo
@@ -51,6 +52,8 @@ def add_routes(app: FastAPI, streamer: Any, model_name: str | None) -> FastAPI:
     @app.get("/", include_in_schema=False)
     async def page() -> HTMLResponse:
         return HTMLResponse(index_html)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")  # the page's vendored renderer
 
     model_info = ModelInfo(streamer, model_name)
 
