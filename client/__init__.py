@@ -18,7 +18,7 @@ from docarray import BaseDoc
 from jina import Client
 
 from schemas import ModelOutputDocument, PromptDocument
-from workarounds import grpc_cancel
+from workarounds import grpc_cancel, jina_client
 
 FAILURE_REASONS = {"error", "shutdown"}
 
@@ -52,8 +52,10 @@ async def stream(
 
 
 def grpc_client(host: str = "localhost", port: int = 12345) -> Client:
-    """Jina's async gRPC Client, in a process where cancelling a stream reaches the server (see above)."""
+    """Jina's async gRPC Client, in a process where cancelling a stream reaches the server (see above) and
+    `stream_doc(..., metadata=...)` sends its metadata (an API key: workarounds/jina_client.py)."""
     grpc_cancel.install()
+    jina_client.install()
     return Client(host=host, port=port, protocol="grpc", asyncio=True)
 
 

@@ -15,6 +15,7 @@ from jina.serve.runtimes.gateway.composite import CompositeGateway
 from jina.serve.runtimes.gateway.http import HTTPGateway
 
 from gateway.app import add_routes
+from gateway.auth import GrpcKeyInterceptor, Keys, RequireKey, load_keys
 from gateway.health import (
     ExecutorWatch,
     RetryLater,
@@ -38,10 +39,16 @@ class LLMHTTPGateway(HTTPGateway):
     """Jina's HTTP gateway plus the OpenAI API, `/ws`, the page at `/` and the predictions."""
 
     def __init__(
-        self, watch: ExecutorWatch, model_name: str = DEFAULT_MODEL_NAME, predictions: dict | None = None, **kwargs
+        self,
+        watch: ExecutorWatch,
+        keys: Keys,
+        model_name: str = DEFAULT_MODEL_NAME,
+        predictions: dict | None = None,
+        **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.watch = watch
+        self.keys = keys
         self.model_name = model_name
         self.predictions = PredictionSettings.parse(predictions)  # a wrong setting fails the start
 
@@ -50,6 +57,7 @@ class LLMHTTPGateway(HTTPGateway):
         app = add_routes(super().app, self.streamer, self.model_name)
         add_health_routes(app, self.watch)
         app.add_middleware(RetryLater, watch=self.watch)
+        app.add_middleware(RequireKey, keys=self.keys)  # outermost: no answer at all without a key
         return add_prediction_routes(app, self.streamer, self.model_name, self.predictions)
 
 
@@ -80,12 +88,13 @@ class LLMGateway(CompositeGateway):
         deployments = (runtime_args.get if isinstance(runtime_args, dict) else runtime_args.__dict__.get)(
             "deployments_addresses"
         )
+        keys = Keys(load_keys())  # a key file that names no key fails the start
         on_lost = exit_flow if exit_on_executor_loss else None
         self.watch = ExecutorWatch(executor_addresses(deployments), health_interval_s, retry_after_s, on_lost)
         jina_gateway.build_servers(
             self,
             lambda **server_kwargs: LLMHTTPGateway(
-                self.watch, model_name=model_name, predictions=predictions, **server_kwargs
+                self.watch, keys, model_name=model_name, predictions=predictions, **server_kwargs
             ),
             **kwargs,
         )
@@ -99,6 +108,8 @@ class LLMGateway(CompositeGateway):
         jina_gateway.wrap_grpc_stream_doc(
             self.servers, lambda stream_doc: guarded(self.watch, relayed(validating(stream_doc)))
         )
+        jina_gateway.add_grpc_interceptor(self.servers, GrpcKeyInterceptor(keys))
+        keys.log_mode(self.logger)
         self.watch.on_change.append(lambda state: jina_gateway.set_grpc_health(self.servers, state is State.SERVING))
         drain_on_sigterm(self._drain)
         self.watch.start()

@@ -11,6 +11,7 @@ name of Jina, grpc or asyncio.
 - jina_gateway:    a composite gateway with the service's own HTTP server; wrapping gRPC stream_doc and the streams.
 - jina_worker:     Jina's worker drops an executor's generator at a `yield` without closing it.
 - asyncio_signals: running the SIGTERM handler Jina installed, after a drain of our own.
+- jina_client:     Jina's gRPC client drops stream_doc's call metadata (an API key).
 """
 
 from workarounds.versions import UnverifiedVersion

@@ -18,6 +18,9 @@
   SIGTERM handler sets only the composite's. The HTTP server's start waits for the executors' endpoints until its
   own is set: with an executor that never came up, SIGTERM left the gateway running for good (an orphan holding
   its ports after `jina flow` was gone). `share_cancel` gives the servers the composite's event before they start.
+- gRPC server interceptors: Jina builds its gRPC server (`grpc.aio.server`) in setup_server with the interceptors
+  in `server.grpc_tracing_server_interceptors` (tracing's, or None), and no other way in. `add_grpc_interceptor`
+  appends one there before the servers start (gateway/auth.py: API keys in the call metadata).
 - Every stream of every protocol (gRPC stream_doc, SSE, OpenAI, WebSocket) goes through the streamer's
   `rpc_stream_doc` (Jina's GatewayStreamer): `wrap_streams` wraps it, to count the streams in flight.
 tests/test_gateway_relay.py, tests/test_gateway_validation.py and tests/test_http.py prove it on a real flow.
@@ -103,3 +106,10 @@ def share_cancel(gateway: CompositeGateway) -> None:
     (the runtime sets the gateway's event after __init__)."""
     for server in gateway.servers:
         server.is_cancel = gateway.is_cancel
+
+
+def add_grpc_interceptor(servers: list[BaseServer], interceptor: Any) -> None:
+    """Add a grpc.aio server interceptor to each gRPC server. Call it before the servers start."""
+    for server in servers:
+        if isinstance(server, GRPCGateway):
+            server.grpc_tracing_server_interceptors = [*(server.grpc_tracing_server_interceptors or []), interceptor]
