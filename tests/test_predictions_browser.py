@@ -77,15 +77,15 @@ class CuttingProxy:
                 await up_writer.drain()
 
         async def to_client() -> None:
-            events = 0
+            # The stream's response so far (it follows its request: HTTP/1.1 does not pipeline), as an event may
+            # arrive split over several reads.
+            received = b""
             while data := await up_reader.read(65536):
                 if cut:
-                    position = 0
-                    while events < CUT_AFTER and (start := data.find(b"event: output", position)) >= 0:
-                        position = data.index(EVENT_END, start) + len(EVENT_END)
-                        events += 1
-                    if events == CUT_AFTER:
-                        writer.write(data[:position])
+                    forwarded = len(received)
+                    received += data
+                    if (end := end_of_event(received, CUT_AFTER)) is not None:
+                        writer.write(received[forwarded:end])
                         await writer.drain()
                         return
                 writer.write(data)
@@ -105,6 +105,18 @@ class CuttingProxy:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+
+def end_of_event(received: bytes, count: int) -> int | None:
+    """Where the `count`-th output event of `received` ends (after its blank line), or None if it has not yet."""
+    position = 0
+    for _ in range(count):
+        start = received.find(b"event: output", position)
+        end = received.find(EVENT_END, start) if start >= 0 else -1
+        if end < 0:
+            return None
+        position = end + len(EVENT_END)
+    return position
 
 
 @asynccontextmanager
