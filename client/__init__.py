@@ -36,15 +36,16 @@ class StreamError(RuntimeError):
 
 
 async def stream(
-    prompt: str,
+    prompt: str | list[dict[str, str]],
     max_tokens: int = 128,
     host: str = "localhost",
     port: int = 12345,
     **options,
 ) -> AsyncIterator[ModelOutputDocument]:
-    """Yield the service's documents as they arrive; `options` are PromptDocument's optional fields
-    (stop, temperature, top_p, seed, chat_template)."""
-    request = PromptDocument(prompt=prompt, max_tokens=max_tokens, **options)
+    """Yield the service's documents as they arrive. `prompt`: a text, or a conversation ([{"role", "content"}]);
+    `options` are PromptDocument's optional fields (stop, temperature, top_p, seed, chat_template, ...)."""
+    conversation = {"messages": prompt} if isinstance(prompt, list) else {"prompt": prompt}
+    request = PromptDocument(max_tokens=max_tokens, **conversation, **options)
     async for doc in stream_documents(grpc_client(host, port), request):
         if doc.finish_reason in FAILURE_REASONS:
             raise StreamError(doc.finish_reason, doc.error, doc.error_code)

@@ -357,7 +357,7 @@ async def test_closing_the_websocket_cancels_the_generation(tiny_service):
 @pytest.mark.e2e
 async def test_sdk_streams_the_france_answer_unchanged(embedded_service):
     client = sdk(embedded_service)
-    request = dict(model="SmolLM2", messages=[{"role": "user", "content": FRANCE}], max_tokens=30)
+    request = dict(model="test-model", messages=[{"role": "user", "content": FRANCE}], max_tokens=30)
     texts, chunks = await chat_stream(client, **request)
     whole = await client.chat.completions.create(**request)
     grpc = await stream_docs(embedded_service, prompt=FRANCE, max_tokens=30)
