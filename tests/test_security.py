@@ -8,11 +8,13 @@ import urllib.error
 import urllib.request
 
 import pytest
+import yaml
 from jina.excepts import BadServerFlow
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from gateway.auth import KEY_ENV, KEY_FILE_ENV, Keys, load_keys
+from harness import ROOT
 from harness.service import TINY_LIMITS, Service, grpc_client, serve
 from schemas import ModelOutputDocument, PromptDocument
 
@@ -127,3 +129,9 @@ async def test_grpc_needs_the_key_in_the_call_metadata(keyed_service):
         )
     ]
     assert docs[-1].finish_reason == "length"
+
+
+def test_the_local_flow_binds_its_executor_to_loopback():
+    # Measured on a flow like it (tiny model): the executor listened on 127.0.0.1 only, and the gateway reached it.
+    flow = yaml.safe_load((ROOT / "flow.yml").read_text())
+    assert [executor["host"] for executor in flow["executors"]] == ["127.0.0.1"]
