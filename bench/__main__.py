@@ -87,8 +87,11 @@ async def warm_up(open_stream) -> None:
         pass
 
 
-async def side_by_side(engine, open_ceiling, grpc_port: int, openai_ports: dict[str, int], args) -> list[RoundResult]:
-    """Every system at each of its stream counts, each setting's rounds interleaved across the systems."""
+async def side_by_side(
+    engine, open_ceiling, grpc_port: int, openai_ports: dict[str, int], args, results: list[RoundResult]
+) -> None:
+    """Every system at each of its stream counts, each setting's rounds interleaved across the systems; each
+    setting's results are added to `results` as soon as it is measured."""
     async with openai_client.session() as http:
         model = service.model_name()
         openai_systems = {name: openai_client.chat_stream(http, port, model) for name, port in openai_ports.items()}
@@ -100,7 +103,6 @@ async def side_by_side(engine, open_ceiling, grpc_port: int, openai_ports: dict[
         }
         for open_stream in systems.values():
             await warm_up(open_stream)
-        results: list[RoundResult] = []
         for n in sorted(set(args.streams) | set(args.openai_streams)):
             compared = []
             if n in args.streams:  # the ceiling is one stream
@@ -117,26 +119,24 @@ async def side_by_side(engine, open_ceiling, grpc_port: int, openai_ports: dict[
                 args.rounds,
                 notes={report.CEILING: "greedy, EOS ignored"},
             )
-    return sorted(results, key=lambda r: (list(systems).index(r.system), r.streams))
 
 
-async def seed_baseline(port: int, args) -> list[RoundResult]:
-    """One round per setting; a setting is shrunk to fit --seed-budget-s, and the table says so."""
+async def seed_baseline(port: int, args, results: list[RoundResult]) -> None:
+    """One round per setting, added to `results`; a setting is shrunk to fit --seed-budget-s, and the table says so."""
     open_stream = flows.grpc_stream(port)
     await warm_up(open_stream)
-    results: list[RoundResult] = []
     for n in args.seed_streams:
         note = "one generate(max_new_tokens=1) per token, no KV cache, blocks the event loop"
         run_n = n
-        if results:  # streams are served one after another: time grows linearly with N
-            per_stream = results[0].wall_s / results[0].streams
+        if first := next((r for r in results if r.system == report.SEED), None):
+            # Streams are served one after another: time grows linearly with N.
+            per_stream = first.wall_s / first.streams
             fits = max(2, math.floor(args.seed_budget_s / per_stream))
             if fits < n:
                 run_n = fits
                 note += f"; ran {fits} streams instead of {n} to stay within {args.seed_budget_s:.0f} s"
         log(f"{report.SEED}, {run_n} streams")
         results.append(await measure(report.SEED, open_stream, run_n, args.max_tokens, 1, note=note))
-    return results
 
 
 def peer_context(engine, args) -> int:
@@ -218,42 +218,53 @@ def main(argv: list[str] | None = None) -> int:
         f32 = peer.f32_gguf()
         info["peer"] = {"llama.cpp": f"{peer.PACKAGE} {peer.VERSION}", "servers": {}}
 
-    log("building the service's executor in process, starting the ceiling's process and the service flows")
-    # Built before any event loop runs: outside Jina's runtime it installs no SIGTERM handler in this process.
-    executor = Executor.load_config(str(ROOT / "config.yml"), uses_with=service.executor_settings(placement))
-    with ExitStack() as stack:
-        stack.callback(executor.close)
-        open_ceiling = stack.enter_context(ceiling.kv_cache_process("embedded", args.device, args.dtype))
-        ports = stack.enter_context(service.serving("service", placement))
-        openai_ports = {report.SERVICE_HTTP: ports.http}  # the same service, its own row over the OpenAI API
-        if quantized:
-            openai_ports[quantized] = stack.enter_context(
-                service.serving("service-quantized", placement | {"quantization": args.quantization})
-            ).http
-        if not args.skip_peer:
-            context = peer_context(executor.engine, args)
-            for name, model in ((report.LLAMA_F32, f32), (report.LLAMA_Q4, embedded_gguf_path())):
-                openai_ports[name] = port = free_port()
-                log(f"starting {name} on port {port}")
-                flags = stack.enter_context(
-                    peer.llama_server(
-                        model,
-                        port,
-                        flows.LOGS / f"llama-server-{model.stem}.log",
-                        parallel=report.PEER_PARALLEL,
-                        threads=args.peer_threads,
-                        context=context,
+    # Filled setting by setting: a run stopped with Ctrl-C still reports what it measured.
+    results: list[RoundResult] = []
+    try:
+        log("building the service's executor in process, starting the ceiling's process and the service flows")
+        # Built before any event loop runs: outside Jina's runtime it installs no SIGTERM handler in this process.
+        executor = Executor.load_config(str(ROOT / "config.yml"), uses_with=service.executor_settings(placement))
+        with ExitStack() as stack:
+            stack.callback(executor.close)
+            open_ceiling = stack.enter_context(ceiling.kv_cache_process("embedded", args.device, args.dtype))
+            ports = stack.enter_context(service.serving("service", placement))
+            openai_ports = {report.SERVICE_HTTP: ports.http}  # the same service, its own row over the OpenAI API
+            if quantized:
+                openai_ports[quantized] = stack.enter_context(
+                    service.serving("service-quantized", placement | {"quantization": args.quantization})
+                ).http
+            if not args.skip_peer:
+                context = peer_context(executor.engine, args)
+                for name, model in ((report.LLAMA_F32, f32), (report.LLAMA_Q4, embedded_gguf_path())):
+                    openai_ports[name] = port = free_port()
+                    log(f"starting {name} on port {port}")
+                    flags = stack.enter_context(
+                        peer.llama_server(
+                            model,
+                            port,
+                            flows.LOGS / f"llama-server-{model.stem}.log",
+                            parallel=report.PEER_PARALLEL,
+                            threads=args.peer_threads,
+                            context=context,
+                        )
                     )
-                )
-                info["peer"]["servers"][model.name] = " ".join(flags)
-        before, started_at = report.cpu_seconds(), time.monotonic()
-        results = asyncio.run(side_by_side(executor.engine, open_ceiling, ports.grpc, openai_ports, args))
-        info["other_cores"] = report.other_cores(before, report.cpu_seconds(), time.monotonic() - started_at)
-    if not args.skip_seed:
-        log("starting the seed baseline flow")
-        with flows.serving("seed", flows.seed_executor(args.device, args.dtype)) as port:
-            results += asyncio.run(seed_baseline(port, args))
-
+                    info["peer"]["servers"][model.name] = " ".join(flags)
+            before, started_at = report.cpu_seconds(), time.monotonic()
+            try:
+                asyncio.run(side_by_side(executor.engine, open_ceiling, ports.grpc, openai_ports, args, results))
+            finally:
+                info["other_cores"] = report.other_cores(before, report.cpu_seconds(), time.monotonic() - started_at)
+        if not args.skip_seed:
+            log("starting the seed baseline flow")
+            with flows.serving("seed", flows.seed_executor(args.device, args.dtype)) as port:
+                asyncio.run(seed_baseline(port, args, results))
+    except KeyboardInterrupt:
+        info["interrupted"] = True
+        log("interrupted: reporting the settings measured so far")
+    if not results:
+        return 1
+    order = list(dict.fromkeys(r.system for r in results))  # as the systems were first run: the table's order
+    results.sort(key=lambda r: (order.index(r.system), r.streams))
     info["load_average_at_end"] = os.getloadavg()
     goals = report.targets(results, args.quantization)
     date = started.strftime("%Y-%m-%d %H:%M UTC")
@@ -277,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         + "\n"
     )
     log(f"wrote {args.output} and {args.json}")
-    return 0
+    return 130 if info.get("interrupted") else 0  # 128 + SIGINT, as the shell reports a Ctrl-C
 
 
 if __name__ == "__main__":

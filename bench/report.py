@@ -235,6 +235,10 @@ def markdown(
     if "quantization" in info:
         machine_lines.append(f"- quantized service: {info['quantization']}")
     warnings = []
+    if info.get("interrupted"):
+        warnings.append(
+            "> **Interrupted**: the run was stopped before it finished; only the settings below were measured."
+        )
     if quick:
         warnings.append(
             "> **Smoke run (`--quick`)**: few streams and tokens, one round; these are not the benchmark's numbers."
