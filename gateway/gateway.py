@@ -11,6 +11,7 @@ workarounds/jina_gateway.py.
 
 from __future__ import annotations
 
+from fastapi.middleware.cors import CORSMiddleware
 from jina.serve.runtimes.gateway.composite import CompositeGateway
 from jina.serve.runtimes.gateway.http import HTTPGateway
 
@@ -26,6 +27,7 @@ from gateway.health import (
     guarded,
     started_by_jina_flow,
 )
+from gateway.origins import OriginCheck
 from gateway.predictions import PredictionSettings, add_prediction_routes
 from gateway.relay import relayed
 from gateway.validation import validating
@@ -42,6 +44,7 @@ class LLMHTTPGateway(HTTPGateway):
         self,
         watch: ExecutorWatch,
         keys: Keys,
+        allowed_origins: frozenset[str],
         model_name: str = DEFAULT_MODEL_NAME,
         predictions: dict | None = None,
         **kwargs,
@@ -49,6 +52,7 @@ class LLMHTTPGateway(HTTPGateway):
         super().__init__(**kwargs)
         self.watch = watch
         self.keys = keys
+        self.allowed_origins = allowed_origins
         self.model_name = model_name
         self.predictions = PredictionSettings.parse(predictions)  # a wrong setting fails the start
 
@@ -57,7 +61,15 @@ class LLMHTTPGateway(HTTPGateway):
         app = add_routes(super().app, self.streamer, self.model_name)
         add_health_routes(app, self.watch)
         app.add_middleware(RetryLater, watch=self.watch)
-        app.add_middleware(RequireKey, keys=self.keys)  # outermost: no answer at all without a key
+        app.add_middleware(RequireKey, keys=self.keys)  # no answer at all without a key
+        app.add_middleware(OriginCheck, allowed_origins=self.allowed_origins)
+        if self.allowed_origins:  # CORS only for the origins named (preflights carry no key: outermost)
+            app.add_middleware(
+                CORSMiddleware,
+                allow_origins=sorted(self.allowed_origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "Content-Type"],
+            )
         return add_prediction_routes(app, self.streamer, self.model_name, self.predictions)
 
 
@@ -73,11 +85,14 @@ class LLMGateway(CompositeGateway):
     `exit_on_executor_loss`: end the flow with a failure status when an executor that was serving stops answering,
     for its supervisor to restart; by default only under `jina flow` (elsewhere, e.g. Kubernetes, the executor's
     own container is restarted, and the gateway reports unavailable meanwhile).
+    `allowed_origins`: web origins (`https://app.example.com`) besides the service's own whose pages may open `/ws`
+    and call the HTTP API (CORS); none by default (gateway/origins.py).
     """
 
     def __init__(self, model_name: str = DEFAULT_MODEL_NAME, drain_timeout_s: float = 20.0,
                  predictions: dict | None = None, health_interval_s: float = 0.5, retry_after_s: int = 5,
-                 exit_on_executor_loss: bool | None = None, **kwargs) -> None:
+                 exit_on_executor_loss: bool | None = None, allowed_origins: list[str] | None = None,
+                 **kwargs) -> None:
         # Both raise UnverifiedVersion on a grpcio or jina they were not verified against: the gateway fails to
         # start rather than serve with a workaround that may no longer hold.
         grpc_cancel.install()  # a cancelled relay must cancel its call to the executor
@@ -89,12 +104,13 @@ class LLMGateway(CompositeGateway):
             "deployments_addresses"
         )
         keys = Keys(load_keys())  # a key file that names no key fails the start
+        origins = frozenset(allowed_origins or ())
         on_lost = exit_flow if exit_on_executor_loss else None
         self.watch = ExecutorWatch(executor_addresses(deployments), health_interval_s, retry_after_s, on_lost)
         jina_gateway.build_servers(
             self,
             lambda **server_kwargs: LLMHTTPGateway(
-                self.watch, keys, model_name=model_name, predictions=predictions, **server_kwargs
+                self.watch, keys, origins, model_name=model_name, predictions=predictions, **server_kwargs
             ),
             **kwargs,
         )

@@ -14,11 +14,13 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from gateway.auth import KEY_ENV, KEY_FILE_ENV, Keys, load_keys
+from gateway.origins import same_host
 from harness import ROOT
 from harness.service import TINY_LIMITS, Service, grpc_client, serve
 from schemas import ModelOutputDocument, PromptDocument
 
 KEYS = ("first-key", "second-key")
+APP_ORIGIN = "https://app.example"
 
 
 def test_keys_come_from_the_variable_or_the_file(tmp_path):
@@ -63,7 +65,9 @@ def test_the_start_up_log_says_whether_the_service_is_open():
 def keyed_service(tmp_path_factory, tiny_model_dir):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(KEY_ENV, ",".join(KEYS))  # the flow's processes inherit it
-        with serve(tmp_path_factory, "keyed-flow", {"model": str(tiny_model_dir), **TINY_LIMITS}) as service:
+        uses_with = {"model": str(tiny_model_dir), **TINY_LIMITS}
+        settings = {"allowed_origins": [APP_ORIGIN]}
+        with serve(tmp_path_factory, "keyed-flow", uses_with, gateway_settings=settings) as service:
             yield service
 
 
@@ -135,3 +139,35 @@ def test_the_local_flow_binds_its_executor_to_loopback():
     # Measured on a flow like it (tiny model): the executor listened on 127.0.0.1 only, and the gateway reached it.
     flow = yaml.safe_load((ROOT / "flow.yml").read_text())
     assert [executor["host"] for executor in flow["executors"]] == ["127.0.0.1"]
+
+
+def test_same_host_origins():
+    assert same_host("http://127.0.0.1:8080", "127.0.0.1:8080") and same_host("https://Svc.example", "svc.example:443")
+    assert not same_host("http://127.0.0.1:8081", "127.0.0.1:8080") and not same_host("https://evil.example", "svc")
+
+
+async def test_the_websocket_refuses_pages_of_other_origins(keyed_service):
+    ws_url = f"{keyed_service.url.replace('http://', 'ws://')}/ws?api_key={KEYS[0]}"
+    with pytest.raises(InvalidStatus):
+        async with connect(ws_url, origin="https://evil.example"):
+            pass
+    for origin in (keyed_service.url, APP_ORIGIN):  # its own page, and an allowed one
+        async with connect(ws_url, origin=origin) as ws:
+            await ws.send(json.dumps({"type": "prompt", "prompt": "hi", "max_tokens": 2}))
+            assert json.loads(await ws.recv())["type"] == "start"
+
+
+def test_cors_answers_only_the_allowed_origins(keyed_service):
+    def preflight(origin: str):
+        req = urllib.request.Request(keyed_service.url + "/v1/completions", method="OPTIONS")
+        req.add_header("Origin", origin)
+        req.add_header("Access-Control-Request-Method", "POST")
+        req.add_header("Access-Control-Request-Headers", "authorization, content-type")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as response:
+                return response.status, response.headers.get("Access-Control-Allow-Origin")
+        except urllib.error.HTTPError as error:
+            return error.code, error.headers.get("Access-Control-Allow-Origin")
+
+    assert preflight(APP_ORIGIN) == (200, APP_ORIGIN)
+    assert preflight("https://evil.example")[1] is None
