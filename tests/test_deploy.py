@@ -302,3 +302,12 @@ async def test_the_exported_commands_serve_a_stream(exported_service):
     assert last.finish_reason in ("eos", "length"), last.error
     assert 1 <= last.completion_tokens <= 8
     assert last.generated_text.strip()
+
+
+def test_kubernetes_gateway_probes_ask_the_grpc_health_that_follows_the_executors(k8s):
+    # The gateway's gRPC health turns NOT_SERVING while an executor is lost (gateway/health.py), and `jina ping`
+    # fails then (tests/test_crash_recovery.py): these probes report a lost executor.
+    pod = container(one(k8s["gateway"], "Deployment", "gateway"))
+    for probe in ("startupProbe", "livenessProbe"):
+        command = pod[probe]["exec"]["command"]
+        assert command[:3] == ["jina", "ping", "gateway"] and command[3].startswith("grpc://"), command
