@@ -76,12 +76,6 @@ class PredictionSettings:
         return MemoryStore(self.ttl_s, self.max_kept)
 
 
-def authorize(request: Request) -> OpenAIError | None:
-    """The one place where the prediction routes check the caller. The service has no API keys yet: everyone is
-    let in. Once keys exist, refuse here with OpenAIError(401, ...)."""
-    return None
-
-
 # Requests ----------------------------------------------------------------------------------------------------------
 
 
@@ -444,10 +438,9 @@ def add_prediction_routes(app: FastAPI, streamer: Any, model_name: str, settings
     app.router.add_event_handler("shutdown", predictions.close)
 
     async def answer(request: Request, work: Callable[[], Any]) -> Response:
-        """Authorize, run `work`, turn an OpenAIError into the API's error JSON."""
+        """Run `work`, turning an OpenAIError into the API's error JSON. (API keys: gateway/auth.py's middleware
+        refuses a request without one before it reaches these routes, as for every API route.)"""
         try:
-            if (refusal := authorize(request)) is not None:
-                raise refusal
             return await work()
         except OpenAIError as error:
             return error_json(error)

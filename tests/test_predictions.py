@@ -19,7 +19,10 @@ import pytest
 import redis.asyncio
 import redis.exceptions
 import replicate
+from fastapi import FastAPI
 
+from gateway.auth import Keys, RequireKey
+from gateway.predictions import PredictionSettings, add_prediction_routes
 from harness.predictions import (
     FAIL,
     OVERLOAD,
@@ -30,6 +33,7 @@ from harness.predictions import (
     gateway,
     receiver,
     redis_server,
+    serving,
     sse_events,
 )
 from harness.service import TINY_LIMITS, Service, eventually, idle, serve, stream_docs
@@ -494,3 +498,21 @@ async def test_a_redis_outage_is_a_503_without_internal_detail(tmp_path):
             response = await client.get(prediction["urls"]["get"])
             assert response.status_code == 503 and response.json()["error"]["code"] == "unavailable", response.text
             assert "redis" not in response.text.lower() and "127.0.0.1" not in response.text
+
+
+async def test_with_api_keys_every_prediction_route_needs_one():
+    # The middleware gateway/gateway.py puts in front of every route, over the prediction routes.
+    app = add_prediction_routes(FastAPI(), ScriptedStreamer(free_running=True), "test-model",
+                                PredictionSettings.parse(FAST_REFUSAL))
+    app.add_middleware(RequireKey, keys=Keys((b"sesame",)))
+    async with serving(app) as (url, _server, _task), httpx.AsyncClient(base_url=url, timeout=60) as client:
+        keyed = {"Authorization": "Bearer sesame"}
+        response = await client.post(PREDICTIONS, json={"input": {"prompt": "hi", "max_tokens": 2}}, headers=keyed)
+        assert response.status_code == 201
+        prediction = response.json()
+        for method, url_of in [("POST", PREDICTIONS), ("GET", prediction["urls"]["get"]),
+                               ("GET", prediction["urls"]["stream"]), ("POST", prediction["urls"]["cancel"])]:
+            for headers in ({}, {"Authorization": "Bearer wrong"}):
+                refused = await client.request(method, url_of, headers=headers)
+                assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        assert (await client.get(prediction["urls"]["get"], headers=keyed)).status_code == 200
