@@ -27,6 +27,7 @@ from gateway.health import (
     guarded,
     started_by_jina_flow,
 )
+from gateway.limits import DEFAULT_MAX_BODY_BYTES, BodyLimits
 from gateway.origins import OriginCheck
 from gateway.predictions import PredictionSettings, add_prediction_routes
 from gateway.relay import relayed
@@ -45,6 +46,7 @@ class LLMHTTPGateway(HTTPGateway):
         watch: ExecutorWatch,
         keys: Keys,
         allowed_origins: frozenset[str],
+        max_body_bytes: int,
         model_name: str = DEFAULT_MODEL_NAME,
         predictions: dict | None = None,
         **kwargs,
@@ -53,6 +55,7 @@ class LLMHTTPGateway(HTTPGateway):
         self.watch = watch
         self.keys = keys
         self.allowed_origins = allowed_origins
+        self.max_body_bytes = max_body_bytes
         self.model_name = model_name
         self.predictions = PredictionSettings.parse(predictions)  # a wrong setting fails the start
 
@@ -61,6 +64,7 @@ class LLMHTTPGateway(HTTPGateway):
         app = add_routes(super().app, self.streamer, self.model_name)
         add_health_routes(app, self.watch)
         app.add_middleware(RetryLater, watch=self.watch)
+        app.add_middleware(BodyLimits, max_body_bytes=self.max_body_bytes)
         app.add_middleware(RequireKey, keys=self.keys)  # no answer at all without a key
         app.add_middleware(OriginCheck, allowed_origins=self.allowed_origins)
         if self.allowed_origins:  # CORS only for the origins named (preflights carry no key: outermost)
@@ -87,12 +91,13 @@ class LLMGateway(CompositeGateway):
     own container is restarted, and the gateway reports unavailable meanwhile).
     `allowed_origins`: web origins (`https://app.example.com`) besides the service's own whose pages may open `/ws`
     and call the HTTP API (CORS); none by default (gateway/origins.py).
+    `max_body_bytes`: the largest HTTP request body (413 past it; gateway/limits.py).
     """
 
     def __init__(self, model_name: str = DEFAULT_MODEL_NAME, drain_timeout_s: float = 20.0,
                  predictions: dict | None = None, health_interval_s: float = 0.5, retry_after_s: int = 5,
                  exit_on_executor_loss: bool | None = None, allowed_origins: list[str] | None = None,
-                 **kwargs) -> None:
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, **kwargs) -> None:
         # Both raise UnverifiedVersion on a grpcio or jina they were not verified against: the gateway fails to
         # start rather than serve with a workaround that may no longer hold.
         grpc_cancel.install()  # a cancelled relay must cancel its call to the executor
@@ -110,7 +115,8 @@ class LLMGateway(CompositeGateway):
         jina_gateway.build_servers(
             self,
             lambda **server_kwargs: LLMHTTPGateway(
-                self.watch, keys, origins, model_name=model_name, predictions=predictions, **server_kwargs
+                self.watch, keys, origins, max_body_bytes,
+                model_name=model_name, predictions=predictions, **server_kwargs,
             ),
             **kwargs,
         )

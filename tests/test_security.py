@@ -3,6 +3,7 @@ LLM_API_KEY, over HTTP, the WebSocket and gRPC."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -171,3 +172,27 @@ def test_cors_answers_only_the_allowed_origins(keyed_service):
 
     assert preflight(APP_ORIGIN) == (200, APP_ORIGIN)
     assert preflight("https://evil.example")[1] is None
+
+
+def test_bodies_past_the_limit_or_not_json_are_refused_before_any_route(keyed_service):
+    auth = {"Authorization": f"Bearer {KEYS[0]}"}
+
+    def post(data: bytes, headers: dict[str, str]) -> tuple[int, dict]:
+        req = urllib.request.Request(keyed_service.url + "/v1/completions", data=data, headers={**auth, **headers})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    # Refused on its Content-Length, before the body is read (sending it whole would meet a closed connection).
+    connection = http.client.HTTPConnection("127.0.0.1", keyed_service.http_port, timeout=60)
+    connection.request("POST", "/v1/completions", headers={**auth, "Content-Type": "application/json",
+                                                             "Content-Length": "2000001"})
+    response = connection.getresponse()
+    message = json.loads(response.read())["error"]["message"]
+    assert response.status == 413 and "2000000 bytes (max_body_bytes)" in message
+    connection.close()
+    # A cross-site form posts text/plain without a CORS preflight.
+    status, body = post(b'{"prompt": "hi", "max_tokens": 2}', {"Content-Type": "text/plain"})
+    assert status == 415 and "application/json" in body["error"]["message"]
