@@ -9,20 +9,10 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Page, async_playwright
 
+from harness.browser import CHROMIUM, CHROMIUM_ARGS
 from harness.service import FRANCE, Service, eventually, idle, stream_docs
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 @pytest.fixture

@@ -13,9 +13,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from websockets.asyncio.client import connect
 
+from harness.http import CHAT, receive_until_end, sdk
 from harness.service import seed_client_texts, stream_docs
 from schemas import ChatMessage, ModelOutputDocument
-from tests.test_http import CHAT, receive_until_end, sdk
 
 CONVERSATION = [
     {"role": "system", "content": "You are a terse geography teacher."},

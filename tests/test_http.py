@@ -12,7 +12,8 @@ import openai
 import pytest
 from websockets.asyncio.client import connect
 
-from harness.service import FRANCE, Service, eventually, idle, serve, stream_docs
+from harness.http import CHAT, COMPLETIONS, USER, receive_until_end, sdk
+from harness.service import FRANCE, eventually, idle, serve, stream_docs
 from schemas import ModelOutputDocument
 
 LONG = 480  # max_tokens for a stream that is still running when the client leaves
@@ -37,10 +38,6 @@ async def sse_events(response: httpx.Response):
             data.append(line[len("data:"):].lstrip())
     if event is not None or data:
         yield event, "\n".join(data)
-
-
-def sdk(service: Service) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{service.url}/v1", api_key="not-needed", max_retries=0)
 
 
 async def chat_stream(client: openai.AsyncOpenAI, **kwargs) -> tuple[list[str], list]:
@@ -149,9 +146,6 @@ async def test_multi_turn_chat_answers(tiny_service):
     assert whole.choices[0].finish_reason in ("length", "stop") and whole.usage.completion_tokens >= 1
 
 
-CHAT = "/v1/chat/completions"
-COMPLETIONS = "/v1/completions"
-USER = [{"role": "user", "content": "hello"}]
 BAD_REQUESTS = [
     pytest.param(CHAT, {"messages": [], "max_tokens": 5}, "messages", id="no-messages"),
     pytest.param(CHAT, {"max_tokens": 5}, "messages", id="messages-missing"),
@@ -291,15 +285,6 @@ async def test_closing_jina_stream_sse_cancels_the_generation(tiny_service):
 
 
 # WebSocket -------------------------------------------------------------------------------------------------------
-
-
-async def receive_until_end(ws) -> list[dict]:
-    messages = []
-    while True:
-        message = json.loads(await asyncio.wait_for(ws.recv(), 60))
-        messages.append(message)
-        if message["type"] in ("end", "error"):
-            return messages
 
 
 async def test_websocket_two_turns_then_a_cancel_on_one_connection(tiny_service):

@@ -10,8 +10,8 @@ import httpx
 import openai
 import pytest
 
+from harness.http import CHAT, COMPLETIONS, USER, sdk
 from harness.service import TINY_LIMITS, Service, serve, stream_docs
-from tests.test_http import CHAT, COMPLETIONS, USER, sdk
 
 
 @pytest.fixture(scope="module")

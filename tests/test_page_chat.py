@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from playwright.async_api import async_playwright
 
+from harness.browser import CHROMIUM, CHROMIUM_ARGS
 from harness.service import Service
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = pytest.mark.browser
 
