@@ -7,9 +7,9 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from playwright.async_api import Page, async_playwright
+from playwright.async_api import Page
 
-from harness.browser import CHROMIUM, CHROMIUM_ARGS
+from harness.browser import page_at
 from harness.service import FRANCE, Service, eventually, idle, stream_docs
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
@@ -17,17 +17,8 @@ pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
 @pytest.fixture
 async def page(embedded_service: Service, tmp_path: Path):
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = await browser.new_page(viewport={"width": 1000, "height": 700})
-            await page.goto(embedded_service.url + "/")
-            await page.wait_for_selector("#send:not([disabled])")  # the WebSocket is open
-            yield page
-            if not page.is_closed():
-                await page.screenshot(path=str(tmp_path / "page.png"))  # to look at when a test fails
-        finally:
-            await browser.close()
+    async with page_at(embedded_service.url + "/", tmp_path / "page.png", height=700) as page:
+        yield page
 
 
 async def state(page: Page) -> str:

@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 
 import pytest
-from playwright.async_api import async_playwright
+from playwright.async_api import Page
 
-from harness.browser import CHROMIUM, CHROMIUM_ARGS
+from harness.browser import page_at
 from harness.service import Service
 
 pytestmark = pytest.mark.browser
@@ -26,18 +26,13 @@ INJECTION = (
 
 @pytest.fixture
 async def chat_page(tiny_service: Service, tmp_path: Path):
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = await browser.new_page(viewport={"width": 1000, "height": 800})
-            sent: list[dict] = []
-            page.on("websocket", lambda ws: ws.on("framesent", lambda payload: sent.append(json.loads(payload))))
-            await page.goto(tiny_service.url + "/")
-            await page.wait_for_selector("#send:not([disabled])")
-            yield page, sent
-            await page.screenshot(path=str(tmp_path / "page.png"))  # to look at when a test fails
-        finally:
-            await browser.close()
+    sent: list[dict] = []
+
+    def record_sent_frames(page: Page) -> None:
+        page.on("websocket", lambda ws: ws.on("framesent", lambda payload: sent.append(json.loads(payload))))
+
+    async with page_at(tiny_service.url + "/", tmp_path / "page.png", on_new_page=record_sent_frames) as page:
+        yield page, sent
 
 
 async def wait_idle(page) -> None:
