@@ -24,6 +24,7 @@ from jina.types.request.data import SingleDocumentRequest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from client import stream_documents
+from engine.detokenizer import REPLACEMENT_CHAR
 from harness.processes import process_listening_on
 from harness.service import Service, documents, eventually, grpc_client, serve, stream_docs
 from schemas import ModelOutputDocument, PromptDocument
@@ -46,8 +47,10 @@ def tokenizer(tiny_model_dir: Path) -> PreTrainedTokenizerBase:
 
 
 def decode(tokenizer: PreTrainedTokenizerBase, token_ids: list[int]) -> str:
-    """The whole answer as one decode of its tokens, as the service means generated_text (special tokens out)."""
-    return tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    """The whole answer as one decode of its tokens, as the service means generated_text: special tokens out, and
+    no U+FFFD for the bytes of a character that max_tokens cut (engine/detokenizer.py holds them back)."""
+    text = tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return text.rstrip(REPLACEMENT_CHAR)
 
 
 def executor_process(service: Service) -> psutil.Process:
