@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
 from client import grpc_client, stream_documents
@@ -14,6 +15,15 @@ from schemas import ModelOutputDocument, PromptDocument
 
 ROOT = Path(__file__).resolve().parent.parent
 LOGS = Path(__file__).resolve().parent / "logs"
+
+
+class LogDirs:
+    """What harness.service.serve needs of pytest's tmp_path_factory: a fresh directory under bench/logs."""
+
+    def mktemp(self, name: str) -> Path:
+        path = LOGS / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+        path.mkdir(parents=True)
+        return path
 
 
 def seed_executor(device: str, dtype: str) -> dict:

@@ -54,15 +54,6 @@ def log(message: str) -> None:
     print(f"[predictions soak {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-class LogDirs:
-    """What harness.service.serve needs of pytest's tmp_path_factory: a fresh directory under bench/logs."""
-
-    def mktemp(self, name: str) -> Path:
-        path = flows.LOGS / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
-        path.mkdir(parents=True)
-        return path
-
-
 class Soak:
     def __init__(self, args: argparse.Namespace, service: Service) -> None:
         self.args = args
@@ -249,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             settings["redis_url"] = stack.enter_context(redis_server(Path(stack.enter_context(
                 tempfile.TemporaryDirectory()))))
         log(f"starting the flow ({args.model}, predictions {settings})")
-        service = stack.enter_context(serve(LogDirs(), "predictions-soak", {"model": args.model},
+        service = stack.enter_context(serve(flows.LogDirs(), "predictions-soak", {"model": args.model},
                                             model_name=args.model, gateway_settings={"predictions": settings}))
         summary = asyncio.run(soak(args, service))
     result = {"date": f"{datetime.now():%Y-%m-%d %H:%M}", "settings": vars(args) | {"json": str(args.json)},

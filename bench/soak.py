@@ -96,15 +96,6 @@ def log(message: str) -> None:
     print(f"[soak {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-class _LogDirs:
-    """What harness.service.serve needs of pytest's tmp_path_factory: a fresh directory, here under bench/logs."""
-
-    def mktemp(self, name: str) -> Path:
-        path = flows.LOGS / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
-        path.mkdir(parents=True)
-        return path
-
-
 @dataclass
 class Record:
     kind: str
@@ -431,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_waiting": args.max_waiting,
     }
     log(f"starting the flow ({args.model})")
-    with serve(_LogDirs(), "soak", uses_with, model_name=args.model) as service:
+    with serve(flows.LogDirs(), "soak", uses_with, model_name=args.model) as service:
         summary = asyncio.run(soak(args, service))
     machine["load_average_at_end"] = os.getloadavg()
     result = {
