@@ -93,7 +93,7 @@ async def side_by_side(
     """Every system at each of its stream counts, each setting's rounds interleaved across the systems; each
     setting's results are added to `results` as soon as it is measured."""
     async with openai_client.session() as http:
-        model = service.model_name()
+        model = service.model_name(openai_ports[report.SERVICE_HTTP])
         openai_systems = {name: openai_client.chat_stream(http, port, model) for name, port in openai_ports.items()}
         systems = {
             report.CEILING: open_ceiling,

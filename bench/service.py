@@ -5,6 +5,8 @@ process group (harness's running_flow), stopped even on error. Its flow file and
 from __future__ import annotations
 
 import inspect
+import json
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,9 +31,10 @@ def flow_settings() -> dict:
     return yaml.safe_load((ROOT / "flow.yml").read_text())
 
 
-def model_name() -> str:
-    """The id the gateway's OpenAI API answers to (flow.yml's `model_name`)."""
-    return flow_settings()["gateway"]["uses_with"]["model_name"]
+def model_name(http_port: int) -> str:
+    """The id the service's OpenAI API answers to (the executor's model id, unless the flow names another)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/models", timeout=30) as response:
+        return json.load(response)["data"][0]["id"]
 
 
 def executor_accepts(setting: str) -> bool:

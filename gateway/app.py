@@ -42,9 +42,9 @@ def error_response(error: OpenAIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status)
 
 
-def add_routes(app: FastAPI, streamer: Any, model_name: str | None) -> FastAPI:
+def add_routes(app: FastAPI, streamer: Any, model_info: ModelInfo) -> FastAPI:
     """Add the service's own routes to Jina's FastAPI app (which already serves `GET /stream` as SSE).
-    `model_name`: the id the OpenAI API serves the model under; None: the executor's own (gateway/model_info.py)."""
+    `model_info`: the model the OpenAI API serves, and under which id (gateway/model_info.py)."""
     # The page replaces Jina's health check at `/`: it answers 200 as well, which is all readiness checks need.
     app.router.routes = [route for route in app.router.routes if getattr(route, "path", None) != "/"]
     index_html = (STATIC / "index.html").read_text()
@@ -54,8 +54,6 @@ def add_routes(app: FastAPI, streamer: Any, model_name: str | None) -> FastAPI:
         return HTMLResponse(index_html)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")  # the page's vendored renderer
-
-    model_info = ModelInfo(streamer, model_name)
 
     @app.get("/v1/models")
     async def models() -> Response:

@@ -48,6 +48,10 @@ class ModelInfo:
             pass
         raise OpenAIError(503, "the model is not available yet: retry later", type="server_error", code="unavailable")
 
+    async def name(self) -> str:
+        """The id the model is served under (the executor is asked only when no alias is set)."""
+        return self.served_name or (await self.get()).model
+
     async def check(self, requested: str | None) -> ModelInfoDocument:
         """The info, once the requested model (when one is named) is the one served: else 404 model_not_found."""
         info = await self.get()

@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from gateway.app import SSE_HEADERS
+from gateway.model_info import ModelInfo
 from gateway.openai_api import DEFAULT_MAX_TOKENS, OpenAIError, failure
 from gateway.prediction_store import MemoryStore, Prediction, PredictionStore, RedisStore, Snapshot, StoreFull, now_iso
 from gateway.streams import DocStream
@@ -271,9 +272,9 @@ class WebhookSender:
 class Predictions:
     """Runs this gateway's predictions and answers the routes from the store."""
 
-    def __init__(self, streamer: Any, model_name: str, settings: PredictionSettings) -> None:
+    def __init__(self, streamer: Any, model_info: ModelInfo, settings: PredictionSettings) -> None:
         self.streamer = streamer
-        self.model_name = model_name
+        self.model_info = model_info
         self.settings = settings
         self.store = settings.store()
         self.store.on_cancel = self._stop_local
@@ -308,10 +309,11 @@ class Predictions:
             self._keep(asyncio.create_task(stream.close()), self._runners)
 
     async def create(self, request: CreateRequest, base_url: str) -> Snapshot:
+        model = await self.model_info.name()  # 503 while the executor cannot say
         prediction = Prediction(
             id=uuid.uuid4().hex,
-            model=self.model_name,
-            version=request.version or self.model_name,
+            model=model,
+            version=request.version or model,
             input=request.input,
             created_at=now_iso(),
             webhook=request.webhook,
@@ -432,8 +434,8 @@ def last_event_id(request: Request) -> int:
     return value
 
 
-def add_prediction_routes(app: FastAPI, streamer: Any, model_name: str, settings: PredictionSettings) -> FastAPI:
-    predictions = Predictions(streamer, model_name, settings)
+def add_prediction_routes(app: FastAPI, streamer: Any, model_info: ModelInfo, settings: PredictionSettings) -> FastAPI:
+    predictions = Predictions(streamer, model_info, settings)
     app.router.add_event_handler("startup", predictions.start)
     app.router.add_event_handler("shutdown", predictions.close)
 

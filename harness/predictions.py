@@ -19,6 +19,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from gateway.model_info import ModelInfo
 from gateway.predictions import PredictionSettings, add_prediction_routes
 from harness.processes import free_port, port_open
 from schemas import ErrorCode, ModelOutputDocument, PromptDocument, error_document
@@ -114,7 +115,8 @@ async def serving(app: FastAPI) -> AsyncIterator[tuple[str, uvicorn.Server, asyn
 @asynccontextmanager
 async def gateway(streamer: Any, **settings: Any) -> AsyncIterator[Gateway]:
     """The prediction routes over `streamer`, as LLMHTTPGateway adds them, served in process."""
-    app = add_prediction_routes(FastAPI(), streamer, "test-model", PredictionSettings.parse(settings))
+    model_info = ModelInfo(streamer, "test-model")
+    app = add_prediction_routes(FastAPI(), streamer, model_info, PredictionSettings.parse(settings))
     async with serving(app) as (url, server, task):
         yield Gateway(url, app, server, task)
 

@@ -18,6 +18,7 @@ from jina.jaml.helper import complete_path
 from jina.parsers import set_gateway_parser, set_pod_parser
 
 from client import stream_documents
+from executor.executor import EMBEDDED_ID
 from harness import ROOT
 from harness.dockerfile import image_layout
 from harness.processes import JINA, free_port, port_open, stop_process_group
@@ -294,8 +295,8 @@ def exported_service(k8s, tmp_path) -> Iterator[tuple[int, int]]:
 async def test_the_exported_commands_serve_a_stream(exported_service):
     grpc_port, http_port = exported_service
     models = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/models", timeout=10).read())
-    # The HTTP routes of LLMGateway (Jina's own gateway has no /v1), with the flow's model name.
-    assert [model["id"] for model in models["data"]] == [flow_file(K8S_FLOW)["gateway"]["uses_with"]["model_name"]]
+    # The HTTP routes of LLMGateway (Jina's own gateway has no /v1), naming the model by the executor's id.
+    assert [model["id"] for model in models["data"]] == [EMBEDDED_ID]
     request = PromptDocument(prompt=FRANCE, max_tokens=8)
     docs = [doc async for doc in stream_documents(grpc_client(grpc_port), request)]
     last = docs[-1]

@@ -4,6 +4,9 @@
   each protocol (`jina.parsers.helper._get_gateway_class`) from `_server_kwargs`, with no hook to choose another
   class for one protocol: `build_servers` runs its parent's __init__ (CompositeBaseServer) and builds the same
   servers, except that the HTTP one comes from the caller.
+- Channel options: the streamer (GatewayStreamer), and with it every channel to an executor, is built by
+  CompositeBaseServer.__init__ from `runtime_args.grpc_channel_options`; `build_servers` sets the gateway's own
+  there first.
 - gRPC `stream_doc`: Jina's gRPC server registers its request handler's `stream_doc` (`server._request_handler`)
   when it starts (GRPCServer.setup_server). `wrap_grpc_stream_doc` replaces it before that, so that a document
   that is not a valid PromptDocument gets one error document (Jina failed it in the executor's worker and ended
@@ -54,10 +57,20 @@ def install() -> None:
     require_verified(__name__, VERIFIED, TEST)
 
 
-def build_servers(gateway: CompositeGateway, http_server: Callable[..., BaseServer], **kwargs: Any) -> None:
+def build_servers(
+    gateway: CompositeGateway,
+    http_server: Callable[..., BaseServer],
+    executor_channel_options: dict[str, Any],
+    **kwargs: Any,
+) -> None:
     """Initialise `gateway` (a CompositeGateway subclass, from its __init__) as Jina's CompositeServer.__init__
-    does, except that the HTTP server, unless the gateway works as a load balancer, is `http_server(**its kwargs)`."""
-    CompositeBaseServer.__init__(gateway, **kwargs)
+    does, except that the HTTP server, unless the gateway works as a load balancer, is `http_server(**its kwargs)`,
+    and that the channels to the executors get `executor_channel_options` under the flow's own
+    `grpc_channel_options` (which win)."""
+    runtime_args = kwargs["runtime_args"]
+    args = runtime_args if isinstance(runtime_args, dict) else vars(runtime_args)
+    args["grpc_channel_options"] = {**executor_channel_options, **(args.get("grpc_channel_options") or {})}
+    CompositeBaseServer.__init__(gateway, **kwargs)  # builds the streamer, and its channels, from runtime_args
     gateway.servers = []
     for server_kwargs in gateway._server_kwargs:
         protocol = server_kwargs["runtime_args"]["protocol"]
