@@ -32,6 +32,7 @@ from gateway.model_info import ModelInfo
 from gateway.origins import OriginCheck
 from gateway.predictions import PredictionSettings, add_prediction_routes
 from gateway.relay import relayed
+from gateway.unary import DEFAULT_MAX_GENERATE_DOCUMENTS, add_generate_route
 from gateway.validation import validating
 from lifecycle import OpenStreams, drain_on_sigterm
 from workarounds import grpc_cancel, jina_gateway
@@ -44,6 +45,17 @@ from workarounds import grpc_cancel, jina_gateway
 # and attempts at most 1 s apart, in none of 8.
 EXECUTOR_CHANNEL_OPTIONS = {"grpc.use_local_subchannel_pool": 1, "grpc.max_reconnect_backoff_ms": 1000}
 
+# The gRPC counterpart of the HTTP body limit (gateway/limits.py): grpc's own default, which Jina lifts to "any size".
+DEFAULT_MAX_GRPC_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+def grpc_server_options(max_grpc_message_bytes: int) -> dict[str, int]:
+    """The options of the gateway's gRPC server: a message past the limit ends its call with RESOURCE_EXHAUSTED
+    (grpc's message states both sizes), before the gateway reads it."""
+    if max_grpc_message_bytes < 1:
+        raise ValueError(f"max_grpc_message_bytes must be >= 1, got {max_grpc_message_bytes}")
+    return {"grpc.max_receive_message_length": max_grpc_message_bytes}
+
 
 class LLMHTTPGateway(HTTPGateway):
     """Jina's HTTP gateway plus the OpenAI API, `/ws`, the page at `/` and the predictions."""
@@ -54,6 +66,7 @@ class LLMHTTPGateway(HTTPGateway):
         keys: Keys,
         allowed_origins: frozenset[str],
         max_body_bytes: int,
+        max_generate_documents: int,
         model_name: str | None = None,
         predictions: dict | None = None,
         **kwargs,
@@ -63,6 +76,7 @@ class LLMHTTPGateway(HTTPGateway):
         self.keys = keys
         self.allowed_origins = allowed_origins
         self.max_body_bytes = max_body_bytes
+        self.max_generate_documents = max_generate_documents
         self.model_name = model_name
         self.predictions = PredictionSettings.parse(predictions)  # a wrong setting fails the start
 
@@ -70,6 +84,7 @@ class LLMHTTPGateway(HTTPGateway):
     def app(self):
         model_info = ModelInfo(self.streamer, self.model_name)
         app = add_routes(super().app, self.streamer, model_info)
+        add_generate_route(app, self.streamer, self.max_generate_documents)  # replaces Jina's (gateway/unary.py)
         add_health_routes(app, self.watch)
         app.add_middleware(RetryLater, watch=self.watch)
         app.add_middleware(BodyLimits, max_body_bytes=self.max_body_bytes)
@@ -101,12 +116,17 @@ class LLMGateway(CompositeGateway):
     `allowed_origins`: web origins (`https://app.example.com`) besides the service's own whose pages may open `/ws`
     and call the HTTP API (CORS); none by default (gateway/origins.py).
     `max_body_bytes`: the largest HTTP request body (413 past it; gateway/limits.py).
+    `max_generate_documents`: the most PromptDocuments one `POST /generate` call takes (gateway/unary.py).
+    `max_grpc_message_bytes`: the largest gRPC message the gateway's gRPC server receives (Jina's default: any);
+    past it the call ends with RESOURCE_EXHAUSTED.
     """
 
     def __init__(self, model_name: str | None = None, drain_timeout_s: float = 20.0,
                  predictions: dict | None = None, health_interval_s: float = 0.5, retry_after_s: int = 5,
                  exit_on_executor_loss: bool | None = None, allowed_origins: list[str] | None = None,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, **kwargs) -> None:
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 max_generate_documents: int = DEFAULT_MAX_GENERATE_DOCUMENTS,
+                 max_grpc_message_bytes: int = DEFAULT_MAX_GRPC_MESSAGE_BYTES, **kwargs) -> None:
         # Both raise UnverifiedVersion on a grpcio or jina they were not verified against: the gateway fails to
         # start rather than serve with a workaround that may no longer hold.
         grpc_cancel.install()  # a cancelled relay must cancel its call to the executor
@@ -124,10 +144,11 @@ class LLMGateway(CompositeGateway):
         jina_gateway.build_servers(
             self,
             lambda **server_kwargs: LLMHTTPGateway(
-                self.watch, keys, origins, max_body_bytes,
+                self.watch, keys, origins, max_body_bytes, max_generate_documents,
                 model_name=model_name, predictions=predictions, **server_kwargs,
             ),
             EXECUTOR_CHANNEL_OPTIONS,
+            grpc_server_options(max_grpc_message_bytes),
             **kwargs,
         )
         self.model_name = model_name

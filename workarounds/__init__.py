@@ -8,7 +8,8 @@ gateway, the executor, client.grpc_client()) install it explicitly. Nothing outs
 name of Jina, grpc or asyncio.
 
 - grpc_cancel:     grpc.aio loses a cancellation that comes just as a streaming call starts (client and gateway).
-- jina_gateway:    a composite gateway with the service's own HTTP server; wrapping gRPC stream_doc and the streams.
+- jina_gateway:    a composite gateway with the service's own HTTP server and gRPC server options; wrapping gRPC
+                   stream_doc and the streams.
 - jina_worker:     Jina's worker drops an executor's generator at a `yield` without closing it.
 - asyncio_signals: running the SIGTERM handler Jina installed, after a drain of our own.
 - jina_client:     Jina's gRPC client drops stream_doc's call metadata (an API key).

@@ -7,6 +7,10 @@
 - Channel options: the streamer (GatewayStreamer), and with it every channel to an executor, is built by
   CompositeBaseServer.__init__ from `runtime_args.grpc_channel_options`; `build_servers` sets the gateway's own
   there first.
+- Server options: Jina passes a gateway's `grpc_server_options` (a flow setting) to its gRPC server as a keyword
+  argument (GRPCServer.__init__, from the composite's `_server_kwargs`), and builds `grpc.aio.server` with them over
+  its defaults (`get_server_side_grpc_options`: `grpc.max_receive_message_length` -1, any size). `build_servers`
+  puts the gateway's own there first (gateway/gateway.py: the gRPC message limit).
 - gRPC `stream_doc`: Jina's gRPC server registers its request handler's `stream_doc` (`server._request_handler`)
   when it starts (GRPCServer.setup_server). `wrap_grpc_stream_doc` replaces it before that, so that a document
   that is not a valid PromptDocument gets one error document (Jina failed it in the executor's worker and ended
@@ -26,7 +30,8 @@
   appends one there before the servers start (gateway/auth.py: API keys in the call metadata).
 - Every stream of every protocol (gRPC stream_doc, SSE, OpenAI, WebSocket) goes through the streamer's
   `rpc_stream_doc` (Jina's GatewayStreamer): `wrap_streams` wraps it, to count the streams in flight.
-tests/test_gateway_relay.py, tests/test_gateway_validation.py and tests/test_http.py prove it on a real flow.
+tests/test_gateway_relay.py, tests/test_gateway_validation.py, tests/test_http.py and tests/test_grpc_limits.py
+prove it on a real flow.
 """
 
 from __future__ import annotations
@@ -46,7 +51,10 @@ from jina.serve.runtimes.servers.composite import CompositeBaseServer
 from workarounds.versions import require_verified
 
 VERIFIED: dict[str, tuple[str, ...]] = {"jina": ("3.34",)}
-TEST = "tests/test_gateway_relay.py tests/test_gateway_validation.py tests/test_http.py tests/test_crash_recovery.py"
+TEST = (
+    "tests/test_gateway_relay.py tests/test_gateway_validation.py tests/test_http.py tests/test_crash_recovery.py "
+    "tests/test_grpc_limits.py"
+)
 
 T = TypeVar("T")
 StreamDoc = Callable[..., AsyncIterator[Any]]
@@ -61,15 +69,17 @@ def build_servers(
     gateway: CompositeGateway,
     http_server: Callable[..., BaseServer],
     executor_channel_options: dict[str, Any],
+    server_options: dict[str, Any],
     **kwargs: Any,
 ) -> None:
     """Initialise `gateway` (a CompositeGateway subclass, from its __init__) as Jina's CompositeServer.__init__
     does, except that the HTTP server, unless the gateway works as a load balancer, is `http_server(**its kwargs)`,
-    and that the channels to the executors get `executor_channel_options` under the flow's own
-    `grpc_channel_options` (which win)."""
+    that the channels to the executors get `executor_channel_options` under the flow's own `grpc_channel_options`,
+    and the gRPC servers `server_options` under the flow's own `grpc_server_options` (the flow's win)."""
     runtime_args = kwargs["runtime_args"]
     args = runtime_args if isinstance(runtime_args, dict) else vars(runtime_args)
     args["grpc_channel_options"] = {**executor_channel_options, **(args.get("grpc_channel_options") or {})}
+    kwargs["grpc_server_options"] = {**server_options, **(kwargs.get("grpc_server_options") or {})}
     CompositeBaseServer.__init__(gateway, **kwargs)  # builds the streamer, and its channels, from runtime_args
     gateway.servers = []
     for server_kwargs in gateway._server_kwargs:
