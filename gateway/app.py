@@ -1,20 +1,24 @@
-"""The HTTP routes beside Jina's own (`GET /stream` SSE): the OpenAI-compatible API, the WebSocket chat and the
-page. Thin: each route translates a request into a PromptDocument and the executor's documents into
-chunks/events; generation, templates and limits live in the executor and the engine."""
+"""The HTTP routes beside Jina's own: `GET /stream` (SSE, in place of Jina's), the OpenAI-compatible API, the
+WebSocket chat and the page. Thin: each route translates a request into a PromptDocument and the executor's
+documents into chunks/events; generation, templates and limits live in the executor and the engine."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi.datastructures import QueryParams
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import SHAPE_LIST, SHAPE_SINGLETON
 
+from gateway.limits import HttpLimits, JsonError, parse_json
 from gateway.model_info import ModelInfo
 from gateway.openai_api import (
     ChatRequest,
@@ -27,24 +31,38 @@ from gateway.openai_api import (
     models_list,
     parse_request,
 )
-from gateway.streams import DocStream
+from gateway.streams import STREAM_ENDPOINT, DocStream
+from gateway.validation import describe
 from schemas import ErrorCode, ModelOutputDocument, PromptDocument
 
 STATIC = Path(__file__).resolve().parent / "static"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def sse(data: Any) -> bytes:
-    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
+log = logging.getLogger(__name__)
+
+
+def sse(data: Any, event: str | None = None) -> bytes:
+    """One server-sent event: `data` (JSON text, or what json.dumps makes one) on one line."""
+    name = "" if event is None else f"event: {event}\n"
+    return f"{name}data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
 
 
 def error_response(error: OpenAIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status)
 
 
-def add_routes(app: FastAPI, streamer: Any, model_info: ModelInfo) -> FastAPI:
-    """Add the service's own routes to Jina's FastAPI app (which already serves `GET /stream` as SSE).
-    `model_info`: the model the OpenAI API serves, and under which id (gateway/model_info.py)."""
+def add_routes(app: FastAPI, streamer: Any, model_info: ModelInfo, limits: HttpLimits) -> FastAPI:
+    """Add the service's own routes to Jina's FastAPI app, `GET /stream` in place of Jina's own.
+    `model_info`: the model the OpenAI API serves, and under which id (gateway/model_info.py). `limits`: what a
+    client may send (gateway/limits.py), for the JSON the routes read themselves."""
+    # Jina's `GET /stream` answered a missing or mistyped field with a 200 and a bare `end` event, or a plain-text
+    # 500, and its `end` event had no data line, so a browser's EventSource never saw it and reconnected (starting
+    # the generation again). `stream_events` below replaces it.
+    app.router.routes = [
+        route for route in app.router.routes
+        if not (getattr(route, "path", None) == STREAM_ENDPOINT and "GET" in getattr(route, "methods", ()))
+    ]
     # The page replaces Jina's health check at `/`: it answers 200 as well, which is all readiness checks need.
     app.router.routes = [route for route in app.router.routes if getattr(route, "path", None) != "/"]
     index_html = (STATIC / "index.html").read_text()
@@ -79,25 +97,16 @@ def add_routes(app: FastAPI, streamer: Any, model_info: ModelInfo) -> FastAPI:
 
     async def completion(request: Request, request_model: type, chat: bool) -> Response:
         try:
-            try:
-                body = await request.json()
-            except ValueError as error:
-                raise OpenAIError(400, f"the request body is not valid JSON: {error}") from None
-            parsed = parse_request(request_model, body)
+            parsed = parse_request(request_model, await json_body(request, limits))
             prompt = make_prompt(parsed.document_fields())
             info = await model_info.check(parsed.model)
         except OpenAIError as error:
             return error_response(error)
         builder = ResponseBuilder(parsed, info.model, info.fingerprint)
-        stream = DocStream(streamer, prompt)
-        # The first document decides the status: a refused request is a 4xx, before any stream starts.
-        first = await until_disconnect(request, stream.first())
-        if first is None:
-            await stream.close()
-            return Response(status_code=499)
-        if (refusal := failure(first)) is not None:
-            await stream.close()
-            return error_response(refusal)
+        opened = await open_stream(request, streamer, prompt)
+        if isinstance(opened, Response):
+            return opened
+        stream, first = opened
         if parsed.stream:
             return StreamingResponse(
                 stream_chunks(stream, first, builder, parsed.include_usage),
@@ -112,18 +121,115 @@ def add_routes(app: FastAPI, streamer: Any, model_info: ModelInfo) -> FastAPI:
             return error_response(late_failure)
         return JSONResponse(builder.response(docs))
 
+    @app.get(STREAM_ENDPOINT)
+    async def stream_events(request: Request) -> Response:
+        """The PromptDocument's fields as query parameters (or as a JSON body, as Jina's route took them); an
+        `update` event per document, then `end`. A refused request gets a 4xx (or 429, 503) before any event."""
+        try:
+            prompt = make_prompt(await stream_fields(request, limits))
+        except OpenAIError as error:
+            return error_response(error)
+        opened = await open_stream(request, streamer, prompt)
+        if isinstance(opened, Response):
+            return opened
+        return StreamingResponse(document_events(*opened), media_type="text/event-stream", headers=SSE_HEADERS)
+
     @app.websocket("/ws")
     async def websocket_chat(websocket: WebSocket) -> None:
-        await websocket_session(websocket, streamer)
+        await websocket_session(websocket, streamer, limits)
 
     return app
+
+
+async def json_body(request: Request, limits: HttpLimits) -> Any:
+    try:
+        return await parse_json(await request.body(), limits, "the request body")
+    except JsonError as error:
+        raise OpenAIError(400, str(error), code="invalid_json") from None
 
 
 def make_prompt(fields: dict) -> PromptDocument:
     try:
         return PromptDocument(**fields)
     except ValidationError as error:
-        raise OpenAIError(400, str(error)) from None
+        errors = error.errors()
+        param = str(errors[0]["loc"][0])
+        code = "missing_required_parameter" if errors[0]["type"] == "value_error.missing" else "invalid_value"
+        raise OpenAIError(400, "; ".join(map(describe, errors)), param=param, code=code) from None
+
+
+def query_kind(name: str) -> str | None:
+    """How `GET /stream` reads a PromptDocument field from the query: "one" value (`max_tokens=5`), "repeated"
+    (`stop=a&stop=b`), "json" (`messages=[...]`: a browser's EventSource can send no body); None: not a field."""
+    field = PromptDocument.__fields__.get(name)
+    if field is None:
+        return None
+    structured = isinstance(field.type_, type) and issubclass(field.type_, BaseModel)
+    if field.shape == SHAPE_SINGLETON and not structured:
+        return "one"
+    return "repeated" if field.shape == SHAPE_LIST and not structured else "json"
+
+
+async def stream_fields(request: Request, limits: HttpLimits) -> dict[str, Any]:
+    """The PromptDocument fields of a `GET /stream`: its JSON body if it has one, else its query parameters.
+    Other parameters (`api_key`, a cache-buster) are ignored, as fields PromptDocument lacks are in a body."""
+    body = await request.body()
+    if body:
+        fields = await json_body(request, limits)
+        if not isinstance(fields, dict):
+            raise OpenAIError(400, "the request body must be a JSON object")
+        return fields
+    return await query_fields(request.query_params, limits)
+
+
+async def query_fields(params: QueryParams, limits: HttpLimits) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for name in params:
+        kind = query_kind(name)
+        if kind == "one":
+            fields[name] = params[name]
+        elif kind == "repeated":
+            fields[name] = params.getlist(name)
+            if "" in fields[name]:  # `stop=` would be a stop string that never matches
+                raise OpenAIError(400, f"`{name}` must not be empty: leave it out, or give each value some text",
+                                  param=name, code="invalid_value")
+        elif kind == "json":
+            try:
+                fields[name] = await parse_json(params[name], limits, f"the query parameter `{name}`")
+            except JsonError as error:
+                raise OpenAIError(400, str(error), param=name, code="invalid_value") from None
+    return fields
+
+
+async def open_stream(
+    request: Request, streamer: Any, prompt: PromptDocument
+) -> tuple[DocStream, ModelOutputDocument] | Response:
+    """Start the generation and wait for its first document, which decides the status: a refused request gets its
+    error response (4xx, or 429, 503) before any stream starts; 499 when the client left first."""
+    stream = DocStream(streamer, prompt)
+    first = await until_disconnect(request, stream.first())
+    if first is None:
+        await stream.close()
+        return Response(status_code=499)
+    if (refusal := failure(first)) is not None:
+        await stream.close()
+        return error_response(refusal)
+    return stream, first
+
+
+async def document_events(stream: DocStream, first: ModelOutputDocument) -> AsyncIterator[bytes]:
+    """The body of `GET /stream`: each document as an `update` event, a failure after the first as an `error`
+    event (the document, with `error` and `error_code`), then `end` with the finish_reason. `end` has a data line
+    so that a browser's EventSource fires it: the page closes the EventSource there, which would otherwise
+    reconnect and start the generation again."""
+    try:
+        last = first
+        yield sse(first.json(), "update")
+        async for last in stream:
+            yield sse(last.json(), "update" if failure(last) is None else "error")
+        yield sse({"finish_reason": last.finish_reason}, "end")
+    finally:
+        await stream.close()
 
 
 async def until_disconnect(request: Request, awaitable):
@@ -226,7 +332,9 @@ class Conversation:
         self.turns = [m for m in messages if m["role"] != "system"] + [{"role": "assistant", "content": answer}]
 
 
-async def websocket_session(websocket: WebSocket, streamer: Any) -> None:
+async def websocket_session(websocket: WebSocket, streamer: Any, limits: HttpLimits) -> None:
+    """One connection's chat. A message past `limits.max_ws_message_bytes` never reaches it: uvicorn closes the
+    connection with 1009 (gateway/limits.py)."""
     await websocket.accept()
     send_lock = asyncio.Lock()
     running: asyncio.Task | None = None
@@ -261,9 +369,12 @@ async def websocket_session(websocket: WebSocket, streamer: Any) -> None:
     try:
         while True:
             try:
-                message = await websocket.receive_json()
-            except (ValueError, KeyError):
-                await refuse("send JSON messages")
+                message = await parse_json(await websocket.receive_text(), limits, "the message")
+            except KeyError:  # a binary message
+                await refuse("send JSON messages as text")
+                continue
+            except JsonError as error:
+                await refuse(str(error))
                 continue
             if not isinstance(message, dict):
                 await refuse("send a JSON object")
@@ -279,7 +390,7 @@ async def websocket_session(websocket: WebSocket, streamer: Any) -> None:
                     await send({"type": "end", "id": counter, "finish_reason": "cancelled"})
                 continue
             if kind != "prompt":
-                await refuse(f"unknown message type {kind!r}")
+                await refuse(f"unknown message type {json.dumps(kind)}: send prompt, cancel or reset")
                 continue
             if running is not None and not running.done():
                 await refuse('an answer is still running: wait for its end or send {"type": "cancel"}')
@@ -288,9 +399,9 @@ async def websocket_session(websocket: WebSocket, streamer: Any) -> None:
             fields.setdefault("max_tokens", DEFAULT_WS_MAX_TOKENS)
             fields["messages"], fields["prompt"] = conversation.messages(message)
             try:
-                prompt = PromptDocument(**fields)
-            except ValidationError as error:
-                await refuse(str(error))
+                prompt = make_prompt(fields)
+            except OpenAIError as error:
+                await refuse(error.message)
                 continue
             counter += 1
             running = asyncio.create_task(answer(counter, prompt))

@@ -27,7 +27,14 @@ from gateway.health import (
     guarded,
     started_by_jina_flow,
 )
-from gateway.limits import DEFAULT_MAX_BODY_BYTES, BodyLimits
+from gateway.limits import (
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_JSON_DEPTH,
+    DEFAULT_MAX_WS_MESSAGE_BYTES,
+    BodyLimits,
+    HttpLimits,
+)
 from gateway.model_info import ModelInfo
 from gateway.origins import OriginCheck
 from gateway.predictions import PredictionSettings, add_prediction_routes
@@ -65,7 +72,7 @@ class LLMHTTPGateway(HTTPGateway):
         watch: ExecutorWatch,
         keys: Keys,
         allowed_origins: frozenset[str],
-        max_body_bytes: int,
+        limits: HttpLimits,
         max_generate_documents: int,
         model_name: str | None = None,
         predictions: dict | None = None,
@@ -75,7 +82,8 @@ class LLMHTTPGateway(HTTPGateway):
         self.watch = watch
         self.keys = keys
         self.allowed_origins = allowed_origins
-        self.max_body_bytes = max_body_bytes
+        self.limits = limits
+        self.uvicorn_kwargs.update(limits.uvicorn_kwargs())  # the connection limits (gateway/limits.py)
         self.max_generate_documents = max_generate_documents
         self.model_name = model_name
         self.predictions = PredictionSettings.parse(predictions)  # a wrong setting fails the start
@@ -83,11 +91,11 @@ class LLMHTTPGateway(HTTPGateway):
     @property
     def app(self):
         model_info = ModelInfo(self.streamer, self.model_name)
-        app = add_routes(super().app, self.streamer, model_info)
+        app = add_routes(super().app, self.streamer, model_info, self.limits)
         add_generate_route(app, self.streamer, self.max_generate_documents)  # replaces Jina's (gateway/unary.py)
         add_health_routes(app, self.watch)
         app.add_middleware(RetryLater, watch=self.watch)
-        app.add_middleware(BodyLimits, max_body_bytes=self.max_body_bytes)
+        app.add_middleware(BodyLimits, limits=self.limits)
         app.add_middleware(RequireKey, keys=self.keys)  # no answer at all without a key
         app.add_middleware(OriginCheck, allowed_origins=self.allowed_origins)
         if self.allowed_origins:  # CORS only for the origins named (preflights carry no key: outermost)
@@ -116,6 +124,8 @@ class LLMGateway(CompositeGateway):
     `allowed_origins`: web origins (`https://app.example.com`) besides the service's own whose pages may open `/ws`
     and call the HTTP API (CORS); none by default (gateway/origins.py).
     `max_body_bytes`: the largest HTTP request body (413 past it; gateway/limits.py).
+    `max_json_depth`, `max_ws_message_bytes`, `header_timeout_s`: how deep a JSON body may nest (400 past it), the
+    largest WebSocket message (1009 past it), how long a request's headers may take (408 past it; gateway/limits.py).
     `max_generate_documents`: the most PromptDocuments one `POST /generate` call takes (gateway/unary.py).
     `max_grpc_message_bytes`: the largest gRPC message the gateway's gRPC server receives (Jina's default: any);
     past it the call ends with RESOURCE_EXHAUSTED.
@@ -124,7 +134,9 @@ class LLMGateway(CompositeGateway):
     def __init__(self, model_name: str | None = None, drain_timeout_s: float = 20.0,
                  predictions: dict | None = None, health_interval_s: float = 0.5, retry_after_s: int = 5,
                  exit_on_executor_loss: bool | None = None, allowed_origins: list[str] | None = None,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_json_depth: int = DEFAULT_MAX_JSON_DEPTH,
+                 max_ws_message_bytes: int = DEFAULT_MAX_WS_MESSAGE_BYTES,
+                 header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
                  max_generate_documents: int = DEFAULT_MAX_GENERATE_DOCUMENTS,
                  max_grpc_message_bytes: int = DEFAULT_MAX_GRPC_MESSAGE_BYTES, **kwargs) -> None:
         # Both raise UnverifiedVersion on a grpcio or jina they were not verified against: the gateway fails to
@@ -139,12 +151,13 @@ class LLMGateway(CompositeGateway):
         )
         keys = Keys(load_keys())  # a key file that names no key fails the start
         origins = frozenset(allowed_origins or ())
+        limits = HttpLimits(max_body_bytes, max_json_depth, max_ws_message_bytes, header_timeout_s)  # checked here
         on_lost = exit_flow if exit_on_executor_loss else None
         self.watch = ExecutorWatch(executor_addresses(deployments), health_interval_s, retry_after_s, on_lost)
         jina_gateway.build_servers(
             self,
             lambda **server_kwargs: LLMHTTPGateway(
-                self.watch, keys, origins, max_body_bytes, max_generate_documents,
+                self.watch, keys, origins, limits, max_generate_documents,
                 model_name=model_name, predictions=predictions, **server_kwargs,
             ),
             EXECUTOR_CHANNEL_OPTIONS,

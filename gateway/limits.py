@@ -1,35 +1,151 @@
-"""Limits on what an HTTP request may send before any route reads it (TGI has the same): the body's size and type.
+"""Limits on what a client may send, checked before any route reads it (TGI has the same), each a setting of the
+gateway (`LLMGateway`'s `uses_with`) whose error names it:
 
-- A body larger than `max_body_bytes` gets 413 naming the limit, whether it says its length (Content-Length) or
-  not (chunked: counted as it arrives, and held here, at most `max_body_bytes`, until it is whole).
+- `max_body_bytes`: a larger HTTP body gets 413, whether it says its length (Content-Length) or not (chunked:
+  counted as it arrives).
 - A POST body that is not JSON (`Content-Type` other than application/json, e.g. the text/plain of a cross-site
   form, which a browser sends without a CORS preflight) gets 415: no cross-site page can start a generation.
+- `max_json_depth`: a body (or a JSON value in `/stream`'s query, or a WebSocket message) that nests arrays and
+  objects deeper gets 400. Python's parser fails on deep nesting with RecursionError, which a route would answer
+  with a 500; nothing the service reads needs more than a few levels.
+- `max_ws_message_bytes`: a larger WebSocket message closes the connection with 1009 (message too big) and a reason
+  naming the limit; as large as an HTTP body by default, so that a prompt that fits one fits the other.
+- `header_timeout_s`: a connection whose request line and headers are not whole this long after it opened (or
+  after its previous response) gets 408 and is closed, so that clients trickling headers (slowloris) cannot hold
+  connections open.
+The last two live in the protocol classes given to uvicorn (workarounds/uvicorn_protocols.py).
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from workarounds import uvicorn_protocols
+
 DEFAULT_MAX_BODY_BYTES = 2_000_000  # TGI's payload limit
+DEFAULT_MAX_JSON_DEPTH = 64  # OpenAI's requests nest 5 levels deep
+DEFAULT_MAX_WS_MESSAGE_BYTES = DEFAULT_MAX_BODY_BYTES
+DEFAULT_HEADER_TIMEOUT_S = 10.0  # Apache's mod_reqtimeout allows 20-40 s, growing with the bytes received
+# Bodies larger than this have their nesting measured in a worker thread (about 40 ms per MB), off the event loop.
+INLINE_DEPTH_BYTES = 64 * 1024
+
+
+def error_body(message: str, code: str) -> dict:
+    return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
 
 
 def error(status: int, message: str, code: str) -> JSONResponse:
-    body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(error_body(message, code), status_code=status)
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """The gateway's limits on what a client sends (this module's docstring)."""
+
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_json_depth: int = DEFAULT_MAX_JSON_DEPTH
+    max_ws_message_bytes: int = DEFAULT_MAX_WS_MESSAGE_BYTES
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+
+    def __post_init__(self) -> None:  # a wrong setting fails the gateway's start, naming it
+        for name in ("max_body_bytes", "max_json_depth", "max_ws_message_bytes", "header_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ValueError(f"{name} must be a number > 0, got {value!r}")
+
+    def too_deep(self, where: str) -> str:
+        limit = self.max_json_depth
+        return f"{where} nests arrays and objects deeper than the limit of {limit} levels (max_json_depth)"
+
+    def uvicorn_kwargs(self) -> dict[str, Any]:
+        """The settings of uvicorn, the server Jina's HTTP gateway runs, that hold the connection limits."""
+        uvicorn_protocols.install()
+        message = f"the request headers took longer than the limit of {self.header_timeout_s:g} s (header_timeout_s)"
+        body = json.dumps(error_body(message, "request_timeout")).encode()
+        response = (
+            b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        reason = f"message larger than the limit of {self.max_ws_message_bytes} bytes (max_ws_message_bytes)"
+        return {
+            "http": uvicorn_protocols.header_deadline_protocol(self.header_timeout_s, response),
+            "ws": uvicorn_protocols.message_limit_protocol(reason),
+            "ws_max_size": self.max_ws_message_bytes,
+        }
+
+
+# JSON nesting -----------------------------------------------------------------------------------------------------
+
+STEPS = np.zeros(256, np.int8)  # what each byte does to the nesting depth outside strings
+STEPS[list(b"[{")] = 1
+STEPS[list(b"]}")] = -1
+QUOTE, BACKSLASH = ord('"'), ord("\\")
+
+
+def json_depth(data: bytes) -> int:
+    """How deep arrays and objects nest in the JSON text `data` (brackets inside strings do not count), in numpy:
+    a loop over the bytes in Python would take a second for a body at the size limit."""
+    codes = np.frombuffer(data, np.uint8)
+    steps = STEPS[codes]
+    quotes = codes == QUOTE
+    backslashes = codes == BACKSLASH
+    if backslashes.any():  # a quote after an odd run of backslashes is inside its string
+        positions = np.arange(len(codes))
+        last_other = np.maximum.accumulate(np.where(backslashes, -1, positions))  # the last non-backslash so far
+        run_before = np.zeros(len(codes), np.int64)
+        run_before[1:] = positions[:-1] - last_other[:-1]
+        quotes &= run_before % 2 == 0
+    inside_string = np.cumsum(quotes, dtype=np.int64) % 2 == 1
+    return int(np.cumsum(np.where(inside_string, 0, steps), dtype=np.int64).max(initial=0))
+
+
+def deeper_than(data: bytes, max_depth: int) -> bool:
+    # Fewer opening brackets than the limit cannot nest past it: most bodies are decided by two counts.
+    return data.count(b"[") + data.count(b"{") > max_depth and json_depth(data) > max_depth
+
+
+async def nests_deeper_than(data: bytes, max_depth: int) -> bool:
+    if len(data) <= INLINE_DEPTH_BYTES:
+        return deeper_than(data, max_depth)
+    return await asyncio.to_thread(deeper_than, data, max_depth)
+
+
+class JsonError(ValueError):
+    """Text that is not JSON, or nests deeper than the limit: the message says which."""
+
+
+async def parse_json(text: str | bytes, limits: HttpLimits, what: str) -> Any:
+    """`text` parsed as JSON, or JsonError naming `what` and the problem (`max_json_depth` when it nests too deep)."""
+    data = text.encode() if isinstance(text, str) else text
+    if await nests_deeper_than(data, limits.max_json_depth):
+        raise JsonError(limits.too_deep(what))
+    try:
+        return json.loads(data)
+    except ValueError as problem:  # JSONDecodeError, or bytes that are not UTF-8
+        raise JsonError(f"{what} is not valid JSON: {problem}") from None
+
+
+# The middleware ---------------------------------------------------------------------------------------------------
 
 
 class BodyLimits:
-    """ASGI middleware: 413 past `max_body_bytes`, 415 for a POST body that is not JSON."""
+    """ASGI middleware: 413 past `max_body_bytes`, 415 for a POST body that is not JSON, 400 for a body nested
+    deeper than `max_json_depth`."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
-        if max_body_bytes < 1:
-            raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+    def __init__(self, app: ASGIApp, limits: HttpLimits) -> None:
         self.app = app
-        self.max_body_bytes = max_body_bytes
+        self.limits = limits
 
     def too_large(self) -> JSONResponse:
-        message = f"the request body is larger than the limit of {self.max_body_bytes} bytes (max_body_bytes)"
+        limit = self.limits.max_body_bytes
+        message = f"the request body is larger than the limit of {limit} bytes (max_body_bytes)"
         return error(413, message, "request_too_large")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -46,31 +162,34 @@ class BodyLimits:
                 message = f"send the request body as application/json (Content-Type: {shown})"
                 await error(415, message, "unsupported_media_type")(scope, receive, send)
                 return
-        if length is not None:
-            if not length.isdigit() or int(length) > self.max_body_bytes:
-                await self.too_large()(scope, receive, send)
-                return
-            await self.app(scope, receive, send)
+        if length is not None and (not length.isdigit() or int(length) > self.limits.max_body_bytes):
+            await self.too_large()(scope, receive, send)
             return
         if not has_body:
             await self.app(scope, receive, send)
             return
-        # No length given (chunked): read the body here, up to the limit, then hand it on whole.
-        messages: list[Message] = []
+        # Read the body here, up to the limit (a chunked one says no length), to check its nesting before a
+        # route parses it; then hand it on whole.
+        chunks: list[bytes] = []
         size = 0
         while True:
-            chunk = await receive()
-            messages.append(chunk)
-            if chunk["type"] != "http.request":
-                break
-            size += len(chunk.get("body", b""))
-            if size > self.max_body_bytes:
+            received = await receive()
+            if received["type"] != "http.request":
+                return  # the client left before its body was whole: nobody to answer
+            chunks.append(received.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limits.max_body_bytes:
                 await self.too_large()(scope, receive, send)
                 return
-            if not chunk.get("more_body", False):
+            if not received.get("more_body", False):
                 break
+        body = b"".join(chunks)
+        if await nests_deeper_than(body, self.limits.max_json_depth):
+            await error(400, self.limits.too_deep("the request body"), "invalid_json")(scope, receive, send)
+            return
+        whole: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
 
         async def replay() -> Message:
-            return messages.pop(0) if messages else await receive()
+            return whole.pop() if whole else await receive()
 
         await self.app(scope, replay, send)

@@ -15,8 +15,8 @@ from gateway.relay import TaskRelay
 from schemas import ErrorCode, ModelOutputDocument, PromptDocument, error_document
 
 STREAM_ENDPOINT = "/stream"
-# What a client is told when the executor cannot be reached: never the error itself, which names internal addresses
-# (it goes to the log).
+# What a client is told when the executor cannot be reached or fails: never the error itself, which names internal
+# addresses or holds a traceback (it goes to the log, with the document's id, which the client is told).
 UNAVAILABLE_MESSAGE = "the engine is unavailable: retry later"
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,9 @@ async def documents(streamer: Any, prompt: PromptDocument) -> AsyncIterator[Mode
         # schema); with one it would fill the wrong class.
         async for doc, error in streamer.stream_doc(doc=prompt, exec_endpoint=STREAM_ENDPOINT):
             if error:  # the executor raised: it never should (executor/executor.py)
-                yield error_document(f"the executor failed: {error}", ErrorCode.INTERNAL)
+                log.error(f"request {prompt.id}: the executor failed: {error}")
+                message = f"the executor failed (request {prompt.id}: the gateway's log has the details)"
+                yield error_document(message, ErrorCode.INTERNAL)
                 return
             if not isinstance(doc, ModelOutputDocument):
                 doc = ModelOutputDocument.parse_obj(doc.dict())
@@ -74,7 +76,7 @@ async def documents(streamer: Any, prompt: PromptDocument) -> AsyncIterator[Mode
             if doc.finish_reason is not None:
                 return
     except Exception as error:  # the executor is unreachable, the connection broke, ...
-        log.warning(f"the stream to the executor failed: {error!r}")
+        log.warning(f"request {prompt.id}: the stream to the executor failed: {error!r}")
         yield error_document(UNAVAILABLE_MESSAGE, ErrorCode.UNAVAILABLE)
         return
     yield error_document("the stream ended without a last document", ErrorCode.UNAVAILABLE)

@@ -64,9 +64,64 @@ async def test_jina_stream_sse_sends_an_update_per_document_then_end(tiny_servic
     docs = [ModelOutputDocument.parse_raw(data) for _, data in events[:-1]]
     assert [doc.index for doc in docs] == list(range(len(docs)))
     assert docs[-1].finish_reason in ("length", "eos") and all(doc.finish_reason is None for doc in docs[:-1])
+    # A data line: a browser's EventSource fires `end` (and the page closes it) instead of reconnecting.
+    assert json.loads(events[-1][1]) == {"finish_reason": docs[-1].finish_reason}
     assert "".join(doc.text for doc in docs) == docs[-1].generated_text
     grpc = await stream_docs(tiny_service, **fields)
     assert [doc.generated_text for doc in grpc] == [doc.generated_text for doc in docs]
+
+
+async def test_jina_stream_takes_what_an_event_source_can_send_in_its_url(tiny_service):
+    """A browser's EventSource sends no body: stop strings repeat, a conversation comes as JSON."""
+    params = [("messages", json.dumps(USER)), ("max_tokens", "4"), ("stop", "zz"), ("stop", "yy")]
+    async with (
+        httpx.AsyncClient(base_url=tiny_service.url, timeout=60) as client,
+        client.stream("GET", "/stream", params=params) as response,
+    ):
+        assert response.status_code == 200
+        events = [(event, data) async for event, data in sse_events(response)]
+    grpc = await stream_docs(tiny_service, messages=USER, max_tokens=4, stop=["zz", "yy"])
+    assert json.loads(events[-2][1])["generated_text"] == grpc[-1].generated_text
+    assert events[-1] == ("end", json.dumps({"finish_reason": grpc[-1].finish_reason}))
+
+
+BAD_STREAMS = [
+    pytest.param({}, "max_tokens", "`max_tokens` is missing (required, of type int)", id="nothing"),
+    pytest.param({"prompt": "hi"}, "max_tokens", "`max_tokens` is missing", id="no-max-tokens"),
+    pytest.param({"max_tokens": "5"}, None, "`prompt`", id="no-prompt"),
+    pytest.param({"prompt": "hi", "max_tokens": "abc"}, "max_tokens", "`max_tokens` must be of type int",
+                 id="max-tokens-abc"),
+    pytest.param({"prompt": "hi", "max_tokens": "0"}, None, "max_tokens must be at least 1", id="max-tokens-zero"),
+    pytest.param({"prompt": "hi", "max_tokens": "5", "stop": ""}, "stop", "`stop` must not be empty", id="stop-empty"),
+    pytest.param({"prompt": "hi", "max_tokens": "5", "temperature": "hot"}, "temperature",
+                 "`temperature` must be of type float", id="temperature-hot"),
+    pytest.param({"prompt": "hi", "max_tokens": "5", "chat_template": "maybe"}, "chat_template",
+                 "`chat_template` must be of type bool", id="chat-template-maybe"),
+    pytest.param({"messages": "[{", "max_tokens": "5"}, "messages", "the query parameter `messages` is not valid JSON",
+                 id="messages-not-json"),
+    pytest.param({"messages": '[{"role": "user"}]', "max_tokens": "5"}, "messages",
+                 "`messages.0.content` is missing", id="message-without-content"),
+    pytest.param({"prompt": "hi", "max_tokens": "100000"}, None, "context", id="beyond-the-context"),
+]
+
+
+@pytest.mark.parametrize("params, param, message", BAD_STREAMS)
+async def test_jina_stream_refuses_a_bad_request_with_a_4xx_naming_the_field(tiny_service, params, param, message):
+    async with httpx.AsyncClient(base_url=tiny_service.url, timeout=60) as client:
+        response = await client.get("/stream", params=params)
+    assert response.status_code == 400 and response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert message in error["message"] and error["param"] == param
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"prompt": "hi", "max_tokens": "many"}, "`max_tokens` must be of type int"),
+    ([{"prompt": "hi", "max_tokens": 5}], "the request body must be a JSON object"),
+], ids=["mistyped", "not-an-object"])
+async def test_jina_stream_refuses_a_bad_json_body_too(tiny_service, body, message):
+    async with httpx.AsyncClient(base_url=tiny_service.url, timeout=60) as client:
+        response = await client.request("GET", "/stream", json=body)
+    assert response.status_code == 400 and message in response.json()["error"]["message"]
 
 
 async def test_grpc_stream_doc_keeps_working_beside_the_http_api(tiny_service):
@@ -226,6 +281,18 @@ async def test_a_failure_after_the_stream_started_reaches_the_sdk_as_an_error(tm
         events = [line for line in response.text.splitlines() if line.startswith("data: ")]
         assert json.loads(events[-1][len("data: "):])["error"]["message"]
         assert "[DONE]" not in response.text
+        # Jina's SSE route: the documents before the failure, the failure as an `error` event, then `end`.
+        params = {"prompt": "FAULT here", "max_tokens": 20, "chat_template": False}
+        async with (
+            httpx.AsyncClient(base_url=service.url, timeout=60) as http,
+            http.stream("GET", "/stream", params=params) as response,
+        ):
+            assert response.status_code == 200
+            events = [(event, data) async for event, data in sse_events(response)]
+        assert [event for event, _ in events] == ["update"] * (len(events) - 2) + ["error", "end"] and len(events) > 2
+        failed = ModelOutputDocument.parse_raw(events[-2][1])
+        assert failed.error_code == "internal" and "internal error while processing a token" in failed.error
+        assert json.loads(events[-1][1]) == {"finish_reason": "error"}
         # Without streaming the failure is a 5xx with the error JSON.
         async with httpx.AsyncClient(base_url=service.url, timeout=60) as http:
             response = await http.post(COMPLETIONS, json={"prompt": "FAULT here", "max_tokens": 20})
