@@ -6,8 +6,9 @@ the WebSocket `/ws` also takes the key as `?api_key=` (a browser's WebSocket can
 handshake without it, and every gRPC call but the health check needs `authorization: Bearer <key>` in its metadata
 (`Client.stream_doc(..., metadata=(("authorization", "Bearer <key>"),))`) and otherwise ends with UNAUTHENTICATED,
 which Jina's client raises as BadServerFlow naming the status. The probes (`/health`, `/ready`, gRPC health) and
-the page at `/` (which asks for the key) stay open. Without keys the service is open, as before, and says so in
-its start-up log. Keys are compared in constant time (hmac.compare_digest, against every key).
+the page at `/` (which asks for the key) with its files under `/static/` stay open. Without keys the service is
+open, as before, and says so in its start-up log. Keys are compared in constant time (hmac.compare_digest,
+against every key).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import grpc
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.health import OPEN_PATHS
+from gateway.health import is_open
 
 KEY_ENV = "LLM_API_KEY"
 KEY_FILE_ENV = "LLM_API_KEY_FILE"
@@ -96,7 +97,7 @@ class RequireKey:
         self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or not self.keys.required or scope["path"] in OPEN_PATHS:
+        if scope["type"] not in ("http", "websocket") or not self.keys.required or is_open(scope["path"]):
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers", []))

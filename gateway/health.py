@@ -175,8 +175,16 @@ def guarded(watch: ExecutorWatch, stream_doc: StreamDocHandler) -> StreamDocHand
 
 # HTTP ------------------------------------------------------------------------------------------------------------
 
-# What stays open while the engine is unavailable: the probes and the page (which reports the error itself).
+# What stays open while the engine is unavailable, and without an API key: the probes and the page with its files
+# under /static/ (the page reports the error, and asks for the key, itself).
 OPEN_PATHS = frozenset({"/health", "/ready", "/"})
+OPEN_PREFIX = "/static/"
+
+
+def is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIX)
+
+
 RETRY_LATER = (429, 503)
 
 
@@ -201,7 +209,7 @@ def add_health_routes(app: FastAPI, watch: ExecutorWatch) -> None:
 
 
 class RetryLater:
-    """ASGI middleware: while the engine is unavailable every HTTP request but OPEN_PATHS gets a 503 at once,
+    """ASGI middleware: while the engine is unavailable every HTTP request but the open ones gets a 503 at once,
     without reaching for the executor; every 429 and 503 carries `Retry-After`. (Pure ASGI, not Starlette's
     BaseHTTPMiddleware, which would stand between a streaming response and the client's disconnect.)"""
 
@@ -213,7 +221,7 @@ class RetryLater:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if not self.watch.serving and scope["path"] not in OPEN_PATHS:
+        if not self.watch.serving and not is_open(scope["path"]):
             await unavailable_response(self.watch.retry_after_s)(scope, receive, send)
             return
         retry_after = str(self.watch.retry_after_s).encode()
