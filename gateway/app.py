@@ -68,8 +68,24 @@ def add_routes(app: FastAPI, streamer: Any, model_info: ModelInfo, limits: HttpL
     index_html = (STATIC / "index.html").read_text()
 
     @app.get("/", include_in_schema=False)
-    async def page() -> HTMLResponse:
-        return HTMLResponse(index_html)
+    async def page(request: Request) -> HTMLResponse:
+        # The second line behind DOMPurify: only the page's own files run and style it, it talks to this service
+        # alone (no image or request can carry the conversation elsewhere), and no other site may frame it.
+        # `'self'` covers ws:/wss: in CSP 3; the explicit socket origins are for browsers that predate that. The
+        # Host header goes into them only when it is a plain host[:port].
+        host = request.headers.get("host", "")
+        plain = host.isascii() and all(character.isalnum() or character in ".-:[]" for character in host)
+        sockets = f" ws://{host} wss://{host}" if host and plain else ""
+        policy = (
+            "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+            f"connect-src 'self'{sockets}; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+        )
+        headers = {
+            "Content-Security-Policy": policy,
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+        }
+        return HTMLResponse(index_html, headers=headers)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")  # the page's vendored renderer
 

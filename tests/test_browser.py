@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Page
 
-from harness.browser import page_at
+from harness.browser import page_at, wait_idle
 from harness.service import FRANCE, Service, eventually, idle, stream_docs
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
@@ -50,7 +50,7 @@ async def start_a_long_answer(page: Page, service: Service) -> float:
     await page.fill("#prompt", "Write a very long story about a dragon who learns to cook, with many chapters.")
     await page.fill("#max-tokens", "2000")
     await page.click("#send")
-    await page.wait_for_function("document.getElementById('answer').textContent.length > 20", timeout=120_000)
+    await page.wait_for_function("() => document.getElementById('answer').textContent.length > 20", timeout=120_000)
     return cancelled
 
 
@@ -72,7 +72,7 @@ async def test_stop_ends_a_long_answer(page, embedded_service):
     cancelled = await start_a_long_answer(page, embedded_service)
     assert await state(page) == "running" and await page.is_enabled("#stop")
     await page.click("#stop")
-    await page.wait_for_function("document.body.dataset.state === 'idle'", timeout=60_000)
+    await wait_idle(page)
     assert "stopped" in await page.text_content("#status")
     assert await page.is_disabled("#stop") and await page.is_enabled("#send")
     # The engine stopped the stream (finish_reason=cancelled), far short of 2000 tokens.

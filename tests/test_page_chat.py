@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Page
 
-from harness.browser import page_at
+from harness.browser import page_at, wait_idle
 from harness.service import Service
 
 pytestmark = pytest.mark.browser
@@ -35,12 +35,9 @@ async def chat_page(tiny_service: Service, tmp_path: Path):
         yield page, sent
 
 
-async def wait_idle(page) -> None:
-    await page.wait_for_function("document.body.dataset.state === 'idle'", timeout=60_000)
-
-
 async def test_the_conversation_goes_out_as_messages_with_the_settings(chat_page):
     page, sent = chat_page
+    assert await page.is_hidden("#key-form")  # an open service asks for no key
     await page.fill("#system", "You are terse.")
     await page.fill("#temperature", "0.7")
     await page.fill("#max-tokens", "5")

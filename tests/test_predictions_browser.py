@@ -12,15 +12,13 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
-from playwright.async_api import async_playwright
 
+from harness.browser import chromium
 from harness.processes import free_port
 from harness.service import Service, idle
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
 CUT_AFTER = 5  # output events the first stream delivers before the proxy cuts it
 EVENT_END = b"\n\n"
 
@@ -137,22 +135,18 @@ async def test_an_event_source_survives_a_dropped_connection_and_shows_the_answe
     async with (
         cutting_proxy(tiny_service) as proxy,
         httpx.AsyncClient(base_url=proxy.url, timeout=120) as client,
-        async_playwright() as playwright,
+        chromium() as browser,
     ):
         fields = {"prompt": "hello there", "max_tokens": 40, "chat_template": False}
         response = await client.post("/v1/predictions", json={"input": fields, "stream": True})
         assert response.status_code == 201, response.text
         prediction = response.json()
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = await browser.new_page()
-            await page.goto(proxy.url + "/")  # the service's own page: the stream is then same-origin
-            await page.evaluate(WATCH, prediction["urls"]["stream"])
-            await page.wait_for_function("window.seen.done !== null", timeout=120_000)
-            seen = await page.evaluate("window.seen")
-            shown = await page.text_content("#prediction")
-        finally:
-            await browser.close()
+        page = await browser.new_page()
+        await page.goto(proxy.url + "/")  # the service's own page: the stream is then same-origin
+        await page.evaluate(WATCH, prediction["urls"]["stream"])
+        await page.wait_for_function("() => window.seen.done !== null", timeout=120_000)
+        seen = await page.evaluate("window.seen")
+        shown = await page.text_content("#prediction")
         final = (await client.get(prediction["urls"]["get"])).json()
     assert final["status"] == "succeeded" and len(final["output"]) > CUT_AFTER, "the answer should outlast the cut"
     # The first stream was cut; the EventSource reconnected once, saying where it was.
