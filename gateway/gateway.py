@@ -42,7 +42,7 @@ from gateway.relay import relayed
 from gateway.unary import DEFAULT_MAX_GENERATE_DOCUMENTS, add_generate_route
 from gateway.validation import validating
 from lifecycle import OpenStreams, drain_on_sigterm
-from workarounds import grpc_cancel, jina_gateway
+from workarounds import grpc_cancel, jina_gateway, jina_monitoring
 
 # The gateway's gRPC channels to the executors. gRPC backs off from an address that refuses connections (up to two
 # minutes between attempts), and the gateway tries its executors while they are still loading the model. By
@@ -164,6 +164,8 @@ class LLMGateway(CompositeGateway):
             grpc_server_options(max_grpc_message_bytes),
             **kwargs,
         )
+        # Jina's Prometheus endpoint listens on every address: on the metrics host only (loopback by default).
+        jina_monitoring.install()
         self.model_name = model_name
         self.drain_timeout_s = drain_timeout_s
         self.open_streams = OpenStreams()

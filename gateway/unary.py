@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from gateway.app import until_disconnect
 from gateway.openai_api import OpenAIError, failure
 from gateway.streams import DocStream
+from gateway.validation import describe
 from schemas import ModelOutputDocument, PromptDocument
 
 GENERATE_PATH = "/generate"
@@ -108,7 +109,8 @@ def parse_body(body: Any, max_documents: int) -> tuple[list[PromptDocument], str
         try:
             prompts.append(PromptDocument.parse_obj(item))
         except ValidationError as error:
-            raise OpenAIError(400, f"`{where}` is not a valid PromptDocument: {error}", param=where) from None
+            reasons = "; ".join(map(describe, error.errors()))  # pydantic's own text names its classes
+            raise OpenAIError(400, f"`{where}` is not a valid PromptDocument: {reasons}", param=where) from None
     header = body.get("header")
     request_id = header.get("request_id") if isinstance(header, dict) else None
     return prompts, str(request_id) if request_id else uuid.uuid4().hex

@@ -42,21 +42,27 @@ def write_flow(path: Path, grpc_port: int, executor: dict) -> Path:
 
 
 def write_service_flow(
-    path: Path, grpc_port: int, http_port: int, executor: dict, model_name: str, gateway_settings: dict | None = None
+    path: Path,
+    grpc_port: int,
+    http_port: int,
+    executor: dict,
+    model_name: str,
+    gateway_settings: dict | None = None,
+    gateway_monitoring_port: int | None = None,
 ) -> Path:
     """A flow like flow.yml: the service's gateway (gateway/: LLMGateway) on gRPC and HTTP, then the executor.
-    `gateway_settings`: more of the gateway's `uses_with` (e.g. `predictions`)."""
-    flow = {
-        "jtype": "Flow",
-        "gateway": {
-            "uses": "LLMGateway",
-            "py_modules": [str(ROOT / "gateway" / "__init__.py")],
-            "uses_with": {"model_name": model_name, **(gateway_settings or {})},
-            "protocol": ["grpc", "http"],
-            "port": [grpc_port, http_port],
-        },
-        "executors": [executor],
+    `gateway_settings`: more of the gateway's `uses_with` (e.g. `predictions`). `gateway_monitoring_port`: the
+    gateway's Prometheus endpoint, none without it."""
+    gateway: dict = {
+        "uses": "LLMGateway",
+        "py_modules": [str(ROOT / "gateway" / "__init__.py")],
+        "uses_with": {"model_name": model_name, **(gateway_settings or {})},
+        "protocol": ["grpc", "http"],
+        "port": [grpc_port, http_port],
     }
+    if gateway_monitoring_port is not None:
+        gateway.update(monitoring=True, port_monitoring=gateway_monitoring_port)
+    flow = {"jtype": "Flow", "gateway": gateway, "executors": [executor]}
     path.write_text(yaml.safe_dump(flow, sort_keys=False))
     return path
 

@@ -30,6 +30,7 @@ class Service:
     grpc_port: int
     http_port: int
     monitoring_ports: list[int]  # the executor's Prometheus endpoint, one per replica
+    gateway_monitoring_port: int  # the gateway's own (Jina's request metrics)
     process: subprocess.Popen | None = None  # the `jina flow` process
 
     @property
@@ -72,7 +73,7 @@ def serve(
     `tmp_path_factory` is pytest's, or anything whose `mktemp(name)` makes a fresh directory. `gateway_settings`:
     more of the gateway's `uses_with` than `model_name`."""
     tmp = tmp_path_factory.mktemp(name)
-    service = Service(free_port(), free_port(), [free_port() for _ in range(replicas)])
+    service = Service(free_port(), free_port(), [free_port() for _ in range(replicas)], free_port())
     executor = {
         "name": "llm",
         "uses": str(ROOT / uses),
@@ -82,9 +83,10 @@ def serve(
         "port_monitoring": service.monitoring_ports,
     }
     flow_file = write_service_flow(
-        tmp / "flow.yml", service.grpc_port, service.http_port, executor, model_name, gateway_settings
+        tmp / "flow.yml", service.grpc_port, service.http_port, executor, model_name, gateway_settings,
+        service.gateway_monitoring_port,
     )
-    ports = [service.grpc_port, service.http_port, *service.monitoring_ports]
+    ports = [service.grpc_port, service.http_port, *service.monitoring_ports, service.gateway_monitoring_port]
     with running_flow(flow_file, ports, tmp / "flow.log") as service.process:
         yield service
 

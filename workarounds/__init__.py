@@ -13,6 +13,8 @@ name of Jina, grpc or asyncio.
 - jina_worker:     Jina's worker drops an executor's generator at a `yield` without closing it.
 - asyncio_signals: running the SIGTERM handler Jina installed, after a drain of our own.
 - jina_client:     Jina's gRPC client drops stream_doc's call metadata (an API key).
+- jina_monitoring: Jina's Prometheus endpoints listen on every address; moved to the metrics host (loopback).
+- uvicorn_protocols: uvicorn never times a request's headers (slowloris); its 1009 close names no limit.
 """
 
 from workarounds.versions import UnverifiedVersion

@@ -8,6 +8,9 @@ Measured for the three fixes of lost cancellations together (this, grpc_cancel a
 them, 6 client tasks cancelled while the engine held 4 streams running and 2 waiting (tiny model) left streams
 running on to max_tokens in 4 rounds of 16; after them, in none of 42 rounds.
 tests/test_service.py cancels 4 streams the moment the engine runs them, 3 times over.
+
+`install()` is also where the executor's process moves Jina's Prometheus endpoint to the metrics host
+(workarounds/jina_monitoring.py): the executor calls it first thing, and nothing of the service runs there sooner.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from workarounds import jina_monitoring
 from workarounds.versions import require_verified
 
 VERIFIED: dict[str, tuple[str, ...]] = {"jina": ("3.34",)}
@@ -22,8 +26,10 @@ TEST = "tests/test_service.py -k cancel"
 
 
 def install() -> None:
-    """Check, at the executor's start, that this jina is one the quirk was verified on (UnverifiedVersion if not)."""
+    """Check, at the executor's start, that this jina is one the quirk was verified on (UnverifiedVersion if not),
+    then move the process's Prometheus endpoint to the metrics host (loopback by default)."""
     require_verified(__name__, VERIFIED, TEST)
+    jina_monitoring.install()
 
 
 def cancel_when_task_ends(task: asyncio.Task, cancel: Callable[[], None]) -> Callable[[], None]:
