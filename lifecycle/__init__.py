@@ -8,6 +8,11 @@ then hands over to Jina's own handler, which stops the server and exits the proc
 would go on serving as orphans, holding the ports. A child forked by Jina therefore asks the kernel for SIGTERM
 when its parent dies (PR_SET_PDEATHSIG), so that SIGTERM to the `jina flow` process alone, as Kubernetes or
 systemd send it, drains and stops the whole service.
+
+Until then, while an executor is still being built (its model loading), SIGTERM could not stop it: Jina's handler
+runs on the event loop that the constructor holds. `die_with_parent` asks for SIGKILL instead for that time: there
+is nothing to drain yet. (Measured before: SIGTERM to `jina flow` while the executor retried the hub for a model
+left the executor running for 45 s more.)
 """
 
 from __future__ import annotations
@@ -55,7 +60,8 @@ class OpenStreams:
 def drain_on_sigterm(drain: Callable[[], Awaitable[None]]) -> bool:
     """Run `drain()` on the first SIGTERM, then Jina's own SIGTERM handling. Call it from an Executor's or a
     Gateway's __init__, which Jina runs on its runtime's event loop after installing its signal handlers.
-    Returns False (and changes nothing) outside such a runtime, e.g. an Executor built in a test or a script.
+    Returns False outside such a runtime, e.g. an Executor built in a test or a script (and changes nothing there
+    but SIGTERM on the death of a parent that forked it).
     Finding Jina's handler reaches into asyncio (workarounds/asyncio_signals.py): UnverifiedVersion on a python
     or jina it was not verified on."""
     try:
@@ -63,6 +69,9 @@ def drain_on_sigterm(drain: Callable[[], Awaitable[None]]) -> bool:
     except RuntimeError:
         return False
     asyncio_signals.install()
+    # The constructor is about to hand the loop back: from here SIGTERM stops the process (die_with_parent's SIGKILL
+    # is no longer needed), through the drain below, or else through Jina's handler or SIGTERM's default action.
+    _signal_when_parent_dies(signal.SIGTERM)
     run_jina_handler = asyncio_signals.installed_handler(loop, signal.SIGTERM)
     if run_jina_handler is None:
         return False
@@ -80,16 +89,21 @@ def drain_on_sigterm(drain: Callable[[], Awaitable[None]]) -> bool:
             draining.append(loop.create_task(drain_then_stop()))
 
     loop.add_signal_handler(signal.SIGTERM, on_sigterm)
-    _sigterm_when_parent_dies()
     return True
 
 
-def _sigterm_when_parent_dies() -> None:
+def die_with_parent() -> None:
+    """Until drain_on_sigterm takes over: SIGKILL when the `jina flow` that forked this process dies. Call it first
+    in an Executor's __init__, whose model may take minutes to load (or fail to)."""
+    _signal_when_parent_dies(signal.SIGKILL)
+
+
+def _signal_when_parent_dies(sig: signal.Signals) -> None:
     parent = multiprocessing.parent_process()
     if parent is None or not sys.platform.startswith("linux"):
         return  # not a child forked by `jina flow` (e.g. `jina executor` in a container): nothing to follow
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+    if libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
         log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
     if os.getppid() != parent.pid:  # the parent died before the request above took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), sig)

@@ -1,7 +1,7 @@
 """A killed executor, on real flows of the tiny model: under `jina flow` the whole flow exits with a failure status
 at once, for its supervisor to restart; where the gateway stays (Kubernetes, docker-compose) every health surface
 says not serving and every request gets a 503 with Retry-After or an unavailable error document, never an
-internal address."""
+internal address, and serving again once the executor answers again (its restarted container)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ import urllib.error
 import urllib.request
 from email.message import Message
 
+import grpc
 import pytest
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from jina.serve.networking.utils import send_health_check_sync
 
-from gateway.health import EXIT_SIGNAL
-from harness.processes import JINA, live_processes, process_listening_on
+from gateway.health import EXIT_SIGNAL, ExecutorWatch, State
+from harness.processes import JINA, free_port, live_processes, process_listening_on
 from harness.service import TINY_LIMITS, Service, eventually, serve, stream_docs
 
 
@@ -102,3 +103,34 @@ async def test_after_the_executor_is_lost_requests_are_unavailable_never_an_addr
     (doc,) = await stream_docs(service, prompt="hi", max_tokens=3)
     assert (doc.finish_reason, doc.error_code) == ("error", "unavailable")
     assert doc.error == "the engine is unavailable: retry later"
+
+
+async def health_server(port: int) -> grpc.aio.Server:
+    """What the gateway asks of an executor: a gRPC health service, here answering SERVING."""
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    return server
+
+
+async def test_the_watch_turns_serving_again_once_a_lost_executor_answers_again():
+    """With exit_on_executor_loss false (on_lost None), as in Kubernetes: the executor's container is restarted on
+    the same address, and the gateway must serve again without a restart of its own."""
+    port = free_port()
+    watch = ExecutorWatch([f"127.0.0.1:{port}"], interval_s=0.05, retry_after_s=5, on_lost=None, timeout_s=1)
+    states: list[State] = []
+    watch.on_change.append(states.append)
+    watch.start()
+    try:
+        await eventually(lambda: states == [State.STARTING])  # nobody listens yet: still starting, not lost
+        server = await health_server(port)
+        await eventually(lambda: watch.serving)
+        await server.stop(grace=None)  # the executor is gone
+        await eventually(lambda: watch.state is State.UNAVAILABLE)
+        server = await health_server(port)  # restarted
+        await eventually(lambda: watch.serving)
+        await server.stop(grace=None)
+    finally:
+        watch.stop()
+    assert states == [State.STARTING, State.SERVING, State.UNAVAILABLE, State.SERVING]
