@@ -15,7 +15,6 @@ name of Jina, grpc or asyncio.
 - jina_client:     Jina's gRPC client drops stream_doc's call metadata (an API key).
 - jina_monitoring: Jina's Prometheus endpoints listen on every address; moved to the metrics host (loopback).
 - uvicorn_protocols: uvicorn never times a request's headers (slowloris); its 1009 close names no limit.
-- uvicorn_protocols: uvicorn never times a request's headers (slowloris); its 1009 close names no limit.
 """
 
 from workarounds.versions import UnverifiedVersion
