@@ -14,11 +14,15 @@ store serves any prediction. Cancelling closes the DocStream on the gateway that
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import json
 import logging
 import os
+import re
+import socket
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 from urllib.parse import urlsplit
@@ -58,6 +62,10 @@ class PredictionSettings:
     refusal_wait_s: float = 2.0  # how long a create waits for the executor's refusal (then 201 while it queues)
     keepalive_s: float = 15.0  # an event stream with nothing new sends a comment this often
     webhook_attempts: int = 4
+    # Host names, addresses or networks (10.0.0.0/8) that webhooks may reach although they are not public: by
+    # default a webhook to a loopback, link-local, private, ... address is refused, so that a client cannot make the
+    # gateway POST into its own network (the executor, a cloud's metadata service).
+    webhook_allowed_hosts: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, settings: dict[str, Any] | None) -> PredictionSettings:
@@ -65,11 +73,16 @@ class PredictionSettings:
         if unknown := sorted(set(settings) - {f.name for f in fields(cls)}):
             raise ValueError(f"unknown predictions setting(s) {unknown}; known: {[f.name for f in fields(cls)]}")
         settings.setdefault("redis_url", os.environ.get(REDIS_URL_ENV) or None)
+        settings["webhook_allowed_hosts"] = tuple(settings.get("webhook_allowed_hosts") or ())
         parsed = cls(**settings)
         for name in ("ttl_s", "max_kept", "max_wait_s", "keepalive_s", "webhook_attempts"):
             if not getattr(parsed, name) > 0:
                 raise ValueError(f"predictions setting {name} must be above 0, got {getattr(parsed, name)!r}")
+        parsed.webhook_guard()  # a bad entry fails the start
         return parsed
+
+    def webhook_guard(self) -> WebhookGuard:
+        return WebhookGuard.parse(self.webhook_allowed_hosts)
 
     def store(self) -> PredictionStore:
         if self.redis_url:
@@ -211,14 +224,105 @@ def end_events(prediction: Prediction, count: int) -> list[tuple[int, str, str]]
 
 # Webhooks ----------------------------------------------------------------------------------------------------------
 
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*")
+
+
+class WebhookRefused(Exception):
+    """A webhook whose host is, or resolves to, an address the gateway does not POST to."""
+
+
+def internal_kind(address: Address) -> str | None:
+    """What makes `address` one of the gateway's own network's (loopback, link-local, ...); None when public."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:127.0.0.1 reaches 127.0.0.1
+    kinds = [("unspecified", address.is_unspecified), ("loopback", address.is_loopback),
+             ("link-local", address.is_link_local), ("multicast", address.is_multicast),
+             ("private", address.is_private), ("non-public", not address.is_global)]
+    return next((kind for kind, flag in kinds if flag), None)
+
+
+async def resolve(host: str, port: int) -> list[Address]:
+    """Every address `host` resolves to, in the resolver's order (an address: itself). OSError when it does not."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in infos))
+
+
+@dataclass(frozen=True)
+class WebhookGuard:
+    """Where webhooks may go: public addresses, and the hosts and networks of `webhook_allowed_hosts`. Checked when
+    a prediction is created (a 400) and again, on the address the POST then connects to, each time one is sent: a
+    name that resolved to a public address at creation may resolve to an internal one later (DNS rebinding)."""
+
+    names: frozenset[str]
+    networks: tuple[Network, ...]
+
+    @classmethod
+    def parse(cls, hosts: Sequence[str]) -> WebhookGuard:
+        names, networks = set(), []
+        for host in hosts:
+            entry = str(host).strip().lower().rstrip(".")
+            try:
+                networks.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
+            except ValueError:
+                if not HOST_NAME.fullmatch(entry) or entry.replace(".", "").isdigit():
+                    raise ValueError(f"predictions setting webhook_allowed_hosts: {host!r} is neither a host name "
+                                     "nor an address or network (10.0.0.0/8)") from None
+                names.add(entry)
+        return cls(frozenset(names), tuple(networks))
+
+    async def addresses(self, url: httpx.URL) -> list[Address] | None:
+        """The addresses a POST to `url` may connect to; None when the setting names its host (connect by name).
+        WebhookRefused when an address it resolves to is internal and not allowed; OSError when it does not
+        resolve."""
+        host = url.host
+        if host in self.names:
+            return None
+        found = await resolve(host, url.port or (443 if url.scheme == "https" else 80))
+        for address in found:
+            if (kind := internal_kind(address)) and not any(address in network for network in self.networks):
+                where = f"{host} is" if host == str(address) else f"{host} resolves to {address},"
+                article = "an" if kind[0] in "aeiou" else "a"
+                raise WebhookRefused(
+                    f"{where} {article} {kind} address: the gateway sends webhooks to public addresses only, unless "
+                    "its predictions setting webhook_allowed_hosts names the host or a network holding the address"
+                )
+        return found
+
+    async def check(self, url: str) -> None:
+        """A create's webhook: 400 naming the field when it may not be sent to."""
+        try:
+            await self.addresses(httpx.URL(url))
+        except WebhookRefused as refusal:
+            raise bad_request("webhook", str(refusal)) from None
+        except OSError as error:
+            raise bad_request("webhook", f"{httpx.URL(url).host} does not resolve ({error})") from None
+
+    async def post(self, http: httpx.AsyncClient, url: str, payload: Any) -> httpx.Response:
+        """POST `payload` to `url` through an address resolved and checked now, the first that connects. The URL
+        names the address; the Host header and TLS (SNI, the certificate's name) keep the URL's host."""
+        target = httpx.URL(url)
+        addresses = await self.addresses(target)
+        if addresses is None:
+            return await http.post(target, json=payload, timeout=WEBHOOK_TIMEOUT_S)
+        headers = {"Host": target.netloc.decode("ascii")}
+        extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
+        for address in addresses[:-1]:
+            with contextlib.suppress(httpx.ConnectError):  # the next address, as a client connecting by name would
+                return await http.post(target.copy_with(host=str(address)), json=payload, headers=headers,
+                                       extensions=extensions, timeout=WEBHOOK_TIMEOUT_S)
+        return await http.post(target.copy_with(host=str(addresses[-1])), json=payload, headers=headers,
+                               extensions=extensions, timeout=WEBHOOK_TIMEOUT_S)
+
 
 class WebhookSender:
     """POSTs a prediction's events to its webhook in order, each with retries: start, output (coalesced: what is
     sent is the prediction as it is when the POST goes out), completed (which supersedes pending output)."""
 
-    def __init__(self, http: httpx.AsyncClient, url: str, events: list[str], attempts: int,
+    def __init__(self, http: httpx.AsyncClient, guard: WebhookGuard, url: str, events: list[str], attempts: int,
                  payload: Callable[[], Any]) -> None:
-        self._http, self._url, self._events, self._attempts = http, url, frozenset(events), attempts
+        self._http, self._guard, self._url, self._events, self._attempts = http, guard, url, frozenset(events), attempts
         self._payload = payload  # async: the prediction's JSON now
         self._due: set[str] = set()
         self._wake = asyncio.Event()
@@ -252,14 +356,17 @@ class WebhookSender:
     async def _post(self, event: str) -> None:
         for attempt in range(self._attempts):
             try:
-                response = await self._http.post(self._url, json=await self._payload(), timeout=WEBHOOK_TIMEOUT_S)
+                response = await self._guard.post(self._http, self._url, await self._payload())
                 if response.is_success:
                     return
                 if 400 <= response.status_code < 500 and response.status_code != 429:
                     log.warning(f"webhook {event} refused by {self._url}: HTTP {response.status_code}")
                     return
                 reason = f"HTTP {response.status_code}"
-            except httpx.HTTPError as error:
+            except WebhookRefused as refusal:
+                log.warning(f"webhook {event} to {self._url} not sent: {refusal}")
+                return
+            except (httpx.HTTPError, OSError) as error:  # OSError: the host does not resolve (now)
                 reason = repr(error)
             if attempt + 1 < self._attempts:
                 await asyncio.sleep(WEBHOOK_BACKOFF_S * 2**attempt)
@@ -277,6 +384,7 @@ class Predictions:
         self.model_info = model_info
         self.settings = settings
         self.store = settings.store()
+        self.webhook_guard = settings.webhook_guard()
         self.store.on_cancel = self._stop_local
         self._streams: dict[str, DocStream] = {}  # the predictions this gateway runs
         self._runners: set[asyncio.Task] = set()
@@ -309,6 +417,8 @@ class Predictions:
             self._keep(asyncio.create_task(stream.close()), self._runners)
 
     async def create(self, request: CreateRequest, base_url: str) -> Snapshot:
+        if request.webhook is not None:
+            await self.webhook_guard.check(request.webhook)
         model = await self.model_info.name()  # 503 while the executor cannot say
         prediction = Prediction(
             id=uuid.uuid4().hex,
@@ -347,8 +457,8 @@ class Predictions:
                 snapshot = await self.store.get(id)
                 return None if snapshot is None else render(snapshot, base_url)
 
-            webhook = WebhookSender(self._http, prediction.webhook, prediction.webhook_events_filter or [],
-                                    self.settings.webhook_attempts, payload)
+            webhook = WebhookSender(self._http, self.webhook_guard, prediction.webhook,
+                                    prediction.webhook_events_filter or [], self.settings.webhook_attempts, payload)
             self._keep(webhook.task, self._webhooks)
             webhook.notify("start")
         last: ModelOutputDocument | None = None

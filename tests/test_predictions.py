@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
+import logging
 import uuid
 from typing import Any
 
@@ -21,7 +23,9 @@ import redis.exceptions
 import replicate
 from fastapi import FastAPI
 
+from gateway import predictions as predictions_module
 from gateway.auth import Keys, RequireKey
+from gateway.model_info import ModelInfo
 from gateway.predictions import PredictionSettings, add_prediction_routes
 from harness.predictions import (
     FAIL,
@@ -40,6 +44,7 @@ from harness.service import TINY_LIMITS, Service, eventually, idle, serve, strea
 
 PREDICTIONS = "/v1/predictions"
 FAST_REFUSAL = {"refusal_wait_s": 0.5}  # the scripted executor refuses in microseconds; don't hold creates for 2 s
+LOCAL_WEBHOOKS = {"webhook_allowed_hosts": ["127.0.0.1"]}  # the tests' receiver listens on loopback
 
 
 @pytest.fixture(scope="session")
@@ -295,7 +300,7 @@ async def test_webhooks_arrive_in_order_with_retries(store):
     streamer = ScriptedStreamer()
     async with (
         receiver(failures=2) as hooks,  # the first two POSTs of each status get a 500
-        gateway(streamer, **store) as gw,
+        gateway(streamer, **store, **LOCAL_WEBHOOKS) as gw,
         gw.client() as client,
     ):
         prediction = await create(client, input={"prompt": "hi", "max_tokens": 6}, webhook=hooks.url)
@@ -312,7 +317,7 @@ async def test_webhooks_arrive_in_order_with_retries(store):
 
 async def test_webhook_events_filter_sends_only_the_chosen_events(store):
     streamer = ScriptedStreamer(free_running=True)
-    async with receiver() as hooks, gateway(streamer, **store) as gw, gw.client() as client:
+    async with receiver() as hooks, gateway(streamer, **store, **LOCAL_WEBHOOKS) as gw, gw.client() as client:
         prediction = await create(client, input={"prompt": "hi", "max_tokens": 6}, webhook=hooks.url,
                                   webhook_events_filter=["completed"])
         assert prediction["webhook_events_filter"] == ["completed"]
@@ -320,6 +325,62 @@ async def test_webhook_events_filter_sends_only_the_chosen_events(store):
         await asyncio.sleep(0.5)  # nothing else comes
         assert [body["status"] for body in hooks.received] == ["succeeded"]
         assert "".join(hooks.received[0]["output"]) == answer_of(6)
+
+
+INTERNAL_WEBHOOKS = [
+    pytest.param("http://127.0.0.1:12345/hook", "127.0.0.1 is a loopback address", id="loopback"),
+    pytest.param("http://169.254.169.254/latest/meta-data/", "a link-local address", id="cloud-metadata"),
+    pytest.param("https://10.1.2.3/hook", "a private address", id="private"),
+    pytest.param("http://0.0.0.0:8080/", "0.0.0.0 is an unspecified address", id="unspecified"),
+    pytest.param("http://[::1]:8080/", "::1 is a loopback address", id="ipv6-loopback"),
+    pytest.param("http://[::ffff:127.0.0.1]/", "a loopback address", id="ipv4-mapped"),
+    pytest.param("http://localhost:9/hook", "localhost resolves to", id="a-name-for-loopback"),
+]
+
+
+@pytest.mark.parametrize("url, reason", INTERNAL_WEBHOOKS)
+async def test_a_webhook_to_the_gateways_own_network_is_a_400_naming_the_field(url, reason):
+    streamer = ScriptedStreamer(free_running=True)
+    # Allowing one network opens that one only.
+    async with gateway(streamer, **FAST_REFUSAL, webhook_allowed_hosts=["192.168.0.0/16"]) as gw, \
+            gw.client() as client:
+        error = await create(client, 400, input={"prompt": "hi", "max_tokens": 2}, webhook=url)
+        assert error["error"]["param"] == "webhook" and error["error"]["message"].startswith("webhook: ")
+        assert reason in error["error"]["message"] and "webhook_allowed_hosts" in error["error"]["message"]
+        assert streamer.running == 0
+
+
+async def test_a_webhook_host_that_resolves_to_loopback_by_the_time_it_is_sent_gets_nothing(monkeypatch, caplog):
+    # DNS rebinding: the name answers a public address when the prediction is created, and the receiver's
+    # loopback address (what `localhost` resolves to) when the webhooks go out.
+    real_resolve = predictions_module.resolve
+    first_answers = [[ipaddress.ip_address("93.184.215.14")]]
+
+    async def rebinding(host: str, port: int) -> list:
+        return first_answers.pop() if first_answers else await real_resolve(host, port)
+
+    monkeypatch.setattr(predictions_module, "resolve", rebinding)
+    caplog.set_level(logging.WARNING, logger=predictions_module.__name__)
+    streamer = ScriptedStreamer(free_running=True)
+    async with receiver() as hooks, gateway(streamer, **FAST_REFUSAL) as gw, gw.client() as client:
+        url = hooks.url.replace("127.0.0.1", "localhost")
+        prediction = await create(client, input={"prompt": "hi", "max_tokens": 3}, webhook=url)
+        _, last = await poll_to_end(client, prediction, None)
+        assert last["status"] == "succeeded"  # the prediction itself is not affected
+        # The sender handles start, output and completed in order: once completed is refused, all were (or one
+        # reached the receiver, which the last assertion shows).
+        await eventually_async(lambda: _true(f"webhook completed to {url} not sent" in caplog.text or hooks.attempts))
+        assert "localhost resolves to 127.0.0.1, a loopback address" in caplog.text
+        assert hooks.received == [] and hooks.attempts == {}
+
+
+def test_webhook_allowed_hosts_takes_names_addresses_and_networks():
+    guard = PredictionSettings.parse({"webhook_allowed_hosts": ["Hooks.Internal.", "10.0.0.0/8", "[::1]"]})
+    assert guard.webhook_guard().names == {"hooks.internal"}
+    assert [str(network) for network in guard.webhook_guard().networks] == ["10.0.0.0/8", "::1/128"]
+    for bad in ("10.0.0.0/33", "10.0.0.300", "http://hooks/"):
+        with pytest.raises(ValueError, match="webhook_allowed_hosts"):
+            PredictionSettings.parse({"webhook_allowed_hosts": [bad]})
 
 
 async def test_two_gateways_sharing_redis_serve_and_cancel_the_same_prediction(redis_url):
@@ -502,7 +563,8 @@ async def test_a_redis_outage_is_a_503_without_internal_detail(tmp_path):
 
 async def test_with_api_keys_every_prediction_route_needs_one():
     # The middleware gateway/gateway.py puts in front of every route, over the prediction routes.
-    app = add_prediction_routes(FastAPI(), ScriptedStreamer(free_running=True), "test-model",
+    streamer = ScriptedStreamer(free_running=True)
+    app = add_prediction_routes(FastAPI(), streamer, ModelInfo(streamer, "test-model"),
                                 PredictionSettings.parse(FAST_REFUSAL))
     app.add_middleware(RequireKey, keys=Keys((b"sesame",)))
     async with serving(app) as (url, _server, _task), httpx.AsyncClient(base_url=url, timeout=60) as client:
