@@ -15,9 +15,18 @@ import uvloop
 
 from harness import ROOT
 from harness.processes import free_port
-from workarounds import UnverifiedVersion, asyncio_signals, grpc_cancel, jina_gateway, jina_worker, versions
+from workarounds import (
+    UnverifiedVersion,
+    asyncio_signals,
+    grpc_cancel,
+    jina_gateway,
+    jina_monitoring,
+    jina_worker,
+    uvicorn_protocols,
+    versions,
+)
 
-WORKAROUNDS = [grpc_cancel, jina_gateway, jina_worker, asyncio_signals]
+WORKAROUNDS = [grpc_cancel, jina_gateway, jina_worker, asyncio_signals, jina_monitoring, uvicorn_protocols]
 
 
 def seeing(monkeypatch, distribution: str, version: str) -> None:
