@@ -71,6 +71,7 @@ class LLMEngine:
         self._outbox: list[tuple[Request, StepOutput]] = []  # this step's outputs, dispatched at its end
         self._released: list[str] = []  # this step's finished requests, no longer in flight once it is published
         self.steps = 0  # forwards run (loop thread)
+        self._last_decode_rows = 0  # rows of the last decode step (loop thread)
         # Called on the loop thread with the last output of every request, refusals included, also when nobody
         # reads the stream any more: where finished requests are counted (the executor's metrics).
         self.on_finished: Callable[[StepOutput], None] | None = None
@@ -83,6 +84,8 @@ class LLMEngine:
         self._cancels: set[str] = set()  # asked for, not yet handed to the scheduler
         self._in_flight: set[str] = set()  # submitted and not finished: what admission control counts
         self._running_rows = 0  # the scheduler's running + prefilling rows, published after each step
+        self._decode_rows = 0  # rows of the last decode step, 0 once none runs, published after each step
+        self._kv_cache_tokens = 0  # positions the batch's rows hold in the KV cache, published after each step
         self._accepting = True
         self._stopping = False
         self._unavailable: str | None = None  # why the engine cannot serve at all (its start failed)
@@ -102,6 +105,16 @@ class LLMEngine:
     def num_waiting(self) -> int:
         with self._lock:
             return len(self._in_flight) - self._running_rows
+
+    @property
+    def decode_batch_size(self) -> int:
+        with self._lock:
+            return self._decode_rows
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        with self._lock:
+            return self._kv_cache_tokens
 
     def prepare(self, prompt: Prompt, params: SamplingParams, chat_template: bool | None = None) -> list[int]:
         """Everything a request needs before `generate`, off the event loop and the engine thread (it blocks:
@@ -366,6 +379,7 @@ class LLMEngine:
 
     def _decode(self, request_ids: Sequence[str]) -> list[str]:
         requests = [self.scheduler.running[rid] for rid in request_ids]
+        self._last_decode_rows = len(requests)
         # A failure here leaves the shared cache unusable: the loop's guard fails every stream in flight.
         logits = self.runner.decode(request_ids, [r.output_ids[-1] for r in requests])
         return self._emit(requests, *sample_next_tokens(logits, requests))
@@ -419,6 +433,8 @@ class LLMEngine:
         with self._lock:
             self._in_flight.difference_update(self._released)
             self._running_rows = self.scheduler.num_running
+            self._decode_rows = self._last_decode_rows if self.scheduler.running else 0
+            self._kv_cache_tokens = cached_tokens(self.scheduler)
             if not self._in_flight:
                 self._idle.notify_all()
         self._released.clear()
@@ -440,6 +456,13 @@ class LLMEngine:
                 for request, output in items:
                     if not output.finished:
                         self.cancel(request.request_id)
+
+
+def cached_tokens(scheduler: Scheduler) -> int:
+    """Positions the batch's rows hold in the KV cache: a running row's prompt and every token but its newest
+    (fed by the next decode step), a prefilling row's chunks so far."""
+    running = sum(r.prompt_len + len(r.output_ids) - 1 for r in scheduler.running.values())
+    return running + sum(r.prefilled for r in scheduler.prefilling)
 
 
 def _put_all(items: list[tuple[Request, StepOutput]]) -> None:
