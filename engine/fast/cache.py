@@ -1,4 +1,11 @@
-"""A slot KV cache: per layer, K and V buffers [slots, kv_heads, capacity, head_dim]; each request owns a slot.
+"""A slot KV cache: per layer one buffer [slots, capacity, 2 * kv_heads, head_dim], each position's K heads then
+its V heads; each request owns a slot.
+
+That layout is the one the fused QKV projection produces (per token: q heads, k heads, v heads), so a step writes
+each layer's new K and V with one index_copy_ of a view of the projection's output, where separate K and V
+buffers [slots, kv_heads, capacity, head_dim] took two advanced-indexing writes (index_put_) and two copies to
+reorder (python -m bench.levers' breakdown). Attention reads K and V as strided views of it: SDPA's output is
+bitwise the same as from contiguous buffers, and no slower (measured at 1 and 16 rows, 129 positions).
 
 A prefill writes its chunk at the chunk's positions, a decode step one position per row: nothing is
 concatenated or re-padded per step. The running rows always fill slots 0..running-1, so a decode step reads
@@ -27,11 +34,9 @@ class SlotCache:
         # One slot more than max_rows: joining rows swap through it when their target slot is taken.
         self.slots = max_rows + 1
         self.capacity = 0
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
+        self.kv: list[torch.Tensor] = []  # per layer, [slots, capacity, 2 * kv_heads, head_dim]
         self.reserve(min(INITIAL_CAPACITY, max_len))
-        self.prefix_keys: list[torch.Tensor] = []  # [kv_heads, prefix length, head_dim] per layer
-        self.prefix_values: list[torch.Tensor] = []
+        self.prefix: list[torch.Tensor] = []  # per layer, [prefix length, 2 * kv_heads, head_dim]
         self.clear()
 
     # -- bookkeeping ---------------------------------------------------------------------------------------
@@ -44,7 +49,7 @@ class SlotCache:
 
     @property
     def prefix_length(self) -> int:
-        return self.prefix_keys[0].shape[1] if self.prefix_keys else 0
+        return self.prefix[0].shape[0] if self.prefix else 0
 
     def allocate(self, request_id: str, prefix_length: int) -> int:
         """A free slot for a new row, holding the first prefix_length positions of the shared prefix."""
@@ -57,9 +62,8 @@ class SlotCache:
         slot = self.owner.index(None, self.running)
         self.owner[slot], self.slot_of[request_id] = request_id, slot
         self.lengths[slot] = prefix_length
-        for layer in range(self.shape.layers if prefix_length else 0):
-            self.keys[layer][slot, :, :prefix_length] = self.prefix_keys[layer][:, :prefix_length]
-            self.values[layer][slot, :, :prefix_length] = self.prefix_values[layer][:, :prefix_length]
+        for kv, prefix in zip(self.kv, self.prefix if prefix_length else []):
+            kv[slot, :prefix_length] = prefix[:prefix_length]
         return slot
 
     def join(self, request_ids: list[str]) -> None:
@@ -86,9 +90,8 @@ class SlotCache:
 
     def _move(self, source: int, target: int) -> None:
         length = self.lengths[source]
-        for keys, values in zip(self.keys, self.values):
-            keys[target, :, :length] = keys[source, :, :length]
-            values[target, :, :length] = values[source, :, :length]
+        for kv in self.kv:
+            kv[target, :length] = kv[source, :length]
         request_id = self.owner[source]
         assert request_id is not None, f"slot {source} has no row to move"
         self.owner[target], self.owner[source] = request_id, None
@@ -104,40 +107,42 @@ class SlotCache:
         if length <= self.capacity:
             return
         capacity = min(self.max_len, max(length, 2 * self.capacity))
-        buffer_shape = (self.slots, self.shape.kv_heads, capacity, self.shape.head_dim)
-        keys, values = [], []
+        buffer_shape = (self.slots, capacity, 2 * self.shape.kv_heads, self.shape.head_dim)
+        grown = []
         for layer in range(self.shape.layers):
             # zeros, not empty: masked positions must hold finite values (0 x NaN would poison the output)
-            keys.append(torch.zeros(buffer_shape, device=self.device, dtype=self.dtype))
-            values.append(torch.zeros(buffer_shape, device=self.device, dtype=self.dtype))
+            grown.append(torch.zeros(buffer_shape, device=self.device, dtype=self.dtype))
             if self.capacity:
-                keys[-1][:, :, : self.capacity] = self.keys[layer]
-                values[-1][:, :, : self.capacity] = self.values[layer]
-        self.keys, self.values, self.capacity = keys, values, capacity
+                grown[-1][:, : self.capacity] = self.kv[layer]
+        self.kv, self.capacity = grown, capacity
 
     def zero(self) -> None:
         """After a failed step: whatever it wrote (NaN included) must not leak into the next rows."""
-        for keys, values in zip(self.keys, self.values):
-            keys.zero_()
-            values.zero_()
+        for kv in self.kv:
+            kv.zero_()
 
     def set_prefix(self, slot: int, length: int) -> None:
         """Keep the first `length` positions of `slot` as the shared prefix."""
-        self.prefix_keys = [keys[slot, :, :length].clone() for keys in self.keys]
-        self.prefix_values = [values[slot, :, :length].clone() for values in self.values]
+        self.prefix = [kv[slot, :length].clone() for kv in self.kv]
 
-    def write(
-        self, layer: int, step: StepInputs, k: torch.Tensor, v: torch.Tensor, attended: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the step's real tokens' K and V ([rows, tokens, kv_heads, head_dim]) at their positions and
-        return the rows' keys and values up to `attended` positions, [rows, kv_heads, attended, head_dim]."""
-        k = k.reshape(-1, self.shape.kv_heads, self.shape.head_dim)
-        v = v.reshape(-1, self.shape.kv_heads, self.shape.head_dim)
+    def flat_index(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Where write() puts each (slot, position): its index in a layer's buffer seen as [slots x capacity,
+        2 * kv_heads x head_dim]. Valid until the capacity grows (reserve() first)."""
+        return slots * self.capacity + positions
+
+    def write(self, layer: int, step: StepInputs, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the step's real tokens' K and V heads (kv: [rows, tokens, 2 * kv_heads, head_dim], a view of the
+        QKV output) at their positions and return the rows' keys and values up to step.attended positions,
+        [rows, kv_heads, attended, head_dim] (strided views when the rows are a slice)."""
+        width = 2 * self.shape.kv_heads * self.shape.head_dim
+        kv = kv.reshape(-1, width)  # a view: each token's K and V heads are contiguous in the QKV output
         if step.real_tokens is not None:
-            k, v = k[step.real_tokens], v[step.real_tokens]
-        keys, values = self.keys[layer], self.values[layer]
-        keys[step.write_slots, :, step.write_positions] = k
-        values[step.write_slots, :, step.write_positions] = v
+            kv = kv.index_select(0, step.real_tokens)
+        buffer = self.kv[layer]
+        buffer.view(-1, width).index_copy_(0, step.write_index, kv)
         if isinstance(step.rows, slice):
-            return keys[step.rows, :, :attended], values[step.rows, :, :attended]
-        return keys[:, :, :attended].index_select(0, step.rows), values[:, :, :attended].index_select(0, step.rows)
+            rows = buffer[step.rows, : step.attended]
+        else:
+            rows = buffer[:, : step.attended].index_select(0, step.rows)
+        heads = self.shape.kv_heads
+        return rows[:, :, :heads].transpose(1, 2), rows[:, :, heads:].transpose(1, 2)

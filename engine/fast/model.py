@@ -166,12 +166,14 @@ class StepInputs:
     input_ids: torch.Tensor  # [rows, tokens]
     positions: torch.Tensor  # [rows, tokens]: each token's position in its row (padding repeats the last one)
     rows: slice | torch.Tensor  # the rows' cache slots: a slice when contiguous (decode), else an index
-    write_slots: torch.Tensor  # [written tokens]: the cache slot of each real (non-padding) token
-    write_positions: torch.Tensor  # [written tokens]: its position
+    write_index: torch.Tensor  # [written tokens]: SlotCache.flat_index of each real (non-padding) token
     real_tokens: torch.Tensor | None  # [written tokens]: flat index of the real tokens, None when all are real
-    # [rows, 1, groups * tokens, attended]: key position <= query position, repeated for the query heads that
-    # share a KV head ([rows, 1, 1, attended] when decoding: it broadcasts)
-    mask: torch.Tensor
+    attended: int  # cache positions the rows' queries read
+    # Added to the attention scores, 0 where a key position <= the query's and -inf elsewhere, repeated for the
+    # query heads that share a KV head: [rows, 1, groups * tokens, attended] ([rows, 1, 1, attended] when
+    # decoding: it broadcasts). Float, built once per step: SDPA converts a boolean mask to this at every call
+    # (30 times a step). None when every query reads every position (decoding rows of one length).
+    mask: torch.Tensor | None
     last: torch.Tensor | None  # [rows]: index of the token whose logits each row needs; None: the only one
     output_order: torch.Tensor | None  # rows' order in the returned logits; None: as computed
 
@@ -180,20 +182,19 @@ def forward(llama: FastLlama, weights: Precision, cache: SlotCache, step: StepIn
     """Logits [rows, vocab] after each row's `last` token; writes every real token's K and V into the cache."""
     shape = llama.shape
     rows, tokens = step.input_ids.shape
-    attended = step.mask.shape[-1]
+    heads, rotated = shape.heads, shape.heads + shape.kv_heads
     x = F.embedding(step.input_ids, llama.embedding)
     cos = llama.cos[step.positions].unsqueeze(2)  # [rows, tokens, 1, head_dim]: broadcast over heads
     sin = llama.sin_signed[step.positions].unsqueeze(2)
     for index, layer in enumerate(weights.layers):
         h = F.rms_norm(x, (shape.hidden,), llama.input_norms[index], shape.eps)
-        qkv = layer.qkv(h).view(rows, tokens, shape.heads + 2 * shape.kv_heads, shape.head_dim)
-        qk = rope(qkv[:, :, : shape.heads + shape.kv_heads], cos, sin)
-        q, k, v = qk[:, :, : shape.heads], qk[:, :, shape.heads :], qkv[:, :, shape.heads + shape.kv_heads :]
-        keys, values = cache.write(index, step, k, v, attended)
-        x = x + layer.out(attention(q, keys, values, step.mask, shape))
+        qkv = layer.qkv(h).view(rows, tokens, rotated + shape.kv_heads, shape.head_dim)
+        rope_(qkv[:, :, :rotated], cos, sin)  # q and k rotated in place: qkv's k and v heads go to the cache as-is
+        keys, values = cache.write(index, step, qkv[:, :, heads:])
+        x += layer.out(attention(qkv[:, :, :heads], keys, values, step.mask, shape))
         h = F.rms_norm(x, (shape.hidden,), llama.post_attention_norms[index], shape.eps)
         gate, up = layer.gate_up(h).chunk(2, dim=-1)
-        x = x + layer.down(F.silu(gate) * up)
+        x += layer.down(F.silu(gate).mul_(up))
     x = x[:, -1] if step.last is None else x[torch.arange(rows, device=x.device), step.last]
     if step.output_order is not None:
         x = x[step.output_order]
@@ -201,15 +202,16 @@ def forward(llama: FastLlama, weights: Precision, cache: SlotCache, step: StepIn
     return weights.lm_head(F.rms_norm(x, (shape.hidden,), llama.final_norm, shape.eps)).float()
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """transformers' x * cos + rotate_half(x) * sin, [rows, tokens, heads, head_dim]."""
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> None:
+    """transformers' x * cos + rotate_half(x) * sin, into x itself ([rows, tokens, heads, head_dim]): both
+    products are computed before addcmul writes, so nothing reads what it overwrites."""
+    torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed, out=x)
 
 
 def attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, shape: Shape
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, shape: Shape
 ) -> torch.Tensor:
-    """q [rows, tokens, heads, head_dim] against the cache [rows, kv_heads, attended, head_dim].
+    """q [rows, tokens, heads, head_dim] against the cache's [rows, kv_heads, attended, head_dim].
 
     GQA without copying the cache: the query heads that share a KV head become extra queries of that head,
     [rows, kv_heads, groups * tokens, head_dim] (the step's mask is built for that layout). Returns

@@ -4,6 +4,7 @@ KV cache. Rows are named by request id; the scheduler never sees a tensor."""
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import cast
 
@@ -104,10 +105,10 @@ class FastRunner:
             input_ids=torch.tensor(tokens, device=self.device)[:, None],
             positions=positions[:, None],
             rows=slice(0, rows),
-            write_slots=self.positions[:rows],
-            write_positions=positions,
+            write_index=cache.flat_index(self.positions[:rows], positions),
             real_tokens=None,
-            mask=(self.positions[:attended] <= positions[:, None]).view(rows, 1, 1, attended),
+            attended=attended,
+            mask=None if min(lengths) + 1 == attended else self._mask(positions.view(rows, 1, 1, 1), attended),
             last=None,
             output_order=None if slots == list(range(rows)) else torch.tensor(slots, device=self.device),
         )
@@ -145,21 +146,31 @@ class FastRunner:
         device, groups = self.device, self.llama.shape.groups
         position_tensor = torch.tensor(positions, device=device)
         attended = max(chunk.start + len(chunk.token_ids) for chunk in chunks)
-        mask = self.positions[:attended] <= position_tensor[:, :, None]  # [rows, tokens, attended]
+        mask = self._mask(position_tensor[:, None, None, :, None], attended)  # [rows, 1, 1, tokens, attended]
         # repeated for the query heads sharing a KV head, the layout attention() uses
-        mask = mask[:, None, None].expand(rows, 1, groups, width, attended).reshape(rows, 1, groups * width, attended)
+        mask = mask.expand(rows, 1, groups, width, attended).reshape(rows, 1, groups * width, attended)
         contiguous = slots == list(range(slots[0], slots[0] + rows))
         all_real = len(real_tokens) == rows * width
         return StepInputs(
             input_ids=torch.tensor(input_ids, device=device),
             positions=position_tensor,
             rows=slice(slots[0], slots[0] + rows) if contiguous else torch.tensor(slots, device=device),
-            write_slots=torch.tensor(write_slots, device=device),
-            write_positions=torch.tensor(write_positions, device=device),
+            write_index=self.cache.flat_index(
+                torch.tensor(write_slots, device=device), torch.tensor(write_positions, device=device)
+            ),
             real_tokens=None if all_real else torch.tensor(real_tokens, device=device),
+            attended=attended,
             mask=mask,
             last=None if all_real else torch.tensor([len(chunk.token_ids) - 1 for chunk in chunks], device=device),
             output_order=None,
+        )
+
+    def _mask(self, positions: torch.Tensor, attended: int) -> torch.Tensor:
+        """0 where a key position is at most the query's position, -inf after it: [*positions.shape[:-1],
+        attended] (positions end in a dimension of 1)."""
+        visible = self.positions[:attended] <= positions
+        return torch.zeros(visible.shape, device=self.device, dtype=self.cache.dtype).masked_fill_(
+            visible.logical_not_(), -math.inf
         )
 
     def _decode_precision(self, rows: int) -> Precision:
