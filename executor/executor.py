@@ -97,15 +97,15 @@ class TokenStreamingExecutor(Executor):
         self.token_text = functools.lru_cache(maxsize=65536)(lambda token_id: str(tokenizer.decode([token_id])))
         self.shutdown_grace_s = shutdown_grace_s
         self._open_streams = OpenStreams()  # generators that have not handed their last document to Jina yet
+        self.model_info = model_info(loaded, self.engine.max_model_len)
         registry = getattr(self.runtime_args, "metrics_registry", None) or CollectorRegistry()
-        self.metrics = StreamMetrics(registry, lambda: self.engine.num_running, lambda: self.engine.num_waiting)
+        self.metrics = StreamMetrics(registry, self.model_info.model, self.engine)
         if warmup_tokens > 0:
             # In __init__, so before Jina starts the server and its health check reports SERVING: the first real
             # request then runs as fast as the later ones.
             self._warm_up(warmup_tokens)
         self.engine.on_finished = self.metrics.observe_finished  # after the warm-up, which no client asked for
         drain_on_sigterm(self._drain)
-        self.model_info = model_info(loaded, self.engine.max_model_len)
         self.logger.info(f"serving {loaded.name} on {loaded.device} ({loaded.dtype})")
 
     def build_engine(self, loaded: LoadedModel, config: EngineConfig) -> LLMEngine:
@@ -149,7 +149,7 @@ class TokenStreamingExecutor(Executor):
             prompt_ids, params = await self._prepare(doc)
         except Exception as error:
             # Refused before the engine took it (the engine's on_finished counts the requests it took).
-            self.metrics.requests.labels(FinishReason.ERROR.value).inc()
+            self.metrics.count_request(FinishReason.ERROR.value)
             if isinstance(error, InvalidRequest):
                 yield error_document(str(error), ErrorCode.INVALID_REQUEST)
             else:

@@ -15,6 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from jina.serve.runtimes.gateway.composite import CompositeGateway
 from jina.serve.runtimes.gateway.http import HTTPGateway
 
+from gateway import access_log
 from gateway.app import add_routes
 from gateway.auth import GrpcKeyInterceptor, Keys, RequireKey, load_keys
 from gateway.health import (
@@ -91,8 +92,9 @@ class LLMHTTPGateway(HTTPGateway):
     @property
     def app(self):
         model_info = ModelInfo(self.streamer, self.model_name)
-        app = add_routes(super().app, self.streamer, model_info, self.limits)
-        add_generate_route(app, self.streamer, self.max_generate_documents)  # replaces Jina's (gateway/unary.py)
+        streamer = access_log.ObservedStreamer(self.streamer)  # the generations' documents reach the access log
+        app = add_routes(super().app, streamer, model_info, self.limits)
+        add_generate_route(app, streamer, self.max_generate_documents)  # replaces Jina's (gateway/unary.py)
         add_health_routes(app, self.watch)
         app.add_middleware(RetryLater, watch=self.watch)
         app.add_middleware(BodyLimits, limits=self.limits)
@@ -105,7 +107,9 @@ class LLMHTTPGateway(HTTPGateway):
                 allow_methods=["GET", "POST"],
                 allow_headers=["Authorization", "Content-Type"],
             )
-        return add_prediction_routes(app, self.streamer, model_info, self.predictions)
+        app = add_prediction_routes(app, streamer, model_info, self.predictions)
+        app.add_middleware(access_log.AccessLog)  # outermost: every answer is logged, refusals included
+        return app
 
 
 class LLMGateway(CompositeGateway):
@@ -173,8 +177,11 @@ class LLMGateway(CompositeGateway):
         # A document that is not a valid PromptDocument gets one error document, and the stream to the executor is
         # cancelled as soon as the client's call ends, however it ends (gateway/validation.py, gateway/relay.py).
         # While the engine is unavailable, one error document without a call to the executor (gateway/health.py).
+        # Outermost, the access log: a line for every call, also one answered by the wrappers within.
+        access_log.install()
         jina_gateway.wrap_grpc_stream_doc(
-            self.servers, lambda stream_doc: guarded(self.watch, relayed(validating(stream_doc)))
+            self.servers,
+            lambda stream_doc: access_log.access_logged(guarded(self.watch, relayed(validating(stream_doc)))),
         )
         jina_gateway.add_grpc_interceptor(self.servers, GrpcKeyInterceptor(keys))
         keys.log_mode(self.logger)

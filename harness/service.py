@@ -42,12 +42,15 @@ class Service:
         return f"http://127.0.0.1:{self.http_port}"
 
     def metric(self, name: str, replica: int = 0, **labels: str) -> float:
+        """The value of the first series of `name` that has `labels` (it may have others: every series of the
+        executor's carries `model`); 0 when there is none."""
         port = self.monitoring_ports[replica]
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        label_text = ",".join(f'{key}="{value}"' for key, value in labels.items())
-        pattern = rf"^{re.escape(name)}{re.escape('{' + label_text + '}') if labels else ''} (\S+)$"
-        match = re.search(pattern, text, re.MULTILINE)
-        return float(match.group(1)) if match else 0.0
+        wanted = {f'{key}="{value}"' for key, value in labels.items()}
+        for match in re.finditer(rf"^{re.escape(name)}(?:{{(.*)}})? (\S+)$", text, re.MULTILINE):
+            if wanted <= set(re.findall(r'\w+="[^"]*"', match.group(1) or "")):
+                return float(match.group(2))
+        return 0.0
 
     def running_streams(self) -> float:
         return self.metric("llm_running_streams")
