@@ -128,6 +128,20 @@ def test_rows_joining_chunked_and_freed_get_the_tokens_they_get_alone(embedded, 
 
 
 @torch.no_grad()
+def test_rows_of_one_length_decode_without_a_mask_and_get_the_tokens_they_get_alone(embedded, prompt_ids):
+    """Rows at the same position attend every cached position: the decode step passes no mask then."""
+    model, _ = embedded
+    runner = started(model)
+    expected = alone(runner, prompt_ids[0], 8)
+    last = prefill(runner, {"a": (prompt_ids[0], 0), "b": (prompt_ids[0], 0)})
+    got = [last]
+    for _ in range(7):
+        last = decode(runner, last)
+        got.append(last)
+    assert [step["a"] for step in got] == [step["b"] for step in got] == expected
+
+
+@torch.no_grad()
 def test_shared_prefix_equals_prefilling_the_whole_prompt(embedded):
     model, tokenizer = embedded
     chat = [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False) for text in PROMPTS[:3]]
