@@ -11,11 +11,14 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
+from jina.proto import jina_pb2
+from jina.types.request.data import SingleDocumentRequest
 from websockets.asyncio.client import connect
 
-from gateway.access_log import MAX_REQUEST_ID_LENGTH, request_id
+from gateway.access_log import MAX_REQUEST_ID_LENGTH, REQUEST_ID_HEADER, request_id
 from harness.http import CHAT, COMPLETIONS, USER, receive_until_end
 from harness.service import TINY_LIMITS, Service, documents, eventually, grpc_client, idle, serve, stream_docs
 from schemas import ModelOutputDocument, PromptDocument
@@ -194,6 +197,28 @@ async def test_a_grpc_stream_logs_a_line_with_the_metadatas_request_id(service, 
     assert line["finish_reason"] == "length"
     assert (int(line["prompt_tokens"]), int(line["completion_tokens"])) == (docs[-1].prompt_tokens, 4)
     assert_timed(line)
+
+
+async def test_a_grpc_call_gets_its_request_id_back_a_bad_one_replaced(service, flow_dir):
+    request = SingleDocumentRequest()
+    request.header.exec_endpoint = "/stream"
+    request.document_cls = PromptDocument
+    request.data.doc = PromptDocument(prompt="hello", max_tokens=2, chat_template=False)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
+        stream_doc = channel.unary_stream(
+            "/jina.JinaSingleDocumentRequestRPC/stream_doc",
+            request_serializer=lambda data: data,
+            response_deserializer=jina_pb2.SingleDocumentRequestProto.FromString,
+        )
+        echoed = {}
+        for given in ("grpc-8", "two words"):
+            call = stream_doc(request.proto.SerializeToString(), metadata=((REQUEST_ID_HEADER, given),))
+            echoed[given] = (await call.initial_metadata())[REQUEST_ID_HEADER]
+            assert len([response async for response in call]) == 2
+    assert echoed["grpc-8"] == "grpc-8" and re.fullmatch(r"[0-9a-f]{32}", echoed["two words"])
+    for request_id_ in echoed.values():
+        line = await access_line(flow_dir, request_id_)
+        assert (line["status"], line["finish_reason"], line["completion_tokens"]) == ("OK", "length", "2")
 
 
 # The executor's metrics ----------------------------------------------------------------------------------------
