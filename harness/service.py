@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import subprocess
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
@@ -91,7 +92,21 @@ def serve(
     )
     ports = [service.grpc_port, service.http_port, *service.monitoring_ports, service.gateway_monitoring_port]
     with running_flow(flow_file, ports, tmp / "flow.log") as service.process:
+        wait_ready(service)
         yield service
+
+
+def wait_ready(service: Service, attempts: int = 600) -> None:
+    """Until `GET /ready` answers 200 (60 s at most). Jina says "Flow is ready" once the executors listen, a moment
+    before the gateway's own health check (gateway/health.py) has seen them answer; a stream sent in between is
+    refused as unavailable."""
+    for _ in range(attempts):
+        try:
+            with urllib.request.urlopen(f"{service.url}/ready", timeout=5):
+                return
+        except OSError:  # 503 (an HTTPError) while starting, or a refused connection
+            time.sleep(0.1)
+    raise RuntimeError(f"the gateway at {service.url} did not become ready")
 
 
 def grpc_client(port: int) -> Client:
