@@ -68,9 +68,10 @@ def write_service_flow(
 
 
 @contextmanager
-def running_flow(flow_file: Path, ports: list[int], log_file: Path, timeout: float = 180) -> Iterator[subprocess.Popen]:
-    """Run `jina flow --uses flow_file` until the block ends. The flow gets its own session so that the
-    gateway and executor children die with it (SIGTERM to the parent alone leaves them holding the ports)."""
+def started_flow(flow_file: Path, log_file: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    """`jina flow --uses flow_file` until the block ends, not waiting for it to be ready (it may never be). The flow
+    gets its own session so that the gateway and executor children die with it (SIGTERM to the parent alone leaves
+    them holding the ports). `env`: more environment variables for it."""
     with open(log_file, "w") as log:
         process = subprocess.Popen(
             [str(JINA), "flow", "--uses", str(flow_file)],
@@ -78,17 +79,25 @@ def running_flow(flow_file: Path, ports: list[int], log_file: Path, timeout: flo
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, "JINA_LOG_LEVEL": "WARNING"},
+            env={**os.environ, "JINA_LOG_LEVEL": "WARNING", **(env or {})},
         )
     try:
+        yield process
+    finally:
+        stop_process_group(process)
+
+
+@contextmanager
+def running_flow(flow_file: Path, ports: list[int], log_file: Path, timeout: float = 180) -> Iterator[subprocess.Popen]:
+    """started_flow, once every port listens and Jina says the flow is ready (RuntimeError with the log's end if
+    the flow exits or `timeout` passes first)."""
+    with started_flow(flow_file, log_file) as process:
         deadline = time.monotonic() + timeout
         while not (all(port_open(p) for p in ports) and "Flow is ready to serve" in log_file.read_text()):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"flow did not start; log:\n{log_file.read_text()[-4000:]}")
             time.sleep(0.5)
         yield process
-    finally:
-        stop_process_group(process)
 
 
 def live_processes(group: int) -> list[int]:

@@ -8,10 +8,8 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ from huggingface_hub import constants as hub_constants
 
 from engine.loading import ModelNotFound, load_model
 from harness import ROOT
-from harness.processes import JINA, free_port, live_processes, stop_process_group, write_service_flow
+from harness.processes import free_port, live_processes, started_flow, write_service_flow
 
 MISSING_HUB_ID = "no-such-org/no-such-model"
 EXIT_BOUND_S = 120  # a bound on a hang, not a timing: the failure itself comes as soon as the executor has imported
@@ -71,25 +69,6 @@ def test_a_hub_id_in_the_local_cache_loads_from_it_without_the_hub(hub_cache, ti
     loaded = load_model("test-org/tiny-llama", dtype="float32")
     assert loaded.name == "test-org/tiny-llama"
     assert loaded.model.config.num_hidden_layers == 2
-
-
-@contextmanager
-def started_flow(flow_file: Path, log_file: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
-    """`jina flow --uses flow_file` in a session of its own, not waiting for it to be ready (it may never be); every
-    process of the session is stopped when the block ends."""
-    with open(log_file, "w") as log:
-        process = subprocess.Popen(
-            [str(JINA), "flow", "--uses", str(flow_file)],
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, "JINA_LOG_LEVEL": "WARNING", **(env or {})},
-        )
-    try:
-        yield process
-    finally:
-        stop_process_group(process)
 
 
 def test_a_flow_of_a_model_not_found_exits_with_a_failure_status_and_no_process_left(tmp_path):
