@@ -158,6 +158,25 @@ def packed(precision: Precision, kind: type, rows: int) -> Precision | None:
         return None
 
 
+class SkippedLinear:
+    """No matmul: a preallocated output of the right shape. A fast step with these is the rest of the step:
+    norms, RoPE, the cache writes, attention, activations, the runner's and the forward's Python."""
+
+    def __init__(self, weight: torch.Tensor, rows: int) -> None:
+        self.output = torch.zeros(rows, weight.shape[0])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output.view(*x.shape[:-1], -1)
+
+
+def without_matmuls(precision: Precision, rows: int) -> Precision:
+    layers = [
+        type(layer)(*(SkippedLinear(getattr(layer, name).weight, rows) for name in ("qkv", "out", "gate_up", "down")))
+        for layer in precision.layers
+    ]
+    return Precision("no matmuls", layers, SkippedLinear(precision.lm_head.weight, rows))
+
+
 def layer_matmuls(model, dtype: torch.dtype, rows: int, fused: bool) -> Callable[[], None]:
     """All the layers' projections of one decode step, alone: 7 per layer, or 4 with QKV and gate+up fused."""
     linears = []
@@ -267,6 +286,11 @@ def measure(with_agreement: bool) -> dict:
             if variant is not None:
                 runner.decode_bands, runner.prefill_precision = [(16, variant)], variant
                 configurations[f"fast, {kind.__doc__.split('(')[0].strip()}"] = fast_steps(runner, rows)
+        # float32 activations whatever the weights (engine/fast/runner.py): one row covers every precision
+        runner = started(model, "float32", "none")
+        skipped = without_matmuls(runner.prefill_precision, rows)
+        runner.decode_bands, runner.prefill_precision = [(16, skipped)], skipped
+        configurations["fast, matmuls skipped (the rest of the step)"] = fast_steps(runner, rows)
         for dtype in (torch.float32, torch.bfloat16):
             name = str(dtype).removeprefix("torch.")
             configurations[f"matmuls only {name}: 210 separate"] = layer_matmuls(model, dtype, rows, fused=False)
