@@ -18,7 +18,7 @@ from docarray import BaseDoc
 from jina import Client
 
 from schemas import ModelOutputDocument, PromptDocument
-from workarounds import grpc_cancel, jina_client
+from workarounds import grpc_aio_poller, grpc_cancel, jina_client
 
 FAILURE_REASONS = {"error", "shutdown"}
 
@@ -57,6 +57,7 @@ def grpc_client(host: str = "localhost", port: int = 12345) -> Client:
     `stream_doc(..., metadata=...)` sends its metadata (an API key: workarounds/jina_client.py)."""
     grpc_cancel.install()
     jina_client.install()
+    grpc_aio_poller.install()  # a client per stream must not restart grpc.aio's poller each time
     return Client(host=host, port=port, protocol="grpc", asyncio=True)
 
 

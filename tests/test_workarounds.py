@@ -18,6 +18,7 @@ from harness.processes import free_port
 from workarounds import (
     UnverifiedVersion,
     asyncio_signals,
+    grpc_aio_poller,
     grpc_cancel,
     jina_gateway,
     jina_monitoring,
@@ -26,7 +27,9 @@ from workarounds import (
     versions,
 )
 
-WORKAROUNDS = [grpc_cancel, jina_gateway, jina_worker, asyncio_signals, jina_monitoring, uvicorn_protocols]
+WORKAROUNDS = [
+    grpc_cancel, grpc_aio_poller, jina_gateway, jina_worker, asyncio_signals, jina_monitoring, uvicorn_protocols
+]
 
 
 def seeing(monkeypatch, distribution: str, version: str) -> None:

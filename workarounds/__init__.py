@@ -8,6 +8,7 @@ gateway, the executor, client.grpc_client()) install it explicitly. Nothing outs
 name of Jina, grpc or asyncio.
 
 - grpc_cancel:     grpc.aio loses a cancellation that comes just as a streaming call starts (client and gateway).
+- grpc_aio_poller: grpc.aio restarts its poller whenever a process has no channel left, and a restart can lose events.
 - jina_gateway:    a composite gateway with the service's own HTTP server and gRPC server options; wrapping gRPC
                    stream_doc and the streams.
 - jina_worker:     Jina's worker drops an executor's generator at a `yield` without closing it.
