@@ -156,5 +156,6 @@ async def eventually(predicate: Callable[[], object], attempts: int = 400) -> No
 
 
 async def idle(service: Service) -> None:
-    """Until the executor runs no stream (one that a client left has been cancelled and freed)."""
-    await eventually(lambda: service.running_streams() == 0)
+    """Until the executor's engine holds no stream, running or queued: one that a client left has been cancelled,
+    freed and counted (the engine counts a request before it publishes that it no longer holds it)."""
+    await eventually(lambda: service.running_streams() == 0 and service.waiting_streams() == 0)
