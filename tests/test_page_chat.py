@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from playwright.async_api import Page
+from playwright.async_api import Page, WebSocket
 
 from harness.browser import page_at, wait_idle
 from harness.service import Service
@@ -26,17 +26,35 @@ INJECTION = (
 
 @pytest.fixture
 async def chat_page(tiny_service: Service, tmp_path: Path):
+    """The page, with the WebSocket messages it sends and those it receives."""
     sent: list[dict] = []
+    received: list[dict] = []
 
-    def record_sent_frames(page: Page) -> None:
-        page.on("websocket", lambda ws: ws.on("framesent", lambda payload: sent.append(json.loads(payload))))
+    def record(ws: WebSocket) -> None:
+        ws.on("framesent", lambda payload: sent.append(json.loads(payload)))
+        ws.on("framereceived", lambda payload: received.append(json.loads(payload)))
 
-    async with page_at(tiny_service.url + "/", tmp_path / "page.png", on_new_page=record_sent_frames) as page:
-        yield page, sent
+    def record_websockets(page: Page) -> None:
+        page.on("websocket", record)
+
+    async with page_at(tiny_service.url + "/", tmp_path / "page.png", on_new_page=record_websockets) as page:
+        yield page, sent, received
+
+
+def first_answer(received: list[dict]) -> str:
+    """The first answer's text as the service sent it (the page shows it rendered as markdown, where `\\"` reads
+    `"`): the `end` message's text, or its tokens'."""
+    tokens = []
+    for message in received:
+        if message["type"] == "token":
+            tokens.append(message["text"])
+        elif message["type"] == "end":
+            return message.get("text", "".join(tokens))
+    raise AssertionError(f"no answer ended: {received}")
 
 
 async def test_the_conversation_goes_out_as_messages_with_the_settings(chat_page):
-    page, sent = chat_page
+    page, sent, received = chat_page
     assert await page.is_hidden("#key-form")  # an open service asks for no key
     await page.fill("#system", "You are terse.")
     await page.fill("#temperature", "0.7")
@@ -48,14 +66,14 @@ async def test_the_conversation_goes_out_as_messages_with_the_settings(chat_page
     assert await page.input_value("#prompt") == "line one\nline two" and sent == []
     await page.keyboard.press("Enter")
     await wait_idle(page)
-    first_answer = await page.text_content("#answer")
+    answer = first_answer(received)
     await page.fill("#prompt", "and then?")
     await page.keyboard.press("Enter")
     await wait_idle(page)
     assert [frame["messages"] for frame in sent] == [
         [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "line one\nline two"}],
         [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "line one\nline two"},
-         {"role": "assistant", "content": first_answer}, {"role": "user", "content": "and then?"}],
+         {"role": "assistant", "content": answer}, {"role": "user", "content": "and then?"}],
     ]
     assert {(frame["temperature"], frame["max_tokens"]) for frame in sent} == {(0.7, 5)}
     assert await page.locator(".turn.user").all_text_contents() == ["line one\nline two", "and then?"]
@@ -72,7 +90,7 @@ async def test_the_conversation_goes_out_as_messages_with_the_settings(chat_page
 
 
 async def test_model_output_is_markdown_that_cannot_run_script(chat_page):
-    page, _ = chat_page
+    page, _, _ = chat_page
     # The answer arrives through the page's own message handling, as the WebSocket would deliver it.
     await page.evaluate(
         """(text) => {
