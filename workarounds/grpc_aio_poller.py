@@ -7,10 +7,11 @@ and restarts the poller over and over, and those restarts race: grpc/grpc#22758 
 "a previous poller thread wasn't joined and a new poller thread became alive" under pytest, and #22365 still reports
 hangs, with grpc's advice: one `init_grpc_aio()` of its own, early, so that the count never returns to zero.
 
-Measured here: in 3 full test runs of 3 (CI's included), the test process, after thousands of client streams,
-never received the end of one stream that the gateway had finished and logged (the last of 16 in
-tests/test_lifecycle.py's replicas test), and waited forever; run alone, or after a few modules, that test passed
-every time. With the poller held for the whole process, the next full run passed it and every test after it.
+Measured here: in 4 of the 6 full test runs that reached it (CI's included), the test process, after thousands
+of client streams, never received the end of one stream that the gateway had finished and logged (the last of 16
+in tests/test_lifecycle.py's replicas test), and waited forever; run alone, or after a few modules, that test
+passed every time. With the poller held for the whole process, the full runs since (two fresh clones included)
+passed it and every test after it.
 """
 
 from __future__ import annotations
