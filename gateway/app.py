@@ -157,6 +157,14 @@ def add_routes(app: FastAPI, streamer: Any, model_info: ModelInfo, limits: HttpL
     return app
 
 
+async def read_json(request: Request) -> Any:
+    """The body as JSON, or OpenAIError 400 (its depth was checked before any route: gateway/limits.py)."""
+    try:
+        return await request.json()
+    except ValueError as error:
+        raise OpenAIError(400, f"the request body is not valid JSON: {error}") from None
+
+
 async def json_body(request: Request, limits: HttpLimits) -> Any:
     try:
         return await parse_json(await request.body(), limits, "the request body")

@@ -32,7 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from gateway.app import SSE_HEADERS
+from gateway.app import SSE_HEADERS, read_json
 from gateway.model_info import ModelInfo
 from gateway.openai_api import DEFAULT_MAX_TOKENS, OpenAIError, failure
 from gateway.prediction_store import MemoryStore, Prediction, PredictionStore, RedisStore, Snapshot, StoreFull, now_iso
@@ -564,11 +564,7 @@ def add_prediction_routes(app: FastAPI, streamer: Any, model_info: ModelInfo, se
     @app.post("/v1/predictions")
     async def create(request: Request) -> Response:
         async def work() -> Response:
-            try:
-                body = await request.json()
-            except ValueError as error:
-                raise OpenAIError(400, f"the request body is not valid JSON: {error}") from None
-            snapshot = await predictions.create(parse_create(body), str(request.base_url))
+            snapshot = await predictions.create(parse_create(await read_json(request)), str(request.base_url))
             return JSONResponse(render(snapshot, str(request.base_url)), status_code=201)
 
         return await answer(request, work)

@@ -24,10 +24,10 @@ from typing import Any
 
 from docarray.base_doc.docarray_response import DocArrayResponse
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import ValidationError
 
-from gateway.app import until_disconnect
+from gateway.app import error_response, read_json, until_disconnect
 from gateway.openai_api import OpenAIError, failure
 from gateway.streams import DocStream
 from gateway.validation import describe
@@ -59,13 +59,13 @@ def add_generate_route(app: FastAPI, streamer: Any, max_documents: int) -> FastA
         try:
             prompts, request_id = parse_body(await read_json(request), max_documents)
         except OpenAIError as error:
-            return JSONResponse(error.body(), status_code=error.status)
+            return error_response(error)
         streams = [DocStream(streamer, prompt) for prompt in prompts]
         readers = [asyncio.ensure_future(last_document(number, stream)) for number, stream in enumerate(streams)]
         try:
             results = await until_disconnect(request, asyncio.gather(*readers))
         except Failed as failed:
-            return JSONResponse(failed.error.body(), status_code=failed.error.status)
+            return error_response(failed.error)
         finally:  # the call is answered, failed or left: no generation of it runs on
             for reader in readers:
                 reader.cancel()
@@ -76,13 +76,6 @@ def add_generate_route(app: FastAPI, streamer: Any, max_documents: int) -> FastA
         return DocArrayResponse({"header": {"request_id": request_id}, "data": results})
 
     return app
-
-
-async def read_json(request: Request) -> Any:
-    try:
-        return await request.json()
-    except ValueError as error:
-        raise OpenAIError(400, f"the request body is not valid JSON: {error}") from None
 
 
 def parse_body(body: Any, max_documents: int) -> tuple[list[PromptDocument], str]:
