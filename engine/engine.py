@@ -25,6 +25,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.loading import LoadedModel, resolve_dtype
+from engine.openmp import on_passing_thread
 from engine.output import RequestOutputProcessor, final_output
 from engine.plan import PrefillPlan, Runner
 from engine.prompts import InvalidRequest, Prompt, PromptEncoder
@@ -63,7 +64,8 @@ class LLMEngine:
         self.max_model_len = self.config.max_model_len or min(model_context, 4096)
         self.max_prompt_chars = self.config.max_prompt_chars or 16 * self.max_model_len
         self.eos_token_ids = _eos_token_ids(loaded)
-        self.runner = runner or make_runner(loaded, self.config, self.max_model_len)
+        # On a thread that ends (engine/openmp.py): the runner's weights are fused and converted by torch kernels.
+        self.runner = runner or on_passing_thread(lambda: make_runner(loaded, self.config, self.max_model_len))
         self.prompts = PromptEncoder(loaded.tokenizer)
         self.scheduler = Scheduler(self.config, self.prompts.chat_template_head())  # owned by the loop thread
         self._output_processor = output_processor
@@ -294,8 +296,8 @@ class LLMEngine:
 
     def _loop(self) -> None:
         with torch.inference_mode():
-            # Here, not in __init__: torch ops on a second thread start a second OpenMP thread team, and on a
-            # 2-core CPU the two teams measured a decode step 70% slower (40 -> 68 ms for one stream).
+            # Here, not in __init__: the runner's first steps (its precisions timed, the shared prefix) are the
+            # loop thread's first OpenMP team, the only one kept (engine/openmp.py).
             try:
                 self.runner.start(self.scheduler.shared_prefix)
             except Exception as error:

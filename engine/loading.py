@@ -25,6 +25,8 @@ from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from engine.openmp import on_passing_thread
+
 log = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
@@ -148,7 +150,12 @@ def model_directory(name: str) -> Path:
 def load_model(name: str = EMBEDDED, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Load a causal LM and its tokenizer by hub id, local path or `embedded`. With dtype auto on CPU the weights
     load in float32, so that the fast path (engine/fast/) can derive each precision it times from full precision;
-    the transformers runner converts them by the CPU's flags instead (engine.engine.make_runner)."""
+    the transformers runner converts them by the CPU's flags instead (engine.engine.make_runner).
+    On a thread that ends, not the caller's: see engine/openmp.py."""
+    return on_passing_thread(lambda: _load(name, device, dtype), name="llm-load")
+
+
+def _load(name: str, device: str, dtype: str) -> LoadedModel:
     source = embedded_model_dir() if name == EMBEDDED else model_directory(name)
     torch_device = resolve_device(device)
     torch_dtype = (

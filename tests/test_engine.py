@@ -465,3 +465,32 @@ def test_a_conversation_goes_through_the_chat_template_turn_by_turn(embedded_eng
 def test_a_conversation_the_model_cannot_take_is_refused(embedded_engine, messages, message):
     with pytest.raises(InvalidRequest, match=message):
         embedded_engine.prepare(messages, SamplingParams(max_tokens=4))
+
+
+def test_torch_work_before_serving_runs_on_threads_that_end(tiny_model_dir, monkeypatch):
+    """Loading and building the runner leave no OpenMP team behind on the caller's thread (engine/openmp.py),
+    and their failures still reach the caller."""
+    import engine.engine as engine_module
+    import engine.loading as loading_module
+
+    seen: dict[str, threading.Thread] = {}
+
+    def spy(name, real):
+        def wrapped(*args, **kwargs):
+            seen[name] = threading.current_thread()
+            return real(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(loading_module, "_load", spy("load", loading_module._load))
+    monkeypatch.setattr(engine_module, "make_runner", spy("runner", engine_module.make_runner))
+    engine = LLMEngine(load_model(str(tiny_model_dir), dtype="float32"), EngineConfig(max_running=2))
+    try:
+        assert set(seen) == {"load", "runner"}
+        for thread in seen.values():
+            assert thread is not threading.current_thread() and thread is not engine._thread
+            assert not thread.is_alive()
+    finally:
+        engine.close()
+    with pytest.raises(ValueError, match="quantization='int8' needs the fast path"):
+        LLMEngine(load_model(str(tiny_model_dir), dtype="float32"), EngineConfig(fast_path=False, quantization="int8"))
