@@ -22,15 +22,26 @@ class Linear(Protocol):
 
 
 class DenseLinear:
-    """A float weight (float32 or bfloat16) and the plain matmul."""
+    """A float weight (float32, bfloat16 or float16) and the plain matmul.
+
+    One row of 16-bit activations goes through torch.mv: aten's matrix-vector kernel, where F.linear goes
+    through oneDNN's matmul, built for many rows. Measured on 2 cores (AMX) for the 120 fused matmuls of
+    SmolLM2's decode step: bfloat16 23.7 -> 17.8 ms, the bfloat16 output layer 2.3 -> 1.5 ms. float32 keeps
+    F.linear (MKL's gemm), whose results the float32 tests compare with transformers'."""
 
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype) -> None:
         self.weight = weight.detach().to(dtype).contiguous()
+        self.one_row_mv = dtype != torch.float32 and self.weight.device.type == "cpu"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == self.weight.dtype:
-            return F.linear(x, self.weight)
-        return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+            return self._matmul(x)
+        return self._matmul(x.to(self.weight.dtype)).to(x.dtype)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.one_row_mv and x.numel() == x.shape[-1]:
+            return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], -1)
+        return F.linear(x, self.weight)
 
 
 class Int8Linear:
