@@ -1,4 +1,5 @@
-"""`make bench` / `python -m bench [--quick] [--skip-peer] [--quantization int8] [--device cuda] [--dtype float32]`.
+"""`make bench` / `python -m bench [--quick] [--skip-peer] [--quantization int8 int4] [--device cuda]
+[--dtype float32]`.
 
 In one run, on the embedded SmolLM2-135M-Instruct, chat template on, greedy, varied "write a long story" prompts:
 
@@ -8,7 +9,7 @@ In one run, on the embedded SmolLM2-135M-Instruct, chat template on, greedy, var
      --openai-streams counts N concurrent streaming chat completions over its HTTP port (the OpenAI API);
    - the peer, llama.cpp's server (bench/peer.py builds it once from source) on an F32 GGUF and on the shipped
      Q4_1 GGUF, over the same OpenAI API (not with --skip-peer);
-   - with --quantization Q: the service with `quantization: Q` too, over the OpenAI API;
+   - with --quantization Q [Q ...]: the service with `quantization: Q` too, over the OpenAI API;
 2. the seed tutorial's design (bench/seed_executor.py) in its own real flow, the baseline.
 
 Prints a markdown table, writes BENCHMARKS.md and bench/results.json.
@@ -65,7 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-peer", action="store_true", help="leave llama.cpp out (no build, no servers)")
     parser.add_argument("--peer-threads", type=int, default=2, help="llama.cpp's --threads (default 2)")
     parser.add_argument(
-        "--quantization", help="also run the service with this executor `quantization` setting (e.g. int8)"
+        "--quantization",
+        nargs="+",
+        default=[],
+        help="also run the service with each of these executor `quantization` settings (e.g. int8 int4)",
     )
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results.json")
@@ -200,19 +204,19 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.rounds} rounds"
     )
     placement = {key: value for key, value in (("device", args.device), ("dtype", args.dtype)) if value != "auto"}
-    quantized = None
+    quantized: dict[str, str] = {}  # quantization -> its system's name
     if args.quantization:
         if service.executor_accepts("quantization"):
-            quantized = report.quantized_service(args.quantization)
+            quantized = {q: report.quantized_service(q) for q in args.quantization}
             info["quantization"] = (
-                f"a second flow.yml flow with `quantization: {args.quantization}` added to the executor's uses_with"
+                f"one more flow.yml flow per quantization ({', '.join(args.quantization)}), with `quantization` "
+                "added to the executor's uses_with"
             )
         else:
-            log(
-                f"the executor has no `quantization` setting yet: the service with quantization "
-                f"{args.quantization} is left out"
+            log("the executor has no `quantization` setting yet: the quantized services are left out")
+            info["quantization"] = (
+                f"{', '.join(args.quantization)} asked for, but the executor has no `quantization` setting yet"
             )
-            info["quantization"] = f"{args.quantization} asked for, but the executor has no `quantization` setting yet"
     if not args.skip_peer:
         peer.ensure_built()
         f32 = peer.f32_gguf()
@@ -229,9 +233,9 @@ def main(argv: list[str] | None = None) -> int:
             open_ceiling = stack.enter_context(ceiling.kv_cache_process("embedded", args.device, args.dtype))
             ports = stack.enter_context(service.serving("service", placement))
             openai_ports = {report.SERVICE_HTTP: ports.http}  # the same service, its own row over the OpenAI API
-            if quantized:
-                openai_ports[quantized] = stack.enter_context(
-                    service.serving("service-quantized", placement | {"quantization": args.quantization})
+            for quantization, system in quantized.items():
+                openai_ports[system] = stack.enter_context(
+                    service.serving(f"service-{quantization}", placement | {"quantization": quantization})
                 ).http
             if not args.skip_peer:
                 context = peer_context(executor.engine, args)

@@ -95,7 +95,7 @@ def _ratio_goal(issues: str, target: str, ours: RoundResult | None, peer: RoundR
     )
 
 
-def targets(results: list[RoundResult], quantization: str | None) -> list[dict]:
+def targets(results: list[RoundResult], quantizations: list[str]) -> list[dict]:
     """The issues' targets: [{issues, target, measured, passed (True/False/None when not measured)}]."""
     out = []
     ceiling, single = _find(results, CEILING, 1), _find(results, SERVICE, 1)
@@ -159,18 +159,18 @@ def targets(results: list[RoundResult], quantization: str | None) -> list[dict]:
                 1.0,
             )
         )
-    for n, goal in ((1, 0.8), (16, 1.0)):
-        quantized = _find(results, quantized_service(quantization), n) if quantization else None
-        out.append(
-            _ratio_goal(
-                "10",
-                f"quantized mode ({quantization or 'none given'}), OpenAI API, {n} stream{'s' * (n > 1)}: "
-                f">= {goal:.1f}x llama.cpp Q4_1",
-                quantized,
-                _find(results, LLAMA_Q4, n),
-                goal,
+    for quantization in quantizations or ["none given"]:
+        for n, goal in ((1, 0.8), (16, 1.0)):
+            out.append(
+                _ratio_goal(
+                    "10",
+                    f"quantized mode ({quantization}), OpenAI API, {n} stream{'s' * (n > 1)}: "
+                    f">= {goal:.1f}x llama.cpp Q4_1",
+                    _find(results, quantized_service(quantization), n) if quantizations else None,
+                    _find(results, LLAMA_Q4, n),
+                    goal,
+                )
             )
-        )
     return out
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 QUANTIZATIONS = ("none", "int8", "int4")
 INT4_GROUP_SIZE = 32  # 32 input weights share a scale and a zero: the finest group the kernel takes, the most accurate
 INT4_INNER_K_TILES = 2
+PACKED_FOR_ROWS = 16  # the batch the pre-packed bfloat16 layout is tuned for (measured: 1 or 16 pack alike)
 
 
 class Linear(Protocol):
@@ -22,16 +23,22 @@ class Linear(Protocol):
 
 
 class DenseLinear:
-    """A float weight (float32, bfloat16 or float16) and the plain matmul.
+    """A float weight (float32, bfloat16 or float16) and the fastest matmul this CPU has for it, measured on 2
+    cores (AMX) over the 120 fused matmuls of SmolLM2's decode step:
 
-    One row of 16-bit activations goes through torch.mv: aten's matrix-vector kernel, where F.linear goes
-    through oneDNN's matmul, built for many rows. Measured on 2 cores (AMX) for the 120 fused matmuls of
-    SmolLM2's decode step: bfloat16 23.7 -> 17.8 ms, the bfloat16 output layer 2.3 -> 1.5 ms. float32 keeps
-    F.linear (MKL's gemm), whose results the float32 tests compare with transformers'."""
+    - one row of 16-bit activations: torch.mv, aten's matrix-vector kernel (bfloat16 23.7 -> 17.8 ms against
+      F.linear; the bfloat16 output layer 2.3 -> 1.5 ms);
+    - more rows of bfloat16: the weight pre-packed in oneDNN's blocked layout, where this CPU's oneDNN has a
+      bfloat16 matmul (16-row step: matmuls 30 -> 24 ms, the step 56 -> 50 ms). It is a second copy of the
+      weight: at one row the plain layout is 1.5 ms faster;
+    - otherwise F.linear. float32 keeps MKL's gemm, whose results the float32 tests compare with transformers'.
+    """
 
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype) -> None:
         self.weight = weight.detach().to(dtype).contiguous()
-        self.one_row_mv = dtype != torch.float32 and self.weight.device.type == "cpu"
+        on_cpu = self.weight.device.type == "cpu"
+        self.one_row_mv = dtype != torch.float32 and on_cpu
+        self.packed = onednn_packed(self.weight) if dtype == torch.bfloat16 and on_cpu else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == self.weight.dtype:
@@ -41,7 +48,20 @@ class DenseLinear:
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.one_row_mv and x.numel() == x.shape[-1]:
             return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], -1)
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
         return F.linear(x, self.weight)
+
+
+def onednn_packed(weight: torch.Tensor) -> torch.Tensor | None:
+    """A bfloat16 weight in oneDNN's blocked layout for matmuls of about PACKED_FOR_ROWS rows (any count runs);
+    None where oneDNN has no bfloat16 matmul on this CPU (it needs AVX512BW or AVX-NE-CONVERT: not on AVX2)."""
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, PACKED_FOR_ROWS)
+    except RuntimeError:  # an ISA check of oneDNN's own, stricter than the one above
+        return None
 
 
 class Int8Linear:
