@@ -68,3 +68,6 @@ class Runner(Protocol):
 
     def reset(self) -> None:
         """Forget every row (after a failed step, whose state may be inconsistent); the shared prefix stays."""
+
+    def describe(self) -> str:
+        """What runs the steps, in which precision: for the start-up log (after start())."""

@@ -108,6 +108,9 @@ class CacheRunner:
     def reset(self) -> None:
         self._running = self._prefilling = None
 
+    def describe(self) -> str:
+        return f"transformers' {type(self.model).__name__} forward, {self.model.dtype} weights"
+
     # ---- batches ----
 
     def _forward(self, input_ids, attention_mask, position_ids, cache: DynamicCache) -> torch.Tensor:

@@ -106,7 +106,7 @@ class TokenStreamingExecutor(Executor):
             self._warm_up(warmup_tokens)
         self.engine.on_finished = self.metrics.observe_finished  # after the warm-up, which no client asked for
         drain_on_sigterm(self._drain)
-        self.logger.info(f"serving {loaded.name} on {loaded.device} ({loaded.dtype})")
+        self.logger.info(f"serving {loaded.name} on {loaded.device}: {self.engine.runner.describe()}")
 
     def build_engine(self, loaded: LoadedModel, config: EngineConfig) -> LLMEngine:
         """The seam where a subclass builds its engine otherwise (tests/faulty_executor.py injects a fault)."""

@@ -53,6 +53,7 @@ class FastRunner:
         self.positions = torch.arange(max_len, device=self.device)
         self.decode_bands: list[tuple[int, Precision]] = []  # [(most rows, precision)], chosen by start()
         self.prefill_precision: Precision | None = None
+        self.measured = ""  # the timings behind the choice, for describe()
 
     # -- the Runner protocol ---------------------------------------------------------------------------------
 
@@ -125,6 +126,13 @@ class FastRunner:
         self.cache.clear()
         self.cache.zero()
 
+    def describe(self) -> str:
+        if not self.decode_bands:
+            return "fast path, its precisions not measured yet (start() has not run)"
+        bands = ", ".join(f"<={most_rows}: {precision.name}" for most_rows, precision in self.decode_bands)
+        prefill = self.prefill_precision.name if self.prefill_precision else "?"
+        return f"fast path, decode weights by rows {bands}, prefill {prefill}{self.measured}"
+
     # -- steps -----------------------------------------------------------------------------------------------
 
     def _prefill_inputs(self, chunks: list[PrefillChunk], slots: list[int]) -> StepInputs:
@@ -193,7 +201,6 @@ class FastRunner:
         if len(self.candidates) == 1:
             only = self.precisions[self.candidates[0]]
             self.decode_bands, self.prefill_precision = [(self.max_rows, only)], only
-            log.info("fast runner: %s weights (no choice to measure)", only.name)
         else:
             counts = autotune.row_counts(self.max_rows)
             timings = autotune.measure(self.candidates, counts, self._time_decode_step)
@@ -202,16 +209,11 @@ class FastRunner:
             self.decode_bands = [(most_rows, self.precisions[name]) for most_rows, name in chosen]
             # A prefill is many rows' worth of tokens: the winner at the most rows measured runs it.
             self.prefill_precision = self.decode_bands[-1][1]
-            log.info(
-                "fast runner: decode weights by rows %s, prefill %s; ms per decode step (context %d): %s",
-                ", ".join(f"<={most_rows}: {name}" for most_rows, name in chosen),
-                self.prefill_precision.name,
-                MEASURED_CONTEXT,
-                ", ".join(
-                    f"{name} x{rows} {seconds * 1000:.1f}"
-                    for (name, rows), seconds in sorted(timings.items(), key=lambda item: item[0][1])
-                ),
+            self.measured = f"; ms per decode step (context {MEASURED_CONTEXT}): " + ", ".join(
+                f"{name} x{rows} {seconds * 1000:.1f}"
+                for (name, rows), seconds in sorted(timings.items(), key=lambda item: item[0][1])
             )
+        log.info(self.describe())
         used = {precision.name for _, precision in self.decode_bands}
         self.precisions = {name: precision for name, precision in self.precisions.items() if name in used}
         self.llama.release_source()
