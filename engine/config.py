@@ -28,5 +28,6 @@ class EngineConfig:
     # The compact Llama-family forward of engine/fast/ where the model is one it handles exactly; otherwise (or
     # when False) the transformers model itself (engine/runner.py).
     fast_path: bool = True
-    # Weights of the fast path: none (the model's precision), int8 (weight-only). See engine/fast/.
+    # Weights of the fast path: none (the precision dtype gives or auto measures), int8 or int4 (weight-only,
+    # CPU; int4 in groups of 32 as llama.cpp's Q4_1, its output layer int8). See engine/fast/linear.py.
     quantization: str = "none"
