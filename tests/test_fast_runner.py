@@ -8,9 +8,11 @@ from collections.abc import Sequence
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from engine.fast import FastRunner, supports
+from engine.fast.linear import DenseLinear
 from engine.plan import PrefillChunk, PrefillPlan
 
 PROMPTS = [
@@ -285,3 +287,18 @@ def test_auto_dtype_measures_and_covers_every_batch_size(tiny_model_dir, caplog)
         assert runner._decode_precision(rows).name in ("float32", "bfloat16")
     first = prefill(runner, {"x": ([1, 2, 3, 4], 0)})
     assert decode(runner, first).keys() == {"x"}
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@torch.no_grad()
+def test_every_matmul_kernel_of_a_dense_weight_computes_x_times_w_transposed(rows, dtype):
+    """One row takes torch.mv, more rows oneDNN's pre-packed bfloat16 weight where this CPU has it, else
+    F.linear: all give the product of the weight as stored (rounded to dtype) with the activations."""
+    torch.manual_seed(0)
+    weight, x = torch.randn(96, 64), torch.randn(rows, 1, 64)
+    linear = DenseLinear(weight, dtype)
+    expected = F.linear(x.to(dtype).double(), weight.to(dtype).double()).float()
+    out = linear(x)
+    assert out.shape == (rows, 1, 96) and out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, atol=0.1 if dtype == torch.bfloat16 else 1e-4, rtol=0.02)
