@@ -133,7 +133,8 @@ class MklPackedLinear:
 
 
 class OneDnnPackedLinear:
-    """bfloat16 weight pre-packed by oneDNN (needs AVX512-BF16/AMX or AVX512BW at least)."""
+    """bfloat16 weight pre-packed by oneDNN for the row count, one row too (needs AVX512BW or AVX-NE-CONVERT: the
+    fast path's own bfloat16 packs for more than one row and runs one row through torch.mv)."""
 
     def __init__(self, weight: torch.Tensor, rows: int) -> None:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(torch.bfloat16), rows)
