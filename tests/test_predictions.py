@@ -503,12 +503,13 @@ async def test_the_official_replicate_client_works_unchanged(tiny_service):
 
 @pytest.fixture(scope="module")
 def redis_flows(tmp_path_factory, tiny_model_dir, redis_url):
-    """Two flows (two gateways, two executors) whose predictions live in the same Redis."""
+    """Two flows (two gateways, two executors) whose predictions live in the same Redis; every stream takes at
+    least 10 ms a token (tests/paced_executor.py), so a LONG one still runs when the test cancels it."""
     settings = {"predictions": {"redis_url": redis_url, "redis_prefix": f"flows:{uuid.uuid4().hex}:", "ttl_s": 8}}
-    uses_with = {"model": str(tiny_model_dir), **TINY_LIMITS}
+    uses_with = {"model": str(tiny_model_dir), **TINY_LIMITS, "pace_s": 0.01}
     with (
-        serve(tmp_path_factory, "redis-flow-a", uses_with, gateway_settings=settings) as a,
-        serve(tmp_path_factory, "redis-flow-b", uses_with, gateway_settings=settings) as b,
+        serve(tmp_path_factory, "redis-flow-a", uses_with, "tests/paced.yml", gateway_settings=settings) as a,
+        serve(tmp_path_factory, "redis-flow-b", uses_with, "tests/paced.yml", gateway_settings=settings) as b,
     ):
         yield a, b
 
