@@ -230,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         executor = Executor.load_config(str(ROOT / "config.yml"), uses_with=service.executor_settings(placement))
         with ExitStack() as stack:
             stack.callback(executor.close)
+            info["runner"] = executor.engine.runner.describe()  # what dtype auto measured and chose here
             open_ceiling = stack.enter_context(ceiling.kv_cache_process("embedded", args.device, args.dtype))
             ports = stack.enter_context(service.serving("service", placement))
             openai_ports = {report.SERVICE_HTTP: ports.http}  # the same service, its own row over the OpenAI API

@@ -218,7 +218,8 @@ def markdown(
         f"- CPU: {info['cpu']}, {info['cores']} cores available to the benchmark",
         f"- device: {info['device']}"
         + (f" ({info['cuda_device']})" if info["cuda_device"] else "")
-        + f", dtype: {info['dtype']}",
+        + f", dtype: {info['dtype']}"
+        + (f"; the engine in process ran: {info['runner']}" if "runner" in info else ""),
         f"- torch {info['torch']} ({info['torch_threads']} intra-op threads), transformers {info['transformers']}, "
         f"jina {info['jina']}, docarray {info['docarray']}",
         "- load average (1/5/15 min) at start: "
