@@ -14,6 +14,7 @@ import ipaddress
 import json
 import logging
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -414,6 +415,16 @@ async def test_two_gateways_sharing_redis_serve_and_cancel_the_same_prediction(r
 # On real flows of the tiny model ---------------------------------------------------------------------------------
 
 LONG = 3000  # max_tokens of a prediction that is still running when the test cancels it
+PACE_S = 0.01  # at least this long a token on the paced flows: LONG tokens take 30 s at the least
+
+
+@pytest.fixture(scope="module")
+def paced_service(tmp_path_factory, tiny_model_dir) -> Iterator[Service]:
+    """The tiny flow with every stream paced (tests/paced_executor.py): a LONG prediction still runs when a test
+    cancels it or fills the replica with them, however fast the engine is on the machine."""
+    uses_with = {"model": str(tiny_model_dir), **TINY_LIMITS, "pace_s": PACE_S}
+    with serve(tmp_path_factory, "paced-flow", uses_with, "tests/paced.yml") as service:
+        yield service
 
 
 async def test_real_flow_poll_and_stream_give_what_grpc_gives(tiny_service):
@@ -444,25 +455,25 @@ async def test_real_flow_a_prediction_runs_to_its_end_with_nobody_connected(tiny
     assert last["status"] == "succeeded" and "".join(last["output"]) == docs[-1].generated_text
 
 
-async def test_real_flow_cancel_frees_the_engine_slot(tiny_service):
-    await idle(tiny_service)
-    cancelled = tiny_service.cancelled_requests()
-    async with httpx.AsyncClient(base_url=tiny_service.url, timeout=120) as client:
+async def test_real_flow_cancel_frees_the_engine_slot(paced_service):
+    await idle(paced_service)
+    cancelled = paced_service.cancelled_requests()
+    async with httpx.AsyncClient(base_url=paced_service.url, timeout=120) as client:
         prediction = await create(client, input={"prompt": "Tell me everything", "max_tokens": LONG})
         assert (await client.get(prediction["urls"]["get"], params={"offset": 1, "wait": 60})).json()["output"]
-        assert tiny_service.running_streams() == 1
+        assert paced_service.running_streams() == 1
         body = (await client.post(prediction["urls"]["cancel"])).json()
         assert body["status"] == "canceled", "the prediction ended before the cancel: raise LONG"
         # The engine frees the row a moment before it counts the request as cancelled: wait for both.
-        service = tiny_service
+        service = paced_service
         await eventually(lambda: (service.running_streams(), service.cancelled_requests()) == (0, cancelled + 1))
         final = (await client.get(prediction["urls"]["get"])).json()
         assert final["status"] == "canceled" and 0 < len(final["output"]) < LONG
 
 
-async def test_real_flow_refusals_are_400_and_429(tiny_service):
-    await idle(tiny_service)
-    async with httpx.AsyncClient(base_url=tiny_service.url, timeout=120) as client:
+async def test_real_flow_refusals_are_400_and_429(paced_service):
+    await idle(paced_service)
+    async with httpx.AsyncClient(base_url=paced_service.url, timeout=120) as client:
         too_long = await create(client, 400, input={"prompt": "hi", "max_tokens": 100000})
         assert too_long["error"]["code"] == "invalid_request" and "context" in too_long["error"]["message"]
         no_prompt = await create(client, 400, input={"max_tokens": 5})
@@ -471,24 +482,24 @@ async def test_real_flow_refusals_are_400_and_429(tiny_service):
         capacity = TINY_LIMITS["max_running"] + TINY_LIMITS["max_waiting"]
         created = [await create(client, input={"prompt": f"fill {i}", "max_tokens": LONG}) for i in range(capacity)]
         try:
-            await eventually(lambda: (tiny_service.running_streams(), tiny_service.waiting_streams()) == (4, 2))
+            await eventually(lambda: (paced_service.running_streams(), paced_service.waiting_streams()) == (4, 2))
             full = await create(client, 429, input={"prompt": "one too many", "max_tokens": 5})
             assert (full["error"]["code"], full["error"]["type"]) == ("overloaded", "rate_limit_error")
         finally:
             for prediction in created:
                 await client.post(prediction["urls"]["cancel"])
-        await idle(tiny_service)
+        await idle(paced_service)
 
 
-async def test_the_official_replicate_client_works_unchanged(tiny_service):
-    client = replicate.Client(api_token="not-needed", base_url=tiny_service.url)
+async def test_the_official_replicate_client_works_unchanged(paced_service):
+    client = replicate.Client(api_token="not-needed", base_url=paced_service.url)
     fields = {"prompt": "hello there", "max_tokens": 12, "chat_template": False}
     prediction = await client.predictions.async_create(version="test-model", input=fields, stream=True)
     assert prediction.status in ("starting", "processing")
     streamed = [str(event) async for event in prediction.async_stream()]
     await prediction.async_wait()
     assert prediction.status == "succeeded" and "".join(streamed) == "".join(prediction.output)
-    docs = await stream_docs(tiny_service, **fields)
+    docs = await stream_docs(paced_service, **fields)
     assert "".join(prediction.output) == docs[-1].generated_text
     again = await client.predictions.async_get(prediction.id)
     assert again.output == prediction.output and again.metrics["output_token_count"] == docs[-1].completion_tokens
@@ -498,15 +509,15 @@ async def test_the_official_replicate_client_works_unchanged(tiny_service):
     with pytest.raises(replicate.exceptions.ReplicateError) as refused:
         await client.predictions.async_create(version="test-model", input={"prompt": "hi", "max_tokens": "many"})
     assert refused.value.status == 400 and "input.max_tokens" in refused.value.detail
-    await idle(tiny_service)
+    await idle(paced_service)
 
 
 @pytest.fixture(scope="module")
 def redis_flows(tmp_path_factory, tiny_model_dir, redis_url):
-    """Two flows (two gateways, two executors) whose predictions live in the same Redis; every stream takes at
-    least 10 ms a token (tests/paced_executor.py), so a LONG one still runs when the test cancels it."""
+    """Two flows (two gateways, two executors) whose predictions live in the same Redis, paced as paced_service
+    is, so a LONG prediction still runs when the test cancels it through the other gateway."""
     settings = {"predictions": {"redis_url": redis_url, "redis_prefix": f"flows:{uuid.uuid4().hex}:", "ttl_s": 8}}
-    uses_with = {"model": str(tiny_model_dir), **TINY_LIMITS, "pace_s": 0.01}
+    uses_with = {"model": str(tiny_model_dir), **TINY_LIMITS, "pace_s": PACE_S}
     with (
         serve(tmp_path_factory, "redis-flow-a", uses_with, "tests/paced.yml", gateway_settings=settings) as a,
         serve(tmp_path_factory, "redis-flow-b", uses_with, "tests/paced.yml", gateway_settings=settings) as b,
