@@ -29,8 +29,9 @@ class DenseLinear:
     - one row of 16-bit activations: torch.mv, aten's matrix-vector kernel (bfloat16 23.7 -> 17.8 ms against
       F.linear; the bfloat16 output layer 2.3 -> 1.5 ms);
     - more rows of bfloat16: the weight pre-packed in oneDNN's blocked layout, where this CPU's oneDNN has a
-      bfloat16 matmul (16-row step: matmuls 30 -> 24 ms, the step 56 -> 50 ms). It is a second copy of the
-      weight: at one row the plain layout is 1.5 ms faster;
+      bfloat16 matmul (16-row step: matmuls 30 -> 25 ms, the step 56 -> 52 ms). It is a second copy of the
+      weight (+2 bytes a parameter), kept because at one row torch.mv on the plain layout is faster still
+      (one-row step 23.4 against 23.8 ms, interleaved in one process);
     - otherwise F.linear. float32 keeps MKL's gemm, whose results the float32 tests compare with transformers'.
     """
 

@@ -130,7 +130,7 @@ class FastRunner:
         if not self.decode_bands:
             return "fast path, its precisions not measured yet (start() has not run)"
         bands = ", ".join(f"<={most_rows}: {precision.name}" for most_rows, precision in self.decode_bands)
-        prefill = self.prefill_precision.name if self.prefill_precision else "?"
+        prefill = self._started(self.prefill_precision).name
         return f"fast path, decode weights by rows {bands}, prefill {prefill}{self.measured}"
 
     # -- steps -----------------------------------------------------------------------------------------------
