@@ -166,7 +166,7 @@ def targets(results: list[RoundResult], quantizations: list[str]) -> list[dict]:
                     "10",
                     f"quantized mode ({quantization}), OpenAI API, {n} stream{'s' * (n > 1)}: "
                     f">= {goal:.1f}x llama.cpp Q4_1",
-                    _find(results, quantized_service(quantization), n) if quantizations else None,
+                    _find(results, quantized_service(quantization), n),
                     _find(results, LLAMA_Q4, n),
                     goal,
                 )
