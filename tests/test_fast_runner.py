@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from engine.fast import FastRunner, supports
-from engine.fast.linear import DenseLinear
+import engine.fast.runner
+from engine.fast import FastRunner, avx2, supports
+from engine.fast.linear import AVX2_BFLOAT16, Avx2Bf16Linear, DenseLinear
 from engine.plan import PrefillChunk, PrefillPlan
 
 PROMPTS = [
@@ -78,12 +79,24 @@ def test_greedy_tokens_equal_model_generate(embedded, prompt_ids):
         assert alone(runner, prompt, 24) == expected
 
 
+@pytest.fixture(params=["float32", AVX2_BFLOAT16])
+def precision(request, monkeypatch) -> str:
+    """The precision the runners of a test run in: float32 on torch's kernels, or bfloat16 on the AVX2 kernels
+    (only: start() does not choose between precisions then)."""
+    if request.param == AVX2_BFLOAT16:
+        if avx2.library() is None:
+            pytest.skip(f"the AVX2 kernels cannot run here: {avx2.unsupported()}")
+        monkeypatch.setattr(engine.fast.runner, "_candidates", lambda *_: [AVX2_BFLOAT16])
+    return request.param
+
+
 @torch.no_grad()
-def test_rows_joining_chunked_and_freed_get_the_tokens_they_get_alone(embedded, prompt_ids):
+def test_rows_joining_chunked_and_freed_get_the_tokens_they_get_alone(embedded, prompt_ids, precision):
     """Rows of different lengths join at different times (one group padded, one prompt in two chunks, a group
     that joins while another is still being prefilled), run in a shuffled order, and leave mid-way."""
     model, _ = embedded
     runner = started(model, max_rows=5)
+    assert runner.describe().startswith(f"fast path, decode weights by rows <=5: {precision},")
     steps = 16
     expected = {f"r{index}": alone(runner, prompt, steps) for index, prompt in enumerate(prompt_ids[:5])}
     prompts = {f"r{index}": prompt for index, prompt in enumerate(prompt_ids[:5])}
@@ -284,7 +297,7 @@ def test_auto_dtype_measures_and_covers_every_batch_size(tiny_model_dir, caplog)
     assert runner.decode_bands[-1][0] == 6
     assert runner.cache.running == 0 and not runner.cache.slot_of
     for rows in range(1, 7):
-        assert runner._decode_precision(rows).name in ("float32", "bfloat16")
+        assert runner._decode_precision(rows).name in ("float32", "bfloat16", AVX2_BFLOAT16)
     first = prefill(runner, {"x": ([1, 2, 3, 4], 0)})
     assert decode(runner, first).keys() == {"x"}
 
@@ -302,3 +315,35 @@ def test_every_matmul_kernel_of_a_dense_weight_computes_x_times_w_transposed(row
     out = linear(x)
     assert out.shape == (rows, 1, 96) and out.dtype == torch.float32
     torch.testing.assert_close(out, expected, atol=0.1 if dtype == torch.bfloat16 else 1e-4, rtol=0.02)
+
+
+def test_the_avx2_kernels_load_wherever_the_cpu_and_a_compiler_allow():
+    """They are built on first use; a build failure on a machine that can run them must not pass unnoticed."""
+    reason = avx2.unsupported()
+    assert (avx2.library() is None) == (reason is not None), reason
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 16, 49, 100])
+@pytest.mark.parametrize("shape", [(96, 64), (32, 20)], ids=["k multiple of 8", "k of 20"])
+@torch.no_grad()
+def test_the_avx2_kernel_computes_x_times_w_transposed_and_each_row_as_it_would_alone(rows, shape):
+    """Tiles of 6 rows and their remainders, chunks of 48 rows, any k: the product of the bfloat16 weight with
+    float32 activations, and a row's output bit for bit the same in any batch (greedy batch == alone)."""
+    if avx2.library() is None:
+        pytest.skip(f"the AVX2 kernels cannot run here: {avx2.unsupported()}")
+    torch.manual_seed(0)
+    weight, x = torch.randn(*shape), torch.randn(rows, 1, shape[1])
+    linear = Avx2Bf16Linear(weight)
+    out = linear(x)
+    assert out.shape == (rows, 1, shape[0]) and out.dtype == torch.float32
+    expected = F.linear(x.double(), weight.to(torch.bfloat16).double()).float()
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    for row in range(rows):
+        assert torch.equal(linear(x[row : row + 1]), out[row : row + 1])
+
+
+def test_the_avx2_kernel_refuses_a_weight_it_cannot_pack():
+    if avx2.library() is None:
+        pytest.skip(f"the AVX2 kernels cannot run here: {avx2.unsupported()}")
+    with pytest.raises(ValueError, match=r"\(40, 64\) weight"):
+        Avx2Bf16Linear(torch.randn(40, 64))

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM, PreTrainedModel
 
-from engine.fast.linear import DenseLinear, Int4Linear, Int8Linear, Linear, int4_fits
+from engine.fast.linear import Linear, make_linear
 
 if TYPE_CHECKING:
     from engine.fast.cache import SlotCache
@@ -106,18 +106,14 @@ class FastLlama:
         self.cos, self.sin_signed = rope_tables(model, max_len, device, activation_dtype)
 
     def precision(self, name: str) -> Precision:
-        """The matmul weights as float32, bfloat16, float16, int8 or int4 (the last two: weight-only, CPU)."""
+        """The matmul weights as float32, bfloat16, float16, bfloat16 through the AVX2 kernels, int8 or int4 (the
+        last two: weight-only, CPU): linear.make_linear's precisions."""
         model = self._source
         if model is None:
             raise RuntimeError("the source weights were released")
 
         def linear(weights: list[torch.Tensor]) -> Linear:
-            weight = torch.cat([w.detach() for w in weights]).to(self.device)
-            if name == "int8":
-                return Int8Linear(weight)
-            if name == "int4":
-                return Int4Linear(weight) if int4_fits(weight) else Int8Linear(weight)
-            return DenseLinear(weight, getattr(torch, name))
+            return make_linear(name, torch.cat([w.detach() for w in weights]).to(self.device))
 
         layers = []
         for layer in model.model.layers:
@@ -131,9 +127,8 @@ class FastLlama:
                 )
             )
         # The output layer decides every token: int4 there costs more agreement than it saves, int8 does not.
-        head_name = "int8" if name == "int4" else name
-        lm_head = Int8Linear if head_name == "int8" else (lambda w: DenseLinear(w, getattr(torch, head_name)))
-        return Precision(name, layers, lm_head(model.lm_head.weight.detach().to(self.device)))
+        lm_head = make_linear("int8" if name == "int4" else name, model.lm_head.weight.detach().to(self.device))
+        return Precision(name, layers, lm_head)
 
     def release_source(self) -> None:
         self._source = None

@@ -1,0 +1,135 @@
+"""engine/fast/avx2_kernels.c, compiled for this machine on first use and loaded with ctypes.
+
+Why C and not a torch extension: the kernels need no torch headers, so a build takes about a second with the
+system's C compiler, and ctypes releases the GIL during each call. The library links libgomp by its soname;
+torch has loaded its own libgomp under that name already, so the kernels run on the calling thread's OpenMP
+team, the one torch's kernels use (a second OpenMP runtime would start a second team: see engine/openmp.py).
+
+Built once per source and compiler flags into `<cache_root>/kernels/`. Where the CPU lacks AVX2 or FMA, no
+compiler exists, or the build fails, `library()` says why in the log and returns None: the fast path then
+runs on torch's kernels alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from engine.loading import cache_root
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("avx2_kernels.c")
+# No -march=native: the cached library must run on any AVX2 + FMA CPU that shares the cache directory.
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+WIDTH = 16  # output features per packed block: avx2_kernels.c's WIDTH
+REQUIRED_CPU_FLAGS = ("avx2", "fma")
+
+
+@cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None (logged once, with the reason) where they cannot run here."""
+    reason = unsupported()
+    if reason is None:
+        try:
+            kernels = ctypes.CDLL(str(_built()))
+        except subprocess.CalledProcessError as error:
+            reason = f"building {SOURCE.name} failed: {error.stderr.strip()[-2000:]}"
+        except (OSError, subprocess.TimeoutExpired) as error:
+            reason = f"building or loading {SOURCE.name} failed: {error}"
+        else:
+            kernels.linear_bf16.argtypes = [
+                ctypes.c_void_p,
+                ctypes.c_int64,
+                ctypes.c_int64,
+                ctypes.c_void_p,
+                ctypes.c_int64,
+                ctypes.c_void_p,
+                ctypes.c_int,
+            ]
+            kernels.linear_bf16.restype = None
+            return kernels
+    log.info("AVX2 kernels not used: %s", reason)
+    return None
+
+
+def packable(weight: torch.Tensor) -> bool:
+    return weight.shape[0] % WIDTH == 0
+
+
+def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """[n, k] float weight -> bfloat16 [n / WIDTH, k, WIDTH]: blocks of WIDTH output features, k-major."""
+    n, k = weight.shape
+    return weight.detach().to(torch.bfloat16).view(n // WIDTH, WIDTH, k).transpose(1, 2).contiguous()
+
+
+def linear_bf16(kernels: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """x [rows, k] float32, contiguous, times the packed weight transposed: [rows, n] float32."""
+    rows, k = x.shape
+    n = packed.shape[0] * WIDTH
+    out = torch.empty(rows, n, dtype=torch.float32)
+    kernels.linear_bf16(x.data_ptr(), rows, k, packed.data_ptr(), n, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def unsupported() -> str | None:
+    """Why the kernels cannot run on this machine, or None."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"{platform.machine()} is not x86-64"
+    flags = _cpu_flags()
+    missing = [flag for flag in REQUIRED_CPU_FLAGS if flag not in flags]
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    if _compiler() is None:
+        return "no C compiler (cc, gcc or $CC) on PATH"
+    return None
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _compiler() -> str | None:
+    candidates = [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc"]
+    return next((path for name in candidates if (path := shutil.which(name))), None)
+
+
+def _built() -> Path:
+    """The shared library for this source and these flags, compiled on the first call. Written under a
+    temporary name and renamed: processes starting at once each build, and none loads a half-written file."""
+    compiler = _compiler()
+    assert compiler is not None
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    directory = cache_root() / "kernels"
+    target = directory / f"avx2_kernels-{digest}.so"
+    if target.is_file():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    descriptor, scratch = tempfile.mkstemp(dir=directory, suffix=".so")
+    os.close(descriptor)
+    try:
+        subprocess.run(
+            [compiler, *FLAGS, "-o", scratch, str(SOURCE)], check=True, capture_output=True, text=True, timeout=120
+        )
+        os.replace(scratch, target)
+    finally:
+        Path(scratch).unlink(missing_ok=True)
+    log.info("built %s", target)
+    return target
