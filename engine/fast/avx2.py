@@ -33,6 +33,12 @@ SOURCE = Path(__file__).with_name("avx2_kernels.c")
 # No -march=native: the cached library must run on any AVX2 + FMA CPU that shares the cache directory.
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 WIDTH = 16  # output features per packed block: avx2_kernels.c's WIDTH
+_P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+SIGNATURES = {  # avx2_kernels.c's functions (all return void)
+    "linear_bf16": [_P, _I64, _I64, _P, _I64, _P, _INT],
+    "rms_norm": [_P, _P, _P, _I64, _I64, _F],
+    "attention_decode": [_P, _I64, _I64, _P, _P, _I64, _I64, _I64, _P, _P, *[_I64] * 5, _INT],
+}
 REQUIRED_CPU_FLAGS = ("avx2", "fma")
 
 
@@ -48,16 +54,9 @@ def library() -> ctypes.CDLL | None:
         except (OSError, subprocess.TimeoutExpired) as error:
             reason = f"building or loading {SOURCE.name} failed: {error}"
         else:
-            kernels.linear_bf16.argtypes = [
-                ctypes.c_void_p,
-                ctypes.c_int64,
-                ctypes.c_int64,
-                ctypes.c_void_p,
-                ctypes.c_int64,
-                ctypes.c_void_p,
-                ctypes.c_int,
-            ]
-            kernels.linear_bf16.restype = None
+            for name, argtypes in SIGNATURES.items():
+                function = getattr(kernels, name)
+                function.argtypes, function.restype = argtypes, None
             return kernels
     log.info("AVX2 kernels not used: %s", reason)
     return None
@@ -79,6 +78,35 @@ def linear_bf16(kernels: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor) -> 
     n = packed.shape[0] * WIDTH
     out = torch.empty(rows, n, dtype=torch.float32)
     kernels.linear_bf16(x.data_ptr(), rows, k, packed.data_ptr(), n, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def rms_norm(kernels: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """F.rms_norm(x, (dim,), weight, eps) for float32 x [..., dim] and weight [dim]."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    dim = x.shape[-1]
+    kernels.rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // dim, dim, eps)
+    return out
+
+
+def attention_decode(
+    kernels: ctypes.CDLL, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor
+) -> torch.Tensor:
+    """SDPA of one query token per row, float32: q [rows, heads, head_dim] (any row and head strides) against
+    keys and values [rows, kv_heads, positions, head_dim] (strided views of the cache, one layout for both),
+    row r attending its first visible[r] positions (int64). Returns [rows, heads * head_dim]."""
+    rows, heads, head_dim = q.shape
+    kv_heads = keys.shape[1]
+    if keys.stride() != values.stride() or q.stride(2) != 1 or keys.stride(3) != 1:
+        raise ValueError("attention_decode needs head_dim contiguous and one layout for keys and values")
+    out = torch.empty(rows, heads * head_dim, dtype=torch.float32)
+    kernels.attention_decode(
+        q.data_ptr(), q.stride(0), q.stride(1),
+        keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1), keys.stride(2),
+        visible.data_ptr(), out.data_ptr(),
+        rows, heads, kv_heads, head_dim, keys.shape[2], torch.get_num_threads(),
+    )  # fmt: skip
     return out
 
 

@@ -18,7 +18,9 @@
 // more rows by the FMAs.
 
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define WIDTH 16      // output features per packed block
 #define MAX_TILE 6    // activation rows per tile
@@ -72,5 +74,131 @@ void linear_bf16(const float *x, int64_t rows, int64_t k, const uint16_t *packed
 #pragma omp for schedule(static) nowait
         for (int64_t b = 0; b < blocks; ++b)
             rows_times_block(x + r0 * k, count, packed + b * k * WIDTH, y + r0 * n + b * WIDTH, k, n);
+    }
+}
+
+// ---- the rest of a decode step: RMSNorm and attention for one new token per row ----------------------------
+// torch runs each of these as several small ops with a dispatch each (F.rms_norm is 8, SDPA's CPU kernel sets up
+// a flash-attention tiling for a single query): on the 2-core EPYC they took about half of a one-row step.
+
+static inline float sum_of_squares(const float *x, int64_t dim) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= dim; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    float total = _mm_cvtss_f32(s);
+    for (; i < dim; ++i) total += x[i] * x[i];
+    return total;
+}
+
+// out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight, rows of dim floats (both contiguous).
+void rms_norm(const float *x, const float *weight, float *out, int64_t rows, int64_t dim, float eps) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *xr = x + r * dim;
+        float *o = out + r * dim;
+        const float scale = 1.0f / sqrtf(sum_of_squares(xr, dim) / (float)dim + eps);
+        const __m256 vscale = _mm256_set1_ps(scale);
+        int64_t i = 0;
+        for (; i + 8 <= dim; i += 8)
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + i), vscale),
+                                                  _mm256_loadu_ps(weight + i)));
+        for (; i < dim; ++i) o[i] = xr[i] * scale * weight[i];
+    }
+}
+
+// exp(x) for x <= 0 (scores minus their maximum), 8 lanes: Cephes' expf (2^n * a degree-5 polynomial on
+// [-ln2/2, ln2/2]), relative error about 1e-7. Below -87 it returns 0.
+static inline __m256 exp_nonpositive(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
+}
+
+static inline float dot(const float *a, const float *b, int64_t dim) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= dim; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    float total = _mm_cvtss_f32(s);
+    for (; i < dim; ++i) total += a[i] * b[i];
+    return total;
+}
+
+// One query token per row against that row's cached keys and values, softmax(q k / sqrt(head_dim)) v, for
+// heads query heads sharing kv_heads key/value heads (query head h reads kv head h / (heads / kv_heads)).
+// Row r attends its first visible[r] positions. Strides are in floats; head_dim is contiguous everywhere.
+// q: [rows, heads, head_dim]; keys, values: [rows, kv_heads, positions, head_dim]; out: [rows, heads * head_dim].
+void attention_decode(const float *q, int64_t q_row, int64_t q_head, const float *keys, const float *values,
+                      int64_t kv_row, int64_t kv_head, int64_t kv_position, const int64_t *visible, float *out,
+                      int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t max_visible,
+                      int threads) {
+    const int64_t groups = heads / kv_heads;
+    const float scale = 1.0f / sqrtf((float)head_dim);
+#pragma omp parallel num_threads(threads)
+    {
+        float *scores = malloc(sizeof(float) * (size_t)(max_visible + 8));
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < rows * heads; ++task) {
+            const int64_t r = task / heads, h = task % heads, g = h / groups, count = visible[r];
+            const float *qh = q + r * q_row + h * q_head;
+            const float *k = keys + r * kv_row + g * kv_head, *v = values + r * kv_row + g * kv_head;
+            float *o = out + (r * heads + h) * head_dim;
+            float top = -INFINITY;
+            for (int64_t p = 0; p < count; ++p) {
+                scores[p] = dot(qh, k + p * kv_position, head_dim) * scale;
+                top = scores[p] > top ? scores[p] : top;
+            }
+            const __m256 vtop = _mm256_set1_ps(top);
+            __m256 vsum = _mm256_setzero_ps();
+            int64_t p = 0;
+            for (; p + 8 <= count; p += 8) {
+                const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + p), vtop));
+                _mm256_storeu_ps(scores + p, e);
+                vsum = _mm256_add_ps(vsum, e);
+            }
+            float total = 0.0f;
+            if (p < count) {  // the last partial vector, padded with -inf (exp 0)
+                float tail[8];
+                for (int i = 0; i < 8; ++i) tail[i] = p + i < count ? scores[p + i] - top : -INFINITY;
+                const __m256 e = exp_nonpositive(_mm256_loadu_ps(tail));
+                _mm256_storeu_ps(tail, e);
+                vsum = _mm256_add_ps(vsum, e);
+                for (int i = 0; p + i < count; ++i) scores[p + i] = tail[i];
+            }
+            __m128 s = _mm_add_ps(_mm256_castps256_ps128(vsum), _mm256_extractf128_ps(vsum, 1));
+            s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            s = _mm_add_ss(s, _mm_movehdup_ps(s));
+            total += _mm_cvtss_f32(s);
+            const float inverse = 1.0f / total;
+            for (int64_t d = 0; d < head_dim; ++d) o[d] = 0.0f;
+            for (int64_t q_pos = 0; q_pos < count; ++q_pos) {
+                const float weight = scores[q_pos] * inverse;
+                const float *vp = v + q_pos * kv_position;
+                const __m256 vw = _mm256_set1_ps(weight);
+                int64_t d = 0;
+                for (; d + 8 <= head_dim; d += 8)
+                    _mm256_storeu_ps(o + d, _mm256_fmadd_ps(vw, _mm256_loadu_ps(vp + d), _mm256_loadu_ps(o + d)));
+                for (; d < head_dim; ++d) o[d] += weight * vp[d];
+            }
+        }
+        free(scores);
     }
 }

@@ -7,14 +7,15 @@ down matmul. 30 layers make 120 matmuls instead of transformers' 210, and about 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM, PreTrainedModel
 
-from engine.fast.linear import Linear, make_linear
+from engine.fast import avx2
+from engine.fast.linear import AVX2_BFLOAT16, Linear, make_linear
 
 if TYPE_CHECKING:
     from engine.fast.cache import SlotCache
@@ -65,13 +66,52 @@ class LayerWeights:
     down: Linear
 
 
+class TorchOps:
+    """A step's RMSNorms and attention, on torch."""
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+    def attention(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: StepInputs, shape: Shape
+    ) -> torch.Tensor:
+        return attention(q, keys, values, step.mask, shape)
+
+
+class Avx2Ops(TorchOps):
+    """RMSNorm, and the attention of decode steps, through the AVX2 kernels: one call each where torch runs about
+    8 ops for an RMSNorm and sets up a flash-attention tiling for a single query. A prefill's attention stays
+    on SDPA. The results differ from torch's in float32 rounding only, so these go with the bfloat16 weights
+    of AVX2_BFLOAT16, not with float32 (whose steps the tests compare with transformers')."""
+
+    def __init__(self) -> None:
+        kernels = avx2.library()
+        if kernels is None:
+            raise ValueError(f"the AVX2 kernels cannot run here: {avx2.unsupported()}")
+        self.kernels = kernels
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return avx2.rms_norm(self.kernels, x, weight, eps)
+
+    def attention(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: StepInputs, shape: Shape
+    ) -> torch.Tensor:
+        rows, tokens = q.shape[:2]
+        if tokens != 1:
+            return super().attention(q, keys, values, step, shape)
+        visible = step.positions[:, 0] + 1  # a decode step's query sees every position up to its own
+        return avx2.attention_decode(self.kernels, q[:, 0], keys, values, visible).view(rows, 1, -1)
+
+
 @dataclass
 class Precision:
-    """The matmul weights in one format: a model runs steps in whichever precision suits the batch."""
+    """The matmul weights in one format, and the ops that go with them: a model runs steps in whichever
+    precision suits the batch."""
 
     name: str
     layers: list[LayerWeights]
     lm_head: Linear
+    ops: TorchOps = field(default_factory=TorchOps)
 
 
 class FastLlama:
@@ -128,7 +168,7 @@ class FastLlama:
             )
         # The output layer decides every token: int4 there costs more agreement than it saves, int8 does not.
         lm_head = make_linear("int8" if name == "int4" else name, model.lm_head.weight.detach().to(self.device))
-        return Precision(name, layers, lm_head)
+        return Precision(name, layers, lm_head, Avx2Ops() if name == AVX2_BFLOAT16 else TorchOps())
 
     def release_source(self) -> None:
         self._source = None
@@ -178,23 +218,24 @@ def forward(llama: FastLlama, weights: Precision, cache: SlotCache, step: StepIn
     shape = llama.shape
     rows, tokens = step.input_ids.shape
     heads, rotated = shape.heads, shape.heads + shape.kv_heads
+    ops = weights.ops
     x = F.embedding(step.input_ids, llama.embedding)
     cos = llama.cos[step.positions].unsqueeze(2)  # [rows, tokens, 1, head_dim]: broadcast over heads
     sin = llama.sin_signed[step.positions].unsqueeze(2)
     for index, layer in enumerate(weights.layers):
-        h = F.rms_norm(x, (shape.hidden,), llama.input_norms[index], shape.eps)
+        h = ops.rms_norm(x, llama.input_norms[index], shape.eps)
         qkv = layer.qkv(h).view(rows, tokens, rotated + shape.kv_heads, shape.head_dim)
         rope_(qkv[:, :, :rotated], cos, sin)  # q and k rotated in place: qkv's k and v heads go to the cache as-is
         keys, values = cache.write(index, step, qkv[:, :, heads:])
-        x += layer.out(attention(qkv[:, :, :heads], keys, values, step.mask, shape))
-        h = F.rms_norm(x, (shape.hidden,), llama.post_attention_norms[index], shape.eps)
+        x += layer.out(ops.attention(qkv[:, :, :heads], keys, values, step, shape))
+        h = ops.rms_norm(x, llama.post_attention_norms[index], shape.eps)
         gate, up = layer.gate_up(h).chunk(2, dim=-1)
         x += layer.down(F.silu(gate).mul_(up))
     x = x[:, -1] if step.last is None else x[torch.arange(rows, device=x.device), step.last]
     if step.output_order is not None:
         x = x[step.output_order]
     # Only the positions that need a token go through the 49152-wide output layer.
-    return weights.lm_head(F.rms_norm(x, (shape.hidden,), llama.final_norm, shape.eps)).float()
+    return weights.lm_head(ops.rms_norm(x, llama.final_norm, shape.eps)).float()
 
 
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> None:
