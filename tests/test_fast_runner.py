@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 import engine.fast.runner
 from engine.fast import FastRunner, avx2, supports
-from engine.fast.linear import AVX2_BFLOAT16, Avx2Bf16Linear, DenseLinear
+from engine.fast.linear import AVX2_BFLOAT16, AVX2_INT4, Avx2Bf16Linear, Avx2Int4Linear, DenseLinear
 from engine.plan import PrefillChunk, PrefillPlan
 
 PROMPTS = [
@@ -79,14 +79,18 @@ def test_greedy_tokens_equal_model_generate(embedded, prompt_ids):
         assert alone(runner, prompt, 24) == expected
 
 
-@pytest.fixture(params=["float32", AVX2_BFLOAT16])
+def only_precision(monkeypatch, name: str) -> None:
+    """Runners started from here on run in `name` alone (start() does not choose between precisions then)."""
+    if name in (AVX2_BFLOAT16, AVX2_INT4) and avx2.library() is None:
+        pytest.skip(f"the AVX2 kernels cannot run here: {avx2.unsupported()}")
+    monkeypatch.setattr(engine.fast.runner, "_candidates", lambda *_: [name])
+
+
+@pytest.fixture(params=["float32", AVX2_BFLOAT16, AVX2_INT4])
 def precision(request, monkeypatch) -> str:
-    """The precision the runners of a test run in: float32 on torch's kernels, or bfloat16 on the AVX2 kernels
-    (only: start() does not choose between precisions then)."""
-    if request.param == AVX2_BFLOAT16:
-        if avx2.library() is None:
-            pytest.skip(f"the AVX2 kernels cannot run here: {avx2.unsupported()}")
-        monkeypatch.setattr(engine.fast.runner, "_candidates", lambda *_: [AVX2_BFLOAT16])
+    """The precision the runners of a test run in: float32 on torch's kernels, or bfloat16 or int4 weights on
+    the AVX2 kernels."""
+    only_precision(monkeypatch, request.param)
     return request.param
 
 
@@ -275,14 +279,18 @@ def greedy_agreement(runner: FastRunner, prompts: list[list[int]], references: l
     return agreed / total
 
 
-@pytest.mark.parametrize("quantization, threshold", [("int8", 0.9), ("int4", 0.6)])
+@pytest.mark.parametrize("quantization, threshold", [("int8", 0.9), ("int4", 0.6), (AVX2_INT4, 0.6)])
 @torch.no_grad()
-def test_quantized_weights_agree_with_float32_on_most_greedy_tokens(embedded, prompt_ids, quantization, threshold):
+def test_quantized_weights_agree_with_float32_on_most_greedy_tokens(
+    embedded, prompt_ids, quantization, threshold, monkeypatch
+):
     model, _ = embedded
     steps = 32
     reference = started(model)
     references = [alone(reference, prompt, steps) for prompt in prompt_ids]
-    quantized = started(model, quantization=quantization, dtype="auto")
+    if quantization == AVX2_INT4:
+        only_precision(monkeypatch, AVX2_INT4)
+    quantized = started(model, quantization=quantization.removesuffix("-avx2"), dtype="auto")
     agreement = greedy_agreement(quantized, prompt_ids, references)
     logging.getLogger(__name__).info("%s greedy agreement with float32: %.3f", quantization, agreement)
     assert agreement >= threshold
@@ -323,26 +331,48 @@ def test_the_avx2_kernels_load_wherever_the_cpu_and_a_compiler_allow():
     assert (avx2.library() is None) == (reason is not None), reason
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 16, 49, 100])
-@pytest.mark.parametrize("shape", [(96, 64), (32, 20)], ids=["k multiple of 8", "k of 20"])
+def unpacked_int4(linear: Avx2Int4Linear) -> torch.Tensor:
+    """The [n, k] weight an Avx2Int4Linear holds, from its packed codes, scales and minimums."""
+    nibbles, scale_min = linear.nibbles, linear.scale_min.float()  # [b, k, 8], [b, k / 32, 2, 16]
+    blocks, k, _ = nibbles.shape
+    codes = torch.stack([nibbles & 15, nibbles >> 4], dim=1).transpose(2, 3).reshape(blocks * 16, k).float()
+    scale, minimum = (scale_min[:, :, part].transpose(1, 2).reshape(blocks * 16, -1) for part in (0, 1))
+    return codes * scale.repeat_interleave(32, dim=1) + minimum.repeat_interleave(32, dim=1)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4, 5, 6, 7, 16, 49, 100])
+@pytest.mark.parametrize("shape", [(96, 64), (32, 20)], ids=["k multiple of 32", "k of 20"])
+@pytest.mark.parametrize("kind", [Avx2Bf16Linear, Avx2Int4Linear])
 @torch.no_grad()
-def test_the_avx2_kernel_computes_x_times_w_transposed_and_each_row_as_it_would_alone(rows, shape):
-    """Tiles of 6 rows and their remainders, chunks of 48 rows, any k: the product of the bfloat16 weight with
-    float32 activations, and a row's output bit for bit the same in any batch (greedy batch == alone)."""
+def test_an_avx2_kernel_computes_x_times_w_transposed_and_each_row_as_it_would_alone(rows, shape, kind):
+    """Tiles of 6 (bfloat16) or 4 (int4) rows and their remainders, chunks of 48 rows: the product of the
+    weight as stored (bfloat16, or int4 codes times their group's scale plus its minimum) with float32
+    activations, and a row's output bit for bit the same in any batch (greedy batch == alone)."""
     if avx2.library() is None:
         pytest.skip(f"the AVX2 kernels cannot run here: {avx2.unsupported()}")
+    if kind is Avx2Int4Linear and shape[1] % 32:
+        with pytest.raises(ValueError, match=r"\(32, 20\) weight"):
+            kind(torch.randn(*shape))
+        return
     torch.manual_seed(0)
     weight, x = torch.randn(*shape), torch.randn(rows, 1, shape[1])
-    linear = Avx2Bf16Linear(weight)
+    linear = kind(weight)
     out = linear(x)
     assert out.shape == (rows, 1, shape[0]) and out.dtype == torch.float32
-    expected = F.linear(x.double(), weight.to(torch.bfloat16).double()).float()
+    if kind is Avx2Int4Linear:
+        stored = unpacked_int4(linear)
+        # each weight within half a step of its group's 16 levels (and the bfloat16 rounding of scale and minimum)
+        step = (weight.view(shape[0], -1, 32).amax(-1) - weight.view(shape[0], -1, 32).amin(-1)) / 15
+        assert ((stored - weight).abs() <= step.repeat_interleave(32, dim=1) * 0.5 + 0.05).all()
+    else:
+        stored = weight.to(torch.bfloat16)
+    expected = F.linear(x.double(), stored.double()).float()
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
     for row in range(rows):
         assert torch.equal(linear(x[row : row + 1]), out[row : row + 1])
 
 
-def test_the_avx2_kernel_refuses_a_weight_it_cannot_pack():
+def test_the_avx2_kernels_refuse_a_weight_they_cannot_pack():
     if avx2.library() is None:
         pytest.skip(f"the AVX2 kernels cannot run here: {avx2.unsupported()}")
     with pytest.raises(ValueError, match=r"\(40, 64\) weight"):

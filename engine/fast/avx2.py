@@ -33,9 +33,11 @@ SOURCE = Path(__file__).with_name("avx2_kernels.c")
 # No -march=native: the cached library must run on any AVX2 + FMA CPU that shares the cache directory.
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 WIDTH = 16  # output features per packed block: avx2_kernels.c's WIDTH
+INT4_GROUP = 32  # input features sharing an int4 scale and minimum: avx2_kernels.c's INT4_GROUP
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 SIGNATURES = {  # avx2_kernels.c's functions (all return void)
     "linear_bf16": [_P, _I64, _I64, _P, _I64, _P, _INT],
+    "linear_int4": [_P, _I64, _I64, _P, _P, _I64, _P, _INT],
     "rms_norm": [_P, _P, _P, _I64, _I64, _F],
     "attention_decode": [_P, _I64, _I64, _P, _P, _I64, _I64, _I64, _P, _P, *[_I64] * 5, _INT],
 }
@@ -62,14 +64,40 @@ def library() -> ctypes.CDLL | None:
     return None
 
 
-def packable(weight: torch.Tensor) -> bool:
-    return weight.shape[0] % WIDTH == 0
+def packable(weight: torch.Tensor, int4: bool = False) -> bool:
+    return weight.shape[0] % WIDTH == 0 and (not int4 or weight.shape[1] % INT4_GROUP == 0)
 
 
 def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
     """[n, k] float weight -> bfloat16 [n / WIDTH, k, WIDTH]: blocks of WIDTH output features, k-major."""
     n, k = weight.shape
     return weight.detach().to(torch.bfloat16).view(n // WIDTH, WIDTH, k).transpose(1, 2).contiguous()
+
+
+def pack_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, k] float weight -> (nibbles uint8 [n / WIDTH, k, WIDTH / 2], scales and minimums bfloat16
+    [n / WIDTH, k / INT4_GROUP, 2, WIDTH]): asymmetric 4-bit per group of INT4_GROUP inputs, w = q * scale +
+    minimum, q in 0..15. The codes are chosen against the bfloat16-rounded scale and minimum the kernel reads."""
+    n, k = weight.shape
+    groups = weight.detach().float().reshape(n, k // INT4_GROUP, INT4_GROUP)
+    minimum = groups.amin(dim=-1).to(torch.bfloat16)
+    scale = ((groups.amax(dim=-1) - minimum.float()) / 15).clamp(min=1e-8).to(torch.bfloat16)
+    codes = torch.round((groups - minimum.float()[..., None]) / scale.float()[..., None]).clamp(0, 15)
+    codes = codes.to(torch.uint8).reshape(n // WIDTH, 2, WIDTH // 2, k)  # feature 16 b + 8 h + j
+    nibbles = (codes[:, 0] | (codes[:, 1] << 4)).transpose(1, 2).contiguous()  # [b, k, j]
+    per_block = torch.stack([scale, minimum], dim=-1).reshape(n // WIDTH, WIDTH, k // INT4_GROUP, 2)
+    return nibbles, per_block.permute(0, 2, 3, 1).contiguous()
+
+
+def linear_int4(kernels: ctypes.CDLL, x: torch.Tensor, nibbles: torch.Tensor, scale_min: torch.Tensor) -> torch.Tensor:
+    """x [rows, k] float32, contiguous, times a pack_int4 weight transposed: [rows, n] float32."""
+    rows, k = x.shape
+    n = nibbles.shape[0] * WIDTH
+    out = torch.empty(rows, n, dtype=torch.float32)
+    kernels.linear_int4(
+        x.data_ptr(), rows, k, nibbles.data_ptr(), scale_min.data_ptr(), n, out.data_ptr(), torch.get_num_threads()
+    )
+    return out
 
 
 def linear_bf16(kernels: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:

@@ -1,21 +1,22 @@
-// Matmuls of bfloat16 weights with float32 activations for x86 CPUs with AVX2 and FMA, built and loaded by
-// engine/fast/avx2.py. Why they exist: on a CPU without AVX512-BF16 or AMX, torch has no fast kernel for this
-// case. Measured on a 2-core AVX2-only EPYC: torch.mv over bfloat16 reaches 10-13 GB/s of weights and float32
-// matrix-vector products 7-9 GB/s, where a plain read of the weights gives 15-18 GB/s; at 16 rows torch's
-// emulated bfloat16 matmul is 2x slower than its float32 one.
+// Matmuls of bfloat16 or int4 weights with float32 activations, and the rest of a decode step (RMSNorm,
+// attention), for x86 CPUs with AVX2 and FMA; built and loaded by engine/fast/avx2.py. Why they exist: on a CPU
+// without AVX512-BF16 or AMX, torch has no fast kernel for these cases. Measured on a 2-core AVX2-only EPYC:
+// torch.mv over bfloat16 reaches 10-13 GB/s of weights and float32 matrix-vector products 7-9 GB/s, where a
+// plain read of the weights gives 15-18 GB/s; at 16 rows torch's emulated bfloat16 matmul is 2x slower than its
+// float32 one.
 //
-// y[r][j] = sum_i x[r][i] * W[j][i]: x is [rows, k] float32, y is [rows, n] float32, and W [n, k] bfloat16
-// (the top 16 bits of a float32) comes packed in blocks of 16 output features, k-major within a block:
-// packed[b][i][c] = W[16 b + c][i] (engine/fast/avx2.py packs it once). A block then streams through memory in
-// order, and one k step of it is two vectors of 8 output features.
+// y[r][j] = sum_i x[r][i] * W[j][i]: x is [rows, k] float32, y is [rows, n] float32, and W [n, k] comes packed
+// in blocks of 16 output features, k-major within a block (engine/fast/avx2.py packs it once; the formats are
+// described at `enum format`). A block then streams through memory in order, and one k step of it widens to
+// two vectors of 8 output features.
 //
 // Each y[r][j] is one vector lane accumulating x[r][i] * W[j][i] with FMAs for i = 0, 1, ..., k - 1 in order,
 // whatever the row count or the tiling: a row's result does not depend on the batch it is in (greedy batch
 // == alone holds exactly).
 //
-// Rows go in tiles of up to 6: 12 accumulators (6 rows x 2 vectors), 2 weight registers and a broadcast of
-// x[r][i] fill the 16 AVX2 registers, and each weight is widened once for 6 rows. One row is bound by memory,
-// more rows by the FMAs.
+// Rows go in tiles of up to 6 (bfloat16) or 4 (int4): 2 accumulators a row, the weight vectors and a broadcast
+// of x[r][i] fill the 16 AVX2 registers, and each weight is widened once for the whole tile. One row is bound
+// by memory, more rows by the FMAs.
 
 #include <immintrin.h>
 #include <math.h>
@@ -23,26 +24,60 @@
 #include <stdlib.h>
 
 #define WIDTH 16      // output features per packed block
-#define MAX_TILE 6    // activation rows per tile
 #define ROW_CHUNK 48  // activation rows kept hot in cache while every block passes over them
+#define INT4_GROUP 32 // input features sharing an int4 scale and minimum
+
+// The formats of a packed block of WIDTH output features (k of them each):
+// - BF16: k x 16 bfloat16, weights[i][c] = W[c][i];
+// - INT4: k x 8 bytes (byte j: feature j in its low nibble, feature 8 + j in its high one), and per group of
+//   INT4_GROUP inputs 16 scales then 16 minimums in bfloat16: W[c][i] = q * scale + minimum, computed with one
+//   FMA, so a weight's value is the same in every path.
+enum format { BF16, INT4 };
+struct block {
+    const uint16_t *bf16;
+    const uint8_t *q4;
+    const uint16_t *scale_min;
+};
+
+// Activation rows per tile: accumulators (2 a row), the weight vectors, the broadcast x and, for int4, the
+// group's scales and minimums must fit the 16 AVX2 registers.
+#define MAX_TILE 6
+static inline int tile_rows(enum format format) { return format == INT4 ? 4 : MAX_TILE; }
 
 static inline __m256 widen_bf16(const uint16_t *p) {
     __m128i halves = _mm_loadu_si128((const __m128i *)p);
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
 }
 
-// Rows [0, R) of x (row stride k) against one packed block; writes y[r][0 .. 16) (row stride n). R is a
-// constant at each call site below, so the compiler unrolls the row loops and keeps acc in registers.
-static inline __attribute__((always_inline)) void tile(const float *x, const uint16_t *block, float *y, int64_t k,
-                                                       int64_t n, const int R) {
+// Rows [0, R) of x (row stride k) against one packed block; writes y[r][0 .. 16) (row stride n). R and format
+// are constants at each call site below, so the compiler unrolls the row loops and keeps acc in registers.
+static inline __attribute__((always_inline)) void tile(const float *x, struct block w, float *y, int64_t k,
+                                                       int64_t n, const int R, const enum format format) {
     __m256 low[MAX_TILE], high[MAX_TILE];
     for (int r = 0; r < R; ++r) low[r] = high[r] = _mm256_setzero_ps();
-    for (int64_t i = 0; i < k; ++i) {
-        const __m256 w_low = widen_bf16(block + i * WIDTH), w_high = widen_bf16(block + i * WIDTH + 8);
-        for (int r = 0; r < R; ++r) {
-            const __m256 xv = _mm256_broadcast_ss(x + r * k + i);
-            low[r] = _mm256_fmadd_ps(w_low, xv, low[r]);
-            high[r] = _mm256_fmadd_ps(w_high, xv, high[r]);
+    const int64_t group = format == INT4 ? INT4_GROUP : k;
+    const __m256i nibble = _mm256_set1_epi32(15);
+    for (int64_t start = 0; start < k; start += group) {
+        __m256 scale_low = _mm256_setzero_ps(), scale_high = scale_low, min_low = scale_low, min_high = scale_low;
+        if (format == INT4) {
+            const uint16_t *sm = w.scale_min + start / INT4_GROUP * 2 * WIDTH;
+            scale_low = widen_bf16(sm), scale_high = widen_bf16(sm + 8);
+            min_low = widen_bf16(sm + 16), min_high = widen_bf16(sm + 24);
+        }
+        for (int64_t i = start; i < start + group; ++i) {
+            __m256 w_low, w_high;
+            if (format == INT4) {
+                const __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w.q4 + i * 8)));
+                w_low = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(q, nibble)), scale_low, min_low);
+                w_high = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4)), scale_high, min_high);
+            } else {
+                w_low = widen_bf16(w.bf16 + i * WIDTH), w_high = widen_bf16(w.bf16 + i * WIDTH + 8);
+            }
+            for (int r = 0; r < R; ++r) {
+                const __m256 xv = _mm256_broadcast_ss(x + r * k + i);
+                low[r] = _mm256_fmadd_ps(w_low, xv, low[r]);
+                high[r] = _mm256_fmadd_ps(w_high, xv, high[r]);
+            }
         }
     }
     for (int r = 0; r < R; ++r) {
@@ -51,30 +86,53 @@ static inline __attribute__((always_inline)) void tile(const float *x, const uin
     }
 }
 
-static void rows_times_block(const float *x, int64_t rows, const uint16_t *block, float *y, int64_t k, int64_t n) {
+static inline __attribute__((always_inline)) void rows_times_block(const float *x, int64_t rows, struct block w,
+                                                                   float *y, int64_t k, int64_t n,
+                                                                   const enum format format) {
+    const int most = tile_rows(format);
     int64_t r = 0;
-    for (; r + MAX_TILE <= rows; r += MAX_TILE) tile(x + r * k, block, y + r * n, k, n, MAX_TILE);
+    for (; r + most <= rows; r += most) tile(x + r * k, w, y + r * n, k, n, most, format);
     switch (rows - r) {
-        case 5: tile(x + r * k, block, y + r * n, k, n, 5); break;
-        case 4: tile(x + r * k, block, y + r * n, k, n, 4); break;
-        case 3: tile(x + r * k, block, y + r * n, k, n, 3); break;
-        case 2: tile(x + r * k, block, y + r * n, k, n, 2); break;
-        case 1: tile(x + r * k, block, y + r * n, k, n, 1); break;
+        case 5: tile(x + r * k, w, y + r * n, k, n, 5, format); break;
+        case 4: tile(x + r * k, w, y + r * n, k, n, 4, format); break;
+        case 3: tile(x + r * k, w, y + r * n, k, n, 3, format); break;
+        case 2: tile(x + r * k, w, y + r * n, k, n, 2, format); break;
+        case 1: tile(x + r * k, w, y + r * n, k, n, 1, format); break;
         default: break;
     }
 }
 
-// n must be a multiple of WIDTH (avx2.py checks). Blocks are split between the threads; rows go in chunks so
-// that a chunk of x stays in cache while the thread's blocks pass over it.
-void linear_bf16(const float *x, int64_t rows, int64_t k, const uint16_t *packed, int64_t n, float *y, int threads) {
+// y = x W^T for a packed weight of n output features (a multiple of WIDTH: avx2.py checks). Blocks are split
+// between the threads; rows go in chunks so that a chunk of x stays in cache while the thread's blocks pass.
+static inline __attribute__((always_inline)) void linear(const float *x, int64_t rows, int64_t k, struct block w,
+                                                         int64_t n, float *y, int threads,
+                                                         const enum format format) {
     const int64_t blocks = n / WIDTH;
 #pragma omp parallel num_threads(threads)
     for (int64_t r0 = 0; r0 < rows; r0 += ROW_CHUNK) {
         const int64_t count = rows - r0 < ROW_CHUNK ? rows - r0 : ROW_CHUNK;
 #pragma omp for schedule(static) nowait
-        for (int64_t b = 0; b < blocks; ++b)
-            rows_times_block(x + r0 * k, count, packed + b * k * WIDTH, y + r0 * n + b * WIDTH, k, n);
+        for (int64_t b = 0; b < blocks; ++b) {
+            const struct block block = {
+                w.bf16 ? w.bf16 + b * k * WIDTH : NULL,
+                w.q4 ? w.q4 + b * k * (WIDTH / 2) : NULL,
+                w.scale_min ? w.scale_min + b * (k / INT4_GROUP) * 2 * WIDTH : NULL,
+            };
+            rows_times_block(x + r0 * k, count, block, y + r0 * n + b * WIDTH, k, n, format);
+        }
     }
+}
+
+void linear_bf16(const float *x, int64_t rows, int64_t k, const uint16_t *packed, int64_t n, float *y, int threads) {
+    const struct block w = {packed, NULL, NULL};
+    linear(x, rows, k, w, n, y, threads, BF16);
+}
+
+// k must be a multiple of INT4_GROUP (avx2.py checks).
+void linear_int4(const float *x, int64_t rows, int64_t k, const uint8_t *q4, const uint16_t *scale_min, int64_t n,
+                 float *y, int threads) {
+    const struct block w = {NULL, q4, scale_min};
+    linear(x, rows, k, w, n, y, threads, INT4);
 }
 
 // ---- the rest of a decode step: RMSNorm and attention for one new token per row ----------------------------

@@ -16,6 +16,8 @@ from engine.fast import avx2
 
 QUANTIZATIONS = ("none", "int8", "int4")
 AVX2_BFLOAT16 = "bfloat16-avx2"  # the precision name of bfloat16 weights through the AVX2 kernels
+AVX2_INT4 = "int4-avx2"  # and of int4 weights through them
+AVX2_PRECISIONS = (AVX2_BFLOAT16, AVX2_INT4)
 INT4_GROUP_SIZE = 32  # 32 input weights share a scale and a zero: the finest group the kernel takes, the most accurate
 INT4_INNER_K_TILES = 2
 PACKED_FOR_ROWS = 16  # the batch the pre-packed bfloat16 layout is tuned for (measured: 1 or 16 pack alike)
@@ -57,23 +59,52 @@ class DenseLinear:
         return F.linear(x, self.weight)
 
 
-class Avx2Bf16Linear:
-    """A bfloat16 weight through engine/fast/avx2_kernels.c: float32 activations in and out, the weight widened
-    in registers. Measured on a 2-core AVX2-only EPYC over SmolLM2's 120 fused matmuls, against the best torch
-    kernel per row count: one row 15.5 ms (torch.mv over bfloat16: 20.0), 16 rows 46.0 ms (float32 weights
-    pre-packed by oneDNN: 77.8; torch's bfloat16: 236). Only for weights with a multiple of avx2.WIDTH rows."""
+class Avx2Linear:
+    """A weight through engine/fast/avx2_kernels.c: float32 activations in and out, the weight widened to float32
+    in registers. Only for weights with a multiple of avx2.WIDTH rows (and, for int4, of avx2.INT4_GROUP
+    columns): make_linear checks."""
+
+    int4 = False
 
     def __init__(self, weight: torch.Tensor) -> None:
         kernels = avx2.library()
-        if kernels is None or not avx2.packable(weight) or weight.device.type != "cpu":
+        if kernels is None or not avx2.packable(weight, self.int4) or weight.device.type != "cpu":
             raise ValueError(f"the AVX2 kernels cannot run a {tuple(weight.shape)} weight on this machine")
         self.kernels, self.in_features = kernels, weight.shape[1]
-        self.packed = avx2.pack_bf16(weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
-        out = avx2.linear_bf16(self.kernels, flat, self.packed)
+        out = self._product(x.reshape(-1, self.in_features).to(torch.float32).contiguous())
         return out.to(x.dtype).view(*x.shape[:-1], -1)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Avx2Bf16Linear(Avx2Linear):
+    """bfloat16 weights. Measured on a 2-core AVX2-only EPYC over SmolLM2's 120 fused matmuls, against the best
+    torch kernel per row count: one row 15.5 ms (torch.mv over bfloat16: 20.0), 16 rows 46.0 ms (float32
+    weights pre-packed by oneDNN: 77.8; torch's bfloat16: 236)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__(weight)
+        self.packed = avx2.pack_bf16(weight)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        return avx2.linear_bf16(self.kernels, x, self.packed)
+
+
+class Avx2Int4Linear(Avx2Linear):
+    """int4 weights, asymmetric per group of 32 inputs as Int4Linear (and llama.cpp's Q4_1), a quarter of
+    bfloat16's bytes to read."""
+
+    int4 = True
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__(weight)
+        self.nibbles, self.scale_min = avx2.pack_int4(weight)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        return avx2.linear_int4(self.kernels, x, self.nibbles, self.scale_min)
 
 
 def onednn_packed(weight: torch.Tensor) -> torch.Tensor | None:
@@ -134,14 +165,16 @@ class Int4Linear:
 
 
 def make_linear(precision: str, weight: torch.Tensor) -> Linear:
-    """A weight in a precision's format: float32, bfloat16, float16, AVX2_BFLOAT16, int8 or int4 (a weight whose
-    shape the int4 kernel does not take falls back to int8, one the AVX2 kernels do not take to bfloat16)."""
+    """A weight in a precision's format: float32, bfloat16, float16, int8, int4, AVX2_BFLOAT16 or AVX2_INT4. A
+    weight whose shape a kernel does not take falls back: int4 to int8, the AVX2 ones to torch's kernels."""
     if precision == "int8":
         return Int8Linear(weight)
     if precision == "int4":
         return Int4Linear(weight) if int4_fits(weight) else Int8Linear(weight)
     if precision == AVX2_BFLOAT16:
         return Avx2Bf16Linear(weight) if avx2.packable(weight) else DenseLinear(weight, torch.bfloat16)
+    if precision == AVX2_INT4:
+        return Avx2Int4Linear(weight) if avx2.packable(weight, int4=True) else make_linear("int4", weight)
     return DenseLinear(weight, getattr(torch, precision))
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from transformers import LlamaForCausalLM, PreTrainedModel
 
 from engine.fast import avx2
-from engine.fast.linear import AVX2_BFLOAT16, Linear, make_linear
+from engine.fast.linear import AVX2_BFLOAT16, AVX2_INT4, AVX2_PRECISIONS, Linear, make_linear
 
 if TYPE_CHECKING:
     from engine.fast.cache import SlotCache
@@ -81,8 +81,8 @@ class TorchOps:
 class Avx2Ops(TorchOps):
     """RMSNorm, and the attention of decode steps, through the AVX2 kernels: one call each where torch runs about
     8 ops for an RMSNorm and sets up a flash-attention tiling for a single query. A prefill's attention stays
-    on SDPA. The results differ from torch's in float32 rounding only, so these go with the bfloat16 weights
-    of AVX2_BFLOAT16, not with float32 (whose steps the tests compare with transformers')."""
+    on SDPA. The results differ from torch's in float32 rounding only; they go with the AVX2 precisions, not with
+    float32 (whose steps the tests compare with transformers')."""
 
     def __init__(self) -> None:
         kernels = avx2.library()
@@ -166,9 +166,11 @@ class FastLlama:
                     down=linear([mlp.down_proj.weight]),
                 )
             )
-        # The output layer decides every token: int4 there costs more agreement than it saves, int8 does not.
-        lm_head = make_linear("int8" if name == "int4" else name, model.lm_head.weight.detach().to(self.device))
-        return Precision(name, layers, lm_head, Avx2Ops() if name == AVX2_BFLOAT16 else TorchOps())
+        # The output layer decides every token: int4 there costs more agreement than it saves. int8 does not;
+        # through the AVX2 kernels bfloat16 is as fast as torch's int8.
+        head = {"int4": "int8", AVX2_INT4: AVX2_BFLOAT16}.get(name, name)
+        lm_head = make_linear(head, model.lm_head.weight.detach().to(self.device))
+        return Precision(name, layers, lm_head, Avx2Ops() if name in AVX2_PRECISIONS else TorchOps())
 
     def release_source(self) -> None:
         self._source = None

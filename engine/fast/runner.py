@@ -13,7 +13,7 @@ from transformers import LlamaForCausalLM, PreTrainedModel
 
 from engine.fast import autotune, avx2
 from engine.fast.cache import SlotCache
-from engine.fast.linear import AVX2_BFLOAT16, check_quantization
+from engine.fast.linear import AVX2_BFLOAT16, AVX2_INT4, check_quantization
 from engine.fast.model import FastLlama, Precision, StepInputs, forward, supports
 from engine.plan import PrefillChunk, PrefillPlan
 
@@ -234,15 +234,14 @@ class FastRunner:
 
 def _candidates(dtype: str, quantization: str, device: torch.device) -> list[str]:
     """The precisions start() chooses from. A quantization asked for is used everywhere (its accuracy is what
-    was asked). On CPU, dtype auto lets float32 and bfloat16 compete per batch size, bfloat16 on torch's kernels
-    and, where they run, on the AVX2 kernels; dtype bfloat16 lets those two kernels compete. On CUDA bfloat16 is
-    the fast path without measuring."""
+    was asked). On CPU, dtype auto lets float32 and bfloat16 compete per batch size; bfloat16 and int4 weights
+    run on torch's kernels or, where they run, on the AVX2 kernels, whichever measures faster. On CUDA
+    bfloat16 is the fast path without measuring."""
+    on_avx2 = device.type == "cpu" and avx2.library() is not None
     if quantization != "none":
-        return [quantization]
+        return [quantization, AVX2_INT4] if quantization == "int4" and on_avx2 else [quantization]
     if device.type != "cpu":
         return ["bfloat16" if dtype == "auto" else dtype]
-    # bfloat16 weights through the AVX2 kernels compete with torch's kernels for them where the kernels run
-    avx2_bfloat16 = [AVX2_BFLOAT16] if avx2.library() is not None else []
     if dtype == "auto":
-        return ["float32", "bfloat16", *avx2_bfloat16]
-    return [dtype, *avx2_bfloat16] if dtype == "bfloat16" else [dtype]
+        return ["float32", "bfloat16", *([AVX2_BFLOAT16] if on_avx2 else [])]
+    return [dtype, AVX2_BFLOAT16] if dtype == "bfloat16" and on_avx2 else [dtype]
