@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from engine.fast import FastRunner
-from engine.fast.linear import DenseLinear
+from engine.fast import FastRunner, avx2
+from engine.fast.linear import AVX2_PRECISIONS, DenseLinear
 from engine.fast.model import Precision
 from engine.loading import embedded_model_dir
 from engine.plan import PrefillChunk, PrefillPlan
@@ -226,15 +226,11 @@ def greedy(runner: FastRunner, prompts: list[list[int]], forced: list[list[int]]
 
 def agreement(model, tokenizer) -> dict[str, dict[str, float]]:
     prompts = [tokenizer(prompt).input_ids for prompt in AGREEMENT_PROMPTS]
-    reference_runner = started(model, "float32", "none")
+    reference_runner = started(model, "float32")
     reference = greedy(reference_runner, prompts)
     results = {}
-    for name, dtype, quantization in (
-        ("bfloat16", "bfloat16", "none"),
-        ("int8", "auto", "int8"),
-        ("int4", "auto", "int4"),
-    ):
-        runner = started(model, dtype, quantization)
+    for name in ("bfloat16", "int8", "int4", *(AVX2_PRECISIONS if avx2.library() else ())):
+        runner = started(model, name)
         forced = greedy(runner, prompts, forced=reference)
         free_running = greedy(runner, prompts)
         same = sum(a == b for row, ref in zip(forced, reference) for a, b in zip(row, ref))
@@ -250,8 +246,10 @@ def agreement(model, tokenizer) -> dict[str, dict[str, float]]:
     return results
 
 
-def started(model, dtype: str, quantization: str, rows: int = 16) -> FastRunner:
-    runner = FastRunner(model, rows, 1024, dtype=dtype, quantization=quantization)
+def started(model, precision: str | None, rows: int = 16) -> FastRunner:
+    """A fast runner in one precision (engine/fast/linear.py's make_linear names), or as `dtype: auto` chooses
+    (None)."""
+    runner = FastRunner(model, rows, 1024, candidates=[precision] if precision else None)
     runner.start([])
     return runner
 
@@ -264,15 +262,13 @@ def measure(with_agreement: bool) -> dict:
     model, tokenizer = load()
     bf16_model = AutoModelForCausalLM.from_pretrained(embedded_model_dir(), dtype=torch.bfloat16).eval()
     results: dict = {"capability": torch.backends.cpu.get_cpu_capability(), "load_before": os.getloadavg()[0]}
-    auto = started(model, "auto", "none")
+    auto = started(model, None)
     results["auto"] = [(most, precision.name) for most, precision in auto.decode_bands]
     del auto
-    runners = {
-        "fast float32": started(model, "float32", "none"),
-        "fast bfloat16": started(model, "bfloat16", "none"),
-        "fast int8": started(model, "auto", "int8"),
-        "fast int4": started(model, "auto", "int4"),
-    }
+    runners = {f"fast {name}": started(model, name) for name in ("float32", "bfloat16", "int8", "int4")}
+    if avx2.library() is not None:
+        for name in AVX2_PRECISIONS:
+            runners[f"fast {name.removesuffix('-avx2')}, AVX2 kernels"] = started(model, name)
     steps: dict[int, dict] = {}
     for rows in ROWS:
         configurations = {
@@ -282,13 +278,13 @@ def measure(with_agreement: bool) -> dict:
         for name, runner in runners.items():
             configurations[name] = fast_steps(runner, rows)
         for kind, source in ((MklPackedLinear, "fast float32"), (OneDnnPackedLinear, "fast bfloat16")):
-            runner = started(model, source.split()[1], "none")
+            runner = started(model, source.split()[1])
             variant = packed(runner.prefill_precision, kind, rows)
             if variant is not None:
                 runner.decode_bands, runner.prefill_precision = [(16, variant)], variant
                 configurations[f"fast, {kind.__doc__.split('(')[0].strip()}"] = fast_steps(runner, rows)
         # float32 activations whatever the weights (engine/fast/runner.py): one row covers every precision
-        runner = started(model, "float32", "none")
+        runner = started(model, "float32")
         skipped = without_matmuls(runner.prefill_precision, rows)
         runner.decode_bands, runner.prefill_precision = [(16, skipped)], skipped
         configurations["fast, matmuls skipped (the rest of the step)"] = fast_steps(runner, rows)
@@ -320,7 +316,7 @@ def run_isa(env: dict[str, str], with_agreement: bool) -> dict:
     return json.loads(output.stdout.strip().splitlines()[-1])
 
 
-def report(native: dict, avx2: dict) -> str:
+def report(native: dict, emulated: dict) -> str:
     def label(result: dict) -> str:
         return f"{result['capability']} (load {result['load_before']:.1f} -> {result['load_after']:.1f})"
 
@@ -333,17 +329,18 @@ def report(native: dict, avx2: dict) -> str:
         f"SmolLM2-135M, {CONTEXT} cached positions per row, torch {torch.__version__}, {os.cpu_count()} cores. "
         "ms per decode step, "
         f"median of {ROUNDS * STEPS_PER_ROUND} (best in brackets), configurations interleaved in one process per ISA. "
-        f"Native: {label(native)}; emulated AVX2: {label(avx2)} (`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`). "
+        f"Native: {label(native)}; emulated AVX2: {label(emulated)} "
+        "(`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`). "
         "Load averages are of the whole 2-core host, shared while this ran.",
         "",
-        f"`dtype: auto` chose: native {bands(native)}; AVX2 {bands(avx2)}.",
+        f"`dtype: auto` chose: native {bands(native)}; AVX2 {bands(emulated)}.",
         "",
         "| configuration | native 1 row | native 16 rows | AVX2 1 row | AVX2 16 rows |",
         "|---|---:|---:|---:|---:|",
     ]
     for name in native["steps"]["1"]:
         cells = []
-        for result in (native, avx2):
+        for result in (native, emulated):
             for rows in ("1", "16"):
                 figure = result["steps"][rows].get(name)
                 cells.append(f"{figure['median']:.1f} ({figure['best']:.1f})" if figure else "n/a")
@@ -375,8 +372,8 @@ def main() -> None:
         print(json.dumps(measure(with_agreement=not args.no_agreement)))
         return
     # Agreement natively only: it is a property of the weights, and the emulated bfloat16 runs take minutes.
-    native, avx2 = run_isa({}, with_agreement=True), run_isa(AVX2_ENV, with_agreement=False)
-    text = report(native, avx2)
+    native, emulated = run_isa({}, with_agreement=True), run_isa(AVX2_ENV, with_agreement=False)
+    text = report(native, emulated)
     OUTPUT.write_text(text)
     print(text)
 

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-import engine.fast.runner
 from engine.fast import FastRunner, avx2, supports
 from engine.fast.linear import AVX2_BFLOAT16, AVX2_INT4, Avx2Bf16Linear, Avx2Int4Linear, DenseLinear
 from engine.plan import PrefillChunk, PrefillPlan
@@ -79,18 +78,16 @@ def test_greedy_tokens_equal_model_generate(embedded, prompt_ids):
         assert alone(runner, prompt, 24) == expected
 
 
-def only_precision(monkeypatch, name: str) -> None:
-    """Runners started from here on run in `name` alone (start() does not choose between precisions then)."""
-    if name in (AVX2_BFLOAT16, AVX2_INT4) and avx2.library() is None:
+def skip_without_avx2_kernels(precision: str) -> None:
+    if precision in (AVX2_BFLOAT16, AVX2_INT4) and avx2.library() is None:
         pytest.skip(f"the AVX2 kernels cannot run here: {avx2.unsupported()}")
-    monkeypatch.setattr(engine.fast.runner, "_candidates", lambda *_: [name])
 
 
 @pytest.fixture(params=["float32", AVX2_BFLOAT16, AVX2_INT4])
-def precision(request, monkeypatch) -> str:
-    """The precision the runners of a test run in: float32 on torch's kernels, or bfloat16 or int4 weights on
-    the AVX2 kernels."""
-    only_precision(monkeypatch, request.param)
+def precision(request) -> str:
+    """The one precision a test's runner runs in: float32 on torch's kernels, or bfloat16 or int4 weights on the
+    AVX2 kernels."""
+    skip_without_avx2_kernels(request.param)
     return request.param
 
 
@@ -99,7 +96,7 @@ def test_rows_joining_chunked_and_freed_get_the_tokens_they_get_alone(embedded, 
     """Rows of different lengths join at different times (one group padded, one prompt in two chunks, a group
     that joins while another is still being prefilled), run in a shuffled order, and leave mid-way."""
     model, _ = embedded
-    runner = started(model, max_rows=5)
+    runner = started(model, max_rows=5, candidates=[precision])
     assert runner.describe().startswith(f"fast path, decode weights by rows <=5: {precision},")
     steps = 16
     expected = {f"r{index}": alone(runner, prompt, steps) for index, prompt in enumerate(prompt_ids[:5])}
@@ -281,16 +278,13 @@ def greedy_agreement(runner: FastRunner, prompts: list[list[int]], references: l
 
 @pytest.mark.parametrize("quantization, threshold", [("int8", 0.9), ("int4", 0.6), (AVX2_INT4, 0.6)])
 @torch.no_grad()
-def test_quantized_weights_agree_with_float32_on_most_greedy_tokens(
-    embedded, prompt_ids, quantization, threshold, monkeypatch
-):
+def test_quantized_weights_agree_with_float32_on_most_greedy_tokens(embedded, prompt_ids, quantization, threshold):
     model, _ = embedded
     steps = 32
     reference = started(model)
     references = [alone(reference, prompt, steps) for prompt in prompt_ids]
-    if quantization == AVX2_INT4:
-        only_precision(monkeypatch, AVX2_INT4)
-    quantized = started(model, quantization=quantization.removesuffix("-avx2"), dtype="auto")
+    skip_without_avx2_kernels(quantization)
+    quantized = started(model, candidates=[quantization])
     agreement = greedy_agreement(quantized, prompt_ids, references)
     logging.getLogger(__name__).info("%s greedy agreement with float32: %.3f", quantization, agreement)
     assert agreement >= threshold

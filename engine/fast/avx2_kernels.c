@@ -241,6 +241,15 @@ static inline float dot(const float *a, const float *b, int64_t dim) {
     return total;
 }
 
+// A cached head AHEAD positions on, requested while the current one is used: positions are 2 * kv_heads heads
+// apart in the cache, a stride the hardware prefetcher does not follow within a row's few hundred positions.
+// (A prefetch never faults: past a row's last position it only wastes a request.) On the 2-core EPYC, 16
+// rows in a decode step: attention 30.4 -> 22.8 ms a step.
+#define AHEAD 4
+static inline void prefetch_head(const float *head, int64_t head_dim) {
+    for (int64_t d = 0; d < head_dim; d += 16) _mm_prefetch((const char *)(head + d), _MM_HINT_T0);
+}
+
 // One query token per row against that row's cached keys and values, softmax(q k / sqrt(head_dim)) v, for
 // heads query heads sharing kv_heads key/value heads (query head h reads kv head h / (heads / kv_heads)).
 // Row r attends its first visible[r] positions. Strides are in floats; head_dim is contiguous everywhere.
@@ -262,6 +271,7 @@ void attention_decode(const float *q, int64_t q_row, int64_t q_head, const float
             float *o = out + (r * heads + h) * head_dim;
             float top = -INFINITY;
             for (int64_t p = 0; p < count; ++p) {
+                prefetch_head(k + (p + AHEAD) * kv_position, head_dim);
                 scores[p] = dot(qh, k + p * kv_position, head_dim) * scale;
                 top = scores[p] > top ? scores[p] : top;
             }
@@ -291,6 +301,7 @@ void attention_decode(const float *q, int64_t q_row, int64_t q_head, const float
             for (int64_t q_pos = 0; q_pos < count; ++q_pos) {
                 const float weight = scores[q_pos] * inverse;
                 const float *vp = v + q_pos * kv_position;
+                prefetch_head(vp + AHEAD * kv_position, head_dim);
                 const __m256 vw = _mm256_set1_ps(weight);
                 int64_t d = 0;
                 for (; d + 8 <= head_dim; d += 8)

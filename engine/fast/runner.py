@@ -32,7 +32,10 @@ class FastRunner:
         max_len: int,
         dtype: str = "auto",
         quantization: str = "none",
+        candidates: Sequence[str] | None = None,
     ) -> None:
+        """`candidates`: the precisions start() chooses from (linear.make_linear's names), for benchmarks and
+        tests that pin one; by default they follow from dtype, quantization and the machine (_candidates)."""
         if not supports(model):
             raise ValueError(
                 f"FastRunner does not handle {type(model).__name__} with this config: use the transformers runner"
@@ -41,7 +44,7 @@ class FastRunner:
             raise ValueError(f"unknown dtype {dtype!r}: use auto, {', '.join(FLOAT_DTYPES)}")
         self.device = model.device
         check_quantization(quantization, self.device)
-        self.candidates = _candidates(dtype, quantization, self.device)
+        self.candidates = list(candidates) if candidates else _candidates(dtype, quantization, self.device)
         # On CPU the residual stream, norms, RoPE, attention and the KV cache stay float32 whatever the
         # weights are: a row's cache then does not depend on which precision each step ran in (the band
         # changes with the batch size), and the casts around a matmul cost far less than the matmul.
