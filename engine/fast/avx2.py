@@ -126,8 +126,8 @@ def attention_decode(
     row r attending its first visible[r] positions (int64). Returns [rows, heads * head_dim]."""
     rows, heads, head_dim = q.shape
     kv_heads = keys.shape[1]
-    if keys.stride() != values.stride() or q.stride(2) != 1 or keys.stride(3) != 1:
-        raise ValueError("attention_decode needs head_dim contiguous and one layout for keys and values")
+    if keys.stride() != values.stride() or q.stride(2) != 1 or keys.stride(3) != 1 or head_dim % 8:
+        raise ValueError("attention_decode needs head_dim contiguous, a multiple of 8, one layout for keys and values")
     out = torch.empty(rows, heads * head_dim, dtype=torch.float32)
     kernels.attention_decode(
         q.data_ptr(), q.stride(0), q.stride(1),

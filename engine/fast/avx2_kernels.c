@@ -180,6 +180,13 @@ void linear_int4(const float *x, int64_t rows, int64_t k, const uint8_t *q4, con
 // torch runs each of these as several small ops with a dispatch each (F.rms_norm is 8, SDPA's CPU kernel sets up
 // a flash-attention tiling for a single query): on the 2-core EPYC they took about half of a one-row step.
 
+static inline float lanes_sum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
 static inline float sum_of_squares(const float *x, int64_t dim) {
     __m256 acc = _mm256_setzero_ps();
     int64_t i = 0;
@@ -187,10 +194,7 @@ static inline float sum_of_squares(const float *x, int64_t dim) {
         const __m256 v = _mm256_loadu_ps(x + i);
         acc = _mm256_fmadd_ps(v, v, acc);
     }
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    float total = _mm_cvtss_f32(s);
+    float total = lanes_sum(acc);
     for (; i < dim; ++i) total += x[i] * x[i];
     return total;
 }
@@ -229,18 +233,6 @@ static inline __m256 exp_nonpositive(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
 }
 
-static inline float dot(const float *a, const float *b, int64_t dim) {
-    __m256 acc = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= dim; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    float total = _mm_cvtss_f32(s);
-    for (; i < dim; ++i) total += a[i] * b[i];
-    return total;
-}
-
 // A cached head AHEAD positions on, requested while the current one is used: positions are 2 * kv_heads heads
 // apart in the cache, a stride the hardware prefetcher does not follow within a row's few hundred positions.
 // (A prefetch never faults: past a row's last position it only wastes a request.) On the 2-core EPYC, 16
@@ -250,63 +242,127 @@ static inline void prefetch_head(const float *head, int64_t head_dim) {
     for (int64_t d = 0; d < head_dim; d += 16) _mm_prefetch((const char *)(head + d), _MM_HINT_T0);
 }
 
+// scores[p] <- exp(scores[p] - max) / sum over p < count: the softmax of one head's scores, in place.
+static void softmax(float *scores, int64_t count) {
+    float top = -INFINITY;
+    for (int64_t p = 0; p < count; ++p) top = scores[p] > top ? scores[p] : top;
+    const __m256 vtop = _mm256_set1_ps(top);
+    __m256 vsum = _mm256_setzero_ps();
+    int64_t p = 0;
+    for (; p + 8 <= count; p += 8) {
+        const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + p), vtop));
+        _mm256_storeu_ps(scores + p, e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    if (p < count) {  // the last partial vector, padded with -inf (exp 0)
+        float tail[8];
+        for (int i = 0; i < 8; ++i) tail[i] = p + i < count ? scores[p + i] - top : -INFINITY;
+        const __m256 e = exp_nonpositive(_mm256_loadu_ps(tail));
+        _mm256_storeu_ps(tail, e);
+        vsum = _mm256_add_ps(vsum, e);
+        for (int i = 0; p + i < count; ++i) scores[p + i] = tail[i];
+    }
+    const __m256 inverse = _mm256_set1_ps(1.0f / lanes_sum(vsum));
+    for (p = 0; p + 8 <= count; p += 8) _mm256_storeu_ps(scores + p, _mm256_mul_ps(_mm256_loadu_ps(scores + p), inverse));
+    for (; p < count; ++p) scores[p] *= _mm256_cvtss_f32(inverse);
+}
+
+#define HEADS_AT_ONCE 3  // query heads sharing each key and value read: 3 x 4 accumulators fill the registers
+
+// H query heads (a constant at each call site: 1 to HEADS_AT_ONCE) that read the same cached KV head: each
+// key and value is loaded once for all of them, and each head keeps two FMA chains per key. q: H heads
+// q_head floats apart; scores: H rows of `stride` floats; out: H heads of head_dim floats, contiguous.
+// head_dim is a multiple of 8.
+static inline __attribute__((always_inline)) void heads_scores(const float *q, int64_t q_head, const float *k,
+                                                               int64_t kv_position, int64_t count,
+                                                               int64_t head_dim, float scale, float *scores,
+                                                               int64_t stride, const int H) {
+    for (int64_t p = 0; p < count; ++p) {
+        const float *kp = k + p * kv_position;
+        prefetch_head(kp + AHEAD * kv_position, head_dim);
+        __m256 even[HEADS_AT_ONCE], odd[HEADS_AT_ONCE];
+        for (int h = 0; h < H; ++h) even[h] = odd[h] = _mm256_setzero_ps();
+        int64_t d = 0;
+        for (; d + 16 <= head_dim; d += 16) {
+            const __m256 k0 = _mm256_loadu_ps(kp + d), k1 = _mm256_loadu_ps(kp + d + 8);
+            for (int h = 0; h < H; ++h) {
+                even[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * q_head + d), k0, even[h]);
+                odd[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * q_head + d + 8), k1, odd[h]);
+            }
+        }
+        if (d < head_dim) {
+            const __m256 k0 = _mm256_loadu_ps(kp + d);
+            for (int h = 0; h < H; ++h) even[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * q_head + d), k0, even[h]);
+        }
+        for (int h = 0; h < H; ++h) scores[h * stride + p] = lanes_sum(_mm256_add_ps(even[h], odd[h])) * scale;
+    }
+}
+
+// out[h][d0 .. d0 + 8 V) = sum_p scores[h][p] v[p][d0 ..]: V vectors (a constant: 1 to 4) of each value.
+static inline __attribute__((always_inline)) void heads_values(const float *scores, int64_t stride, const float *v,
+                                                               int64_t kv_position, int64_t count, float *out,
+                                                               int64_t head_dim, int64_t d0, const int H,
+                                                               const int V) {
+    __m256 acc[HEADS_AT_ONCE][4];
+    for (int h = 0; h < H; ++h)
+        for (int c = 0; c < V; ++c) acc[h][c] = _mm256_setzero_ps();
+    for (int64_t p = 0; p < count; ++p) {
+        const float *vp = v + p * kv_position + d0;
+        _mm_prefetch((const char *)(vp + AHEAD * kv_position), _MM_HINT_T0);
+        if (V > 2) _mm_prefetch((const char *)(vp + AHEAD * kv_position + 16), _MM_HINT_T0);
+        for (int c = 0; c < V; ++c) {
+            const __m256 value = _mm256_loadu_ps(vp + 8 * c);
+            for (int h = 0; h < H; ++h)
+                acc[h][c] = _mm256_fmadd_ps(_mm256_broadcast_ss(scores + h * stride + p), value, acc[h][c]);
+        }
+    }
+    for (int h = 0; h < H; ++h)
+        for (int c = 0; c < V; ++c) _mm256_storeu_ps(out + h * head_dim + d0 + 8 * c, acc[h][c]);
+}
+
+static inline __attribute__((always_inline)) void heads_attend(const float *q, int64_t q_head, const float *k,
+                                                               const float *v, int64_t kv_position,
+                                                               int64_t count, int64_t head_dim, float scale,
+                                                               float *scores, int64_t stride, float *out,
+                                                               const int H) {
+    heads_scores(q, q_head, k, kv_position, count, head_dim, scale, scores, stride, H);
+    for (int h = 0; h < H; ++h) softmax(scores + h * stride, count);
+    for (int64_t d0 = 0; d0 < head_dim; d0 += 32) {
+        switch (head_dim - d0 >= 32 ? 4 : (head_dim - d0) / 8) {
+            case 4: heads_values(scores, stride, v, kv_position, count, out, head_dim, d0, H, 4); break;
+            case 3: heads_values(scores, stride, v, kv_position, count, out, head_dim, d0, H, 3); break;
+            case 2: heads_values(scores, stride, v, kv_position, count, out, head_dim, d0, H, 2); break;
+            default: heads_values(scores, stride, v, kv_position, count, out, head_dim, d0, H, 1); break;
+        }
+    }
+}
+
 // One query token per row against that row's cached keys and values, softmax(q k / sqrt(head_dim)) v, for
 // heads query heads sharing kv_heads key/value heads (query head h reads kv head h / (heads / kv_heads)).
-// Row r attends its first visible[r] positions. Strides are in floats; head_dim is contiguous everywhere.
-// q: [rows, heads, head_dim]; keys, values: [rows, kv_heads, positions, head_dim]; out: [rows, heads * head_dim].
+// Row r attends its first visible[r] positions. Strides are in floats; head_dim is contiguous everywhere and
+// a multiple of 8 (avx2.py checks). q: [rows, heads, head_dim]; keys, values: [rows, kv_heads, positions,
+// head_dim]; out: [rows, heads * head_dim]. A task is one row's KV head and the query heads reading it.
 void attention_decode(const float *q, int64_t q_row, int64_t q_head, const float *keys, const float *values,
                       int64_t kv_row, int64_t kv_head, int64_t kv_position, const int64_t *visible, float *out,
                       int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t max_visible,
                       int threads) {
-    const int64_t groups = heads / kv_heads;
+    const int64_t groups = heads / kv_heads, stride = max_visible + 8;
     const float scale = 1.0f / sqrtf((float)head_dim);
 #pragma omp parallel num_threads(threads)
     {
-        float *scores = malloc(sizeof(float) * (size_t)(max_visible + 8));
+        float *scores = malloc(sizeof(float) * (size_t)(HEADS_AT_ONCE * stride));
 #pragma omp for schedule(static)
-        for (int64_t task = 0; task < rows * heads; ++task) {
-            const int64_t r = task / heads, h = task % heads, g = h / groups, count = visible[r];
-            const float *qh = q + r * q_row + h * q_head;
+        for (int64_t task = 0; task < rows * kv_heads; ++task) {
+            const int64_t r = task / kv_heads, g = task % kv_heads, count = visible[r];
             const float *k = keys + r * kv_row + g * kv_head, *v = values + r * kv_row + g * kv_head;
-            float *o = out + (r * heads + h) * head_dim;
-            float top = -INFINITY;
-            for (int64_t p = 0; p < count; ++p) {
-                prefetch_head(k + (p + AHEAD) * kv_position, head_dim);
-                scores[p] = dot(qh, k + p * kv_position, head_dim) * scale;
-                top = scores[p] > top ? scores[p] : top;
-            }
-            const __m256 vtop = _mm256_set1_ps(top);
-            __m256 vsum = _mm256_setzero_ps();
-            int64_t p = 0;
-            for (; p + 8 <= count; p += 8) {
-                const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + p), vtop));
-                _mm256_storeu_ps(scores + p, e);
-                vsum = _mm256_add_ps(vsum, e);
-            }
-            float total = 0.0f;
-            if (p < count) {  // the last partial vector, padded with -inf (exp 0)
-                float tail[8];
-                for (int i = 0; i < 8; ++i) tail[i] = p + i < count ? scores[p + i] - top : -INFINITY;
-                const __m256 e = exp_nonpositive(_mm256_loadu_ps(tail));
-                _mm256_storeu_ps(tail, e);
-                vsum = _mm256_add_ps(vsum, e);
-                for (int i = 0; p + i < count; ++i) scores[p + i] = tail[i];
-            }
-            __m128 s = _mm_add_ps(_mm256_castps256_ps128(vsum), _mm256_extractf128_ps(vsum, 1));
-            s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            s = _mm_add_ss(s, _mm_movehdup_ps(s));
-            total += _mm_cvtss_f32(s);
-            const float inverse = 1.0f / total;
-            for (int64_t d = 0; d < head_dim; ++d) o[d] = 0.0f;
-            for (int64_t q_pos = 0; q_pos < count; ++q_pos) {
-                const float weight = scores[q_pos] * inverse;
-                const float *vp = v + q_pos * kv_position;
-                prefetch_head(vp + AHEAD * kv_position, head_dim);
-                const __m256 vw = _mm256_set1_ps(weight);
-                int64_t d = 0;
-                for (; d + 8 <= head_dim; d += 8)
-                    _mm256_storeu_ps(o + d, _mm256_fmadd_ps(vw, _mm256_loadu_ps(vp + d), _mm256_loadu_ps(o + d)));
-                for (; d < head_dim; ++d) o[d] += weight * vp[d];
+            for (int64_t h = g * groups; h < (g + 1) * groups; h += HEADS_AT_ONCE) {
+                const float *qh = q + r * q_row + h * q_head;
+                float *o = out + (r * heads + h) * head_dim;
+                switch ((g + 1) * groups - h >= HEADS_AT_ONCE ? HEADS_AT_ONCE : (g + 1) * groups - h) {
+                    case 3: heads_attend(qh, q_head, k, v, kv_position, count, head_dim, scale, scores, stride, o, 3); break;
+                    case 2: heads_attend(qh, q_head, k, v, kv_position, count, head_dim, scale, scores, stride, o, 2); break;
+                    default: heads_attend(qh, q_head, k, v, kv_position, count, head_dim, scale, scores, stride, o, 1); break;
+                }
             }
         }
         free(scores);

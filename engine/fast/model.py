@@ -97,7 +97,7 @@ class Avx2Ops(TorchOps):
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: StepInputs, shape: Shape
     ) -> torch.Tensor:
         rows, tokens = q.shape[:2]
-        if tokens != 1:
+        if tokens != 1 or shape.head_dim % 8:  # the kernel reads heads 8 floats at a time
             return super().attention(q, keys, values, step, shape)
         visible = step.positions[:, 0] + 1  # a decode step's query sees every position up to its own
         return avx2.attention_decode(self.kernels, q[:, 0], keys, values, visible).view(rows, 1, -1)
