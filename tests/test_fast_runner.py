@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from engine.fast import FastRunner, avx2, supports
+from engine.fast.hugepages import HUGE_PAGE, Arena
 from engine.fast.linear import AVX2_BFLOAT16, AVX2_INT4, Avx2Bf16Linear, Avx2Int4Linear, DenseLinear
 from engine.plan import PrefillChunk, PrefillPlan
 
@@ -346,11 +348,11 @@ def test_an_avx2_kernel_computes_x_times_w_transposed_and_each_row_as_it_would_a
         pytest.skip(f"the AVX2 kernels cannot run here: {avx2.unsupported()}")
     if kind is Avx2Int4Linear and shape[1] % 32:
         with pytest.raises(ValueError, match=r"\(32, 20\) weight"):
-            kind(torch.randn(*shape))
+            kind(torch.randn(*shape), Arena())
         return
     torch.manual_seed(0)
     weight, x = torch.randn(*shape), torch.randn(rows, 1, shape[1])
-    linear = kind(weight)
+    linear = kind(weight, Arena())
     out = linear(x)
     assert out.shape == (rows, 1, shape[0]) and out.dtype == torch.float32
     if kind is Avx2Int4Linear:
@@ -370,4 +372,25 @@ def test_the_avx2_kernels_refuse_a_weight_they_cannot_pack():
     if avx2.library() is None:
         pytest.skip(f"the AVX2 kernels cannot run here: {avx2.unsupported()}")
     with pytest.raises(ValueError, match=r"\(40, 64\) weight"):
-        Avx2Bf16Linear(torch.randn(40, 64))
+        Avx2Bf16Linear(torch.randn(40, 64), Arena())
+
+
+def anon_huge_kb() -> int:
+    rollup = Path("/proc/self/smaps_rollup").read_text()
+    return int(next(line.split()[1] for line in rollup.splitlines() if line.startswith("AnonHugePages:")))
+
+
+def test_arena_tensors_are_separate_aligned_outlive_the_arena_and_sit_on_huge_pages_where_linux_offers_them():
+    arena = Arena()
+    before = anon_huge_kb() if Path("/proc/self/smaps_rollup").exists() else 0
+    weights = [arena.copy(torch.full((1000, 33), float(index))) for index in range(3)]
+    big = arena.zeros((3, HUGE_PAGE), torch.float32)  # 24 MB: several whole huge pages
+    del arena
+    for index, weight in enumerate(weights):
+        assert weight.shape == (1000, 33) and weight.dtype == torch.float32
+        assert weight.data_ptr() % 64 == 0 and torch.equal(weight, torch.full((1000, 33), float(index)))
+    assert big.shape == (3, HUGE_PAGE) and not big.any()
+    big.fill_(1.0)
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if thp.exists() and "[never]" not in thp.read_text():
+        assert anon_huge_kb() - before >= HUGE_PAGE // 1024  # at least one of the big tensor's pages is huge

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from engine.fast.hugepages import Arena
 from engine.loading import cache_root
 
 log = logging.getLogger(__name__)
@@ -68,13 +69,13 @@ def packable(weight: torch.Tensor, int4: bool = False) -> bool:
     return weight.shape[0] % WIDTH == 0 and (not int4 or weight.shape[1] % INT4_GROUP == 0)
 
 
-def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
+def pack_bf16(weight: torch.Tensor, arena: Arena) -> torch.Tensor:
     """[n, k] float weight -> bfloat16 [n / WIDTH, k, WIDTH]: blocks of WIDTH output features, k-major."""
     n, k = weight.shape
-    return weight.detach().to(torch.bfloat16).view(n // WIDTH, WIDTH, k).transpose(1, 2).contiguous()
+    return arena.copy(weight.detach().to(torch.bfloat16).view(n // WIDTH, WIDTH, k).transpose(1, 2))
 
 
-def pack_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_int4(weight: torch.Tensor, arena: Arena) -> tuple[torch.Tensor, torch.Tensor]:
     """[n, k] float weight -> (nibbles uint8 [n / WIDTH, k, WIDTH / 2], scales and minimums bfloat16
     [n / WIDTH, k / INT4_GROUP, 2, WIDTH]): asymmetric 4-bit per group of INT4_GROUP inputs, w = q * scale +
     minimum, q in 0..15. The codes are chosen against the bfloat16-rounded scale and minimum the kernel reads."""
@@ -84,9 +85,9 @@ def pack_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = ((groups.amax(dim=-1) - minimum.float()) / 15).clamp(min=1e-8).to(torch.bfloat16)
     codes = torch.round((groups - minimum.float()[..., None]) / scale.float()[..., None]).clamp(0, 15)
     codes = codes.to(torch.uint8).reshape(n // WIDTH, 2, WIDTH // 2, k)  # feature 16 b + 8 h + j
-    nibbles = (codes[:, 0] | (codes[:, 1] << 4)).transpose(1, 2).contiguous()  # [b, k, j]
+    nibbles = (codes[:, 0] | (codes[:, 1] << 4)).transpose(1, 2)  # [b, k, j]
     per_block = torch.stack([scale, minimum], dim=-1).reshape(n // WIDTH, WIDTH, k // INT4_GROUP, 2)
-    return nibbles, per_block.permute(0, 2, 3, 1).contiguous()
+    return arena.copy(nibbles), arena.copy(per_block.permute(0, 2, 3, 1))
 
 
 def linear_int4(kernels: ctypes.CDLL, x: torch.Tensor, nibbles: torch.Tensor, scale_min: torch.Tensor) -> torch.Tensor:

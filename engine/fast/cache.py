@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from engine.fast.hugepages import Arena
 from engine.fast.model import Shape, StepInputs
 
 INITIAL_CAPACITY = 256
@@ -108,10 +109,14 @@ class SlotCache:
             return
         capacity = min(self.max_len, max(length, 2 * self.capacity))
         buffer_shape = (self.slots, capacity, 2 * self.shape.kv_heads, self.shape.head_dim)
+        arena = Arena() if self.device.type == "cpu" else None  # huge pages: a step reads every row's cache
         grown = []
         for layer in range(self.shape.layers):
             # zeros, not empty: masked positions must hold finite values (0 x NaN would poison the output)
-            grown.append(torch.zeros(buffer_shape, device=self.device, dtype=self.dtype))
+            if arena is None:
+                grown.append(torch.zeros(buffer_shape, device=self.device, dtype=self.dtype))
+            else:
+                grown.append(arena.zeros(buffer_shape, self.dtype))
             if self.capacity:
                 grown[-1][:, : self.capacity] = self.kv[layer]
         self.kv, self.capacity = grown, capacity

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.fast import avx2
+from engine.fast.hugepages import Arena
 
 QUANTIZATIONS = ("none", "int8", "int4")
 AVX2_BFLOAT16 = "bfloat16-avx2"  # the precision name of bfloat16 weights through the AVX2 kernels
@@ -61,8 +62,8 @@ class DenseLinear:
 
 class Avx2Linear:
     """A weight through engine/fast/avx2_kernels.c: float32 activations in and out, the weight widened to float32
-    in registers. Only for weights with a multiple of avx2.WIDTH rows (and, for int4, of avx2.INT4_GROUP
-    columns): make_linear checks."""
+    in registers, packed into `arena` (huge pages: engine/fast/hugepages.py). Only for weights with a multiple
+    of avx2.WIDTH rows (and, for int4, of avx2.INT4_GROUP columns): make_linear checks."""
 
     int4 = False
 
@@ -85,9 +86,9 @@ class Avx2Bf16Linear(Avx2Linear):
     torch kernel per row count: one row 15.5 ms (torch.mv over bfloat16: 20.0), 16 rows 46.0 ms (float32
     weights pre-packed by oneDNN: 77.8; torch's bfloat16: 236)."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, arena: Arena) -> None:
         super().__init__(weight)
-        self.packed = avx2.pack_bf16(weight)
+        self.packed = avx2.pack_bf16(weight, arena)
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         return avx2.linear_bf16(self.kernels, x, self.packed)
@@ -99,9 +100,9 @@ class Avx2Int4Linear(Avx2Linear):
 
     int4 = True
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, arena: Arena) -> None:
         super().__init__(weight)
-        self.nibbles, self.scale_min = avx2.pack_int4(weight)
+        self.nibbles, self.scale_min = avx2.pack_int4(weight, arena)
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         return avx2.linear_int4(self.kernels, x, self.nibbles, self.scale_min)
@@ -164,17 +165,18 @@ class Int4Linear:
         return out.to(x.dtype).reshape(*x.shape[:-1], -1)
 
 
-def make_linear(precision: str, weight: torch.Tensor) -> Linear:
-    """A weight in a precision's format: float32, bfloat16, float16, int8, int4, AVX2_BFLOAT16 or AVX2_INT4. A
-    weight whose shape a kernel does not take falls back: int4 to int8, the AVX2 ones to torch's kernels."""
+def make_linear(precision: str, weight: torch.Tensor, arena: Arena) -> Linear:
+    """A weight in a precision's format: float32, bfloat16, float16, int8, int4, AVX2_BFLOAT16 or AVX2_INT4 (the
+    last two packed into `arena`). A weight whose shape a kernel does not take falls back: int4 to int8, the AVX2
+    ones to torch's kernels."""
     if precision == "int8":
         return Int8Linear(weight)
     if precision == "int4":
         return Int4Linear(weight) if int4_fits(weight) else Int8Linear(weight)
     if precision == AVX2_BFLOAT16:
-        return Avx2Bf16Linear(weight) if avx2.packable(weight) else DenseLinear(weight, torch.bfloat16)
+        return Avx2Bf16Linear(weight, arena) if avx2.packable(weight) else DenseLinear(weight, torch.bfloat16)
     if precision == AVX2_INT4:
-        return Avx2Int4Linear(weight) if avx2.packable(weight, int4=True) else make_linear("int4", weight)
+        return Avx2Int4Linear(weight, arena) if avx2.packable(weight, int4=True) else make_linear("int4", weight, arena)
     return DenseLinear(weight, getattr(torch, precision))
 
 

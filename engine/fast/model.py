@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from transformers import LlamaForCausalLM, PreTrainedModel
 
 from engine.fast import avx2
+from engine.fast.hugepages import Arena
 from engine.fast.linear import AVX2_BFLOAT16, AVX2_INT4, AVX2_PRECISIONS, Linear, make_linear
 
 if TYPE_CHECKING:
@@ -146,14 +147,15 @@ class FastLlama:
         self.cos, self.sin_signed = rope_tables(model, max_len, device, activation_dtype)
 
     def precision(self, name: str) -> Precision:
-        """The matmul weights as float32, bfloat16, float16, bfloat16 through the AVX2 kernels, int8 or int4 (the
-        last two: weight-only, CPU): linear.make_linear's precisions."""
+        """The matmul weights as float32, bfloat16, float16, int8 or int4 (weight-only, CPU), or bfloat16 or int4
+        through the AVX2 kernels: linear.make_linear's precisions."""
         model = self._source
         if model is None:
             raise RuntimeError("the source weights were released")
+        arena = Arena()  # one per precision: its chunks go when the precision goes
 
         def linear(weights: list[torch.Tensor]) -> Linear:
-            return make_linear(name, torch.cat([w.detach() for w in weights]).to(self.device))
+            return make_linear(name, torch.cat([w.detach() for w in weights]).to(self.device), arena)
 
         layers = []
         for layer in model.model.layers:
@@ -169,7 +171,7 @@ class FastLlama:
         # The output layer decides every token: int4 there costs more agreement than it saves. int8 does not;
         # through the AVX2 kernels bfloat16 is as fast as torch's int8.
         head = {"int4": "int8", AVX2_INT4: AVX2_BFLOAT16}.get(name, name)
-        lm_head = make_linear(head, model.lm_head.weight.detach().to(self.device))
+        lm_head = make_linear(head, model.lm_head.weight.detach().to(self.device), arena)
         return Precision(name, layers, lm_head, Avx2Ops() if name in AVX2_PRECISIONS else TorchOps())
 
     def release_source(self) -> None:
