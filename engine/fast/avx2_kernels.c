@@ -78,10 +78,10 @@ static void widen_int4_block(struct block w, int64_t k, float *scratch) {
 }
 
 // Whether an int4 block is widened once into scratch for all its rows rather than in registers per tile.
-// Measured over SmolLM2's 120 matmuls on the 2-core EPYC (interleaved): 16 rows 83.0 -> 76.1 ms, 32 rows
-// 173.8 -> 152.8, but 8 rows 43.3 -> 45.8; bfloat16 lost at every count (its widening costs less than the
-// scratch's stores and loads).
-static inline int widens_once(enum format format, int64_t rows) { return format == INT4 && rows >= 3 * 4; }
+// Measured over SmolLM2's 120 matmuls on the 2-core EPYC (interleaved): 32 rows 86.4 -> 72.4 ms; 16 rows
+// 41.6 -> 43.8 and 8 rows 23.4 -> 22.1, within noise. bfloat16 widens in registers: cheaper than a scratch
+// buffer's stores and loads (measured: lost at every row count).
+static inline int widens_once(enum format format, int64_t rows) { return format == INT4 && rows >= 24; }
 
 // Rows [0, R) of x (row stride k) against one packed block; writes y[r][0 .. 16) (row stride n). R and format
 // are constants at each call site below, so the compiler unrolls the row loops and keeps acc in registers.
@@ -115,16 +115,10 @@ static inline __attribute__((always_inline)) void tile(const float *x, struct bl
     }
 }
 
-// With a scratch buffer (widens_once), the block is widened once and the tiles run on float32.
-static inline __attribute__((always_inline)) void rows_times_block(const float *x, int64_t rows, struct block w,
-                                                                   float *y, int64_t k, int64_t n,
-                                                                   const enum format packed, float *scratch) {
-    enum format format = packed;
-    if (scratch != NULL) {
-        widen_int4_block(w, k, scratch);
-        w.f32 = scratch;
-        format = F32;
-    }
+// Every row against one block, in tiles. format must be a constant where this is inlined (tile() needs it).
+static inline __attribute__((always_inline)) void rows_in_tiles(const float *x, int64_t rows, struct block w,
+                                                                float *y, int64_t k, int64_t n,
+                                                                const enum format format) {
     const int most = tile_rows(format);
     int64_t r = 0;
     for (; r + most <= rows; r += most) tile(x + r * k, w, y + r * n, k, n, most, format);
@@ -138,42 +132,57 @@ static inline __attribute__((always_inline)) void rows_times_block(const float *
     }
 }
 
-// y = x W^T for a packed weight of n output features (a multiple of WIDTH: avx2.py checks). Blocks are split
-// between the threads; rows go in chunks so that a chunk of x stays in cache while the thread's blocks pass.
-static inline __attribute__((always_inline)) void linear(const float *x, int64_t rows, int64_t k, struct block w,
-                                                         int64_t n, float *y, int threads,
-                                                         const enum format format) {
-    const int64_t blocks = n / WIDTH;
-#pragma omp parallel num_threads(threads)
-    {
-        float *scratch = widens_once(format, rows) ? malloc(sizeof(float) * (size_t)(k * WIDTH)) : NULL;
-        for (int64_t r0 = 0; r0 < rows; r0 += ROW_CHUNK) {
-            const int64_t count = rows - r0 < ROW_CHUNK ? rows - r0 : ROW_CHUNK;
-#pragma omp for schedule(static) nowait
-            for (int64_t b = 0; b < blocks; ++b) {
-                const struct block block = {
-                    w.bf16 ? w.bf16 + b * k * WIDTH : NULL,
-                    w.q4 ? w.q4 + b * k * (WIDTH / 2) : NULL,
-                    w.scale_min ? w.scale_min + b * (k / INT4_GROUP) * 2 * WIDTH : NULL,
-                    NULL,
-                };
-                rows_times_block(x + r0 * k, count, block, y + r0 * n + b * WIDTH, k, n, format, scratch);
-            }
-        }
-        free(scratch);
+// With a scratch buffer (widens_once), an int4 block is widened once and the tiles run on float32.
+static inline __attribute__((always_inline)) void rows_times_block(const float *x, int64_t rows, struct block w,
+                                                                   float *y, int64_t k, int64_t n,
+                                                                   const enum format packed, float *scratch) {
+    if (packed == INT4 && scratch != NULL) {
+        widen_int4_block(w, k, scratch);
+        w.f32 = scratch;
+        rows_in_tiles(x, rows, w, y, k, n, F32);
+    } else {
+        rows_in_tiles(x, rows, w, y, k, n, packed);
     }
+}
+
+// This thread's share of y = x W^T, inside a parallel region: blocks are split between the threads, and rows
+// go in chunks so that a chunk of x stays in cache while the thread's blocks pass over it. n is a multiple of
+// WIDTH (avx2.py checks). The parallel regions are in the exported functions below, one per format: GCC
+// outlines a region before it inlines, so a region shared by the formats would see `format` as a variable,
+// and the tiles' accumulators would go through the stack at every FMA (measured: 3x slower).
+static inline __attribute__((always_inline)) void thread_share(const float *x, int64_t rows, int64_t k,
+                                                               struct block w, int64_t n, float *y,
+                                                               const enum format format) {
+    const int64_t blocks = n / WIDTH;
+    float *scratch = widens_once(format, rows) ? malloc(sizeof(float) * (size_t)(k * WIDTH)) : NULL;
+    for (int64_t r0 = 0; r0 < rows; r0 += ROW_CHUNK) {
+        const int64_t count = rows - r0 < ROW_CHUNK ? rows - r0 : ROW_CHUNK;
+#pragma omp for schedule(static) nowait
+        for (int64_t b = 0; b < blocks; ++b) {
+            const struct block block = {
+                w.bf16 ? w.bf16 + b * k * WIDTH : NULL,
+                w.q4 ? w.q4 + b * k * (WIDTH / 2) : NULL,
+                w.scale_min ? w.scale_min + b * (k / INT4_GROUP) * 2 * WIDTH : NULL,
+                NULL,
+            };
+            rows_times_block(x + r0 * k, count, block, y + r0 * n + b * WIDTH, k, n, format, scratch);
+        }
+    }
+    free(scratch);
 }
 
 void linear_bf16(const float *x, int64_t rows, int64_t k, const uint16_t *packed, int64_t n, float *y, int threads) {
     const struct block w = {packed, NULL, NULL, NULL};
-    linear(x, rows, k, w, n, y, threads, BF16);
+#pragma omp parallel num_threads(threads)
+    thread_share(x, rows, k, w, n, y, BF16);
 }
 
 // k must be a multiple of INT4_GROUP (avx2.py checks).
 void linear_int4(const float *x, int64_t rows, int64_t k, const uint8_t *q4, const uint16_t *scale_min, int64_t n,
                  float *y, int threads) {
     const struct block w = {NULL, q4, scale_min, NULL};
-    linear(x, rows, k, w, n, y, threads, INT4);
+#pragma omp parallel num_threads(threads)
+    thread_share(x, rows, k, w, n, y, INT4);
 }
 
 // ---- the rest of a decode step: RMSNorm and attention for one new token per row ----------------------------

@@ -82,9 +82,9 @@ class Avx2Linear:
 
 
 class Avx2Bf16Linear(Avx2Linear):
-    """bfloat16 weights. Measured on a 2-core AVX2-only EPYC over SmolLM2's 120 fused matmuls, against the best
-    torch kernel per row count: one row 15.5 ms (torch.mv over bfloat16: 20.0), 16 rows 46.0 ms (float32
-    weights pre-packed by oneDNN: 77.8; torch's bfloat16: 236)."""
+    """bfloat16 weights. Measured on a 2-core AVX2-only EPYC over SmolLM2's 120 fused matmuls, in one process, two
+    rounds: one row 19.7 and 17.2 ms (torch.mv over bfloat16: 24.6, 28.8; float32 weights pre-packed by oneDNN:
+    54.2, 54.0); 16 rows 45.9 and 38.2 ms (the oneDNN float32: 89.7, 92.1; torch's bfloat16 F.linear: 234)."""
 
     def __init__(self, weight: torch.Tensor, arena: Arena) -> None:
         super().__init__(weight)
@@ -96,7 +96,7 @@ class Avx2Bf16Linear(Avx2Linear):
 
 class Avx2Int4Linear(Avx2Linear):
     """int4 weights, asymmetric per group of 32 inputs as Int4Linear (and llama.cpp's Q4_1), a quarter of
-    bfloat16's bytes to read."""
+    bfloat16's bytes to read: in the measurement above, one row 11.6 and 9.1 ms, 16 rows 53.1 and 40.5 ms."""
 
     int4 = True
 
