@@ -18,7 +18,7 @@ from jina import Client
 from client import grpc_client as product_grpc_client
 from client import stream_documents
 from harness import ROOT
-from harness.processes import free_port, running_flow, write_service_flow
+from harness.processes import free_ports, running_flow, write_service_flow
 from schemas import ModelOutputDocument, PromptDocument
 
 FRANCE = "what is the capital of France ?"  # the seed tutorial's prompt
@@ -77,7 +77,8 @@ def serve(
     `tmp_path_factory` is pytest's, or anything whose `mktemp(name)` makes a fresh directory. `gateway_settings`:
     more of the gateway's `uses_with` than `model_name`."""
     tmp = tmp_path_factory.mktemp(name)
-    service = Service(free_port(), free_port(), [free_port() for _ in range(replicas)], free_port())
+    grpc_port, http_port, metrics_port, *replica_ports = free_ports(3 + replicas)
+    service = Service(grpc_port, http_port, replica_ports, metrics_port)
     executor = {
         "name": "llm",
         "uses": str(ROOT / uses),
