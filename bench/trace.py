@@ -4,7 +4,7 @@ N chat prompts arrive at the engine (in process, no Jina) spread evenly over --s
 engine runs is timed, and the timeline is printed and written to bench/trace.md:
 
     prefill 8x23 @ 95 ms: 247 ms      a batched prefill of 8 prompts, 23 tokens wide, started 95 ms in
-    decode 16x48 @ 610 ms: 57 ms      one decode step of 16 rows over a 48-column cache
+    decode 16x1 @ 610 ms: 57 ms       one decode step of 16 rows
 """
 
 from __future__ import annotations
@@ -37,15 +37,16 @@ def record_forwards(engine, timeline: list[Forward]) -> None:
     runner = engine.runner
     prefill, decode = runner.prefill, runner.decode
 
-    def timed(kind: str, forward, batch, *args):
+    def timed(kind: str, rows: int, width: int, forward, *args):
         started = time.perf_counter()
-        result = forward(batch, *args)
-        width = max(map(len, args[0])) if args else batch.attention_mask.shape[1]
-        timeline.append(Forward(kind, len(batch), width, started, time.perf_counter() - started))
+        result = forward(*args)
+        timeline.append(Forward(kind, rows, width, started, time.perf_counter() - started))
         return result
 
-    runner.prefill = lambda batch, chunks: timed("prefill", prefill, batch, chunks)
-    runner.decode = lambda batch: timed("decode", decode, batch)
+    runner.prefill = lambda plan: timed(
+        "prefill", len(plan.chunks), max(len(c.token_ids) for c in plan.chunks), prefill, plan
+    )
+    runner.decode = lambda request_ids, input_ids: timed("decode", len(request_ids), 1, decode, request_ids, input_ids)
 
 
 async def first_token_s(engine, prompt: str, delay_s: float) -> float:
@@ -85,8 +86,10 @@ def main() -> None:
     record_forwards(engine, timeline)
     lines = [
         f"# Burst trace: `python -m bench.trace` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-        f"{loaded.device}, {str(loaded.dtype).removeprefix('torch.')}, prefill_chunk {engine.config.prefill_chunk}, "
+        f"{loaded.device}, prefill_chunk {engine.config.prefill_chunk}, "
         f"max_decode_pause_s {engine.config.max_decode_pause_s})",
+        "",
+        f"Runner: {engine.runner.describe()}",
         "",
         "```",
     ]

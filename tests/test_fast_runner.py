@@ -213,6 +213,31 @@ ROPE_VARIANTS = {
 }
 
 
+@pytest.mark.parametrize("name", [AVX2_BFLOAT16, AVX2_INT4])
+@torch.no_grad()
+def test_the_c_layer_stack_decodes_bitwise_as_the_python_layers_do(name):
+    """engine/fast/stack.py runs a decode step's layers in one C call: rows of different lengths, past the cache's
+    first capacity (it grows under the stack), give the logits the Python loop over the same kernels gives."""
+    skip_without_avx2_kernels(name)
+    model = tiny_llama()
+    runners = [started(model, max_rows=3, max_len=400, candidates=[name]) for _ in range(2)]
+    stacked, looped = runners
+    assert stacked.precisions[name].decode_stack is not None
+    looped.precisions[name].decode_stack = None
+    torch.manual_seed(1)
+    prompts = {"a": torch.randint(0, 256, (240,)).tolist(), "b": torch.randint(0, 256, (9,)).tolist()}
+    plan = PrefillPlan([PrefillChunk(rid, prompt, 0) for rid, prompt in prompts.items()], True, True)
+    tokens = {}
+    for runner in runners:
+        tokens[runner] = dict(zip(plan.request_ids, runner.prefill(plan).argmax(-1).tolist()))
+    for _ in range(40):  # row a passes position 256, where the cache grows
+        logits = [runner.decode(["b", "a"], [tokens[runner]["b"], tokens[runner]["a"]]) for runner in runners]
+        assert torch.equal(logits[0], logits[1])
+        for runner, step_logits in zip(runners, logits):
+            tokens[runner] = dict(zip(["b", "a"], step_logits.argmax(-1).tolist()))
+    assert stacked.cache.capacity > 256
+
+
 @pytest.mark.parametrize("variant", ROPE_VARIANTS)
 @torch.no_grad()
 def test_logits_match_transformers_forward_on_a_tiny_random_llama(variant):

@@ -32,15 +32,20 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("avx2_kernels.c")
 # No -march=native: the cached library must run on any AVX2 + FMA CPU that shares the cache directory.
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+# -ffp-contract=off: a product and a sum written apart stay apart (rounded twice, as torch's ops round them); the
+# matmuls and attention ask for their FMAs by name.
+FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 WIDTH = 16  # output features per packed block: avx2_kernels.c's WIDTH
 INT4_GROUP = 32  # input features sharing an int4 scale and minimum: avx2_kernels.c's INT4_GROUP
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-SIGNATURES = {  # avx2_kernels.c's functions (all return void)
-    "linear_bf16": [_P, _I64, _I64, _P, _I64, _P, _INT],
-    "linear_int4": [_P, _I64, _I64, _P, _P, _I64, _P, _INT],
-    "rms_norm": [_P, _P, _P, _I64, _I64, _F],
-    "attention_decode": [_P, _I64, _I64, _P, _P, _I64, _I64, _I64, _P, _P, *[_I64] * 5, _INT],
+SIGNATURES = {  # avx2_kernels.c's functions: (argument types, result type)
+    "linear_bf16": ([_P, _I64, _I64, _P, _I64, _P, _INT], None),
+    "linear_int4": ([_P, _I64, _I64, _P, _P, _I64, _P, _INT], None),
+    "rms_norm": ([_P, _P, _P, _I64, _I64, _F], None),
+    "attention_decode": ([_P, _I64, _I64, _P, _P, _I64, _I64, _I64, _P, _P, *[_I64] * 5, _INT], None),
+    "rope": ([_P, _I64, _I64, _I64, _I64, _P, _P, _P], None),
+    "silu_mul": ([_P, _I64, _I64, _P], None),
+    "decode_layers": ([_P, _I64, _P, _P, _P, _P, _P, _INT], _INT),
 }
 REQUIRED_CPU_FLAGS = ("avx2", "fma")
 
@@ -57,9 +62,9 @@ def library() -> ctypes.CDLL | None:
         except (OSError, subprocess.TimeoutExpired) as error:
             reason = f"building or loading {SOURCE.name} failed: {error}"
         else:
-            for name, argtypes in SIGNATURES.items():
+            for name, (argtypes, restype) in SIGNATURES.items():
                 function = getattr(kernels, name)
-                function.argtypes, function.restype = argtypes, None
+                function.argtypes, function.restype = argtypes, restype
             return kernels
     log.info("AVX2 kernels not used: %s", reason)
     return None
@@ -136,6 +141,29 @@ def attention_decode(
         visible.data_ptr(), out.data_ptr(),
         rows, heads, kv_heads, head_dim, keys.shape[2], torch.get_num_threads(),
     )  # fmt: skip
+    return out
+
+
+def rope_(
+    kernels: ctypes.CDLL, qkv: torch.Tensor, heads: int, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> None:
+    """model.rope_ on the first `heads` heads of each token of qkv [rows, tokens, all heads, head_dim] (float32,
+    contiguous), in place; positions [rows, tokens] int64; cos and sin_signed float32 [max_len, head_dim]."""
+    rows, tokens, all_heads, head_dim = qkv.shape
+    if not (qkv.is_contiguous() and positions.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()):
+        raise ValueError("rope_ needs contiguous tensors")
+    kernels.rope(
+        qkv.data_ptr(), rows * tokens, all_heads * head_dim, heads, head_dim, positions.data_ptr(), cos.data_ptr(),
+        sin.data_ptr(),
+    )  # fmt: skip
+
+
+def silu_mul(kernels: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
+    """F.silu(gate) * up for gate_up [..., 2n] float32 (gate, then up): [..., n]."""
+    gate_up = gate_up.contiguous()
+    n = gate_up.shape[-1] // 2
+    out = torch.empty(*gate_up.shape[:-1], n, dtype=torch.float32)
+    kernels.silu_mul(gate_up.data_ptr(), gate_up.numel() // (2 * n), n, out.data_ptr())
     return out
 
 

@@ -223,10 +223,11 @@ void rms_norm(const float *x, const float *weight, float *out, int64_t rows, int
     }
 }
 
-// exp(x) for x <= 0 (scores minus their maximum), 8 lanes: Cephes' expf (2^n * a degree-5 polynomial on
-// [-ln2/2, ln2/2]), relative error about 1e-7. Below -87 it returns 0.
-static inline __m256 exp_nonpositive(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+// exp(x), 8 lanes: Cephes' expf (2^n * a degree-5 polynomial on [-ln2/2, ln2/2]), relative error about 1e-7.
+// x is clamped to [-87, 88]: below it returns about 0 (softmax's scores minus their maximum), above, about 1.7e38
+// (SiLU of a large negative input then comes out about -0, as it should).
+static inline __m256 exp_clamped(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -259,14 +260,14 @@ static void softmax(float *scores, int64_t count) {
     __m256 vsum = _mm256_setzero_ps();
     int64_t p = 0;
     for (; p + 8 <= count; p += 8) {
-        const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + p), vtop));
+        const __m256 e = exp_clamped(_mm256_sub_ps(_mm256_loadu_ps(scores + p), vtop));
         _mm256_storeu_ps(scores + p, e);
         vsum = _mm256_add_ps(vsum, e);
     }
     if (p < count) {  // the last partial vector, padded with -inf (exp 0)
         float tail[8];
         for (int i = 0; i < 8; ++i) tail[i] = p + i < count ? scores[p + i] - top : -INFINITY;
-        const __m256 e = exp_nonpositive(_mm256_loadu_ps(tail));
+        const __m256 e = exp_clamped(_mm256_loadu_ps(tail));
         _mm256_storeu_ps(tail, e);
         vsum = _mm256_add_ps(vsum, e);
         for (int i = 0; p + i < count; ++i) scores[p + i] = tail[i];
@@ -376,4 +377,124 @@ void attention_decode(const float *q, int64_t q_row, int64_t q_head, const float
         }
         free(scores);
     }
+}
+
+// ---- RoPE and SiLU, the last ops of a layer that torch ran in several dispatches each ------------------------
+
+// transformers' x * cos + rotate_half(x) * sin for `heads` heads of each token, in place: x holds `tokens` tokens
+// `token_stride` floats apart, their first `heads` heads rotated (q's and k's: the fused QKV output). cos and
+// sin_signed are [positions, head_dim] (engine/fast/model.py's rope_tables: sin with its first half negated,
+// so rotate_half(x) * sin == roll(x, head_dim / 2) * sin_signed). Built with -ffp-contract=off: the two
+// products are rounded before the sum, as torch's ops round them.
+void rope(float *x, int64_t tokens, int64_t token_stride, int64_t heads, int64_t head_dim, const int64_t *positions,
+          const float *cos, const float *sin_signed) {
+    const int64_t half = head_dim / 2;
+    for (int64_t t = 0; t < tokens; ++t) {
+        const float *c = cos + positions[t] * head_dim, *s = sin_signed + positions[t] * head_dim;
+        for (int64_t h = 0; h < heads; ++h) {
+            float *head = x + t * token_stride + h * head_dim;
+            float rotated[head_dim];
+            for (int64_t i = 0; i < head_dim; ++i) rotated[i] = head[i < half ? i + half : i - half] * s[i];
+            for (int64_t i = 0; i < head_dim; ++i) head[i] = head[i] * c[i] + rotated[i];
+        }
+    }
+}
+
+// out[r][j] = silu(gate_up[r][j]) * gate_up[r][n + j] for rows of 2n floats (gate then up) into rows of n.
+void silu_mul(const float *gate_up, int64_t rows, int64_t n, float *out) {
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *gate = gate_up + r * 2 * n, *up = gate + n;
+        float *o = out + r * n;
+        int64_t j = 0;
+        for (; j + 8 <= n; j += 8) {
+            const __m256 g = _mm256_loadu_ps(gate + j);
+            const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, exp_clamped(_mm256_sub_ps(zero, g))));
+            _mm256_storeu_ps(o + j, _mm256_mul_ps(silu, _mm256_loadu_ps(up + j)));
+        }
+        for (; j < n; ++j) {
+            float g[8] = {0}, result[8];
+            g[0] = -gate[j];
+            _mm256_storeu_ps(result, exp_clamped(_mm256_loadu_ps(g)));
+            o[j] = gate[j] / (1.0f + result[0]) * up[j];
+        }
+    }
+}
+
+// ---- a decode step's whole layer stack in one call ------------------------------------------------------------
+// The same ops as engine/fast/model.py's forward with Avx2Ops, in the same order and on the same kernels, so the
+// results are bitwise the same (tested); what goes is the Python between them: about 30 torch calls a layer,
+// 14.7 ms of a 40 ms one-row step on the 2-core EPYC (bench/levers.md).
+
+// One layer's weights (packed as avx2.py packs them; scales NULL for bfloat16), norms, and KV cache
+// [slots, capacity, 2 * kv_heads, head_dim]: engine/fast/stack.py fills these.
+struct decode_layer {
+    const void *qkv, *qkv_scales, *out, *out_scales, *gate_up, *gate_up_scales, *down, *down_scales;
+    const float *input_norm, *post_attention_norm;
+    float *kv;
+};
+
+struct decode_shape {
+    int64_t layers, hidden, heads, kv_heads, head_dim, intermediate, capacity;
+    float eps;
+    int int4;  // the weights' format: int4 or bfloat16
+};
+
+static void packed_linear(const float *x, int64_t rows, int64_t k, const void *weight, const void *scales, int64_t n,
+                          float *y, int int4, int threads) {
+    if (int4)
+        linear_int4(x, rows, k, weight, scales, n, y, threads);
+    else
+        linear_bf16(x, rows, k, weight, n, y, threads);
+}
+
+static void add_into(float *x, const float *y, int64_t count) {
+    for (int64_t i = 0; i < count; ++i) x[i] += y[i];
+}
+
+// x [rows, hidden]: the residual stream of one new token per row, row r in cache slot r at positions[r];
+// updated in place through every layer (the final norm and the output layer stay with the caller). Writes each
+// row's K and V into the cache. Returns 0, or -1 when scratch memory could not be allocated (nothing written).
+int decode_layers(float *x, int64_t rows, const int64_t *positions, const struct decode_layer *layers,
+                  const struct decode_shape *shape, const float *cos, const float *sin_signed, int threads) {
+    const int64_t hidden = shape->hidden, head_dim = shape->head_dim, heads = shape->heads;
+    const int64_t kv_width = 2 * shape->kv_heads * head_dim, qkv_width = heads * head_dim + kv_width;
+    const int64_t inter = shape->intermediate, attended = shape->capacity;
+    float *h = malloc(sizeof(float) * (size_t)(rows * (hidden + qkv_width + heads * head_dim + hidden + 3 * inter)));
+    int64_t *visible = malloc(sizeof(int64_t) * (size_t)rows);
+    if (h == NULL || visible == NULL) {
+        free(h), free(visible);
+        return -1;
+    }
+    float *qkv = h + rows * hidden, *attention = qkv + rows * qkv_width, *projected = attention + rows * heads * head_dim;
+    float *gate_up = projected + rows * hidden, *activated = gate_up + rows * 2 * inter;
+    int64_t most_visible = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+        visible[r] = positions[r] + 1;
+        most_visible = visible[r] > most_visible ? visible[r] : most_visible;
+    }
+    for (int64_t l = 0; l < shape->layers; ++l) {
+        const struct decode_layer *layer = layers + l;
+        rms_norm(x, layer->input_norm, h, rows, hidden, shape->eps);
+        packed_linear(h, rows, hidden, layer->qkv, layer->qkv_scales, qkv_width, qkv, shape->int4, threads);
+        rope(qkv, rows, qkv_width, heads + shape->kv_heads, head_dim, positions, cos, sin_signed);
+        for (int64_t r = 0; r < rows; ++r) {
+            float *slot = layer->kv + (r * attended + positions[r]) * kv_width;
+            const float *new_kv = qkv + r * qkv_width + heads * head_dim;
+            for (int64_t i = 0; i < kv_width; ++i) slot[i] = new_kv[i];
+        }
+        attention_decode(qkv, qkv_width, head_dim, layer->kv, layer->kv + kv_width / 2, attended * kv_width, head_dim,
+                         kv_width, visible, attention, rows, heads, shape->kv_heads, head_dim, most_visible, threads);
+        packed_linear(attention, rows, heads * head_dim, layer->out, layer->out_scales, hidden, projected, shape->int4,
+                      threads);
+        add_into(x, projected, rows * hidden);
+        rms_norm(x, layer->post_attention_norm, h, rows, hidden, shape->eps);
+        packed_linear(h, rows, hidden, layer->gate_up, layer->gate_up_scales, 2 * inter, gate_up, shape->int4,
+                      threads);
+        silu_mul(gate_up, rows, inter, activated);
+        packed_linear(activated, rows, inter, layer->down, layer->down_scales, hidden, projected, shape->int4, threads);
+        add_into(x, projected, rows * hidden);
+    }
+    free(h), free(visible);
+    return 0;
 }

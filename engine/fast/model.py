@@ -2,12 +2,15 @@
 
 Per layer: RMSNorm, one QKV matmul, RoPE on q and k together, K/V written into the cache at each token's
 position, SDPA over the rows' cached positions, one output matmul; RMSNorm, one gate+up matmul, SiLU, one
-down matmul. 30 layers make 120 matmuls instead of transformers' 210, and about 25 torch ops per layer.
+down matmul. 30 layers make 120 matmuls instead of transformers' 210, and about 25 torch ops per layer. The
+AVX2 precisions run a decode step's layers in one C call instead (engine/fast/stack.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,6 +20,7 @@ from transformers import LlamaForCausalLM, PreTrainedModel
 from engine.fast import avx2
 from engine.fast.hugepages import Arena
 from engine.fast.linear import AVX2_BFLOAT16, AVX2_INT4, AVX2_PRECISIONS, Linear, make_linear
+from engine.fast.stack import DecodeStack
 
 if TYPE_CHECKING:
     from engine.fast.cache import SlotCache
@@ -67,11 +71,24 @@ class LayerWeights:
     down: Linear
 
 
+Rotation = Callable[[torch.Tensor, int], None]  # (qkv [rows, tokens, heads, head_dim], heads to rotate): in place
+
+
 class TorchOps:
-    """A step's RMSNorms and attention, on torch."""
+    """A step's RMSNorms, RoPE, attention and SiLU, on torch."""
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+    def rotation(self, llama: FastLlama, step: StepInputs) -> Rotation:
+        """RoPE at the step's positions, for every layer: the tables are gathered once a step."""
+        cos = llama.cos[step.positions].unsqueeze(2)  # [rows, tokens, 1, head_dim]: broadcast over heads
+        sin = llama.sin_signed[step.positions].unsqueeze(2)
+        return lambda qkv, heads: rope_(qkv[:, :, :heads], cos, sin)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate).mul_(up)
 
     def attention(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: StepInputs, shape: Shape
@@ -80,10 +97,11 @@ class TorchOps:
 
 
 class Avx2Ops(TorchOps):
-    """RMSNorm, and the attention of decode steps, through the AVX2 kernels: one call each where torch runs about
-    8 ops for an RMSNorm and sets up a flash-attention tiling for a single query. A prefill's attention stays
-    on SDPA. The results differ from torch's in float32 rounding only; they go with the AVX2 precisions, not with
-    float32 (whose steps the tests compare with transformers')."""
+    """RMSNorm, RoPE, SiLU and the attention of decode steps through the AVX2 kernels: one call each where torch
+    runs several ops (8 for an RMSNorm; SDPA sets up a flash-attention tiling for a single query). A prefill's
+    attention stays on SDPA. The results differ from torch's in float32 rounding only; they go with the AVX2
+    precisions, not with float32 (whose steps the tests compare with transformers'). They are the kernels
+    DecodeStack runs, so both give a decode step the same bits."""
 
     def __init__(self) -> None:
         kernels = avx2.library()
@@ -93,6 +111,16 @@ class Avx2Ops(TorchOps):
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return avx2.rms_norm(self.kernels, x, weight, eps)
+
+    def rotation(self, llama: FastLlama, step: StepInputs) -> Rotation:
+        positions = step.positions.contiguous()
+        return partial(self._rope, positions=positions, tables=(llama.cos, llama.sin_signed))
+
+    def _rope(self, qkv: torch.Tensor, heads: int, positions: torch.Tensor, tables: tuple[torch.Tensor, ...]) -> None:
+        avx2.rope_(self.kernels, qkv, heads, positions, *tables)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return avx2.silu_mul(self.kernels, gate_up)
 
     def attention(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: StepInputs, shape: Shape
@@ -113,6 +141,7 @@ class Precision:
     layers: list[LayerWeights]
     lm_head: Linear
     ops: TorchOps = field(default_factory=TorchOps)
+    decode_stack: DecodeStack | None = None  # every layer of a decode step in one call, where it can run
 
 
 class FastLlama:
@@ -173,7 +202,12 @@ class FastLlama:
         # bench/levers.md), one format fewer for the kernels.
         head = {"int4": "int8", AVX2_INT4: AVX2_BFLOAT16}.get(name, name)
         lm_head = make_linear(head, model.lm_head.weight.detach().to(self.device), arena)
-        return Precision(name, layers, lm_head, Avx2Ops() if name in AVX2_PRECISIONS else TorchOps())
+        if name not in AVX2_PRECISIONS:
+            return Precision(name, layers, lm_head)
+        stack = DecodeStack.build(
+            layers, self.input_norms, self.post_attention_norms, self.shape, (self.cos, self.sin_signed)
+        )
+        return Precision(name, layers, lm_head, Avx2Ops(), stack)
 
     def release_source(self) -> None:
         self._source = None
@@ -220,27 +254,34 @@ class StepInputs:
 
 def forward(llama: FastLlama, weights: Precision, cache: SlotCache, step: StepInputs) -> torch.Tensor:
     """Logits [rows, vocab] after each row's `last` token; writes every real token's K and V into the cache."""
-    shape = llama.shape
-    rows, tokens = step.input_ids.shape
-    heads, rotated = shape.heads, shape.heads + shape.kv_heads
-    ops = weights.ops
     x = F.embedding(step.input_ids, llama.embedding)
-    cos = llama.cos[step.positions].unsqueeze(2)  # [rows, tokens, 1, head_dim]: broadcast over heads
-    sin = llama.sin_signed[step.positions].unsqueeze(2)
-    for index, layer in enumerate(weights.layers):
-        h = ops.rms_norm(x, llama.input_norms[index], shape.eps)
-        qkv = layer.qkv(h).view(rows, tokens, rotated + shape.kv_heads, shape.head_dim)
-        rope_(qkv[:, :, :rotated], cos, sin)  # q and k rotated in place: qkv's k and v heads go to the cache as-is
-        keys, values = cache.write(index, step, qkv[:, :, heads:])
-        x += layer.out(ops.attention(qkv[:, :, :heads], keys, values, step, shape))
-        h = ops.rms_norm(x, llama.post_attention_norms[index], shape.eps)
-        gate, up = layer.gate_up(h).chunk(2, dim=-1)
-        x += layer.down(F.silu(gate).mul_(up))
+    if weights.decode_stack is not None and weights.decode_stack.runs(step):
+        weights.decode_stack(x, cache, step)
+    else:
+        layers_forward(llama, weights, cache, step, x)
+    rows = x.shape[0]
     x = x[:, -1] if step.last is None else x[torch.arange(rows, device=x.device), step.last]
     if step.output_order is not None:
         x = x[step.output_order]
     # Only the positions that need a token go through the 49152-wide output layer.
-    return weights.lm_head(ops.rms_norm(x, llama.final_norm, shape.eps)).float()
+    return weights.lm_head(weights.ops.rms_norm(x, llama.final_norm, llama.shape.eps)).float()
+
+
+def layers_forward(llama: FastLlama, weights: Precision, cache: SlotCache, step: StepInputs, x: torch.Tensor) -> None:
+    """Every layer on the residual stream x [rows, tokens, hidden], in place."""
+    shape = llama.shape
+    rows, tokens = step.input_ids.shape
+    heads, rotated = shape.heads, shape.heads + shape.kv_heads
+    ops = weights.ops
+    rotate = ops.rotation(llama, step)
+    for index, layer in enumerate(weights.layers):
+        h = ops.rms_norm(x, llama.input_norms[index], shape.eps)
+        qkv = layer.qkv(h).view(rows, tokens, rotated + shape.kv_heads, shape.head_dim)
+        rotate(qkv, rotated)  # q and k rotated in place: qkv's k and v heads go to the cache as-is
+        keys, values = cache.write(index, step, qkv[:, :, heads:])
+        x += layer.out(ops.attention(qkv[:, :, :heads], keys, values, step, shape))
+        h = ops.rms_norm(x, llama.post_attention_norms[index], shape.eps)
+        x += layer.down(ops.silu_mul(layer.gate_up(h)))
 
 
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> None:

@@ -1,0 +1,125 @@
+"""A decode step's whole layer stack in one call: avx2_kernels.c's decode_layers, for the AVX2 precisions.
+
+Why: with the AVX2 kernels a layer's work is small, and the Python between the kernels was not. model.forward
+makes about 30 torch calls a layer, each a dispatch of microseconds: 14.7 ms of a 40 ms one-row step on the
+2-core EPYC (bench/levers.md, "the rest of a step without matmuls"). decode_layers runs the same kernels in the
+same order in C, so its result is bitwise the Python loop's with Avx2Ops (tests/test_fast_runner.py), and a
+step makes one call for its layers. Prefill steps (many tokens a row) keep the Python loop: their matmuls
+dwarf the calls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from engine.fast import avx2
+from engine.fast.linear import Avx2Int4Linear, Avx2Linear
+
+if TYPE_CHECKING:
+    from engine.fast.cache import SlotCache
+    from engine.fast.model import LayerWeights, Shape, StepInputs
+
+_WEIGHTS = ("qkv", "out", "gate_up", "down")
+
+
+class _Layer(ctypes.Structure):  # avx2_kernels.c's struct decode_layer
+    _fields_ = [
+        *((f"{name}{part}", ctypes.c_void_p) for name in _WEIGHTS for part in ("", "_scales")),
+        ("input_norm", ctypes.c_void_p),
+        ("post_attention_norm", ctypes.c_void_p),
+        ("kv", ctypes.c_void_p),
+    ]
+
+
+class _Shape(ctypes.Structure):  # avx2_kernels.c's struct decode_shape
+    _fields_ = [
+        *((name, ctypes.c_int64) for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate")),
+        ("capacity", ctypes.c_int64),
+        ("eps", ctypes.c_float),
+        ("int4", ctypes.c_int),
+    ]
+
+
+class DecodeStack:
+    """Runs every layer of a decode step on one model's weights in one precision, in place on the residual
+    stream. Holds raw pointers: the weights, norms and RoPE tables it is built from must outlive it (the
+    Precision that holds it holds them too)."""
+
+    def __init__(
+        self,
+        layers: Sequence[LayerWeights],
+        input_norms: Sequence[torch.Tensor],
+        post_attention_norms: Sequence[torch.Tensor],
+        shape: Shape,
+        rope_tables: tuple[torch.Tensor, torch.Tensor],
+    ) -> None:
+        kernels = avx2.library()
+        assert kernels is not None, "DecodeStack.build checks that the kernels run"
+        self.kernels = kernels
+        self.rope_tables = rope_tables
+        int4 = isinstance(layers[0].qkv, Avx2Int4Linear)
+        intermediate = layers[0].down.in_features
+        self.shape = _Shape(len(layers), shape.hidden, shape.heads, shape.kv_heads, shape.head_dim, intermediate, 0,
+                            shape.eps, int(int4))  # fmt: skip
+        self.layers = (_Layer * len(layers))()
+        for entry, layer, input_norm, post_norm in zip(self.layers, layers, input_norms, post_attention_norms):
+            for name in _WEIGHTS:
+                linear = getattr(layer, name)
+                weight, scales = (linear.nibbles, linear.scale_min) if int4 else (linear.packed, None)
+                setattr(entry, name, weight.data_ptr())
+                setattr(entry, f"{name}_scales", None if scales is None else scales.data_ptr())
+            entry.input_norm, entry.post_attention_norm = input_norm.data_ptr(), post_norm.data_ptr()
+        self._kv_of: list[torch.Tensor] = []  # the cache buffers whose pointers the layers hold
+
+    @classmethod
+    def build(
+        cls,
+        layers: Sequence[LayerWeights],
+        input_norms: Sequence[torch.Tensor],
+        post_attention_norms: Sequence[torch.Tensor],
+        shape: Shape,
+        rope_tables: tuple[torch.Tensor, torch.Tensor],
+    ) -> DecodeStack | None:
+        """The stack, or None where decode_layers cannot run these weights: a matmul left on torch's kernels
+        (a shape the AVX2 kernels do not pack), formats that differ between matmuls, or heads the attention
+        kernel does not take (head_dim a multiple of 8)."""
+        linears = [getattr(layer, name) for layer in layers for name in _WEIGHTS]
+        if avx2.library() is None or shape.head_dim % 8 or not all(isinstance(x, Avx2Linear) for x in linears):
+            return None
+        if len({type(linear) for linear in linears}) != 1 or len({layer.down.in_features for layer in layers}) != 1:
+            return None
+        tensors = [*input_norms, *post_attention_norms, *rope_tables]
+        if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
+            return None
+        return cls(layers, input_norms, post_attention_norms, shape, rope_tables)
+
+    @staticmethod
+    def runs(step: StepInputs) -> bool:
+        """Whether this step is one decode_layers computes: one token a row, the rows in slots 0 .. rows - 1."""
+        rows, tokens = step.input_ids.shape
+        return tokens == 1 and step.rows == slice(0, rows)
+
+    def __call__(self, x: torch.Tensor, cache: SlotCache, step: StepInputs) -> None:
+        """x [rows, 1, hidden] float32, the embedded tokens: through every layer, in place; writes each row's K
+        and V into the cache at its position."""
+        if not x.is_contiguous() or x.dtype != torch.float32:
+            raise ValueError("the decode stack needs a contiguous float32 residual stream")
+        if len(self._kv_of) != len(cache.kv) or any(a is not b for a, b in zip(self._kv_of, cache.kv)):
+            for entry, kv in zip(self.layers, cache.kv):  # the cache was grown: new buffers
+                if kv.dtype != torch.float32 or not kv.is_contiguous():
+                    raise ValueError("the decode stack needs a contiguous float32 KV cache")
+                entry.kv = kv.data_ptr()
+            self._kv_of = list(cache.kv)
+        self.shape.capacity = cache.capacity
+        positions = step.positions.contiguous()
+        cos, sin_signed = self.rope_tables
+        status = self.kernels.decode_layers(
+            x.data_ptr(), x.shape[0], positions.data_ptr(), self.layers, ctypes.byref(self.shape), cos.data_ptr(),
+            sin_signed.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError(f"the decode stack could not allocate its scratch memory for {x.shape[0]} rows")
