@@ -85,9 +85,10 @@ def kv_cache_process(model_name: str, device: str, dtype: str) -> Iterator[Calla
         reader.shutdown()
 
 
-def start_engine(loaded: LoadedModel, max_running: int = 32, max_waiting: int = 256) -> LLMEngine:
-    """The engine as the executor configures it (flow.yml's limits), warmed up the same way."""
-    engine = LLMEngine(loaded, EngineConfig(max_running=max_running, max_waiting=max_waiting))
+def start_engine(loaded: LoadedModel, max_running: int = 32, max_waiting: int = 256, **settings) -> LLMEngine:
+    """The engine as the executor configures it (flow.yml's limits; other EngineConfig `settings`), warmed up the
+    same way."""
+    engine = LLMEngine(loaded, EngineConfig(max_running=max_running, max_waiting=max_waiting, **settings))
     engine.run_to_completion(engine.tokenize("Hello", True), SamplingParams(max_tokens=8))
     return engine
 

@@ -1,7 +1,9 @@
-"""`python -m bench.trace [--streams 16] [--spread-ms 0]`: where a burst's time to first token goes.
+"""`python -m bench.trace [--streams 16] [--spread-ms 0] [--prefill-chunk 192]`: where a burst's time to first
+token goes.
 
-N chat prompts arrive at the engine (in process, no Jina) spread evenly over --spread-ms; every forward the
-engine runs is timed, and the timeline is printed and written to bench/trace.md:
+N chat prompts (the bench's: bench.load.round_prompts) arrive at the engine (in process, no Jina) spread evenly
+over --spread-ms; every forward the engine runs is timed, and the timeline is printed and written to
+bench/trace.md:
 
     prefill 8x23 @ 95 ms: 247 ms      a batched prefill of 8 prompts, 23 tokens wide, started 95 ms in
     decode 16x1 @ 610 ms: 57 ms       one decode step of 16 rows
@@ -17,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import ceiling
-from bench.load import PROMPTS
+from bench.load import round_prompts
 from engine import SamplingParams, load_model
+from engine.config import EngineConfig
 
 OUTPUT = Path(__file__).resolve().parent / "trace.md"
 
@@ -59,11 +62,12 @@ async def first_token_s(engine, prompt: str, delay_s: float) -> float:
     raise RuntimeError(f"no token for {prompt!r}: {output.error}")
 
 
-async def burst(engine, streams: int, spread_s: float, timeline: list[Forward]) -> list[str]:
+async def burst(engine, prompts: list[str], spread_s: float, timeline: list[Forward]) -> list[str]:
     timeline.clear()
     started = time.perf_counter()
+    streams = len(prompts)
     delays = [spread_s * i / max(1, streams - 1) for i in range(streams)]
-    ttfts = await asyncio.gather(*(first_token_s(engine, PROMPTS[i % len(PROMPTS)], d) for i, d in enumerate(delays)))
+    ttfts = await asyncio.gather(*(first_token_s(engine, prompt, d) for prompt, d in zip(prompts, delays)))
     lines = [f"{streams} arrivals over {spread_s * 1000:.0f} ms: TTFT p50 {statistics.median(ttfts) * 1000:.0f} ms, "
              f"max {max(ttfts) * 1000:.0f} ms (from each arrival)"]
     first_tokens_by = started + max(delays) + max(ttfts)
@@ -79,9 +83,11 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--spread-ms", type=float, nargs="+", default=[0, 150])
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--prefill-chunk", type=int, default=EngineConfig.prefill_chunk)
+    parser.add_argument("--quantization", default=EngineConfig.quantization)
     args = parser.parse_args()
     loaded = load_model("embedded")
-    engine = ceiling.start_engine(loaded)
+    engine = ceiling.start_engine(loaded, prefill_chunk=args.prefill_chunk, quantization=args.quantization)
     timeline: list[Forward] = []
     record_forwards(engine, timeline)
     lines = [
@@ -94,9 +100,10 @@ def main() -> None:
         "```",
     ]
     try:
-        for _ in range(args.repeat):
+        for number in range(args.repeat):
             for spread_ms in args.spread_ms:
-                lines += asyncio.run(burst(engine, args.streams, spread_ms / 1000, timeline))
+                prompts = round_prompts(args.streams, number)
+                lines += asyncio.run(burst(engine, prompts, spread_ms / 1000, timeline))
                 time.sleep(1)  # the cancelled streams leave the batch
     finally:
         engine.close()
