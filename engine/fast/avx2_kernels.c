@@ -93,6 +93,7 @@ static inline __attribute__((always_inline)) void tile(const float *x, struct bl
     for (int64_t start = 0; start < k; start += group) {
         __m256 scale_low = _mm256_setzero_ps(), scale_high = scale_low, min_low = scale_low, min_high = scale_low;
         if (format == INT4) group_scales(w, start, &scale_low, &scale_high, &min_low, &min_high);
+//UNROLL
         for (int64_t i = start; i < start + group; ++i) {
             __m256 w_low, w_high;
             if (format == INT4) {
