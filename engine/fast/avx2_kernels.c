@@ -22,6 +22,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define WIDTH 16      // output features per packed block
 #define ROW_CHUNK 48  // activation rows kept hot in cache while every block passes over them
@@ -244,15 +245,6 @@ static inline __m256 exp_clamped(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
 }
 
-// A cached head AHEAD positions on, requested while the current one is used: positions are 2 * kv_heads heads
-// apart in the cache, a stride the hardware prefetcher does not follow within a row's few hundred positions.
-// (A prefetch never faults: past a row's last position it only wastes a request.) On the 2-core EPYC, 16
-// rows in a decode step: attention 30.4 -> 22.8 ms a step.
-#define AHEAD 4
-static inline void prefetch_head(const float *head, int64_t head_dim) {
-    for (int64_t d = 0; d < head_dim; d += 16) _mm_prefetch((const char *)(head + d), _MM_HINT_T0);
-}
-
 // scores[p] <- exp(scores[p] - max) / sum over p < count: the softmax of one head's scores, in place.
 static void softmax(float *scores, int64_t count) {
     float top = -INFINITY;
@@ -290,7 +282,6 @@ static inline __attribute__((always_inline)) void heads_scores(const float *q, i
                                                                int64_t stride, const int H) {
     for (int64_t p = 0; p < count; ++p) {
         const float *kp = k + p * kv_position;
-        prefetch_head(kp + AHEAD * kv_position, head_dim);
         __m256 even[HEADS_AT_ONCE], odd[HEADS_AT_ONCE];
         for (int h = 0; h < H; ++h) even[h] = odd[h] = _mm256_setzero_ps();
         int64_t d = 0;
@@ -319,8 +310,6 @@ static inline __attribute__((always_inline)) void heads_values(const float *scor
         for (int c = 0; c < V; ++c) acc[h][c] = _mm256_setzero_ps();
     for (int64_t p = 0; p < count; ++p) {
         const float *vp = v + p * kv_position + d0;
-        _mm_prefetch((const char *)(vp + AHEAD * kv_position), _MM_HINT_T0);
-        if (V > 2) _mm_prefetch((const char *)(vp + AHEAD * kv_position + 16), _MM_HINT_T0);
         for (int c = 0; c < V; ++c) {
             const __m256 value = _mm256_loadu_ps(vp + 8 * c);
             for (int h = 0; h < H; ++h)
@@ -428,7 +417,7 @@ void silu_mul(const float *gate_up, int64_t rows, int64_t n, float *out) {
 // 14.7 ms of a 40 ms one-row step on the 2-core EPYC (bench/levers.md).
 
 // One layer's weights (packed as avx2.py packs them; scales NULL for bfloat16), norms, and KV cache
-// [slots, capacity, 2 * kv_heads, head_dim]: engine/fast/stack.py fills these.
+// [slots, 2 * kv_heads, capacity, head_dim] (engine/fast/cache.py): engine/fast/stack.py fills these.
 struct decode_layer {
     const void *qkv, *qkv_scales, *out, *out_scales, *gate_up, *gate_up_scales, *down, *down_scales;
     const float *input_norm, *post_attention_norm;
@@ -459,8 +448,9 @@ static void add_into(float *x, const float *y, int64_t count) {
 int decode_layers(float *x, int64_t rows, const int64_t *positions, const struct decode_layer *layers,
                   const struct decode_shape *shape, const float *cos, const float *sin_signed, int threads) {
     const int64_t hidden = shape->hidden, head_dim = shape->head_dim, heads = shape->heads;
-    const int64_t kv_width = 2 * shape->kv_heads * head_dim, qkv_width = heads * head_dim + kv_width;
-    const int64_t inter = shape->intermediate, attended = shape->capacity;
+    const int64_t kv_heads = shape->kv_heads, qkv_width = (heads + 2 * kv_heads) * head_dim;
+    const int64_t inter = shape->intermediate, head_stride = shape->capacity * head_dim;
+    const int64_t slot_stride = 2 * kv_heads * head_stride;
     float *h = malloc(sizeof(float) * (size_t)(rows * (hidden + qkv_width + heads * head_dim + hidden + 3 * inter)));
     int64_t *visible = malloc(sizeof(int64_t) * (size_t)rows);
     if (h == NULL || visible == NULL) {
@@ -479,13 +469,15 @@ int decode_layers(float *x, int64_t rows, const int64_t *positions, const struct
         rms_norm(x, layer->input_norm, h, rows, hidden, shape->eps);
         packed_linear(h, rows, hidden, layer->qkv, layer->qkv_scales, qkv_width, qkv, shape->int4, threads);
         rope(qkv, rows, qkv_width, heads + shape->kv_heads, head_dim, positions, cos, sin_signed);
-        for (int64_t r = 0; r < rows; ++r) {
-            float *slot = layer->kv + (r * attended + positions[r]) * kv_width;
+        for (int64_t r = 0; r < rows; ++r) {  // each K then V head of the row's new token, at its position
             const float *new_kv = qkv + r * qkv_width + heads * head_dim;
-            for (int64_t i = 0; i < kv_width; ++i) slot[i] = new_kv[i];
+            for (int64_t h = 0; h < 2 * kv_heads; ++h)
+                memcpy(layer->kv + r * slot_stride + h * head_stride + positions[r] * head_dim, new_kv + h * head_dim,
+                       sizeof(float) * (size_t)head_dim);
         }
-        attention_decode(qkv, qkv_width, head_dim, layer->kv, layer->kv + kv_width / 2, attended * kv_width, head_dim,
-                         kv_width, visible, attention, rows, heads, shape->kv_heads, head_dim, most_visible, threads);
+        attention_decode(qkv, qkv_width, head_dim, layer->kv, layer->kv + kv_heads * head_stride, slot_stride,
+                         head_stride, head_dim, visible, attention, rows, heads, kv_heads, head_dim, most_visible,
+                         threads);
         packed_linear(attention, rows, heads * head_dim, layer->out, layer->out_scales, hidden, projected, shape->int4,
                       threads);
         add_into(x, projected, rows * hidden);

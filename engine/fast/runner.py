@@ -109,7 +109,7 @@ class FastRunner:
             input_ids=torch.tensor(tokens, device=self.device)[:, None],
             positions=positions[:, None],
             rows=slice(0, rows),
-            write_index=cache.flat_index(self.positions[:rows], positions),
+            write_at=(self.positions[:rows], positions),
             real_tokens=None,
             attended=attended,
             mask=None if min(lengths) + 1 == attended else self._mask(positions.view(rows, 1, 1, 1), attended),
@@ -166,9 +166,7 @@ class FastRunner:
             input_ids=torch.tensor(input_ids, device=device),
             positions=position_tensor,
             rows=slice(slots[0], slots[0] + rows) if contiguous else torch.tensor(slots, device=device),
-            write_index=self.cache.flat_index(
-                torch.tensor(write_slots, device=device), torch.tensor(write_positions, device=device)
-            ),
+            write_at=(torch.tensor(write_slots, device=device), torch.tensor(write_positions, device=device)),
             real_tokens=None if all_real else torch.tensor(real_tokens, device=device),
             attended=attended,
             mask=mask,
