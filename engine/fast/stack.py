@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -62,7 +62,7 @@ class DecodeStack:
         self.kernels = kernels
         self.rope_tables = rope_tables
         int4 = isinstance(layers[0].qkv, Avx2Int4Linear)
-        intermediate = layers[0].down.in_features
+        intermediate = cast(Avx2Linear, layers[0].down).in_features
         self.shape = _Shape(len(layers), shape.hidden, shape.heads, shape.kv_heads, shape.head_dim, intermediate, 0,
                             shape.eps, int(int4))  # fmt: skip
         self.layers = (_Layer * len(layers))()
@@ -90,7 +90,9 @@ class DecodeStack:
         linears = [getattr(layer, name) for layer in layers for name in _WEIGHTS]
         if avx2.library() is None or shape.head_dim % 8 or not all(isinstance(x, Avx2Linear) for x in linears):
             return None
-        if len({type(linear) for linear in linears}) != 1 or len({layer.down.in_features for layer in layers}) != 1:
+        if len({type(linear) for linear in linears}) != 1:
+            return None
+        if len({cast(Avx2Linear, layer.down).in_features for layer in layers}) != 1:
             return None
         tensors = [*input_norms, *post_attention_norms, *rope_tables]
         if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
