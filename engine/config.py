@@ -29,5 +29,6 @@ class EngineConfig:
     # when False) the transformers model itself (engine/runner.py).
     fast_path: bool = True
     # Weights of the fast path: none (the precision dtype gives or auto measures), int8 or int4 (weight-only,
-    # CPU; int4 in groups of 32 as llama.cpp's Q4_1, its output layer int8). See engine/fast/linear.py.
+    # CPU; int4 in groups of 32 as llama.cpp's Q4_1: on torch's kernel with an int8 output layer, or on the AVX2
+    # kernels with a bfloat16 one, whichever measures faster at start-up). See engine/fast/linear.py.
     quantization: str = "none"

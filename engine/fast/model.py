@@ -204,10 +204,7 @@ class FastLlama:
         lm_head = make_linear(head, model.lm_head.weight.detach().to(self.device), arena)
         if name not in AVX2_PRECISIONS:
             return Precision(name, layers, lm_head)
-        stack = DecodeStack.build(
-            layers, self.input_norms, self.post_attention_norms, self.shape, (self.cos, self.sin_signed)
-        )
-        return Precision(name, layers, lm_head, Avx2Ops(), stack)
+        return Precision(name, layers, lm_head, Avx2Ops(), DecodeStack.build(self, layers))
 
     def release_source(self) -> None:
         self._source = None

@@ -21,7 +21,7 @@ from engine.fast.linear import Avx2Int4Linear, Avx2Linear
 
 if TYPE_CHECKING:
     from engine.fast.cache import SlotCache
-    from engine.fast.model import LayerWeights, Shape, StepInputs
+    from engine.fast.model import FastLlama, LayerWeights, StepInputs
 
 _WEIGHTS = ("qkv", "out", "gate_up", "down")
 
@@ -46,27 +46,23 @@ class _Shape(ctypes.Structure):  # avx2_kernels.c's struct decode_shape
 
 class DecodeStack:
     """Runs every layer of a decode step on one model's weights in one precision, in place on the residual
-    stream. Holds raw pointers: the weights, norms and RoPE tables it is built from must outlive it (the
-    Precision that holds it holds them too)."""
+    stream. It holds raw pointers, and references to every tensor they point into (the KV cache's are renewed
+    when the cache grows)."""
 
-    def __init__(
-        self,
-        layers: Sequence[LayerWeights],
-        input_norms: Sequence[torch.Tensor],
-        post_attention_norms: Sequence[torch.Tensor],
-        shape: Shape,
-        rope_tables: tuple[torch.Tensor, torch.Tensor],
-    ) -> None:
+    def __init__(self, llama: FastLlama, layers: Sequence[LayerWeights]) -> None:
         kernels = avx2.library()
         assert kernels is not None, "DecodeStack.build checks that the kernels run"
         self.kernels = kernels
-        self.rope_tables = rope_tables
+        self.rope_tables = llama.cos, llama.sin_signed
+        self._pointed_to = (list(layers), list(llama.input_norms), list(llama.post_attention_norms))
         int4 = isinstance(layers[0].qkv, Avx2Int4Linear)
         intermediate = cast(Avx2Linear, layers[0].down).in_features
+        shape = llama.shape
         self.shape = _Shape(len(layers), shape.hidden, shape.heads, shape.kv_heads, shape.head_dim, intermediate, 0,
                             shape.eps, int(int4))  # fmt: skip
         self.layers = (_Layer * len(layers))()
-        for entry, layer, input_norm, post_norm in zip(self.layers, layers, input_norms, post_attention_norms):
+        norms = zip(llama.input_norms, llama.post_attention_norms)
+        for entry, layer, (input_norm, post_norm) in zip(self.layers, layers, norms):
             for name in _WEIGHTS:
                 linear = getattr(layer, name)
                 weight, scales = (linear.nibbles, linear.scale_min) if int4 else (linear.packed, None)
@@ -76,28 +72,21 @@ class DecodeStack:
         self._kv_of: list[torch.Tensor] = []  # the cache buffers whose pointers the layers hold
 
     @classmethod
-    def build(
-        cls,
-        layers: Sequence[LayerWeights],
-        input_norms: Sequence[torch.Tensor],
-        post_attention_norms: Sequence[torch.Tensor],
-        shape: Shape,
-        rope_tables: tuple[torch.Tensor, torch.Tensor],
-    ) -> DecodeStack | None:
+    def build(cls, llama: FastLlama, layers: Sequence[LayerWeights]) -> DecodeStack | None:
         """The stack, or None where decode_layers cannot run these weights: a matmul left on torch's kernels
         (a shape the AVX2 kernels do not pack), formats that differ between matmuls, or heads the attention
         kernel does not take (head_dim a multiple of 8)."""
         linears = [getattr(layer, name) for layer in layers for name in _WEIGHTS]
-        if avx2.library() is None or shape.head_dim % 8 or not all(isinstance(x, Avx2Linear) for x in linears):
+        if avx2.library() is None or llama.shape.head_dim % 8 or not all(isinstance(x, Avx2Linear) for x in linears):
             return None
         if len({type(linear) for linear in linears}) != 1:
             return None
         if len({cast(Avx2Linear, layer.down).in_features for layer in layers}) != 1:
             return None
-        tensors = [*input_norms, *post_attention_norms, *rope_tables]
+        tensors = [*llama.input_norms, *llama.post_attention_norms, llama.cos, llama.sin_signed]
         if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
             return None
-        return cls(layers, input_norms, post_attention_norms, shape, rope_tables)
+        return cls(llama, layers)
 
     @staticmethod
     def runs(step: StepInputs) -> bool:
