@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -217,24 +218,29 @@ ROPE_VARIANTS = {
 @torch.no_grad()
 def test_the_c_layer_stack_decodes_bitwise_as_the_python_layers_do(name):
     """engine/fast/stack.py runs a decode step's layers in one C call: rows of different lengths, past the cache's
-    first capacity (it grows under the stack), give the logits the Python loop over the same kernels gives."""
+    first capacity (it grows under the stack), give the logits the Python loop over the same kernels gives.
+    SmolLM2's head shape: head_dim 64, 3 query heads per KV head."""
     skip_without_avx2_kernels(name)
-    model = tiny_llama()
+    model = tiny_llama(hidden_size=192, num_attention_heads=3, num_key_value_heads=1, head_dim=64)
     runners = [started(model, max_rows=3, max_len=400, candidates=[name]) for _ in range(2)]
     stacked, looped = runners
-    assert stacked.precisions[name].decode_stack is not None
+    stack = stacked.precisions[name].decode_stack
+    assert stack is not None
+    stacked.precisions[name].decode_stack = counted = mock.Mock(wraps=stack)
     looped.precisions[name].decode_stack = None
     torch.manual_seed(1)
-    prompts = {"a": torch.randint(0, 256, (240,)).tolist(), "b": torch.randint(0, 256, (9,)).tolist()}
+    prompts = {rid: torch.randint(0, 256, (length,)).tolist() for rid, length in (("a", 240), ("b", 9), ("c", 30))}
     plan = PrefillPlan([PrefillChunk(rid, prompt, 0) for rid, prompt in prompts.items()], True, True)
     tokens = {}
     for runner in runners:
         tokens[runner] = dict(zip(plan.request_ids, runner.prefill(plan).argmax(-1).tolist()))
+    order = ["b", "c", "a"]
     for _ in range(40):  # row a passes position 256, where the cache grows
-        logits = [runner.decode(["b", "a"], [tokens[runner]["b"], tokens[runner]["a"]]) for runner in runners]
+        logits = [runner.decode(order, [tokens[runner][rid] for rid in order]) for runner in runners]
         assert torch.equal(logits[0], logits[1])
         for runner, step_logits in zip(runners, logits):
-            tokens[runner] = dict(zip(["b", "a"], step_logits.argmax(-1).tolist()))
+            tokens[runner] = dict(zip(order, step_logits.argmax(-1).tolist()))
+    assert counted.call_count == 40  # every decode step went through the stack
     assert stacked.cache.capacity > 256
 
 

@@ -42,7 +42,7 @@ SIGNATURES = {  # avx2_kernels.c's functions: (argument types, result type)
     "linear_bf16": ([_P, _I64, _I64, _P, _I64, _P, _INT], None),
     "linear_int4": ([_P, _I64, _I64, _P, _P, _I64, _P, _INT], None),
     "rms_norm": ([_P, _P, _P, _I64, _I64, _F], None),
-    "attention_decode": ([_P, _I64, _I64, _P, _P, _I64, _I64, _I64, _P, _P, *[_I64] * 5, _INT], None),
+    "attention_decode": ([_P, _I64, _I64, _P, _P, _I64, _I64, _I64, _P, _P, *[_I64] * 5, _INT], _INT),
     "rope": ([_P, _I64, _I64, _I64, _I64, _P, _P, _P], None),
     "silu_mul": ([_P, _I64, _I64, _P], None),
     "decode_layers": ([_P, _I64, _P, _P, _P, _P, _P, _INT], _INT),
@@ -135,12 +135,14 @@ def attention_decode(
     if keys.stride() != values.stride() or q.stride(2) != 1 or keys.stride(3) != 1 or head_dim % 8:
         raise ValueError("attention_decode needs head_dim contiguous, a multiple of 8, one layout for keys and values")
     out = torch.empty(rows, heads * head_dim, dtype=torch.float32)
-    kernels.attention_decode(
+    status = kernels.attention_decode(
         q.data_ptr(), q.stride(0), q.stride(1),
         keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1), keys.stride(2),
         visible.data_ptr(), out.data_ptr(),
         rows, heads, kv_heads, head_dim, keys.shape[2], torch.get_num_threads(),
     )  # fmt: skip
+    if status != 0:
+        raise MemoryError(f"attention_decode could not allocate its scores for {keys.shape[2]} positions")
     return out
 
 

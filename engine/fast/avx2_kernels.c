@@ -1,5 +1,5 @@
-// Matmuls of bfloat16 or int4 weights with float32 activations, and the rest of a decode step (RMSNorm,
-// attention), for x86 CPUs with AVX2 and FMA; built and loaded by engine/fast/avx2.py. Why they exist: on a CPU
+// Matmuls of bfloat16 or int4 weights with float32 activations, the rest of a decode step (RMSNorm, RoPE,
+// attention, SiLU) and a decode step's whole layer stack, for x86 CPUs with AVX2 and FMA; built and loaded by engine/fast/avx2.py. Why they exist: on a CPU
 // without AVX512-BF16 or AMX, torch has no fast kernel for these cases. Measured on a 2-core AVX2-only EPYC:
 // torch.mv over bfloat16 reaches 10-13 GB/s of weights and float32 matrix-vector products 7-9 GB/s, where a
 // plain read of the weights gives 15-18 GB/s; at 16 rows torch's emulated bfloat16 matmul is 2x slower than its
@@ -94,7 +94,7 @@ static inline __attribute__((always_inline)) void tile(const float *x, struct bl
     for (int64_t start = 0; start < k; start += group) {
         __m256 scale_low = _mm256_setzero_ps(), scale_high = scale_low, min_low = scale_low, min_high = scale_low;
         if (format == INT4) group_scales(w, start, &scale_low, &scale_high, &min_low, &min_high);
-//UNROLL
+#pragma GCC unroll 4
         for (int64_t i = start; i < start + group; ++i) {
             __m256 w_low, w_high;
             if (format == INT4) {
@@ -187,7 +187,7 @@ void linear_int4(const float *x, int64_t rows, int64_t k, const uint8_t *q4, con
     thread_share(x, rows, k, w, n, y, INT4);
 }
 
-// ---- the rest of a decode step: RMSNorm and attention for one new token per row ----------------------------
+// ---- the rest of a decode step: RMSNorm, and attention for one new token per row ---------------------------
 // torch runs each of these as several small ops with a dispatch each (F.rms_norm is 8, SDPA's CPU kernel sets up
 // a flash-attention tiling for a single query): on the 2-core EPYC they took about half of a one-row step.
 
@@ -342,17 +342,24 @@ static inline __attribute__((always_inline)) void heads_attend(const float *q, i
 // Row r attends its first visible[r] positions. Strides are in floats; head_dim is contiguous everywhere and
 // a multiple of 8 (avx2.py checks). q: [rows, heads, head_dim]; keys, values: [rows, kv_heads, positions,
 // head_dim]; out: [rows, heads * head_dim]. A task is one row's KV head and the query heads reading it.
-void attention_decode(const float *q, int64_t q_row, int64_t q_head, const float *keys, const float *values,
-                      int64_t kv_row, int64_t kv_head, int64_t kv_position, const int64_t *visible, float *out,
-                      int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t max_visible,
-                      int threads) {
+// Returns 0, or -1 when a thread's scores buffer could not be allocated (out is then incomplete).
+int attention_decode(const float *q, int64_t q_row, int64_t q_head, const float *keys, const float *values,
+                     int64_t kv_row, int64_t kv_head, int64_t kv_position, const int64_t *visible, float *out,
+                     int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t max_visible,
+                     int threads) {
     const int64_t groups = heads / kv_heads, stride = max_visible + 8;
     const float scale = 1.0f / sqrtf((float)head_dim);
+    int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
         float *scores = malloc(sizeof(float) * (size_t)(HEADS_AT_ONCE * stride));
+        if (scores == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < rows * kv_heads; ++task) {
+            if (scores == NULL) continue;  // every thread must still reach the worksharing loop
             const int64_t r = task / kv_heads, g = task % kv_heads, count = visible[r];
             const float *k = keys + r * kv_row + g * kv_head, *v = values + r * kv_row + g * kv_head;
             for (int64_t h = g * groups; h < (g + 1) * groups; h += HEADS_AT_ONCE) {
@@ -367,6 +374,7 @@ void attention_decode(const float *q, int64_t q_row, int64_t q_head, const float
         }
         free(scores);
     }
+    return failed ? -1 : 0;
 }
 
 // ---- RoPE and SiLU, the last ops of a layer that torch ran in several dispatches each ------------------------
@@ -412,7 +420,7 @@ void silu_mul(const float *gate_up, int64_t rows, int64_t n, float *out) {
 }
 
 // ---- a decode step's whole layer stack in one call ------------------------------------------------------------
-// The same ops as engine/fast/model.py's forward with Avx2Ops, in the same order and on the same kernels, so the
+// The same ops as engine/fast/model.py's layers_forward with Avx2Ops, in the same order and on the same kernels, so the
 // results are bitwise the same (tested); what goes is the Python between them: about 30 torch calls a layer,
 // 14.7 ms of a 40 ms one-row step on the 2-core EPYC (bench/levers.md).
 
@@ -444,7 +452,9 @@ static void add_into(float *x, const float *y, int64_t count) {
 
 // x [rows, hidden]: the residual stream of one new token per row, row r in cache slot r at positions[r];
 // updated in place through every layer (the final norm and the output layer stay with the caller). Writes each
-// row's K and V into the cache. Returns 0, or -1 when scratch memory could not be allocated (nothing written).
+// row's K and V into the cache. Returns 0; -2, before anything is written, when a position is outside the
+// cache's capacity; -1 when scratch memory could not be allocated (x and the step's cache positions are then
+// left part-computed: the caller fails the step).
 int decode_layers(float *x, int64_t rows, const int64_t *positions, const struct decode_layer *layers,
                   const struct decode_shape *shape, const float *cos, const float *sin_signed, int threads) {
     const int64_t hidden = shape->hidden, head_dim = shape->head_dim, heads = shape->heads;
@@ -461,6 +471,10 @@ int decode_layers(float *x, int64_t rows, const int64_t *positions, const struct
     float *gate_up = projected + rows * hidden, *activated = gate_up + rows * 2 * inter;
     int64_t most_visible = 0;
     for (int64_t r = 0; r < rows; ++r) {
+        if (positions[r] < 0 || positions[r] >= shape->capacity) {
+            free(h), free(visible);
+            return -2;
+        }
         visible[r] = positions[r] + 1;
         most_visible = visible[r] > most_visible ? visible[r] : most_visible;
     }
@@ -475,9 +489,12 @@ int decode_layers(float *x, int64_t rows, const int64_t *positions, const struct
                 memcpy(layer->kv + r * slot_stride + h * head_stride + positions[r] * head_dim, new_kv + h * head_dim,
                        sizeof(float) * (size_t)head_dim);
         }
-        attention_decode(qkv, qkv_width, head_dim, layer->kv, layer->kv + kv_heads * head_stride, slot_stride,
-                         head_stride, head_dim, visible, attention, rows, heads, kv_heads, head_dim, most_visible,
-                         threads);
+        if (attention_decode(qkv, qkv_width, head_dim, layer->kv, layer->kv + kv_heads * head_stride, slot_stride,
+                             head_stride, head_dim, visible, attention, rows, heads, kv_heads, head_dim, most_visible,
+                             threads) != 0) {
+            free(h), free(visible);
+            return -1;
+        }
         packed_linear(attention, rows, heads * head_dim, layer->out, layer->out_scales, hidden, projected, shape->int4,
                       threads);
         add_into(x, projected, rows * hidden);

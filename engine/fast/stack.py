@@ -1,11 +1,11 @@
 """A decode step's whole layer stack in one call: avx2_kernels.c's decode_layers, for the AVX2 precisions.
 
-Why: with the AVX2 kernels a layer's work is small, and the Python between the kernels was not. model.forward
-makes about 30 torch calls a layer, each a dispatch of microseconds: 14.7 ms of a 40 ms one-row step on the
-2-core EPYC (bench/levers.md, "the rest of a step without matmuls"). decode_layers runs the same kernels in the
-same order in C, so its result is bitwise the Python loop's with Avx2Ops (tests/test_fast_runner.py), and a
-step makes one call for its layers. Prefill steps (many tokens a row) keep the Python loop: their matmuls
-dwarf the calls.
+Why: with the AVX2 kernels a layer's work is small, and the Python between the kernels was not: model.py's
+layers_forward makes about 25 torch calls a layer, each a dispatch of microseconds. decode_layers runs the same
+kernels in the same order in C, so its result is bitwise the Python loop's with Avx2Ops (tests/test_fast_runner.py),
+and a step makes one call for its layers. Measured on the 2-core AVX2 EPYC (bench/levers.md, interleaved): one-row
+step, bfloat16 weights 33.8 -> 21.6 ms, int4 20.6 -> 12.9 ms; 16 rows 87.9 -> 58.6 and 79.8 -> 71.8 ms. Prefill
+steps (many tokens a row) keep the Python loop: their matmuls dwarf the calls.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ class _Shape(ctypes.Structure):  # avx2_kernels.c's struct decode_shape
 
 class DecodeStack:
     """Runs every layer of a decode step on one model's weights in one precision, in place on the residual
-    stream. It holds raw pointers, and references to every tensor they point into (the KV cache's are renewed
-    when the cache grows)."""
+    stream. It holds raw pointers, and references to the weights and norms they point into; the KV cache's
+    pointers are checked at every call (the cache grows into new buffers) and hold no reference."""
 
     def __init__(self, llama: FastLlama, layers: Sequence[LayerWeights]) -> None:
         kernels = avx2.library()
@@ -69,7 +69,7 @@ class DecodeStack:
                 setattr(entry, name, weight.data_ptr())
                 setattr(entry, f"{name}_scales", None if scales is None else scales.data_ptr())
             entry.input_norm, entry.post_attention_norm = input_norm.data_ptr(), post_norm.data_ptr()
-        self._kv_of: list[torch.Tensor] = []  # the cache buffers whose pointers the layers hold
+        self._kv_pointers: list[int] = []  # the cache buffers' addresses the layers hold
 
     @classmethod
     def build(cls, llama: FastLlama, layers: Sequence[LayerWeights]) -> DecodeStack | None:
@@ -92,25 +92,28 @@ class DecodeStack:
     def runs(step: StepInputs) -> bool:
         """Whether this step is one decode_layers computes: one token a row, the rows in slots 0 .. rows - 1."""
         rows, tokens = step.input_ids.shape
-        return tokens == 1 and step.rows == slice(0, rows)
+        return tokens == 1 and isinstance(step.rows, slice) and step.rows == slice(0, rows)
 
     def __call__(self, x: torch.Tensor, cache: SlotCache, step: StepInputs) -> None:
         """x [rows, 1, hidden] float32, the embedded tokens: through every layer, in place; writes each row's K
         and V into the cache at its position."""
         if not x.is_contiguous() or x.dtype != torch.float32:
             raise ValueError("the decode stack needs a contiguous float32 residual stream")
-        if len(self._kv_of) != len(cache.kv) or any(a is not b for a, b in zip(self._kv_of, cache.kv)):
-            for entry, kv in zip(self.layers, cache.kv):  # the cache was grown: new buffers
+        pointers = [kv.data_ptr() for kv in cache.kv]
+        if pointers != self._kv_pointers:  # the cache was grown: new buffers
+            for entry, kv in zip(self.layers, cache.kv):
                 if kv.dtype != torch.float32 or not kv.is_contiguous():
                     raise ValueError("the decode stack needs a contiguous float32 KV cache")
                 entry.kv = kv.data_ptr()
-            self._kv_of = list(cache.kv)
+            self._kv_pointers = pointers
         self.shape.capacity = cache.capacity
-        positions = step.positions.contiguous()
+        positions = step.positions.to(torch.int64).contiguous()
         cos, sin_signed = self.rope_tables
         status = self.kernels.decode_layers(
             x.data_ptr(), x.shape[0], positions.data_ptr(), self.layers, ctypes.byref(self.shape), cos.data_ptr(),
             sin_signed.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
+        if status == -2:
+            raise ValueError(f"a row's position is outside the KV cache's {cache.capacity} positions")
         if status != 0:
             raise MemoryError(f"the decode stack could not allocate its scratch memory for {x.shape[0]} rows")
