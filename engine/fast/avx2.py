@@ -154,6 +154,8 @@ def rope_(
     rows, tokens, all_heads, head_dim = qkv.shape
     if not (qkv.is_contiguous() and positions.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()):
         raise ValueError("rope_ needs contiguous tensors")
+    if positions.dtype != torch.int64 or qkv.dtype != torch.float32:
+        raise ValueError("rope_ needs int64 positions and a float32 qkv")
     kernels.rope(
         qkv.data_ptr(), rows * tokens, all_heads * head_dim, heads, head_dim, positions.data_ptr(), cos.data_ptr(),
         sin.data_ptr(),

@@ -8,9 +8,9 @@ index_copy_) made them strided pieces of 256 bytes, and the 16-row step's attent
 the 2-core EPYC. Measured there, bfloat16-avx2 decode step, median of 15, old and new layout interleaved twice:
 16 rows at 128 cached positions 63.5, 60.3 -> 58.8, 53.4 ms; at 400 positions 93.7, 88.3 -> 75.6, 68.6 ms (the
 attention kernel's software prefetch, which the strided layout needed, no longer changes anything and went).
-A step writes its tokens' K and V heads with one index_put_ per layer (the AVX2
-precisions' decode steps write theirs in C: engine/fast/stack.py). Attention reads K and V as views: SDPA's
-output is bitwise the same as from contiguous buffers.
+A step writes its tokens' K and V heads with one index_put_ per layer (the AVX2 precisions' decode steps write
+theirs in C: engine/fast/stack.py). Attention reads K and V as views: SDPA's output is bitwise the same as from
+contiguous buffers.
 
 A prefill writes its chunk at the chunk's positions, a decode step one position per row: nothing is
 concatenated or re-padded per step. The running rows always fill slots 0..running-1, so a decode step reads

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -114,10 +113,7 @@ class Avx2Ops(TorchOps):
 
     def rotation(self, llama: FastLlama, step: StepInputs) -> Rotation:
         positions = step.positions.contiguous()
-        return partial(self._rope, positions=positions, tables=(llama.cos, llama.sin_signed))
-
-    def _rope(self, qkv: torch.Tensor, heads: int, positions: torch.Tensor, tables: tuple[torch.Tensor, ...]) -> None:
-        avx2.rope_(self.kernels, qkv, heads, positions, *tables)
+        return lambda qkv, heads: avx2.rope_(self.kernels, qkv, heads, positions, llama.cos, llama.sin_signed)
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         return avx2.silu_mul(self.kernels, gate_up)
