@@ -1,6 +1,7 @@
 // Matmuls of bfloat16 or int4 weights with float32 activations, the rest of a decode step (RMSNorm, RoPE,
-// attention, SiLU) and a decode step's whole layer stack, for x86 CPUs with AVX2 and FMA; built and loaded by engine/fast/avx2.py. Why they exist: on a CPU
-// without AVX512-BF16 or AMX, torch has no fast kernel for these cases. Measured on a 2-core AVX2-only EPYC:
+// attention, SiLU) and a decode step's whole layer stack, for x86 CPUs with AVX2 and FMA; built and loaded by
+// engine/fast/avx2.py. Why they exist: on a CPU without AVX512-BF16 or AMX, torch has no fast kernel for these
+// cases. Measured on a 2-core AVX2-only EPYC:
 // torch.mv over bfloat16 reaches 10-13 GB/s of weights and float32 matrix-vector products 7-9 GB/s, where a
 // plain read of the weights gives 15-18 GB/s; at 16 rows torch's emulated bfloat16 matmul is 2x slower than its
 // float32 one.
@@ -420,9 +421,9 @@ void silu_mul(const float *gate_up, int64_t rows, int64_t n, float *out) {
 }
 
 // ---- a decode step's whole layer stack in one call ------------------------------------------------------------
-// The same ops as engine/fast/model.py's layers_forward with Avx2Ops, in the same order and on the same kernels, so the
-// results are bitwise the same (tested); what goes is the Python between them: about 30 torch calls a layer,
-// 14.7 ms of a 40 ms one-row step on the 2-core EPYC (bench/levers.md).
+// The same ops as engine/fast/model.py's layers_forward with Avx2Ops, in the same order and on the same kernels,
+// so the results are bitwise the same (tested); what goes is the Python between them, about 25 torch calls a
+// layer (bench/levers.md, one row, bfloat16 weights: 35.4 ms a step from Python, 20.2 ms in one call).
 
 // One layer's weights (packed as avx2.py packs them; scales NULL for bfloat16), norms, and KV cache
 // [slots, 2 * kv_heads, capacity, head_dim] (engine/fast/cache.py): engine/fast/stack.py fills these.
@@ -467,8 +468,9 @@ int decode_layers(float *x, int64_t rows, const int64_t *positions, const struct
         free(h), free(visible);
         return -1;
     }
-    float *qkv = h + rows * hidden, *attention = qkv + rows * qkv_width, *projected = attention + rows * heads * head_dim;
-    float *gate_up = projected + rows * hidden, *activated = gate_up + rows * 2 * inter;
+    float *qkv = h + rows * hidden, *attention = qkv + rows * qkv_width;
+    float *projected = attention + rows * heads * head_dim, *gate_up = projected + rows * hidden;
+    float *activated = gate_up + rows * 2 * inter;
     int64_t most_visible = 0;
     for (int64_t r = 0; r < rows; ++r) {
         if (positions[r] < 0 || positions[r] >= shape->capacity) {
@@ -482,7 +484,7 @@ int decode_layers(float *x, int64_t rows, const int64_t *positions, const struct
         const struct decode_layer *layer = layers + l;
         rms_norm(x, layer->input_norm, h, rows, hidden, shape->eps);
         packed_linear(h, rows, hidden, layer->qkv, layer->qkv_scales, qkv_width, qkv, shape->int4, threads);
-        rope(qkv, rows, qkv_width, heads + shape->kv_heads, head_dim, positions, cos, sin_signed);
+        rope(qkv, rows, qkv_width, heads + kv_heads, head_dim, positions, cos, sin_signed);
         for (int64_t r = 0; r < rows; ++r) {  // each K then V head of the row's new token, at its position
             const float *new_kv = qkv + r * qkv_width + heads * head_dim;
             for (int64_t h = 0; h < 2 * kv_heads; ++h)
