@@ -283,14 +283,14 @@ def measure(with_agreement: bool) -> dict:
             configurations[name] = fast_steps(runner, rows)
         for kind, source in ((MklPackedLinear, "fast float32"), (OneDnnPackedLinear, "fast bfloat16")):
             runner = started(model, source.split()[1])
-            variant = packed(runner.prefill_precision, kind, rows)
+            variant = packed(runner.precisions[source.split()[1]], kind, rows)
             if variant is not None:
-                runner.decode_bands, runner.prefill_precision = [(16, variant)], variant
+                runner.pin(variant)
                 configurations[f"fast, {kind.__doc__.split('(')[0].strip()}"] = fast_steps(runner, rows)
         # float32 activations whatever the weights (engine/fast/runner.py): one row covers every precision
         runner = started(model, "float32")
-        skipped = without_matmuls(runner.prefill_precision, rows)
-        runner.decode_bands, runner.prefill_precision = [(16, skipped)], skipped
+        skipped = without_matmuls(runner.precisions["float32"], rows)
+        runner.pin(skipped)
         configurations["fast, matmuls skipped (the rest of the step)"] = fast_steps(runner, rows)
         for dtype in (torch.float32, torch.bfloat16):
             name = str(dtype).removeprefix("torch.")

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+import engine.fast.runner
 from engine.fast import FastRunner, avx2, supports
 from engine.fast.hugepages import HUGE_PAGE, Arena
 from engine.fast.linear import AVX2_BFLOAT16, AVX2_INT4, Avx2Bf16Linear, Avx2Int4Linear, DenseLinear
@@ -328,13 +329,47 @@ def test_auto_dtype_measures_and_covers_every_batch_size(tiny_model_dir, caplog)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     with caplog.at_level(logging.INFO, logger="engine.fast.runner"):
         runner = started(model, max_rows=6, dtype="auto")
-    assert "ms per decode step" in caplog.text
+    assert "ms per decode step" in caplog.text and "ms per prefill" in caplog.text
     assert runner.decode_bands[-1][0] == 6
     assert runner.cache.running == 0 and not runner.cache.slot_of
-    for rows in range(1, 7):
-        assert runner._decode_precision(rows).name in ("float32", "bfloat16", AVX2_BFLOAT16)
+    # Every size has a band, and the precisions the bands name are the ones kept.
+    for bands in (runner.decode_bands, runner.prefill_bands):
+        assert [most for most, _ in bands] == sorted(most for most, _ in bands)
+        assert {precision.name for _, precision in bands} <= {"float32", "bfloat16", AVX2_BFLOAT16}
+    assert runner.prefill_bands[-1][0] >= 6 * runner.max_len
+    kept = {precision.name for _, precision in runner.decode_bands + runner.prefill_bands}
+    assert set(runner.precisions) == kept
     first = prefill(runner, {"x": ([1, 2, 3, 4], 0)})
     assert decode(runner, first).keys() == {"x"}
+
+
+@torch.no_grad()
+def test_prefills_and_decode_steps_run_in_the_precisions_measured_fastest_for_each(tiny_model_dir, monkeypatch):
+    """A prefill is compute bound where a small decode step is memory bound: on an AMX CPU bfloat16 prefills
+    fastest while the AVX2 kernels decode fastest. The measurement is the seam: here float32 'measures' faster
+    for decode steps and bfloat16 for prefills, and every step must run in its own winner."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    runner = FastRunner(model, 4, 128, candidates=["float32", "bfloat16"])
+
+    def measured(candidates, sizes, time_step, timed=1):
+        fastest = "bfloat16" if time_step == runner._time_prefill else "float32"
+        return {(name, size): 0.1 if name == fastest else 0.2 for name in candidates for size in sizes}
+
+    monkeypatch.setattr("engine.fast.autotune.measure", measured)
+    runner.start([])
+    ran: list[str] = []
+    real_forward = engine.fast.runner.forward
+
+    def forward(llama, weights, cache, step):
+        ran.append(weights.name)
+        return real_forward(llama, weights, cache, step)
+
+    monkeypatch.setattr("engine.fast.runner.forward", forward)
+    first = prefill(runner, {"a": ([1, 2, 3, 4, 5], 0), "b": ([6, 7], 0)})
+    decode(runner, first)
+    assert ran == ["bfloat16", "float32"]
+    assert set(runner.precisions) == {"float32", "bfloat16"}
+    assert "prefill weights by tokens <=" in runner.describe()
 
 
 @pytest.mark.parametrize("rows", [1, 3, 16])

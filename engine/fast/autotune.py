@@ -1,8 +1,11 @@
-"""Which precision runs a decode step fastest, per batch-size band, measured on this machine at start-up.
+"""Which precision runs a step fastest, per size band, measured on this machine at start-up: decode steps by
+their rows, prefills by their tokens.
 
-The answer depends on the CPU and on the batch: with AMX or AVX512-BF16 bfloat16 wins everywhere; on an AVX2
+The answer depends on the CPU and on the size: with AMX or AVX512-BF16 bfloat16 wins everywhere; on an AVX2
 CPU bfloat16 is emulated, which still halves the weight traffic of a one-row step (a matrix-vector product is
-memory bound) but loses 2x at 16 rows (compute bound). A short measurement answers both without guessing
+memory bound) but loses 2x at 16 rows (compute bound). A prefill is compute bound from its first tokens: on a
+2-core AMX Xeon torch's bfloat16 matmuls (oneDNN on AMX) prefilled 7 prompts of 27 tokens in 123 ms where the
+AVX2 kernels, the decode winner there, took 457 ms. A short measurement answers all of these without guessing
 from CPU flags.
 """
 
@@ -12,37 +15,42 @@ import math
 import time
 from collections.abc import Callable
 
-MEASURED_ROWS = (1, 4, 16)  # a band per measured count, up to the geometric midpoint with the next one
+MEASURED_ROWS = (1, 4, 16)  # a decode band per measured count, up to the geometric midpoint with the next one
 TIMED_STEPS = 2  # after one warm-up step each; the best counts (the host is shared: the best is the least disturbed)
+# Prefills are timed as rows of PREFILL_ROW_TOKENS tokens: one chat turn alone, and a burst of them as the
+# scheduler groups them under its default token budget (EngineConfig.prefill_chunk, 192).
+PREFILL_ROW_TOKENS = 32
+MEASURED_PREFILL_ROWS = (1, 6)
+TIMED_PREFILLS = 1  # a prefill lasts 10-100x a decode step: one timed run after the warm-up is steady enough
 
 
 def measure(
-    candidates: list[str], row_counts: list[int], time_step: Callable[[str, int], object]
+    candidates: list[str], sizes: list[int], time_step: Callable[[str, int], object], timed: int = TIMED_STEPS
 ) -> dict[tuple[str, int], float]:
-    """Seconds per decode step, best of TIMED_STEPS, for every candidate at every row count. Candidates
-    alternate within a row count, so a burst of load on the host hits them alike."""
+    """Seconds per step, best of `timed`, for every candidate at every size (rows of a decode step, tokens of a
+    prefill). Candidates alternate within a size, so a burst of load on the host hits them alike."""
     timings: dict[tuple[str, int], float] = {}
-    for rows in row_counts:
+    for size in sizes:
         for name in candidates:
-            time_step(name, rows)  # warm-up: first-call allocations and kernel selection
-        for _ in range(TIMED_STEPS):
+            time_step(name, size)  # warm-up: first-call allocations and kernel selection
+        for _ in range(timed):
             for name in candidates:
                 started = time.perf_counter()
-                time_step(name, rows)
+                time_step(name, size)
                 elapsed = time.perf_counter() - started
-                timings[name, rows] = min(elapsed, timings.get((name, rows), math.inf))
+                timings[name, size] = min(elapsed, timings.get((name, size), math.inf))
     return timings
 
 
 def bands(
-    candidates: list[str], row_counts: list[int], timings: dict[tuple[str, int], float], max_rows: int
+    candidates: list[str], sizes: list[int], timings: dict[tuple[str, int], float], max_size: int
 ) -> list[tuple[int, str]]:
-    """[(most rows, precision)], ascending: the fastest candidate at each measured count serves the rows up to
-    the geometric midpoint with the next count; neighbouring bands with the same winner merge."""
+    """[(largest size, precision)], ascending: the fastest candidate at each measured size serves the sizes up
+    to the geometric midpoint with the next one; neighbouring bands with the same winner merge."""
     result: list[tuple[int, str]] = []
-    for index, rows in enumerate(row_counts):
-        winner = min(candidates, key=lambda name: timings[name, rows])
-        upper = int(math.sqrt(rows * row_counts[index + 1])) if index + 1 < len(row_counts) else max_rows
+    for index, size in enumerate(sizes):
+        winner = min(candidates, key=lambda name: timings[name, size])
+        upper = int(math.sqrt(size * sizes[index + 1])) if index + 1 < len(sizes) else max_size
         if result and result[-1][1] == winner:
             result[-1] = (upper, winner)
         else:
@@ -52,3 +60,12 @@ def bands(
 
 def row_counts(max_rows: int) -> list[int]:
     return sorted({min(rows, max_rows) for rows in MEASURED_ROWS})
+
+
+def prefill_token_counts(max_rows: int, max_len: int) -> list[int]:
+    """The prefill sizes timed, in tokens: whole rows of prefill_width(max_len) tokens, at most max_rows rows."""
+    return sorted({min(rows, max_rows) * prefill_width(max_len) for rows in MEASURED_PREFILL_ROWS})
+
+
+def prefill_width(max_len: int) -> int:
+    return min(PREFILL_ROW_TOKENS, max_len)

@@ -54,8 +54,9 @@ class FastRunner:
         self.max_rows, self.max_len = max_rows, max_len
         self.cache = SlotCache(self.llama.shape, max_rows, max_len, self.device, activation_dtype)
         self.positions = torch.arange(max_len, device=self.device)
-        self.decode_bands: list[tuple[int, Precision]] = []  # [(most rows, precision)], chosen by start()
-        self.prefill_precision: Precision | None = None
+        # [(most rows, precision)] and [(most tokens, precision)], ascending, chosen by start()
+        self.decode_bands: list[tuple[int, Precision]] = []
+        self.prefill_bands: list[tuple[int, Precision]] = []
         self.measured = ""  # the timings behind the choice, for describe()
 
     # -- the Runner protocol ---------------------------------------------------------------------------------
@@ -81,9 +82,8 @@ class FastRunner:
                 )
         ends = [chunk.start + len(chunk.token_ids) for chunk in plan.chunks]
         cache.reserve(max(ends))
-        logits = forward(
-            self.llama, self._started(self.prefill_precision), cache, self._prefill_inputs(plan.chunks, slots)
-        )
+        step = self._prefill_inputs(plan.chunks, slots)
+        logits = forward(self.llama, _in_band(self.prefill_bands, step.input_ids.numel()), cache, step)
         for slot, chunk in zip(slots, plan.chunks):
             cache.lengths[slot] += len(chunk.token_ids)
         if plan.joins:
@@ -116,7 +116,7 @@ class FastRunner:
             last=None,
             output_order=None if slots == list(range(rows)) else torch.tensor(slots, device=self.device),
         )
-        logits = forward(self.llama, self._decode_precision(rows), cache, step)
+        logits = forward(self.llama, _in_band(self.decode_bands, rows), cache, step)
         for slot in range(rows):
             cache.lengths[slot] += 1
         return logits
@@ -132,9 +132,15 @@ class FastRunner:
     def describe(self) -> str:
         if not self.decode_bands:
             return "fast path, its precisions not measured yet (start() has not run)"
-        bands = ", ".join(f"<={most_rows}: {precision.name}" for most_rows, precision in self.decode_bands)
-        prefill = self._started(self.prefill_precision).name
-        return f"fast path, decode weights by rows {bands}, prefill {prefill}{self.measured}"
+        return (
+            f"fast path, decode weights by rows {_described(self.decode_bands)}, prefill weights by tokens "
+            f"{_described(self.prefill_bands)}{self.measured}"
+        )
+
+    def pin(self, precision: Precision) -> None:
+        """Run every step in `precision` (one of self.precisions, or a variant of one built by a benchmark)."""
+        self.decode_bands = [(self.max_rows, precision)]
+        self.prefill_bands = [(self.max_rows * self.max_len, precision)]
 
     # -- steps -----------------------------------------------------------------------------------------------
 
@@ -182,40 +188,30 @@ class FastRunner:
             visible.logical_not_(), -math.inf
         )
 
-    def _decode_precision(self, rows: int) -> Precision:
-        for most_rows, precision in self.decode_bands:
-            if rows <= most_rows:
-                return precision
-        return self._started(self.decode_bands[-1][1] if self.decode_bands else None)
-
-    @staticmethod
-    def _started(precision: Precision | None) -> Precision:
-        if precision is None:
-            raise RuntimeError("FastRunner.start() must run before the first step")
-        return precision
-
     # -- precision -------------------------------------------------------------------------------------------
 
     def _choose_precisions(self) -> None:
-        """Time a decode step per candidate and batch size (on this, the engine's loop thread: torch ops on
-        another thread would start a second OpenMP team), keep the winners, drop the other weights."""
+        """Time a decode step per candidate and batch size, and a prefill per candidate and token count (on
+        this, the engine's loop thread: torch ops on another thread would start a second OpenMP team); keep the
+        winners, drop the other weights."""
         if len(self.candidates) == 1:
-            only = self.precisions[self.candidates[0]]
-            self.decode_bands, self.prefill_precision = [(self.max_rows, only)], only
+            self.pin(self.precisions[self.candidates[0]])
         else:
-            counts = autotune.row_counts(self.max_rows)
-            timings = autotune.measure(self.candidates, counts, self._time_decode_step)
+            row_counts = autotune.row_counts(self.max_rows)
+            decode_timings = autotune.measure(self.candidates, row_counts, self._time_decode_step)
+            token_counts = autotune.prefill_token_counts(self.max_rows, self.max_len)
+            prefill_timings = autotune.measure(
+                self.candidates, token_counts, self._time_prefill, timed=autotune.TIMED_PREFILLS
+            )
             self.cache.clear()
-            chosen = autotune.bands(self.candidates, counts, timings, self.max_rows)
-            self.decode_bands = [(most_rows, self.precisions[name]) for most_rows, name in chosen]
-            # A prefill is many rows' worth of tokens: the winner at the most rows measured runs it.
-            self.prefill_precision = self.decode_bands[-1][1]
-            self.measured = f"; ms per decode step (context {MEASURED_CONTEXT}): " + ", ".join(
-                f"{name} x{rows} {seconds * 1000:.1f}"
-                for (name, rows), seconds in sorted(timings.items(), key=lambda item: item[0][1])
+            self.decode_bands = self._bands(row_counts, decode_timings, self.max_rows)
+            self.prefill_bands = self._bands(token_counts, prefill_timings, self.max_rows * self.max_len)
+            self.measured = (
+                f"; ms per decode step (context {MEASURED_CONTEXT}): {_timings(decode_timings, 'x')}"
+                f"; ms per prefill: {_timings(prefill_timings, 'tokens ')}"
             )
         log.info(self.describe())
-        used = {precision.name for _, precision in self.decode_bands}
+        used = {precision.name for _, precision in self.decode_bands + self.prefill_bands}
         self.precisions = {name: precision for name, precision in self.precisions.items() if name in used}
         self.llama.release_source()
 
@@ -229,8 +225,38 @@ class FastRunner:
         for request_id in request_ids:
             cache.lengths[cache.allocate(request_id, 0)] = context
         cache.join(request_ids)
-        self.decode_bands = [(rows, self.precisions[name])]
+        self.pin(self.precisions[name])
         self.decode(request_ids, [0] * rows)
+
+    def _time_prefill(self, name: str, tokens: int) -> None:
+        """A prefill of `tokens` tokens, as rows of autotune.prefill_width tokens, in precision `name`."""
+        self.cache.clear()
+        width = autotune.prefill_width(self.max_len)
+        chunks = [PrefillChunk(f"\0measure-{row}", [0] * width, 0) for row in range(tokens // width)]
+        self.pin(self.precisions[name])
+        self.prefill(PrefillPlan(chunks, first=True, joins=False))
+
+    def _bands(
+        self, sizes: list[int], timings: dict[tuple[str, int], float], max_size: int
+    ) -> list[tuple[int, Precision]]:
+        chosen = autotune.bands(self.candidates, sizes, timings, max_size)
+        return [(most, self.precisions[name]) for most, name in chosen]
+
+
+def _in_band(bands: list[tuple[int, Precision]], size: int) -> Precision:
+    """The precision of the first band that holds `size`; the last band's beyond them all."""
+    if not bands:
+        raise RuntimeError("FastRunner.start() must run before the first step")
+    return next((precision for most, precision in bands if size <= most), bands[-1][1])
+
+
+def _described(bands: list[tuple[int, Precision]]) -> str:
+    return ", ".join(f"<={most}: {precision.name}" for most, precision in bands)
+
+
+def _timings(timings: dict[tuple[str, int], float], size_label: str) -> str:
+    ordered = sorted(timings.items(), key=lambda item: item[0][1])
+    return ", ".join(f"{name} {size_label}{size} {seconds * 1000:.1f}" for (name, size), seconds in ordered)
 
 
 def _candidates(dtype: str, quantization: str, device: torch.device) -> list[str]:
