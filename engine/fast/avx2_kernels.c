@@ -118,6 +118,41 @@ static inline __attribute__((always_inline)) void tile(const float *x, struct bl
     }
 }
 
+// One row against two blocks at once. In a one-row product each accumulator is a chain of dependent FMAs (4
+// cycles each); one block gives only 2 chains, two blocks give 4. Each lane accumulates exactly as in tile().
+// Measured on a 2-core AMX Xeon, one-row decode steps, old and new build alternated 7 times (medians of 12 steps):
+// bfloat16 24.5 -> 20.6 ms, int4 15.3 -> 13.9 ms on average; the new build was faster in every pair.
+static inline __attribute__((always_inline)) void one_row_two_blocks(const float *x, struct block w0,
+                                                                    struct block w1, float *y, int64_t k,
+                                                                    const enum format format) {
+    __m256 low0 = _mm256_setzero_ps(), high0 = low0, low1 = low0, high1 = low0;
+    const int64_t group = format == INT4 ? INT4_GROUP : k;
+    for (int64_t start = 0; start < k; start += group) {
+        __m256 s0_low = _mm256_setzero_ps(), s0_high = s0_low, m0_low = s0_low, m0_high = s0_low;
+        __m256 s1_low = s0_low, s1_high = s0_low, m1_low = s0_low, m1_high = s0_low;
+        if (format == INT4) {
+            group_scales(w0, start, &s0_low, &s0_high, &m0_low, &m0_high);
+            group_scales(w1, start, &s1_low, &s1_high, &m1_low, &m1_high);
+        }
+#pragma GCC unroll 4
+        for (int64_t i = start; i < start + group; ++i) {
+            __m256 a_low, a_high, b_low, b_high;
+            if (format == INT4) {
+                widen_int4(w0, i, s0_low, s0_high, m0_low, m0_high, &a_low, &a_high);
+                widen_int4(w1, i, s1_low, s1_high, m1_low, m1_high, &b_low, &b_high);
+            } else {
+                a_low = widen_bf16(w0.bf16 + i * WIDTH), a_high = widen_bf16(w0.bf16 + i * WIDTH + 8);
+                b_low = widen_bf16(w1.bf16 + i * WIDTH), b_high = widen_bf16(w1.bf16 + i * WIDTH + 8);
+            }
+            const __m256 xv = _mm256_broadcast_ss(x + i);
+            low0 = _mm256_fmadd_ps(a_low, xv, low0), high0 = _mm256_fmadd_ps(a_high, xv, high0);
+            low1 = _mm256_fmadd_ps(b_low, xv, low1), high1 = _mm256_fmadd_ps(b_high, xv, high1);
+        }
+    }
+    _mm256_storeu_ps(y, low0), _mm256_storeu_ps(y + 8, high0);
+    _mm256_storeu_ps(y + WIDTH, low1), _mm256_storeu_ps(y + WIDTH + 8, high1);
+}
+
 // Every row against one block, in tiles. format must be a constant where this is inlined (tile() needs it).
 static inline __attribute__((always_inline)) void rows_in_tiles(const float *x, int64_t rows, struct block w,
                                                                 float *y, int64_t k, int64_t n,
@@ -153,23 +188,37 @@ static inline __attribute__((always_inline)) void rows_times_block(const float *
 // WIDTH (avx2.py checks). The parallel regions are in the exported functions below, one per format: GCC
 // outlines a region before it inlines, so a region shared by the formats would see `format` as a variable,
 // and the tiles' accumulators would go through the stack at every FMA (measured: 3x slower).
+static inline struct block block_at(struct block w, int64_t b, int64_t k) {
+    const struct block block = {
+        w.bf16 ? w.bf16 + b * k * WIDTH : NULL,
+        w.q4 ? w.q4 + b * k * (WIDTH / 2) : NULL,
+        w.scale_min ? w.scale_min + b * (k / INT4_GROUP) * 2 * WIDTH : NULL,
+        NULL,
+    };
+    return block;
+}
+
 static inline __attribute__((always_inline)) void thread_share(const float *x, int64_t rows, int64_t k,
                                                                struct block w, int64_t n, float *y,
                                                                const enum format format) {
     const int64_t blocks = n / WIDTH;
+    if (rows == 1) {  // blocks in pairs (one_row_two_blocks); an odd last one alone
+#pragma omp for schedule(static) nowait
+        for (int64_t pair = 0; pair < (blocks + 1) / 2; ++pair) {
+            const int64_t b = 2 * pair;
+            if (b + 1 < blocks)
+                one_row_two_blocks(x, block_at(w, b, k), block_at(w, b + 1, k), y + b * WIDTH, k, format);
+            else
+                tile(x, block_at(w, b, k), y + b * WIDTH, k, n, 1, format);
+        }
+        return;
+    }
     float *scratch = widens_once(format, rows) ? malloc(sizeof(float) * (size_t)(k * WIDTH)) : NULL;
     for (int64_t r0 = 0; r0 < rows; r0 += ROW_CHUNK) {
         const int64_t count = rows - r0 < ROW_CHUNK ? rows - r0 : ROW_CHUNK;
 #pragma omp for schedule(static) nowait
-        for (int64_t b = 0; b < blocks; ++b) {
-            const struct block block = {
-                w.bf16 ? w.bf16 + b * k * WIDTH : NULL,
-                w.q4 ? w.q4 + b * k * (WIDTH / 2) : NULL,
-                w.scale_min ? w.scale_min + b * (k / INT4_GROUP) * 2 * WIDTH : NULL,
-                NULL,
-            };
-            rows_times_block(x + r0 * k, count, block, y + r0 * n + b * WIDTH, k, n, format, scratch);
-        }
+        for (int64_t b = 0; b < blocks; ++b)
+            rows_times_block(x + r0 * k, count, block_at(w, b, k), y + r0 * n + b * WIDTH, k, n, format, scratch);
     }
     free(scratch);
 }
