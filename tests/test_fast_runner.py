@@ -402,14 +402,17 @@ def unpacked_int4(linear: Avx2Int4Linear) -> torch.Tensor:
     return codes * scale.repeat_interleave(32, dim=1) + minimum.repeat_interleave(32, dim=1)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 4, 5, 6, 7, 16, 49, 100])
-@pytest.mark.parametrize("shape", [(96, 64), (32, 20)], ids=["k multiple of 32", "k of 20"])
+@pytest.mark.parametrize("rows", [1, 2, 4, 5, 6, 7, 11, 12, 13, 16, 25, 49, 100])
+@pytest.mark.parametrize(
+    "shape", [(96, 64), (48, 64), (32, 20)], ids=["k multiple of 32", "an odd count of blocks", "k of 20"]
+)
 @pytest.mark.parametrize("kind", [Avx2Bf16Linear, Avx2Int4Linear])
 @torch.no_grad()
 def test_an_avx2_kernel_computes_x_times_w_transposed_and_each_row_as_it_would_alone(rows, shape, kind):
-    """Tiles of 6 (bfloat16) or 4 (int4) rows and their remainders, chunks of 48 rows: the product of the
-    weight as stored (bfloat16, or int4 codes times their group's scale plus its minimum) with float32
-    activations, and a row's output bit for bit the same in any batch (greedy batch == alone)."""
+    """Tiles of 6 (bfloat16) or 4 (int4) rows, or 12 in the AVX512 build, and their remainders, chunks of 48
+    rows, one row against blocks in pairs: the product of the weight as stored (bfloat16, or int4 codes times
+    their group's scale plus its minimum) with float32 activations, and a row's output bit for bit the same in
+    any batch (greedy batch == alone)."""
     if avx2.library() is None:
         pytest.skip(f"the AVX2 kernels cannot run here: {avx2.unsupported()}")
     if kind is Avx2Int4Linear and shape[1] % 32:
@@ -432,6 +435,26 @@ def test_an_avx2_kernel_computes_x_times_w_transposed_and_each_row_as_it_would_a
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
     for row in range(rows):
         assert torch.equal(linear(x[row : row + 1]), out[row : row + 1])
+
+
+@torch.no_grad()
+def test_the_avx512_build_of_the_kernels_computes_bitwise_what_the_avx2_build_does():
+    """Where the CPU has AVX512F the kernels are built with it (16 features a register): a machine's choice of
+    build must not change a single token."""
+    if avx2.unsupported() is not None or "avx512f" not in avx2.cpu_flags():
+        pytest.skip(f"no AVX512 build on this machine: {avx2.unsupported() or 'the CPU lacks avx512f'}")
+    builds = avx2.build(avx2.FLAGS), avx2.build(avx2.AVX512_FLAGS)
+    torch.manual_seed(0)
+    arena = Arena()
+    weight = torch.randn(48, 96)  # 3 blocks: one pair and an odd one for a single row
+    bf16 = avx2.pack_bf16(weight, arena)
+    nibbles, scale_min = avx2.pack_int4(weight, arena)
+    for rows in (1, 3, 4, 6, 11, 12, 13, 24, 30):
+        x = torch.randn(rows, 96)
+        first, second = (avx2.linear_bf16(build, x, bf16) for build in builds)
+        assert torch.equal(first, second), rows
+        first, second = (avx2.linear_int4(build, x, nibbles, scale_min) for build in builds)
+        assert torch.equal(first, second), rows
 
 
 def test_the_avx2_kernels_refuse_a_weight_they_cannot_pack():

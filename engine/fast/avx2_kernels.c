@@ -1,7 +1,8 @@
 // Matmuls of bfloat16 or int4 weights with float32 activations, the rest of a decode step (RMSNorm, RoPE,
-// attention, SiLU) and a decode step's whole layer stack, for x86 CPUs with AVX2 and FMA; built and loaded by
-// engine/fast/avx2.py. Why they exist: on a CPU without AVX512-BF16 or AMX, torch has no fast kernel for these
-// cases. Measured on a 2-core AVX2-only EPYC:
+// attention, SiLU) and a decode step's whole layer stack, for x86 CPUs with AVX2 and FMA (the matmul tiles in
+// 512-bit registers where avx2.py builds with AVX512F); built and loaded by engine/fast/avx2.py. Why they
+// exist: on a CPU without AVX512-BF16 or AMX, torch has no fast kernel for these cases. Measured on a 2-core
+// AVX2-only EPYC:
 // torch.mv over bfloat16 reaches 10-13 GB/s of weights and float32 matrix-vector products 7-9 GB/s, where a
 // plain read of the weights gives 15-18 GB/s; at 16 rows torch's emulated bfloat16 matmul is 2x slower than its
 // float32 one.
@@ -44,9 +45,15 @@ struct block {
 };
 
 // Activation rows per tile: accumulators (2 a row), the weight vectors, the broadcast x and, for int4, the
-// group's scales and minimums must fit the 16 AVX2 registers.
+// group's scales and minimums must fit the 16 AVX2 registers. Built with AVX512 (avx2.py does where the CPU has
+// it), a block's 16 features are one register: an accumulator a row, 32 registers, 12 rows for every format.
+#ifdef __AVX512F__
+#define MAX_TILE 12
+static inline int tile_rows(enum format format) { return (void)format, MAX_TILE; }
+#else
 #define MAX_TILE 6
 static inline int tile_rows(enum format format) { return format == INT4 ? 4 : MAX_TILE; }
+#endif
 static const __m256i NIBBLE = {0x0000000F0000000F, 0x0000000F0000000F, 0x0000000F0000000F, 0x0000000F0000000F};
 
 static inline __m256 widen_bf16(const uint16_t *p) {
@@ -85,6 +92,71 @@ static void widen_int4_block(struct block w, int64_t k, float *scratch) {
 // buffer's stores and loads (measured: lost at every row count).
 static inline int widens_once(enum format format, int64_t rows) { return format == INT4 && rows >= 24; }
 
+#ifdef __AVX512F__
+// The AVX512 build of tile() and one_row_two_blocks() below. Lane c of a 512-bit register is lane c % 8 of the
+// AVX2 build's low (c < 8) or high vector: the same widening and the same FMAs in the same order, so both builds
+// give bitwise the same results (tested).
+static inline __m512 widen_bf16_16(const uint16_t *p) {
+    const __m256i halves = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
+}
+
+static inline void group_scales_16(struct block w, int64_t start, __m512 *scale, __m512 *minimum) {
+    const uint16_t *sm = w.scale_min + start / INT4_GROUP * 2 * WIDTH;
+    *scale = widen_bf16_16(sm), *minimum = widen_bf16_16(sm + WIDTH);
+}
+
+static inline __m512 widen_int4_16(struct block w, int64_t i, __m512 scale, __m512 minimum) {
+    const __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w.q4 + i * 8)));
+    const __m256i low = _mm256_and_si256(q, NIBBLE), high = _mm256_srli_epi32(q, 4);
+    const __m512i codes = _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(codes), scale, minimum);
+}
+
+static inline __m512 widen_16(struct block w, int64_t i, __m512 scale, __m512 minimum, const enum format format) {
+    if (format == INT4) return widen_int4_16(w, i, scale, minimum);
+    if (format == BF16) return widen_bf16_16(w.bf16 + i * WIDTH);
+    return _mm512_loadu_ps(w.f32 + i * WIDTH);
+}
+
+static inline __attribute__((always_inline)) void tile(const float *x, struct block w, float *y, int64_t k,
+                                                       int64_t n, const int R, const enum format format) {
+    __m512 acc[MAX_TILE];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    const int64_t group = format == INT4 ? INT4_GROUP : k;
+    for (int64_t start = 0; start < k; start += group) {
+        __m512 scale = _mm512_setzero_ps(), minimum = scale;
+        if (format == INT4) group_scales_16(w, start, &scale, &minimum);
+#pragma GCC unroll 4
+        for (int64_t i = start; i < start + group; ++i) {
+            const __m512 wv = widen_16(w, i, scale, minimum, format);
+            for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(wv, _mm512_set1_ps(x[r * k + i]), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + r * n, acc[r]);
+}
+
+static inline __attribute__((always_inline)) void one_row_two_blocks(const float *x, struct block w0,
+                                                                    struct block w1, float *y, int64_t k,
+                                                                    const enum format format) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;
+    const int64_t group = format == INT4 ? INT4_GROUP : k;
+    for (int64_t start = 0; start < k; start += group) {
+        __m512 scale0 = _mm512_setzero_ps(), minimum0 = scale0, scale1 = scale0, minimum1 = scale0;
+        if (format == INT4) {
+            group_scales_16(w0, start, &scale0, &minimum0);
+            group_scales_16(w1, start, &scale1, &minimum1);
+        }
+#pragma GCC unroll 4
+        for (int64_t i = start; i < start + group; ++i) {
+            const __m512 xv = _mm512_set1_ps(x[i]);
+            acc0 = _mm512_fmadd_ps(widen_16(w0, i, scale0, minimum0, format), xv, acc0);
+            acc1 = _mm512_fmadd_ps(widen_16(w1, i, scale1, minimum1, format), xv, acc1);
+        }
+    }
+    _mm512_storeu_ps(y, acc0), _mm512_storeu_ps(y + WIDTH, acc1);
+}
+#else
 // Rows [0, R) of x (row stride k) against one packed block; writes y[r][0 .. 16) (row stride n). R and format
 // are constants at each call site below, so the compiler unrolls the row loops and keeps acc in registers.
 static inline __attribute__((always_inline)) void tile(const float *x, struct block w, float *y, int64_t k,
@@ -152,6 +224,7 @@ static inline __attribute__((always_inline)) void one_row_two_blocks(const float
     _mm256_storeu_ps(y, low0), _mm256_storeu_ps(y + 8, high0);
     _mm256_storeu_ps(y + WIDTH, low1), _mm256_storeu_ps(y + WIDTH + 8, high1);
 }
+#endif
 
 // Every row against one block, in tiles. format must be a constant where this is inlined (tile() needs it).
 static inline __attribute__((always_inline)) void rows_in_tiles(const float *x, int64_t rows, struct block w,
@@ -160,14 +233,16 @@ static inline __attribute__((always_inline)) void rows_in_tiles(const float *x, 
     const int most = tile_rows(format);
     int64_t r = 0;
     for (; r + most <= rows; r += most) tile(x + r * k, w, y + r * n, k, n, most, format);
+#define TILE_OF(R) \
+    case R: tile(x + r * k, w, y + r * n, k, n, R, format); break;
     switch (rows - r) {
-        case 5: tile(x + r * k, w, y + r * n, k, n, 5, format); break;
-        case 4: tile(x + r * k, w, y + r * n, k, n, 4, format); break;
-        case 3: tile(x + r * k, w, y + r * n, k, n, 3, format); break;
-        case 2: tile(x + r * k, w, y + r * n, k, n, 2, format); break;
-        case 1: tile(x + r * k, w, y + r * n, k, n, 1, format); break;
+#if MAX_TILE > 6
+        TILE_OF(11) TILE_OF(10) TILE_OF(9) TILE_OF(8) TILE_OF(7) TILE_OF(6)
+#endif
+        TILE_OF(5) TILE_OF(4) TILE_OF(3) TILE_OF(2) TILE_OF(1)
         default: break;
     }
+#undef TILE_OF
 }
 
 // With a scratch buffer (widens_once), an int4 block is widened once and the tiles run on float32.
