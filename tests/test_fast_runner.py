@@ -351,7 +351,7 @@ def test_prefills_and_decode_steps_run_in_the_precisions_measured_fastest_for_ea
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     runner = FastRunner(model, 4, 128, candidates=["float32", "bfloat16"])
 
-    def measured(candidates, sizes, time_step, timed=1):
+    def measured(candidates, sizes, time_step, **_):
         fastest = "bfloat16" if time_step == runner._time_prefill else "float32"
         return {(name, size): 0.1 if name == fastest else 0.2 for name in candidates for size in sizes}
 

@@ -22,13 +22,22 @@ TIMED_STEPS = 2  # after one warm-up step each; the best counts (the host is sha
 PREFILL_ROW_TOKENS = 32
 MEASURED_PREFILL_ROWS = (1, 6)
 TIMED_PREFILLS = 1  # a prefill lasts 10-100x a decode step: one timed run after the warm-up is steady enough
+# A candidate this many times slower than the fastest at one prefill size is not timed at the larger ones: a
+# prefill is compute bound, so it would not catch up, and on an AVX2 CPU torch's emulated bfloat16 alone took
+# 2.5 s a prefill of 192 tokens (start-up 8.8 s with it timed there).
+PREFILL_DROP_BEYOND = 2.0
 
 
 def measure(
-    candidates: list[str], sizes: list[int], time_step: Callable[[str, int], object], timed: int = TIMED_STEPS
+    candidates: list[str],
+    sizes: list[int],
+    time_step: Callable[[str, int], object],
+    timed: int = TIMED_STEPS,
+    drop_beyond: float = math.inf,
 ) -> dict[tuple[str, int], float]:
     """Seconds per step, best of `timed`, for every candidate at every size (rows of a decode step, tokens of a
-    prefill). Candidates alternate within a size, so a burst of load on the host hits them alike."""
+    prefill), ascending; a candidate more than `drop_beyond` times slower than the fastest at one size is not
+    timed at the next ones. Candidates alternate within a size, so a burst of load on the host hits them alike."""
     timings: dict[tuple[str, int], float] = {}
     for size in sizes:
         for name in candidates:
@@ -39,17 +48,19 @@ def measure(
                 time_step(name, size)
                 elapsed = time.perf_counter() - started
                 timings[name, size] = min(elapsed, timings.get((name, size), math.inf))
+        fastest = min(timings[name, size] for name in candidates)
+        candidates = [name for name in candidates if timings[name, size] <= drop_beyond * fastest]
     return timings
 
 
 def bands(
     candidates: list[str], sizes: list[int], timings: dict[tuple[str, int], float], max_size: int
 ) -> list[tuple[int, str]]:
-    """[(largest size, precision)], ascending: the fastest candidate at each measured size serves the sizes up
-    to the geometric midpoint with the next one; neighbouring bands with the same winner merge."""
+    """[(largest size, precision)], ascending: the fastest candidate timed at each measured size serves the sizes
+    up to the geometric midpoint with the next one; neighbouring bands with the same winner merge."""
     result: list[tuple[int, str]] = []
     for index, size in enumerate(sizes):
-        winner = min(candidates, key=lambda name: timings[name, size])
+        winner = min((name for name in candidates if (name, size) in timings), key=lambda name: timings[name, size])
         upper = int(math.sqrt(size * sizes[index + 1])) if index + 1 < len(sizes) else max_size
         if result and result[-1][1] == winner:
             result[-1] = (upper, winner)

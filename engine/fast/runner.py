@@ -201,7 +201,11 @@ class FastRunner:
             decode_timings = autotune.measure(self.candidates, row_counts, self._time_decode_step)
             token_counts = autotune.prefill_token_counts(self.max_rows, self.max_len)
             prefill_timings = autotune.measure(
-                self.candidates, token_counts, self._time_prefill, timed=autotune.TIMED_PREFILLS
+                self.candidates,
+                token_counts,
+                self._time_prefill,
+                timed=autotune.TIMED_PREFILLS,
+                drop_beyond=autotune.PREFILL_DROP_BEYOND,
             )
             self.cache.clear()
             self.decode_bands = self._bands(row_counts, decode_timings, self.max_rows)
