@@ -51,3 +51,12 @@ def test_without_a_limit_every_candidate_is_timed_at_every_size_and_neighbouring
     assert len(calls) == 3 * 2 * (1 + autotune.TIMED_STEPS)
     assert calls[:4] == [("a", 1), ("b", 1), ("a", 1), ("b", 1)]
     assert autotune.bands(["a", "b"], [1, 4, 16], timings, 32) == [(32, "a")]
+
+
+def test_prefills_are_timed_at_the_same_token_counts_whatever_rows_the_engine_allows():
+    """A prefill of prefill_chunk tokens comes as one long row where only one row fits: it must be timed too."""
+    assert autotune.prefill_shapes(max_rows=32, max_len=4096) == {32: (1, 32), 192: (6, 32)}
+    assert autotune.prefill_shapes(max_rows=4, max_len=4096) == {32: (1, 32), 192: (4, 48)}
+    assert autotune.prefill_shapes(max_rows=1, max_len=4096) == {32: (1, 32), 192: (1, 192)}
+    # rows no longer than the model's context
+    assert autotune.prefill_shapes(max_rows=32, max_len=20) == {20: (1, 20), 120: (6, 20)}

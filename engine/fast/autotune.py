@@ -17,15 +17,16 @@ from collections.abc import Callable
 
 MEASURED_ROWS = (1, 4, 16)  # a decode band per measured count, up to the geometric midpoint with the next one
 TIMED_STEPS = 2  # after one warm-up step each; the best counts (the host is shared: the best is the least disturbed)
-# Prefills are timed as rows of PREFILL_ROW_TOKENS tokens: one chat turn alone, and a burst of them as the
-# scheduler groups them under its default token budget (EngineConfig.prefill_chunk, 192).
+# Prefills are timed at these token counts: one chat turn alone, and a burst of them as the scheduler groups
+# them under its default token budget (EngineConfig.prefill_chunk, 192), in rows of PREFILL_ROW_TOKENS where
+# the rows allow (prefill_shapes).
+MEASURED_PREFILL_TOKENS = (32, 192)
 PREFILL_ROW_TOKENS = 32
-MEASURED_PREFILL_ROWS = (1, 6)
 TIMED_PREFILLS = 1  # a prefill lasts 10-100x a decode step: one timed run after the warm-up is steady enough
 # A candidate this many times slower than the fastest at one prefill size is not timed at the larger ones: a
 # prefill is compute bound, so it would not catch up, and on an AVX2 CPU torch's emulated bfloat16 alone took
-# 2.5 s a prefill of 192 tokens (start-up 8.8 s with it timed there).
-PREFILL_DROP_BEYOND = 2.0
+# 2.5 s a prefill of 192 tokens (start-up 8.8 s with it timed there). Far above the noise of a single run.
+PREFILL_DROP_BEYOND = 3.0
 
 
 def measure(
@@ -73,10 +74,12 @@ def row_counts(max_rows: int) -> list[int]:
     return sorted({min(rows, max_rows) for rows in MEASURED_ROWS})
 
 
-def prefill_token_counts(max_rows: int, max_len: int) -> list[int]:
-    """The prefill sizes timed, in tokens: whole rows of prefill_width(max_len) tokens, at most max_rows rows."""
-    return sorted({min(rows, max_rows) * prefill_width(max_len) for rows in MEASURED_PREFILL_ROWS})
-
-
-def prefill_width(max_len: int) -> int:
-    return min(PREFILL_ROW_TOKENS, max_len)
+def prefill_shapes(max_rows: int, max_len: int) -> dict[int, tuple[int, int]]:
+    """{tokens: (rows, tokens a row)} of the prefills timed: MEASURED_PREFILL_TOKENS in rows of
+    PREFILL_ROW_TOKENS, fewer and longer rows where max_rows is smaller, shorter ones where max_len is."""
+    shapes = {}
+    for tokens in MEASURED_PREFILL_TOKENS:
+        rows = max(1, min(tokens // PREFILL_ROW_TOKENS, max_rows))
+        width = min(-(-tokens // rows), max_len)
+        shapes[rows * width] = (rows, width)
+    return dict(sorted(shapes.items()))

@@ -60,7 +60,12 @@ def library() -> ctypes.CDLL | None:
     reason = unsupported()
     if reason is None:
         try:
-            return build(AVX512_FLAGS if "avx512f" in cpu_flags() else FLAGS)
+            if "avx512f" in cpu_flags():
+                try:
+                    return build(AVX512_FLAGS)
+                except (subprocess.CalledProcessError, OSError) as error:  # e.g. a compiler without AVX512
+                    log.info("the AVX512 build of the kernels failed, using the AVX2 one: %s", error)
+            return build(FLAGS)
         except subprocess.CalledProcessError as error:
             reason = f"building {SOURCE.name} failed: {error.stderr.strip()[-2000:]}"
         except (OSError, subprocess.TimeoutExpired) as error:

@@ -10,15 +10,15 @@
 // y[r][j] = sum_i x[r][i] * W[j][i]: x is [rows, k] float32, y is [rows, n] float32, and W [n, k] comes packed
 // in blocks of 16 output features, k-major within a block (engine/fast/avx2.py packs it once; the formats are
 // described at `enum format`). A block then streams through memory in order, and one k step of it widens to
-// two vectors of 8 output features.
+// two vectors of 8 output features (one of 16 in the AVX512 build).
 //
 // Each y[r][j] is one vector lane accumulating x[r][i] * W[j][i] with FMAs for i = 0, 1, ..., k - 1 in order,
 // whatever the row count or the tiling: a row's result does not depend on the batch it is in (greedy batch
 // == alone holds exactly).
 //
 // Rows go in tiles of up to 6 (bfloat16) or 4 (int4): 2 accumulators a row, the weight vectors and a broadcast
-// of x[r][i] fill the 16 AVX2 registers, and each weight is widened once for the whole tile. One row is bound
-// by memory, more rows by the FMAs.
+// of x[r][i] fill the 16 AVX2 registers (12 rows of one accumulator in the AVX512 build's 32), and each weight
+// is widened once for the whole tile. One row is bound by memory, more rows by the FMAs.
 
 #include <immintrin.h>
 #include <math.h>
@@ -193,7 +193,9 @@ static inline __attribute__((always_inline)) void tile(const float *x, struct bl
 // One row against two blocks at once. In a one-row product each accumulator is a chain of dependent FMAs (4
 // cycles each); one block gives only 2 chains, two blocks give 4. Each lane accumulates exactly as in tile().
 // Measured on a 2-core AMX Xeon, one-row decode steps, old and new build alternated 7 times (medians of 12 steps):
-// bfloat16 24.5 -> 20.6 ms, int4 15.3 -> 13.9 ms on average; the new build was faster in every pair.
+// bfloat16 24.5 -> 20.6 ms, int4 15.3 -> 13.9 ms on average; the new build was faster in every pair. (The AVX512
+// build's version above has 2 chains of 16 lanes, as many lanes in flight: one-row steps measured the same in
+// both builds, within the host's noise.)
 static inline __attribute__((always_inline)) void one_row_two_blocks(const float *x, struct block w0,
                                                                     struct block w1, float *y, int64_t k,
                                                                     const enum format format) {
@@ -258,11 +260,7 @@ static inline __attribute__((always_inline)) void rows_times_block(const float *
     }
 }
 
-// This thread's share of y = x W^T, inside a parallel region: blocks are split between the threads, and rows
-// go in chunks so that a chunk of x stays in cache while the thread's blocks pass over it. n is a multiple of
-// WIDTH (avx2.py checks). The parallel regions are in the exported functions below, one per format: GCC
-// outlines a region before it inlines, so a region shared by the formats would see `format` as a variable,
-// and the tiles' accumulators would go through the stack at every FMA (measured: 3x slower).
+// Block b of a packed weight of k inputs.
 static inline struct block block_at(struct block w, int64_t b, int64_t k) {
     const struct block block = {
         w.bf16 ? w.bf16 + b * k * WIDTH : NULL,
@@ -273,6 +271,11 @@ static inline struct block block_at(struct block w, int64_t b, int64_t k) {
     return block;
 }
 
+// This thread's share of y = x W^T, inside a parallel region: blocks are split between the threads, and rows
+// go in chunks so that a chunk of x stays in cache while the thread's blocks pass over it. n is a multiple of
+// WIDTH (avx2.py checks). The parallel regions are in the exported functions below, one per format: GCC
+// outlines a region before it inlines, so a region shared by the formats would see `format` as a variable,
+// and the tiles' accumulators would go through the stack at every FMA (measured: 3x slower).
 static inline __attribute__((always_inline)) void thread_share(const float *x, int64_t rows, int64_t k,
                                                                struct block w, int64_t n, float *y,
                                                                const enum format format) {

@@ -58,6 +58,7 @@ class FastRunner:
         self.decode_bands: list[tuple[int, Precision]] = []
         self.prefill_bands: list[tuple[int, Precision]] = []
         self.measured = ""  # the timings behind the choice, for describe()
+        self._prefill_shapes: dict[int, tuple[int, int]] = {}  # {tokens: (rows, tokens a row)} timed by start()
 
     # -- the Runner protocol ---------------------------------------------------------------------------------
 
@@ -199,7 +200,8 @@ class FastRunner:
         else:
             row_counts = autotune.row_counts(self.max_rows)
             decode_timings = autotune.measure(self.candidates, row_counts, self._time_decode_step)
-            token_counts = autotune.prefill_token_counts(self.max_rows, self.max_len)
+            self._prefill_shapes = autotune.prefill_shapes(self.max_rows, self.max_len)
+            token_counts = list(self._prefill_shapes)
             prefill_timings = autotune.measure(
                 self.candidates,
                 token_counts,
@@ -233,10 +235,10 @@ class FastRunner:
         self.decode(request_ids, [0] * rows)
 
     def _time_prefill(self, name: str, tokens: int) -> None:
-        """A prefill of `tokens` tokens, as rows of autotune.prefill_width tokens, in precision `name`."""
+        """A prefill of `tokens` tokens (one of self._prefill_shapes) in precision `name`."""
         self.cache.clear()
-        width = autotune.prefill_width(self.max_len)
-        chunks = [PrefillChunk(f"\0measure-{row}", [0] * width, 0) for row in range(tokens // width)]
+        rows, width = self._prefill_shapes[tokens]
+        chunks = [PrefillChunk(f"\0measure-{row}", [0] * width, 0) for row in range(rows)]
         self.pin(self.precisions[name])
         self.prefill(PrefillPlan(chunks, first=True, joins=False))
 
