@@ -264,7 +264,7 @@ def measure(with_agreement: bool) -> dict:
     results: dict = {"capability": torch.backends.cpu.get_cpu_capability(), "load_before": os.getloadavg()[0]}
     auto = started(model, None)
     results["auto"] = [(most, precision.name) for most, precision in auto.decode_bands]
-    results["auto_prefill"] = [(most, precision.name) for most, precision in auto.prefill_bands]
+    results["auto_prefill"] = auto.prefill_precision.name if auto.prefill_precision else None
     del auto
     runners = {f"fast {name}": started(model, name) for name in ("float32", "bfloat16", "int8", "int4")}
     if avx2.library() is not None:
@@ -327,8 +327,7 @@ def report(native: dict, emulated: dict) -> str:
 
     def bands(result: dict) -> str:
         decode = ", ".join(f"<= {most} rows {name}" for most, name in result["auto"])
-        prefill = ", ".join(f"<= {most} tokens {name}" for most, name in result["auto_prefill"])
-        return f"{decode}; prefills {prefill}"
+        return f"{decode}; prefills {result['auto_prefill']}"
 
     lines = [
         "# Levers of the fast decode path (`python -m bench.levers`)",

@@ -1,5 +1,5 @@
-"""Which precision runs a step fastest, per size band, measured on this machine at start-up: decode steps by
-their rows, prefills by their tokens.
+"""Which precision runs a step fastest, measured on this machine at start-up: decode steps per band of rows,
+prefills as one precision over a lone chat turn and a burst of them.
 
 The answer depends on the CPU and on the size: with AMX or AVX512-BF16 bfloat16 wins everywhere; on an AVX2
 CPU bfloat16 is emulated, which still halves the weight traffic of a one-row step (a matrix-vector product is
@@ -68,6 +68,17 @@ def bands(
         else:
             result.append((upper, winner))
     return result
+
+
+def fastest_overall(candidates: list[str], sizes: list[int], timings: dict[tuple[str, int], float]) -> str:
+    """The candidate timed at every size whose times, each relative to the fastest at its size, sum least: one
+    precision for every prefill, so that a prompt's KV cache does not depend on the prompts it was grouped with
+    (decode bands change with the batch, prefill bands would with the grouping too)."""
+
+    def slowdown(name: str) -> float:
+        return sum(timings[name, size] / min(t for (_, s), t in timings.items() if s == size) for size in sizes)
+
+    return min((name for name in candidates if all((name, size) in timings for size in sizes)), key=slowdown)
 
 
 def row_counts(max_rows: int) -> list[int]:

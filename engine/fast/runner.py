@@ -54,9 +54,8 @@ class FastRunner:
         self.max_rows, self.max_len = max_rows, max_len
         self.cache = SlotCache(self.llama.shape, max_rows, max_len, self.device, activation_dtype)
         self.positions = torch.arange(max_len, device=self.device)
-        # [(most rows, precision)] and [(most tokens, precision)], ascending, chosen by start()
-        self.decode_bands: list[tuple[int, Precision]] = []
-        self.prefill_bands: list[tuple[int, Precision]] = []
+        self.decode_bands: list[tuple[int, Precision]] = []  # [(most rows, precision)], chosen by start()
+        self.prefill_precision: Precision | None = None  # chosen by start()
         self.measured = ""  # the timings behind the choice, for describe()
         self._prefill_shapes: dict[int, tuple[int, int]] = {}  # {tokens: (rows, tokens a row)} timed by start()
 
@@ -84,7 +83,7 @@ class FastRunner:
         ends = [chunk.start + len(chunk.token_ids) for chunk in plan.chunks]
         cache.reserve(max(ends))
         step = self._prefill_inputs(plan.chunks, slots)
-        logits = forward(self.llama, _in_band(self.prefill_bands, step.input_ids.numel()), cache, step)
+        logits = forward(self.llama, _started(self.prefill_precision), cache, step)
         for slot, chunk in zip(slots, plan.chunks):
             cache.lengths[slot] += len(chunk.token_ids)
         if plan.joins:
@@ -133,15 +132,13 @@ class FastRunner:
     def describe(self) -> str:
         if not self.decode_bands:
             return "fast path, its precisions not measured yet (start() has not run)"
-        return (
-            f"fast path, decode weights by rows {_described(self.decode_bands)}, prefill weights by tokens "
-            f"{_described(self.prefill_bands)}{self.measured}"
-        )
+        bands = ", ".join(f"<={most}: {precision.name}" for most, precision in self.decode_bands)
+        prefill = _started(self.prefill_precision).name
+        return f"fast path, decode weights by rows {bands}, prefill weights {prefill}{self.measured}"
 
     def pin(self, precision: Precision) -> None:
         """Run every step in `precision` (one of self.precisions, or a variant of one built by a benchmark)."""
-        self.decode_bands = [(self.max_rows, precision)]
-        self.prefill_bands = [(self.max_rows * self.max_len, precision)]
+        self.decode_bands, self.prefill_precision = [(self.max_rows, precision)], precision
 
     # -- steps -----------------------------------------------------------------------------------------------
 
@@ -210,14 +207,17 @@ class FastRunner:
                 drop_beyond=autotune.PREFILL_DROP_BEYOND,
             )
             self.cache.clear()
-            self.decode_bands = self._bands(row_counts, decode_timings, self.max_rows)
-            self.prefill_bands = self._bands(token_counts, prefill_timings, self.max_rows * self.max_len)
+            chosen = autotune.bands(self.candidates, row_counts, decode_timings, self.max_rows)
+            self.decode_bands = [(most, self.precisions[name]) for most, name in chosen]
+            self.prefill_precision = self.precisions[
+                autotune.fastest_overall(self.candidates, token_counts, prefill_timings)
+            ]
             self.measured = (
                 f"; ms per decode step (context {MEASURED_CONTEXT}): {_timings(decode_timings, 'x')}"
                 f"; ms per prefill: {_timings(prefill_timings, 'tokens ')}"
             )
         log.info(self.describe())
-        used = {precision.name for _, precision in self.decode_bands + self.prefill_bands}
+        used = {precision.name for _, precision in self.decode_bands} | {_started(self.prefill_precision).name}
         self.precisions = {name: precision for name, precision in self.precisions.items() if name in used}
         self.llama.release_source()
 
@@ -242,22 +242,16 @@ class FastRunner:
         self.pin(self.precisions[name])
         self.prefill(PrefillPlan(chunks, first=True, joins=False))
 
-    def _bands(
-        self, sizes: list[int], timings: dict[tuple[str, int], float], max_size: int
-    ) -> list[tuple[int, Precision]]:
-        chosen = autotune.bands(self.candidates, sizes, timings, max_size)
-        return [(most, self.precisions[name]) for most, name in chosen]
+
+def _in_band(bands: list[tuple[int, Precision]], rows: int) -> Precision:
+    """The precision of the first band that holds `rows`; the last band's beyond them all."""
+    return next((precision for most, precision in bands if rows <= most), _started(bands[-1][1] if bands else None))
 
 
-def _in_band(bands: list[tuple[int, Precision]], size: int) -> Precision:
-    """The precision of the first band that holds `size`; the last band's beyond them all."""
-    if not bands:
+def _started(precision: Precision | None) -> Precision:
+    if precision is None:
         raise RuntimeError("FastRunner.start() must run before the first step")
-    return next((precision for most, precision in bands if size <= most), bands[-1][1])
-
-
-def _described(bands: list[tuple[int, Precision]]) -> str:
-    return ", ".join(f"<={most}: {precision.name}" for most, precision in bands)
+    return precision
 
 
 def _timings(timings: dict[tuple[str, int], float], size_label: str) -> str:
