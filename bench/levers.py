@@ -2,7 +2,7 @@
 transformers path and the fast runner per precision, matmul-level levers alone, and the greedy-token
 agreement of the quantized modes with float32.
 
-    python -m bench.levers            # native, then with AVX2 only (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA)
+    python -m bench.levers            # native, then with AVX2 only (AVX2_ENV: torch, oneDNN, MKL, the kernels)
                                       # in a subprocess; prints and writes bench/levers.md
 
 Every figure of one ISA comes from one process, configurations interleaved round by round (the host is
@@ -32,7 +32,9 @@ from engine.loading import embedded_model_dir
 from engine.plan import PrefillChunk, PrefillPlan
 
 OUTPUT = Path(__file__).resolve().parent / "levers.md"
-AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+# An AVX2-only CPU, emulated: torch's kernels (and with them the AVX2 kernels' build: engine/fast/avx2.py), oneDNN's
+# and MKL's capped at AVX2. Without MKL's cap, float32 matmuls ran on AVX512 (126 against 160 GFLOPS at 189 rows).
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 ROWS = (1, 16)
 CONTEXT = 128  # cached positions per row before the timed steps
 ROUNDS, STEPS_PER_ROUND = 4, 3
@@ -309,9 +311,10 @@ def measure(with_agreement: bool) -> dict:
 # -- both ISAs, the report -------------------------------------------------------------------------------------------
 
 
-def run_isa(env: dict[str, str], with_agreement: bool) -> dict:
+def run_isa(env: dict[str, str], module: str, arguments: list[str]) -> dict:
+    """`python -m module --one *arguments` with `env` added: the JSON it prints last (bench.roofline uses it too)."""
     output = subprocess.run(
-        [sys.executable, "-m", "bench.levers", "--one", *([] if with_agreement else ["--no-agreement"])],
+        [sys.executable, "-m", module, "--one", *arguments],
         env={**os.environ, **env},
         capture_output=True,
         text=True,
@@ -336,7 +339,7 @@ def report(native: dict, emulated: dict) -> str:
         "ms per decode step, "
         f"median of {ROUNDS * STEPS_PER_ROUND} (best in brackets), configurations interleaved in one process per ISA. "
         f"Native: {label(native)}; emulated AVX2: {label(emulated)} "
-        "(`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`). "
+        f"({' '.join(f'`{name}={value}`' for name, value in AVX2_ENV.items())}). "
         "Load averages are of the whole 2-core host, shared while this ran.",
         "",
         f"`dtype: auto` chose: native {bands(native)}; AVX2 {bands(emulated)}.",
@@ -378,7 +381,8 @@ def main() -> None:
         print(json.dumps(measure(with_agreement=not args.no_agreement)))
         return
     # Agreement natively only: it is a property of the weights, and the emulated bfloat16 runs take minutes.
-    native, emulated = run_isa({}, with_agreement=True), run_isa(AVX2_ENV, with_agreement=False)
+    native = run_isa({}, "bench.levers", [])
+    emulated = run_isa(AVX2_ENV, "bench.levers", ["--no-agreement"])
     text = report(native, emulated)
     OUTPUT.write_text(text)
     print(text)

@@ -76,7 +76,7 @@ async def burst(engine, prompts: list[str], spread_s: float, max_tokens: int, ti
     delays = [spread_s * i / max(1, streams - 1) for i in range(streams)]
     ttfts = await asyncio.gather(*(first_token_s(engine, prompt, d, max_tokens) for prompt, d in zip(prompts, delays)))
     lines = [f"{streams} arrivals over {spread_s * 1000:.0f} ms: TTFT p50 {statistics.median(ttfts) * 1000:.0f} ms, "
-             f"max {max(ttfts) * 1000:.0f} ms (from each arrival)"]
+             f"mean {statistics.mean(ttfts) * 1000:.0f} ms, max {max(ttfts) * 1000:.0f} ms (from each arrival)"]
     first_tokens_by = started + max(delays) + max(ttfts)
     lines += [f"    {f.kind} {f.rows}x{f.width} @ {(f.started_s - started) * 1000:.0f} ms: {f.took_s * 1000:.0f} ms"
               for f in timeline if f.started_s < first_tokens_by]

@@ -455,6 +455,30 @@ def test_the_avx512_build_of_the_kernels_computes_bitwise_what_the_avx2_build_do
         assert torch.equal(first, second), rows
 
 
+@pytest.mark.parametrize(
+    ("capability", "flags_built"),
+    [(None, "AVX512"), ("avx512", "AVX512"), ("avx2", "AVX2"), ("AVX2", "AVX2"), ("default", "AVX2")],
+)
+def test_torchs_isa_cap_caps_the_kernels_build_too(monkeypatch, capability, flags_built):
+    """ATEN_CPU_CAPABILITY=avx2 makes an AVX512 machine run as an AVX2 one for torch; the kernels follow, or a
+    benchmark of 'AVX2' would time their AVX512 build."""
+    if avx2.unsupported() is not None:
+        pytest.skip(f"the AVX2 kernels cannot run here: {avx2.unsupported()}")
+    built: list[list[str]] = []
+    monkeypatch.setattr(avx2, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
+    monkeypatch.setattr(avx2, "build", lambda flags: built.append(flags))
+    if capability is None:
+        monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    else:
+        monkeypatch.setenv("ATEN_CPU_CAPABILITY", capability)
+    avx2.library.cache_clear()
+    try:
+        avx2.library()
+    finally:
+        avx2.library.cache_clear()
+    assert built == [avx2.AVX512_FLAGS if flags_built == "AVX512" else avx2.FLAGS]
+
+
 def test_the_avx2_kernels_refuse_a_weight_they_cannot_pack():
     if avx2.library() is None:
         pytest.skip(f"the AVX2 kernels cannot run here: {avx2.unsupported()}")

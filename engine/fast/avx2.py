@@ -7,7 +7,9 @@ team, the one torch's kernels use (a second OpenMP runtime would start a second 
 
 Built once per source and compiler flags into `<cache_root>/kernels/`. Where the CPU lacks AVX2 or FMA, no
 compiler exists, or the build fails, `library()` says why in the log and returns None: the fast path then
-runs on torch's kernels alone.
+runs on torch's kernels alone. ATEN_CPU_CAPABILITY, torch's own cap on the ISA of its CPU kernels, caps these
+too: at avx2 (or default) they are built without AVX512, so that a benchmark can run an AVX512 machine as an
+AVX2 one (bench/levers.py, bench/roofline.py).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def library() -> ctypes.CDLL | None:
     reason = unsupported()
     if reason is None:
         try:
-            if "avx512f" in cpu_flags():
+            if avx512_allowed():
                 try:
                     return build(AVX512_FLAGS)
                 except (subprocess.CalledProcessError, OSError) as error:  # e.g. a compiler without AVX512
@@ -76,7 +78,7 @@ def library() -> ctypes.CDLL | None:
 
 def build(flags: list[str]) -> ctypes.CDLL:
     """The kernels compiled with `flags` (cached) and loaded, their signatures set."""
-    kernels = ctypes.CDLL(str(_built(flags)))
+    kernels = ctypes.CDLL(str(compiled(SOURCE, flags)))
     for name, (argtypes, restype) in SIGNATURES.items():
         function = getattr(kernels, name)
         function.argtypes, function.restype = argtypes, restype
@@ -197,6 +199,11 @@ def unsupported() -> str | None:
     return None
 
 
+def avx512_allowed() -> bool:
+    """The CPU has AVX512F and torch's kernels are not capped below it."""
+    return "avx512f" in cpu_flags() and os.environ.get("ATEN_CPU_CAPABILITY", "").lower() not in ("avx2", "default")
+
+
 def cpu_flags() -> set[str]:
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
@@ -213,14 +220,16 @@ def _compiler() -> str | None:
     return next((path for name in candidates if (path := shutil.which(name))), None)
 
 
-def _built(flags: list[str]) -> Path:
-    """The shared library for this source and these flags, compiled on the first call. Written under a
-    temporary name and renamed: processes starting at once each build, and none loads a half-written file."""
+def compiled(source: Path, flags: list[str]) -> Path:
+    """The shared library of a C source with these flags (`-shared -fPIC` among them), compiled on the first
+    call. Written under a temporary name and renamed: processes starting at once each build, and none loads a
+    half-written file."""
     compiler = _compiler()
-    assert compiler is not None
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
+    if compiler is None:
+        raise OSError("no C compiler (cc, gcc or $CC) on PATH")
+    digest = hashlib.sha256(source.read_bytes() + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
     directory = cache_root() / "kernels"
-    target = directory / f"avx2_kernels-{digest}.so"
+    target = directory / f"{source.stem}-{digest}.so"
     if target.is_file():
         return target
     directory.mkdir(parents=True, exist_ok=True)
@@ -228,7 +237,7 @@ def _built(flags: list[str]) -> Path:
     os.close(descriptor)
     try:
         subprocess.run(
-            [compiler, *flags, "-o", scratch, str(SOURCE)], check=True, capture_output=True, text=True, timeout=120
+            [compiler, *flags, "-o", scratch, str(source)], check=True, capture_output=True, text=True, timeout=120
         )
         os.replace(scratch, target)
     finally:
