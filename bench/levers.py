@@ -125,6 +125,8 @@ def interleaved(configurations: dict[str, Callable[[], None]]) -> dict[str, dict
 class MklPackedLinear:
     """float32 weight pre-packed by MKL for a fixed row count (inductor's freezing path on CPU)."""
 
+    batch_exact = False
+
     def __init__(self, weight: torch.Tensor, rows: int) -> None:
         self.weight, self.rows = weight, rows
         self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
@@ -137,6 +139,8 @@ class MklPackedLinear:
 class OneDnnPackedLinear:
     """bfloat16 weight pre-packed by oneDNN for the row count, one row too (needs AVX512BW or AVX-NE-CONVERT: the
     fast path's own bfloat16 packs for more than one row and runs one row through torch.mv)."""
+
+    batch_exact = False
 
     def __init__(self, weight: torch.Tensor, rows: int) -> None:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(torch.bfloat16), rows)
@@ -164,6 +168,8 @@ def packed(precision: Precision, kind: type, rows: int) -> Precision | None:
 class SkippedLinear:
     """No matmul: a preallocated output of the right shape. A fast step with these is the rest of the step:
     norms, RoPE, the cache writes, attention, activations, the runner's and the forward's Python."""
+
+    batch_exact = True  # a decode step's timing: nothing runs row by row
 
     def __init__(self, weight: torch.Tensor, rows: int) -> None:
         self.output = torch.zeros(rows, weight.shape[0])
@@ -265,7 +271,7 @@ def measure(with_agreement: bool) -> dict:
     bf16_model = AutoModelForCausalLM.from_pretrained(embedded_model_dir(), dtype=torch.bfloat16).eval()
     results: dict = {"capability": torch.backends.cpu.get_cpu_capability(), "load_before": os.getloadavg()[0]}
     auto = started(model, None)
-    results["auto"] = [(most, precision.name) for most, precision in auto.decode_bands]
+    results["auto"] = auto.decode_precision.name if auto.decode_precision else None
     results["auto_prefill"] = auto.prefill_precision.name if auto.prefill_precision else None
     del auto
     runners = {f"fast {name}": started(model, name) for name in ("float32", "bfloat16", "int8", "int4")}
@@ -328,9 +334,8 @@ def report(native: dict, emulated: dict) -> str:
     def label(result: dict) -> str:
         return f"{result['capability']} (load {result['load_before']:.1f} -> {result['load_after']:.1f})"
 
-    def bands(result: dict) -> str:
-        decode = ", ".join(f"<= {most} rows {name}" for most, name in result["auto"])
-        return f"{decode}; prefills {result['auto_prefill']}"
+    def chosen(result: dict) -> str:
+        return f"decode steps {result['auto']}; prefills {result['auto_prefill']}"
 
     lines = [
         "# Levers of the fast decode path (`python -m bench.levers`)",
@@ -342,7 +347,7 @@ def report(native: dict, emulated: dict) -> str:
         f"({' '.join(f'`{name}={value}`' for name, value in AVX2_ENV.items())}). "
         "Load averages are of the whole 2-core host, shared while this ran.",
         "",
-        f"`dtype: auto` chose: native {bands(native)}; AVX2 {bands(emulated)}.",
+        f"`dtype: auto` chose: native {chosen(native)}; AVX2 {chosen(emulated)}.",
         "",
         "| configuration | native 1 row | native 16 rows | AVX2 1 row | AVX2 16 rows |",
         "|---|---:|---:|---:|---:|",

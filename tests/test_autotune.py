@@ -1,4 +1,4 @@
-"""engine/fast/autotune.py without a model: which candidates are timed at which sizes, and the bands that follow."""
+"""engine/fast/autotune.py without a model: which candidates are timed at which sizes, and the one chosen."""
 
 from __future__ import annotations
 
@@ -40,22 +40,18 @@ def test_a_candidate_far_slower_at_one_size_is_not_timed_at_the_larger_ones(monk
     assert ("emulated", 192) not in calls
     assert set(timings) == {("plain", 32), ("packed", 32), ("emulated", 32), ("plain", 192), ("packed", 192)}
     assert math.isclose(timings["plain", 192], 0.30)
-    # Bands by size would split 'packed' and 'plain'; one prefill precision takes the least slowdown summed over
-    # the sizes ('packed' 1.0 + 1.33, 'plain' 1.43 + 1.0), and never the candidate dropped at 32 tokens.
-    assert autotune.bands(["plain", "packed", "emulated"], [32, 192], timings, 4096) == [
-        (int(math.sqrt(32 * 192)), "packed"),
-        (4096, "plain"),
-    ]
+    # 'packed' wins at 32 tokens, 'plain' at 192; one precision takes the least slowdown summed over the sizes
+    # ('packed' 1.0 + 1.33, 'plain' 1.43 + 1.0), and never the candidate dropped at 32 tokens.
     assert autotune.fastest_overall(["plain", "packed", "emulated"], [32, 192], timings) == "packed"
 
 
-def test_without_a_limit_every_candidate_is_timed_at_every_size_and_neighbouring_winners_merge(monkeypatch):
+def test_without_a_limit_every_candidate_is_timed_at_every_size(monkeypatch):
     calls, step = timed_steps(monkeypatch, lambda name, size: {"a": 1.0, "b": 9.0}[name] * size)
     timings = autotune.measure(["a", "b"], [1, 4, 16], step)
     # one warm-up and TIMED_STEPS timed steps per candidate and size, candidates alternating
     assert len(calls) == 3 * 2 * (1 + autotune.TIMED_STEPS)
     assert calls[:4] == [("a", 1), ("b", 1), ("a", 1), ("b", 1)]
-    assert autotune.bands(["a", "b"], [1, 4, 16], timings, 32) == [(32, "a")]
+    assert autotune.fastest_overall(["a", "b"], [1, 4, 16], timings) == "a"
 
 
 def test_prefills_are_timed_at_the_same_token_counts_whatever_rows_the_engine_allows():

@@ -15,6 +15,7 @@ from engine import (
     SamplingParams,
     load_model,
 )
+from engine.fast import avx2
 from harness.service import eventually
 
 PROMPTS = [
@@ -95,6 +96,23 @@ async def test_greedy_output_is_the_same_alone_inside_a_batch_of_16_and_in_plain
         prompt_ids = embedded_engine.tokenize(prompt)
         reference = model.generate(torch.tensor([prompt_ids]), max_new_tokens=32, do_sample=False)[0, len(prompt_ids) :]
         assert [o.token_id for o in outputs] == reference.tolist()
+
+
+async def test_under_dtype_auto_a_greedy_answer_is_the_same_alone_and_among_15_others(embedded_dir):
+    """The settings `make serve` uses: whatever precisions start-up measures fastest here, a stream's tokens must
+    not depend on the streams beside it (its prefill's group, the decode batch's size). Exact where the C kernels
+    decode; where they cannot run, torch's kernels decode and block by the batch size."""
+    if avx2.library() is None:
+        pytest.skip(f"decode steps on torch's kernels here, exact only per batch size: {avx2.unsupported()}")
+    engine = LLMEngine(load_model("embedded"), EngineConfig(max_running=16))
+    try:
+        prompts = [f"{PROMPTS[i % len(PROMPTS)]} ({i})" for i in range(16)]
+        alone = [await collect(engine, prompt, max_tokens=48) for prompt in prompts]
+        together = await asyncio.gather(*(collect(engine, prompt, max_tokens=48) for prompt in prompts))
+        for prompt, one, many in zip(prompts, alone, together):
+            assert [o.token_id for o in many] == [o.token_id for o in one], (prompt, engine.runner.describe())
+    finally:
+        engine.close()
 
 
 async def test_prompts_without_a_shared_prefix_are_prefilled_together_correctly(embedded_engine):

@@ -16,7 +16,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 import engine.fast.runner
 from engine.fast import FastRunner, avx2, supports
 from engine.fast.hugepages import HUGE_PAGE, Arena
-from engine.fast.linear import AVX2_BFLOAT16, AVX2_INT4, Avx2Bf16Linear, Avx2Int4Linear, DenseLinear
+from engine.fast.linear import (
+    AMX_BFLOAT16,
+    AVX2_BFLOAT16,
+    AVX2_INT4,
+    AmxBf16Linear,
+    Avx2Bf16Linear,
+    Avx2Int4Linear,
+    DenseLinear,
+)
 from engine.plan import PrefillChunk, PrefillPlan
 
 PROMPTS = [
@@ -83,14 +91,16 @@ def test_greedy_tokens_equal_model_generate(embedded, prompt_ids):
 
 
 def skip_without_avx2_kernels(precision: str) -> None:
-    if precision in (AVX2_BFLOAT16, AVX2_INT4) and avx2.library() is None:
+    if precision in (AVX2_BFLOAT16, AVX2_INT4, AMX_BFLOAT16) and avx2.library() is None:
         pytest.skip(f"the AVX2 kernels cannot run here: {avx2.unsupported()}")
+    if precision == AMX_BFLOAT16 and not avx2.amx_ready():
+        pytest.skip("no AMX here: the CPU lacks amx_bf16, the compiler AMX, or Linux does not grant the tiles")
 
 
-@pytest.fixture(params=["float32", AVX2_BFLOAT16, AVX2_INT4])
+@pytest.fixture(params=["float32", AVX2_BFLOAT16, AVX2_INT4, AMX_BFLOAT16])
 def precision(request) -> str:
-    """The one precision a test's runner runs in: float32 on torch's kernels, or bfloat16 or int4 weights on the
-    AVX2 kernels."""
+    """The one precision a test's runner runs in: float32 on torch's kernels, bfloat16 or int4 weights on the
+    AVX2 kernels, or bfloat16 on AMX tiles."""
     skip_without_avx2_kernels(request.param)
     return request.param
 
@@ -101,7 +111,7 @@ def test_rows_joining_chunked_and_freed_get_the_tokens_they_get_alone(embedded, 
     that joins while another is still being prefilled), run in a shuffled order, and leave mid-way."""
     model, _ = embedded
     runner = started(model, max_rows=5, candidates=[precision])
-    assert runner.describe().startswith(f"fast path, decode weights by rows <=5: {precision},")
+    assert runner.describe().startswith(f"fast path, decode weights {precision}, prefill weights {precision}")
     steps = 16
     expected = {f"r{index}": alone(runner, prompt, steps) for index, prompt in enumerate(prompt_ids[:5])}
     prompts = {f"r{index}": prompt for index, prompt in enumerate(prompt_ids[:5])}
@@ -325,17 +335,16 @@ def test_quantized_weights_agree_with_float32_on_most_greedy_tokens(embedded, pr
 
 
 @torch.no_grad()
-def test_auto_dtype_measures_and_covers_every_batch_size(tiny_model_dir, caplog):
+def test_auto_dtype_measures_and_keeps_one_decode_and_one_prefill_precision(tiny_model_dir, caplog):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     with caplog.at_level(logging.INFO, logger="engine.fast.runner"):
         runner = started(model, max_rows=6, dtype="auto")
     assert "ms per decode step" in caplog.text and "ms per prefill" in caplog.text
-    assert runner.decode_bands[-1][0] == 6
     assert runner.cache.running == 0 and not runner.cache.slot_of
-    # Every batch size has a band, and the precisions the bands and the prefill name are the ones kept.
-    assert [most for most, _ in runner.decode_bands] == sorted(most for most, _ in runner.decode_bands)
-    kept = {precision.name for _, precision in runner.decode_bands} | {runner.prefill_precision.name}
-    assert kept <= {"float32", "bfloat16", AVX2_BFLOAT16}
+    # Where the C kernels run, decode steps only in a precision that computes a row as it would alone.
+    assert runner.decode_precision.batch_exact == (avx2.library() is not None)
+    kept = {runner.decode_precision.name, runner.prefill_precision.name}
+    assert kept <= {"float32", "bfloat16", AVX2_BFLOAT16, AMX_BFLOAT16}
     assert set(runner.precisions) == kept
     first = prefill(runner, {"x": ([1, 2, 3, 4], 0)})
     assert decode(runner, first).keys() == {"x"}
@@ -400,6 +409,62 @@ def unpacked_int4(linear: Avx2Int4Linear) -> torch.Tensor:
     return codes * scale.repeat_interleave(32, dim=1) + minimum.repeat_interleave(32, dim=1)
 
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "int8", "int4", AVX2_BFLOAT16, AVX2_INT4, AMX_BFLOAT16])
+@torch.no_grad()
+def test_a_prompts_prefill_is_bitwise_the_same_alone_and_in_any_group(embedded, prompt_ids, precision):
+    """A prompt's logits and KV cache must not depend on the prompts prefilled beside it (padded to the longest,
+    sharing the matmuls): torch's matmuls block by the row count, so where they run the rows go one by one; the C
+    kernels compute a row alike in any batch, and then so do its decode steps."""
+    skip_without_avx2_kernels(precision)
+    prefix = prompt_ids[0][:3]  # SmolLM2's: the tiny model's shapes hide what SDPA does with padded rows
+    runner = started(embedded[0], max_rows=6, prefix=prefix, candidates=[precision])
+    prompts = dict(zip("abcd", (ids[3:] for ids in prompt_ids)))
+
+    def run(group: list[str]) -> dict[str, tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]]:
+        """Prefill `group` together, then 3 decode steps of it: per row, its logits, cache and step logits."""
+        plan = PrefillPlan([PrefillChunk(rid, prompts[rid], len(prefix)) for rid in group], first=True, joins=True)
+        logits = runner.prefill(plan)
+        end = {rid: len(prefix) + len(prompts[rid]) for rid in group}
+        slot = runner.cache.slot_of
+        caches = {rid: [kv[slot[rid], :, : end[rid]].clone() for kv in runner.cache.kv] for rid in group}
+        steps: dict[str, list[torch.Tensor]] = {rid: [] for rid in group}
+        last = dict(zip(group, logits.argmax(-1).tolist()))
+        for _ in range(3):
+            step = runner.decode(group, [last[rid] for rid in group])
+            for row, rid in enumerate(group):
+                steps[rid].append(step[row])
+            last = dict(zip(group, step.argmax(-1).tolist()))
+        runner.free(group)
+        return {rid: (logits[row], caches[rid], steps[rid]) for row, rid in enumerate(group)}
+
+    alone = {rid: run([rid])[rid] for rid in prompts}
+    for group in (["a", "b", "c", "d"], ["d", "b"], ["c", "a"]):
+        for rid, (logits, cache, steps) in run(group).items():
+            assert torch.equal(logits, alone[rid][0]), (precision, group, rid)
+            assert all(torch.equal(x, y) for x, y in zip(cache, alone[rid][1])), (precision, group, rid)
+            if runner.precisions[precision].batch_exact:
+                assert all(torch.equal(x, y) for x, y in zip(steps, alone[rid][2])), (precision, group, rid)
+    # the C kernels' precisions are exact as such; torch's are not, which is why their prefills go row by row
+    assert runner.precisions[precision].batch_exact == (precision in (AVX2_BFLOAT16, AVX2_INT4, AMX_BFLOAT16))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 33, 40])
+@pytest.mark.parametrize("shape", [(48, 64), (96, 128)])  # 3 blocks (an odd pair) and 6; k of 2 and 4 tile steps
+@torch.no_grad()
+def test_the_amx_kernel_computes_bf16_x_times_w_transposed_and_each_row_as_it_would_alone(rows, shape):
+    """Activations rounded to bfloat16 as torch rounds them, bfloat16 weights, float32 sums; partial row tiles
+    (zero-padded), an odd last block, and any row count give every row the bits it gets alone."""
+    if not avx2.amx_ready():
+        pytest.skip("no AMX here: the CPU lacks amx_bf16, the compiler AMX, or Linux does not grant the tiles")
+    torch.manual_seed(rows)
+    weight, x = torch.randn(shape), torch.randn(rows, shape[1])
+    linear = AmxBf16Linear(weight, Arena())
+    out = linear(x)
+    expected = x.to(torch.bfloat16).double() @ weight.to(torch.bfloat16).double().t()
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+    assert torch.equal(out, torch.cat([linear(x[row : row + 1]) for row in range(rows)]))
+
+
 @pytest.mark.parametrize("rows", [1, 2, 4, 5, 6, 7, 11, 12, 13, 16, 25, 49, 100])
 @pytest.mark.parametrize(
     "shape", [(96, 64), (48, 64), (32, 20)], ids=["k multiple of 32", "an odd count of blocks", "k of 20"]
@@ -457,7 +522,7 @@ def test_the_avx512_build_of_the_kernels_computes_bitwise_what_the_avx2_build_do
 
 @pytest.mark.parametrize(
     ("capability", "flags_built"),
-    [(None, "AVX512"), ("avx512", "AVX512"), ("avx2", "AVX2"), ("AVX2", "AVX2"), ("default", "AVX2")],
+    [(None, "AMX"), ("avx512", "AMX"), ("avx2", "AVX2"), ("AVX2", "AVX2"), ("default", "AVX2")],
 )
 def test_torchs_isa_cap_caps_the_kernels_build_too(monkeypatch, capability, flags_built):
     """ATEN_CPU_CAPABILITY=avx2 makes an AVX512 machine run as an AVX2 one for torch; the kernels follow, or a
@@ -465,7 +530,7 @@ def test_torchs_isa_cap_caps_the_kernels_build_too(monkeypatch, capability, flag
     if avx2.unsupported() is not None:
         pytest.skip(f"the AVX2 kernels cannot run here: {avx2.unsupported()}")
     built: list[list[str]] = []
-    monkeypatch.setattr(avx2, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
+    monkeypatch.setattr(avx2, "cpu_flags", lambda: {"avx2", "fma", "avx512f", "amx_bf16"})
     monkeypatch.setattr(avx2, "build", lambda flags: built.append(flags))
     if capability is None:
         monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
@@ -476,7 +541,7 @@ def test_torchs_isa_cap_caps_the_kernels_build_too(monkeypatch, capability, flag
         avx2.library()
     finally:
         avx2.library.cache_clear()
-    assert built == [avx2.AVX512_FLAGS if flags_built == "AVX512" else avx2.FLAGS]
+    assert built == [avx2.AMX_FLAGS if flags_built == "AMX" else avx2.FLAGS]
 
 
 def test_the_avx2_kernels_refuse_a_weight_they_cannot_pack():

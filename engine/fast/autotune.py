@@ -1,5 +1,5 @@
-"""Which precision runs a step fastest, measured on this machine at start-up: decode steps per band of rows,
-prefills as one precision over a lone chat turn and a burst of them.
+"""Which precision runs a step fastest, measured on this machine at start-up: decode steps as one precision over
+1, 4 and 16 rows, prefills as one precision over a lone chat turn and a burst of them.
 
 The answer depends on the CPU and on the size: with AMX or AVX512-BF16 bfloat16 wins everywhere; on an AVX2
 CPU bfloat16 is emulated, which still halves the weight traffic of a one-row step (a matrix-vector product is
@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Callable
 
-MEASURED_ROWS = (1, 4, 16)  # a decode band per measured count, up to the geometric midpoint with the next one
+MEASURED_ROWS = (1, 4, 16)  # decode steps are timed at these row counts
 TIMED_STEPS = 2  # after one warm-up step each; the best counts (the host is shared: the best is the least disturbed)
 # Prefills are timed at these token counts: one chat turn alone, and a burst of them as the scheduler groups
 # them under its default token budget (EngineConfig.prefill_chunk, 192), in rows of PREFILL_ROW_TOKENS where
@@ -54,26 +54,10 @@ def measure(
     return timings
 
 
-def bands(
-    candidates: list[str], sizes: list[int], timings: dict[tuple[str, int], float], max_size: int
-) -> list[tuple[int, str]]:
-    """[(largest size, precision)], ascending: the fastest candidate timed at each measured size serves the sizes
-    up to the geometric midpoint with the next one; neighbouring bands with the same winner merge."""
-    result: list[tuple[int, str]] = []
-    for index, size in enumerate(sizes):
-        winner = min((name for name in candidates if (name, size) in timings), key=lambda name: timings[name, size])
-        upper = int(math.sqrt(size * sizes[index + 1])) if index + 1 < len(sizes) else max_size
-        if result and result[-1][1] == winner:
-            result[-1] = (upper, winner)
-        else:
-            result.append((upper, winner))
-    return result
-
-
 def fastest_overall(candidates: list[str], sizes: list[int], timings: dict[tuple[str, int], float]) -> str:
     """The candidate timed at every size whose times, each relative to the fastest at its size, sum least: one
-    precision for every prefill, so that a prompt's KV cache does not depend on the prompts it was grouped with
-    (decode bands change with the batch, prefill bands would with the grouping too)."""
+    precision for every size, so that a stream's bits do not depend on the streams beside it (bands by size would
+    change a decode step's precision with the batch, a prefill's with the grouping)."""
 
     def slowdown(name: str) -> float:
         return sum(timings[name, size] / min(t for (_, s), t in timings.items() if s == size) for size in sizes)

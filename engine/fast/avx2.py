@@ -40,6 +40,8 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "
 # Added where the CPU has AVX512F: the matmul tiles then work on 16 features a register (avx2_kernels.c's
 # __AVX512F__ branch), with bitwise the same results. The name "avx2" stays: that is the least the kernels need.
 AVX512_FLAGS = [*FLAGS, "-mavx512f"]
+# Added where the CPU has AMX-BF16 too: the build then also has linear_amx_bf16, the prefill matmul on AMX tiles.
+AMX_FLAGS = [*AVX512_FLAGS, "-mamx-tile", "-mamx-bf16"]
 WIDTH = 16  # output features per packed block: avx2_kernels.c's WIDTH
 INT4_GROUP = 32  # input features sharing an int4 scale and minimum: avx2_kernels.c's INT4_GROUP
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -52,21 +54,30 @@ SIGNATURES = {  # avx2_kernels.c's functions: (argument types, result type)
     "silu_mul": ([_P, _I64, _I64, _P], None),
     "decode_layers": ([_P, _I64, _P, _P, _P, _P, _P, _INT], _INT),
 }
+AMX_SIGNATURES = {  # only in a build with AMX_FLAGS
+    "amx_permitted": ([], _INT),
+    "linear_amx_bf16": ([_P, _I64, _I64, _P, _I64, _P, _INT], _INT),
+}
+AMX_K = 32  # inputs an AMX tile multiply takes: k of an AMX weight is a multiple
 REQUIRED_CPU_FLAGS = ("avx2", "fma")
 
 
 @cache
 def library() -> ctypes.CDLL | None:
-    """The loaded kernels, built with AVX512 where this CPU has it, or None (logged once, with the reason) where
-    they cannot run here."""
+    """The loaded kernels, built with AVX512 (and AMX) where this CPU has it, or None (logged once, with the
+    reason) where they cannot run here."""
     reason = unsupported()
     if reason is None:
         try:
-            if avx512_allowed():
+            builds = [AMX_FLAGS] if avx512_allowed() and "amx_bf16" in cpu_flags() else []
+            builds += [AVX512_FLAGS] if avx512_allowed() else []
+            for flags in builds:
                 try:
-                    return build(AVX512_FLAGS)
-                except (subprocess.CalledProcessError, OSError) as error:  # e.g. a compiler without AVX512
-                    log.info("the AVX512 build of the kernels failed, using the AVX2 one: %s", error)
+                    return build(flags)
+                except subprocess.CalledProcessError as error:  # e.g. a compiler without AVX512 or AMX
+                    log.info("the kernels' build with %s failed, trying with less: %s", flags[-1], error.stderr[-2000:])
+                except OSError as error:
+                    log.info("the kernels' build with %s failed, trying with less: %s", flags[-1], error)
             return build(FLAGS)
         except subprocess.CalledProcessError as error:
             reason = f"building {SOURCE.name} failed: {error.stderr.strip()[-2000:]}"
@@ -79,10 +90,18 @@ def library() -> ctypes.CDLL | None:
 def build(flags: list[str]) -> ctypes.CDLL:
     """The kernels compiled with `flags` (cached) and loaded, their signatures set."""
     kernels = ctypes.CDLL(str(compiled(SOURCE, flags)))
-    for name, (argtypes, restype) in SIGNATURES.items():
+    signatures = SIGNATURES | (AMX_SIGNATURES if flags == AMX_FLAGS else {})
+    for name, (argtypes, restype) in signatures.items():
         function = getattr(kernels, name)
         function.argtypes, function.restype = argtypes, restype
     return kernels
+
+
+@cache
+def amx_ready() -> bool:
+    """The kernels have the AMX matmul and Linux lets this process use AMX tiles."""
+    kernels = library()
+    return kernels is not None and hasattr(kernels, "linear_amx_bf16") and kernels.amx_permitted() == 1
 
 
 def packable(weight: torch.Tensor, int4: bool = False) -> bool:
@@ -93,6 +112,18 @@ def pack_bf16(weight: torch.Tensor, arena: Arena) -> torch.Tensor:
     """[n, k] float weight -> bfloat16 [n / WIDTH, k, WIDTH]: blocks of WIDTH output features, k-major."""
     n, k = weight.shape
     return arena.copy(weight.detach().to(torch.bfloat16).view(n // WIDTH, WIDTH, k).transpose(1, 2))
+
+
+def amx_packable(weight: torch.Tensor) -> bool:
+    return weight.shape[0] % WIDTH == 0 and weight.shape[1] % AMX_K == 0
+
+
+def pack_amx(weight: torch.Tensor, arena: Arena) -> torch.Tensor:
+    """[n, k] float weight -> bfloat16 [n / WIDTH, k / 2, WIDTH, 2]: per block of WIDTH output features, the pairs
+    of inputs an AMX tile multiply takes, feature by feature."""
+    n, k = weight.shape
+    pairs = weight.detach().to(torch.bfloat16).view(n // WIDTH, WIDTH, k // 2, 2)
+    return arena.copy(pairs.permute(0, 2, 1, 3))
 
 
 def pack_int4(weight: torch.Tensor, arena: Arena) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,6 +158,19 @@ def linear_bf16(kernels: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor) -> 
     n = packed.shape[0] * WIDTH
     out = torch.empty(rows, n, dtype=torch.float32)
     kernels.linear_bf16(x.data_ptr(), rows, k, packed.data_ptr(), n, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def linear_amx(kernels: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """x [rows, k] float32, contiguous, rounded to bfloat16, times a pack_amx weight transposed: [rows, n] float32."""
+    rows, k = x.shape
+    n = packed.shape[0] * WIDTH
+    out = torch.empty(rows, n, dtype=torch.float32)
+    status = kernels.linear_amx_bf16(
+        x.data_ptr(), rows, k, packed.data_ptr(), n, out.data_ptr(), torch.get_num_threads()
+    )
+    if status != 0:
+        raise MemoryError(f"linear_amx_bf16 could not allocate the bfloat16 copy of {rows} x {k} inputs")
     return out
 
 

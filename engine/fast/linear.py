@@ -19,12 +19,18 @@ QUANTIZATIONS = ("none", "int8", "int4")
 AVX2_BFLOAT16 = "bfloat16-avx2"  # the precision name of bfloat16 weights through the AVX2 kernels
 AVX2_INT4 = "int4-avx2"  # and of int4 weights through them
 AVX2_PRECISIONS = (AVX2_BFLOAT16, AVX2_INT4)
+AMX_BFLOAT16 = "bfloat16-amx"  # bfloat16 weights and activations on AMX tiles (the same C library): prefills
+C_PRECISIONS = (*AVX2_PRECISIONS, AMX_BFLOAT16)  # the precisions whose matmuls run on engine/fast/avx2_kernels.c
 INT4_GROUP_SIZE = 32  # 32 input weights share a scale and a zero: the finest group the kernel takes, the most accurate
 INT4_INNER_K_TILES = 2
 PACKED_FOR_ROWS = 16  # the batch the pre-packed bfloat16 layout is tuned for (measured: 1 or 16 pack alike)
 
 
 class Linear(Protocol):
+    # Whether each row's result is the same whatever rows share the call (bitwise): true of the C kernels (one
+    # lane or tile lane per output, summing in a fixed order); torch's matmuls (MKL, oneDNN) block by the row count.
+    batch_exact: bool
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
@@ -40,6 +46,8 @@ class DenseLinear:
       (one-row step 23.4 against 23.8 ms, interleaved in one process);
     - otherwise F.linear. float32 keeps MKL's gemm, whose results the float32 tests compare with transformers'.
     """
+
+    batch_exact = False
 
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype) -> None:
         self.weight = weight.detach().to(dtype).contiguous()
@@ -66,6 +74,7 @@ class Avx2Linear:
     of avx2.WIDTH rows (and, for int4, of avx2.INT4_GROUP columns): make_linear checks."""
 
     int4 = False
+    batch_exact = True
 
     def __init__(self, weight: torch.Tensor) -> None:
         kernels = avx2.library()
@@ -108,6 +117,26 @@ class Avx2Int4Linear(Avx2Linear):
         return avx2.linear_int4(self.kernels, x, self.nibbles, self.scale_min)
 
 
+class AmxBf16Linear:
+    """bfloat16 weights on AMX tiles (avx2_kernels.c's linear_amx_bf16), the activations rounded to bfloat16 as
+    torch's bfloat16 matmul rounds them, the products summed in float32. As fast as oneDNN's bfloat16 matmul for a
+    prefill, and unlike it, a row's result does not depend on the rows beside it. Not a subclass of Avx2Linear:
+    DecodeStack runs those, on their own packing."""
+
+    batch_exact = True
+
+    def __init__(self, weight: torch.Tensor, arena: Arena) -> None:
+        kernels = avx2.library()
+        if kernels is None or not avx2.amx_ready() or not avx2.amx_packable(weight) or weight.device.type != "cpu":
+            raise ValueError(f"the AMX kernel cannot run a {tuple(weight.shape)} weight on this machine")
+        self.kernels, self.in_features = kernels, weight.shape[1]
+        self.packed = avx2.pack_amx(weight, arena)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = avx2.linear_amx(self.kernels, x.reshape(-1, self.in_features).to(torch.float32).contiguous(), self.packed)
+        return out.to(x.dtype).view(*x.shape[:-1], -1)
+
+
 def onednn_packed(weight: torch.Tensor) -> torch.Tensor | None:
     """A bfloat16 weight in oneDNN's blocked layout for matmuls of about PACKED_FOR_ROWS rows (any count runs);
     None where oneDNN has no bfloat16 matmul on this CPU (it needs AVX512BW or AVX-NE-CONVERT: not on AVX2)."""
@@ -126,6 +155,7 @@ class Int8Linear:
     16 rows, with and without AVX512), so it is fed bfloat16."""
 
     activation_dtype = torch.bfloat16
+    batch_exact = False
 
     def __init__(self, weight: torch.Tensor) -> None:
         weight = weight.detach().float()
@@ -144,6 +174,7 @@ class Int4Linear:
     (`_weight_int4pack_mm_for_cpu`), fed bfloat16 activations."""
 
     activation_dtype = torch.bfloat16
+    batch_exact = False
 
     def __init__(self, weight: torch.Tensor) -> None:
         weight = weight.detach().float()
@@ -166,9 +197,9 @@ class Int4Linear:
 
 
 def make_linear(precision: str, weight: torch.Tensor, arena: Arena) -> Linear:
-    """A weight in a precision's format: float32, bfloat16, float16, int8, int4, AVX2_BFLOAT16 or AVX2_INT4 (the
-    last two packed into `arena`). A weight whose shape a kernel does not take falls back: int4 to int8, the AVX2
-    ones to torch's kernels."""
+    """A weight in a precision's format: float32, bfloat16, float16, int8, int4, AVX2_BFLOAT16, AVX2_INT4 or
+    AMX_BFLOAT16 (the last three packed into `arena`). A weight whose shape a kernel does not take falls back: int4
+    to int8, the C kernels' to torch's."""
     if precision == "int8":
         return Int8Linear(weight)
     if precision == "int4":
@@ -177,6 +208,8 @@ def make_linear(precision: str, weight: torch.Tensor, arena: Arena) -> Linear:
         return Avx2Bf16Linear(weight, arena) if avx2.packable(weight) else DenseLinear(weight, torch.bfloat16)
     if precision == AVX2_INT4:
         return Avx2Int4Linear(weight, arena) if avx2.packable(weight, int4=True) else make_linear("int4", weight, arena)
+    if precision == AMX_BFLOAT16:
+        return AmxBf16Linear(weight, arena) if avx2.amx_packable(weight) else DenseLinear(weight, torch.bfloat16)
     return DenseLinear(weight, getattr(torch, precision))
 
 

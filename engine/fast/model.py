@@ -9,7 +9,8 @@ AVX2 precisions run a decode step's layers in one C call instead (engine/fast/st
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property, partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,7 +19,7 @@ from transformers import LlamaForCausalLM, PreTrainedModel
 
 from engine.fast import avx2
 from engine.fast.hugepages import Arena
-from engine.fast.linear import AVX2_BFLOAT16, AVX2_INT4, AVX2_PRECISIONS, Linear, make_linear
+from engine.fast.linear import AVX2_BFLOAT16, AVX2_INT4, C_PRECISIONS, Linear, make_linear
 from engine.fast.stack import DecodeStack
 
 if TYPE_CHECKING:
@@ -139,6 +140,14 @@ class Precision:
     ops: TorchOps = field(default_factory=TorchOps)
     decode_stack: DecodeStack | None = None  # every layer of a decode step in one call, where it can run
 
+    @cached_property
+    def batch_exact(self) -> bool:
+        """Every matmul computes a row as it would alone (Linear.batch_exact). Where one does not, a prefill of
+        several rows runs them row by row: oneDNN's bfloat16 prefill of 7 prompts together differed from each
+        alone by up to 0.6 in a logit, enough to change a greedy token."""
+        matmuls = [getattr(layer, name) for layer in self.layers for name in ("qkv", "out", "gate_up", "down")]
+        return all(linear.batch_exact for linear in [*matmuls, self.lm_head])
+
 
 class FastLlama:
     """The parts of a LlamaForCausalLM that every precision shares (norms, embeddings, RoPE tables, shape), and
@@ -198,7 +207,7 @@ class FastLlama:
         # bench/levers.md), one format fewer for the kernels.
         head = {"int4": "int8", AVX2_INT4: AVX2_BFLOAT16}.get(name, name)
         lm_head = make_linear(head, model.lm_head.weight.detach().to(self.device), arena)
-        if name not in AVX2_PRECISIONS:
+        if name not in C_PRECISIONS:
             return Precision(name, layers, lm_head)
         return Precision(name, layers, lm_head, Avx2Ops(), DecodeStack.build(self, layers))
 
@@ -243,6 +252,10 @@ class StepInputs:
     mask: torch.Tensor | None
     last: torch.Tensor | None  # [rows]: index of the token whose logits each row needs; None: the only one
     output_order: torch.Tensor | None  # rows' order in the returned logits; None: as computed
+    # A prefill's real tokens per row, None for a decode step. With more than one row, the matmuls whose result
+    # depends on the batch (Precision.batch_exact False) and the attention run row by row on exactly these
+    # tokens: a prompt's prefill is then bitwise the same alone or in any group (row_by_row).
+    counts: list[int] | None = None
 
 
 def forward(llama: FastLlama, weights: Precision, cache: SlotCache, step: StepInputs) -> torch.Tensor:
@@ -257,7 +270,8 @@ def forward(llama: FastLlama, weights: Precision, cache: SlotCache, step: StepIn
     if step.output_order is not None:
         x = x[step.output_order]
     # Only the positions that need a token go through the 49152-wide output layer.
-    return weights.lm_head(weights.ops.rms_norm(x, llama.final_norm, llama.shape.eps)).float()
+    h = weights.ops.rms_norm(x, llama.final_norm, llama.shape.eps)
+    return _matmul(weights, step)(weights.lm_head, h[:, None])[:, 0].float()
 
 
 def layers_forward(llama: FastLlama, weights: Precision, cache: SlotCache, step: StepInputs, x: torch.Tensor) -> None:
@@ -265,16 +279,63 @@ def layers_forward(llama: FastLlama, weights: Precision, cache: SlotCache, step:
     shape = llama.shape
     rows, tokens = step.input_ids.shape
     heads, rotated = shape.heads, shape.heads + shape.kv_heads
-    ops = weights.ops
+    ops, matmul = weights.ops, _matmul(weights, step)
+    attend = ops.attention if not _by_row(step) else partial(row_by_row_attention, ops)
     rotate = ops.rotation(llama, step)
     for index, layer in enumerate(weights.layers):
         h = ops.rms_norm(x, llama.input_norms[index], shape.eps)
-        qkv = layer.qkv(h).view(rows, tokens, rotated + shape.kv_heads, shape.head_dim)
+        qkv = matmul(layer.qkv, h).view(rows, tokens, rotated + shape.kv_heads, shape.head_dim)
         rotate(qkv, rotated)  # q and k rotated in place: qkv's k and v heads go to the cache as-is
         keys, values = cache.write(index, step, qkv[:, :, heads:])
-        x += layer.out(ops.attention(qkv[:, :, :heads], keys, values, step, shape))
+        x += matmul(layer.out, attend(qkv[:, :, :heads], keys, values, step, shape))
         h = ops.rms_norm(x, llama.post_attention_norms[index], shape.eps)
-        x += layer.down(ops.silu_mul(layer.gate_up(h)))
+        x += matmul(layer.down, ops.silu_mul(matmul(layer.gate_up, h)))
+
+
+Matmul = Callable[[Linear, torch.Tensor], torch.Tensor]  # (weight, x [rows, tokens, features]) -> [rows, tokens, out]
+
+
+def _by_row(step: StepInputs) -> bool:
+    """A prefill of several rows: what depends on the batch runs row by row (StepInputs.counts)."""
+    return step.counts is not None and len(step.counts) > 1
+
+
+def _matmul(weights: Precision, step: StepInputs) -> Matmul:
+    if weights.batch_exact or not _by_row(step):
+        return lambda linear, x: linear(x)
+    counts = step.counts
+    assert counts is not None
+    return lambda linear, x: _padded([linear(x[row : row + 1, :count]) for row, count in enumerate(counts)], x)
+
+
+def row_by_row_attention(
+    ops: TorchOps, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: StepInputs, shape: Shape
+) -> torch.Tensor:
+    """The ops' attention of each row alone, over exactly its real tokens and the positions they see, with the
+    positions and mask a prefill of that row alone has (and so the same kernel: the AVX2 ops take a one-token
+    row to the decode kernel): SDPA's result depends on the shapes it is given (padded to a group's widest
+    prompt, a row's logits moved by up to 5e-5)."""
+    counts, mask = step.counts, step.mask
+    assert counts is not None and mask is not None
+    rows, width = q.shape[:2]
+    ends = (step.positions[:, -1] + 1).tolist()  # padding repeats the last real position
+    grouped = mask.view(rows, shape.groups, width, -1)
+    outputs = []
+    for row, (count, end) in enumerate(zip(counts, ends)):
+        row_mask = grouped[row, :, :count, :end].reshape(1, 1, shape.groups * count, end)
+        alone = replace(step, positions=step.positions[row : row + 1, :count], mask=row_mask)
+        window = slice(row, row + 1), slice(None), slice(None, end)
+        outputs.append(ops.attention(q[row : row + 1, :count], keys[window], values[window], alone, shape))
+    return _padded(outputs, q)
+
+
+def _padded(rows: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """Rows [1, count, features] of different counts -> [rows, like's tokens, features], zeros after each count
+    (the padding positions, which nothing reads)."""
+    out = rows[0].new_zeros(len(rows), like.shape[1], rows[0].shape[-1])
+    for index, row in enumerate(rows):
+        out[index, : row.shape[1]] = row[0]
+    return out
 
 
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> None:

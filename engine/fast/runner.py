@@ -13,7 +13,7 @@ from transformers import LlamaForCausalLM, PreTrainedModel
 
 from engine.fast import autotune, avx2
 from engine.fast.cache import SlotCache
-from engine.fast.linear import AVX2_BFLOAT16, AVX2_INT4, check_quantization
+from engine.fast.linear import AMX_BFLOAT16, AVX2_BFLOAT16, AVX2_INT4, check_quantization
 from engine.fast.model import FastLlama, Precision, StepInputs, forward, supports
 from engine.plan import PrefillChunk, PrefillPlan
 
@@ -54,7 +54,7 @@ class FastRunner:
         self.max_rows, self.max_len = max_rows, max_len
         self.cache = SlotCache(self.llama.shape, max_rows, max_len, self.device, activation_dtype)
         self.positions = torch.arange(max_len, device=self.device)
-        self.decode_bands: list[tuple[int, Precision]] = []  # [(most rows, precision)], chosen by start()
+        self.decode_precision: Precision | None = None  # chosen by start(), one for every batch size
         self.prefill_precision: Precision | None = None  # chosen by start()
         self.measured = ""  # the timings behind the choice, for describe()
         self._prefill_shapes: dict[int, tuple[int, int]] = {}  # {tokens: (rows, tokens a row)} timed by start()
@@ -116,7 +116,7 @@ class FastRunner:
             last=None,
             output_order=None if slots == list(range(rows)) else torch.tensor(slots, device=self.device),
         )
-        logits = forward(self.llama, _in_band(self.decode_bands, rows), cache, step)
+        logits = forward(self.llama, _started(self.decode_precision), cache, step)
         for slot in range(rows):
             cache.lengths[slot] += 1
         return logits
@@ -130,15 +130,14 @@ class FastRunner:
         self.cache.zero()
 
     def describe(self) -> str:
-        if not self.decode_bands:
+        if self.decode_precision is None or self.prefill_precision is None:
             return "fast path, its precisions not measured yet (start() has not run)"
-        bands = ", ".join(f"<={most}: {precision.name}" for most, precision in self.decode_bands)
-        prefill = _started(self.prefill_precision).name
-        return f"fast path, decode weights by rows {bands}, prefill weights {prefill}{self.measured}"
+        decode, prefill = self.decode_precision.name, self.prefill_precision.name
+        return f"fast path, decode weights {decode}, prefill weights {prefill}{self.measured}"
 
     def pin(self, precision: Precision) -> None:
         """Run every step in `precision` (one of self.precisions, or a variant of one built by a benchmark)."""
-        self.decode_bands, self.prefill_precision = [(self.max_rows, precision)], precision
+        self.decode_precision = self.prefill_precision = precision
 
     # -- steps -----------------------------------------------------------------------------------------------
 
@@ -176,6 +175,7 @@ class FastRunner:
             mask=mask,
             last=None if all_real else torch.tensor([len(chunk.token_ids) - 1 for chunk in chunks], device=device),
             output_order=None,
+            counts=[len(chunk.token_ids) for chunk in chunks],
         )
 
     def _mask(self, positions: torch.Tensor, attended: int) -> torch.Tensor:
@@ -192,11 +192,17 @@ class FastRunner:
         """Time a decode step per candidate and batch size, and a prefill per candidate and token count (on
         this, the engine's loop thread: torch ops on another thread would start a second OpenMP team); keep the
         winners, drop the other weights."""
+        # One precision for every decode step, among those that compute a row as it would alone where there are
+        # such: a stream's tokens then do not depend on the streams beside it (its prefill is exact in every
+        # precision: model.py). Bands by batch size, as the prefill's sizes, would give a stream decoded alone
+        # other bits than in a batch: on an AMX Xeon the AVX2 kernels won up to 8 rows and AMX above, and 6 of 16
+        # greedy answers of 96 tokens changed between alone and together.
+        decoders = [name for name in self.candidates if self.precisions[name].batch_exact] or self.candidates
         if len(self.candidates) == 1:
             self.pin(self.precisions[self.candidates[0]])
         else:
             row_counts = autotune.row_counts(self.max_rows)
-            decode_timings = autotune.measure(self.candidates, row_counts, self._time_decode_step)
+            decode_timings = autotune.measure(decoders, row_counts, self._time_decode_step)
             self._prefill_shapes = autotune.prefill_shapes(self.max_rows, self.max_len)
             token_counts = list(self._prefill_shapes)
             prefill_timings = autotune.measure(
@@ -207,8 +213,7 @@ class FastRunner:
                 drop_beyond=autotune.PREFILL_DROP_BEYOND,
             )
             self.cache.clear()
-            chosen = autotune.bands(self.candidates, row_counts, decode_timings, self.max_rows)
-            self.decode_bands = [(most, self.precisions[name]) for most, name in chosen]
+            self.decode_precision = self.precisions[autotune.fastest_overall(decoders, row_counts, decode_timings)]
             self.prefill_precision = self.precisions[
                 autotune.fastest_overall(self.candidates, token_counts, prefill_timings)
             ]
@@ -217,7 +222,7 @@ class FastRunner:
                 f"; ms per prefill: {_timings(prefill_timings, 'tokens ')}"
             )
         log.info(self.describe())
-        used = {precision.name for _, precision in self.decode_bands} | {_started(self.prefill_precision).name}
+        used = {_started(self.decode_precision).name, _started(self.prefill_precision).name}
         self.precisions = {name: precision for name, precision in self.precisions.items() if name in used}
         self.llama.release_source()
 
@@ -243,11 +248,6 @@ class FastRunner:
         self.prefill(PrefillPlan(chunks, first=True, joins=False))
 
 
-def _in_band(bands: list[tuple[int, Precision]], rows: int) -> Precision:
-    """The precision of the first band that holds `rows`; the last band's beyond them all."""
-    return next((precision for most, precision in bands if rows <= most), _started(bands[-1][1] if bands else None))
-
-
 def _started(precision: Precision | None) -> Precision:
     if precision is None:
         raise RuntimeError("FastRunner.start() must run before the first step")
@@ -262,13 +262,14 @@ def _timings(timings: dict[tuple[str, int], float], size_label: str) -> str:
 def _candidates(dtype: str, quantization: str, device: torch.device) -> list[str]:
     """The precisions start() chooses from. A quantization asked for is used everywhere (its accuracy is what
     was asked). On CPU, dtype auto lets float32 and bfloat16 compete per batch size; bfloat16 and int4 weights
-    run on torch's kernels or, where they run, on the AVX2 kernels, whichever measures faster. On CUDA
-    bfloat16 is the fast path without measuring."""
+    run on torch's kernels or, where they run, on the AVX2 kernels (and bfloat16 on AMX tiles), whichever
+    measures faster. On CUDA bfloat16 is the fast path without measuring."""
     on_avx2 = device.type == "cpu" and avx2.library() is not None
     if quantization != "none":
         return [quantization, AVX2_INT4] if quantization == "int4" and on_avx2 else [quantization]
     if device.type != "cpu":
         return ["bfloat16" if dtype == "auto" else dtype]
+    kernels = [AVX2_BFLOAT16, *([AMX_BFLOAT16] if avx2.amx_ready() else [])] if on_avx2 else []
     if dtype == "auto":
-        return ["float32", "bfloat16", *([AVX2_BFLOAT16] if on_avx2 else [])]
-    return [dtype, AVX2_BFLOAT16] if dtype == "bfloat16" and on_avx2 else [dtype]
+        return ["float32", "bfloat16", *kernels]
+    return [dtype, *kernels] if dtype == "bfloat16" else [dtype]
