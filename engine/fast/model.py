@@ -254,7 +254,7 @@ class StepInputs:
     output_order: torch.Tensor | None  # rows' order in the returned logits; None: as computed
     # A prefill's real tokens per row, None for a decode step. With more than one row, the matmuls whose result
     # depends on the batch (Precision.batch_exact False) and the attention run row by row on exactly these
-    # tokens: a prompt's prefill is then bitwise the same alone or in any group (row_by_row).
+    # tokens: a prompt's prefill is then bitwise the same alone or in any group (_matmul, row_by_row_attention).
     counts: list[int] | None = None
 
 
@@ -270,8 +270,9 @@ def forward(llama: FastLlama, weights: Precision, cache: SlotCache, step: StepIn
     if step.output_order is not None:
         x = x[step.output_order]
     # Only the positions that need a token go through the 49152-wide output layer.
-    h = weights.ops.rms_norm(x, llama.final_norm, llama.shape.eps)
-    return _matmul(weights, step)(weights.lm_head, h[:, None])[:, 0].float()
+    h = weights.ops.rms_norm(x, llama.final_norm, llama.shape.eps)[:, None]  # [rows, 1, hidden]
+    matmul = _matmul(weights, [1] * rows if _by_row(step) else None)
+    return matmul(weights.lm_head, h)[:, 0].float()
 
 
 def layers_forward(llama: FastLlama, weights: Precision, cache: SlotCache, step: StepInputs, x: torch.Tensor) -> None:
@@ -279,7 +280,7 @@ def layers_forward(llama: FastLlama, weights: Precision, cache: SlotCache, step:
     shape = llama.shape
     rows, tokens = step.input_ids.shape
     heads, rotated = shape.heads, shape.heads + shape.kv_heads
-    ops, matmul = weights.ops, _matmul(weights, step)
+    ops, matmul = weights.ops, _matmul(weights, step.counts if _by_row(step) else None)
     attend = ops.attention if not _by_row(step) else partial(row_by_row_attention, ops)
     rotate = ops.rotation(llama, step)
     for index, layer in enumerate(weights.layers):
@@ -300,11 +301,11 @@ def _by_row(step: StepInputs) -> bool:
     return step.counts is not None and len(step.counts) > 1
 
 
-def _matmul(weights: Precision, step: StepInputs) -> Matmul:
-    if weights.batch_exact or not _by_row(step):
+def _matmul(weights: Precision, counts: list[int] | None) -> Matmul:
+    """The matmul of a step: one call for all rows, or, given each row's real tokens where the precision's
+    kernels are not batch-exact, one call per row on exactly those tokens."""
+    if weights.batch_exact or counts is None:
         return lambda linear, x: linear(x)
-    counts = step.counts
-    assert counts is not None
     return lambda linear, x: _padded([linear(x[row : row + 1, :count]) for row, count in enumerate(counts)], x)
 
 
