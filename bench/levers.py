@@ -33,7 +33,7 @@ from engine.plan import PrefillChunk, PrefillPlan
 
 OUTPUT = Path(__file__).resolve().parent / "levers.md"
 # An AVX2-only CPU, emulated: torch's kernels (and with them the AVX2 kernels' build: engine/fast/avx2.py), oneDNN's
-# and MKL's capped at AVX2. Without MKL's cap, float32 matmuls ran on AVX512 (126 against 160 GFLOPS at 189 rows).
+# and MKL's capped at AVX2. Without MKL's cap, its float32 matmuls ran on AVX512 (147 against 126 GFLOPS at 189 rows).
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 ROWS = (1, 16)
 CONTEXT = 128  # cached positions per row before the timed steps
