@@ -22,7 +22,7 @@ import torch
 
 from bench.levers import AVX2_ENV, load, run_isa
 from engine.fast import avx2
-from engine.fast.linear import AVX2_BFLOAT16
+from engine.fast.linear import AMX_BFLOAT16, AVX2_BFLOAT16
 from engine.fast.model import FastLlama
 
 OUTPUT = Path(__file__).resolve().parent / "roofline.md"
@@ -69,6 +69,7 @@ def measure(rows: int) -> dict:
     model, _ = load()
     llama = FastLlama(model, 64, torch.device("cpu"), torch.float32)
     precisions = ["float32", "bfloat16"] + ([AVX2_BFLOAT16] if avx2.library() is not None else [])
+    precisions += [AMX_BFLOAT16] if avx2.amx_ready() else []
     runs = {name: prefill_matmuls(model, llama, name, rows) for name in precisions}
     times: dict[str, list[float]] = {name: [] for name in runs}
     for forward, _ in runs.values():
