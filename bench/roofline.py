@@ -22,8 +22,8 @@ import torch
 
 from bench.levers import AVX2_ENV, load, run_isa
 from engine.fast import avx2
-from engine.fast.linear import AMX_BFLOAT16, AVX2_BFLOAT16
 from engine.fast.model import FastLlama
+from engine.fast.runner import candidate_precisions
 
 OUTPUT = Path(__file__).resolve().parent / "roofline.md"
 ROOF_SOURCE = Path(__file__).resolve().parent / "fma_roof.c"
@@ -68,8 +68,7 @@ def prefill_matmuls(model, llama: FastLlama, precision: str, rows: int) -> tuple
 def measure(rows: int) -> dict:
     model, _ = load()
     llama = FastLlama(model, 64, torch.device("cpu"), torch.float32)
-    precisions = ["float32", "bfloat16"] + ([AVX2_BFLOAT16] if avx2.library() is not None else [])
-    precisions += [AMX_BFLOAT16] if avx2.amx_ready() else []
+    precisions = candidate_precisions("auto", "none", torch.device("cpu"))  # those `dtype: auto` times here
     runs = {name: prefill_matmuls(model, llama, name, rows) for name in precisions}
     times: dict[str, list[float]] = {name: [] for name in runs}
     for forward, _ in runs.values():

@@ -69,8 +69,9 @@ def library() -> ctypes.CDLL | None:
     reason = unsupported()
     if reason is None:
         try:
-            builds = [AMX_FLAGS] if avx512_allowed() and "amx_bf16" in cpu_flags() else []
-            builds += [AVX512_FLAGS] if avx512_allowed() else []
+            builds = []
+            if avx512_allowed():
+                builds = [AMX_FLAGS, AVX512_FLAGS] if "amx_bf16" in cpu_flags() else [AVX512_FLAGS]
             for flags in builds:
                 try:
                     return build(flags)

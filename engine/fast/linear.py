@@ -7,6 +7,7 @@ matmul touches the whole weight.
 
 from __future__ import annotations
 
+import ctypes
 from typing import Protocol
 
 import torch
@@ -68,18 +69,13 @@ class DenseLinear:
         return F.linear(x, self.weight)
 
 
-class Avx2Linear:
-    """A weight through engine/fast/avx2_kernels.c: float32 activations in and out, the weight widened to float32
-    in registers, packed into `arena` (huge pages: engine/fast/hugepages.py). Only for weights with a multiple
-    of avx2.WIDTH rows (and, for int4, of avx2.INT4_GROUP columns): make_linear checks."""
+class KernelLinear:
+    """A weight through engine/fast/avx2_kernels.c, packed into an Arena (huge pages: engine/fast/hugepages.py):
+    float32 activations in and out, each row computed as it would be alone."""
 
-    int4 = False
     batch_exact = True
 
-    def __init__(self, weight: torch.Tensor) -> None:
-        kernels = avx2.library()
-        if kernels is None or not avx2.packable(weight, self.int4) or weight.device.type != "cpu":
-            raise ValueError(f"the AVX2 kernels cannot run a {tuple(weight.shape)} weight on this machine")
+    def __init__(self, kernels: ctypes.CDLL, weight: torch.Tensor) -> None:
         self.kernels, self.in_features = kernels, weight.shape[1]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,6 +84,19 @@ class Avx2Linear:
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+
+class Avx2Linear(KernelLinear):
+    """The weight widened to float32 in registers. Only for weights with a multiple of avx2.WIDTH rows (and, for
+    int4, of avx2.INT4_GROUP columns): make_linear checks."""
+
+    int4 = False
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        kernels = avx2.library()
+        if kernels is None or not avx2.packable(weight, self.int4) or weight.device.type != "cpu":
+            raise ValueError(f"the AVX2 kernels cannot run a {tuple(weight.shape)} weight on this machine")
+        super().__init__(kernels, weight)
 
 
 class Avx2Bf16Linear(Avx2Linear):
@@ -117,25 +126,22 @@ class Avx2Int4Linear(Avx2Linear):
         return avx2.linear_int4(self.kernels, x, self.nibbles, self.scale_min)
 
 
-class AmxBf16Linear:
+class AmxBf16Linear(KernelLinear):
     """bfloat16 weights on AMX tiles (avx2_kernels.c's linear_amx_bf16), the activations rounded to bfloat16 as
     torch's bfloat16 matmul rounds them, the products summed in float32. Unlike oneDNN's bfloat16 matmul, a row's
     result does not depend on the rows beside it, for about its speed in a prefill (7 prompts of 27 tokens on a
-    2-core AMX Xeon: 201-236 ms against 162-245; the matmuls alone reach half of oneDNN's GFLOPS). Not a subclass
-    of Avx2Linear: DecodeStack runs those, on their own packing."""
-
-    batch_exact = True
+    2-core AMX Xeon: 201-236 ms against 162-245; the matmuls alone reach half of oneDNN's GFLOPS). Not an
+    Avx2Linear: DecodeStack runs those, on their own packing."""
 
     def __init__(self, weight: torch.Tensor, arena: Arena) -> None:
         kernels = avx2.library()
         if kernels is None or not avx2.amx_ready() or not avx2.amx_packable(weight) or weight.device.type != "cpu":
             raise ValueError(f"the AMX kernel cannot run a {tuple(weight.shape)} weight on this machine")
-        self.kernels, self.in_features = kernels, weight.shape[1]
+        super().__init__(kernels, weight)
         self.packed = avx2.pack_amx(weight, arena)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = avx2.linear_amx(self.kernels, x.reshape(-1, self.in_features).to(torch.float32).contiguous(), self.packed)
-        return out.to(x.dtype).view(*x.shape[:-1], -1)
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        return avx2.linear_amx(self.kernels, x, self.packed)
 
 
 def onednn_packed(weight: torch.Tensor) -> torch.Tensor | None:

@@ -35,7 +35,7 @@ class FastRunner:
         candidates: Sequence[str] | None = None,
     ) -> None:
         """`candidates`: the precisions start() chooses from (linear.make_linear's names), for benchmarks and
-        tests that pin one; by default they follow from dtype, quantization and the machine (_candidates)."""
+        tests that pin one; by default they follow from dtype, quantization and the machine (candidate_precisions)."""
         if not supports(model):
             raise ValueError(
                 f"FastRunner does not handle {type(model).__name__} with this config: use the transformers runner"
@@ -44,7 +44,7 @@ class FastRunner:
             raise ValueError(f"unknown dtype {dtype!r}: use auto, {', '.join(FLOAT_DTYPES)}")
         self.device = model.device
         check_quantization(quantization, self.device)
-        self.candidates = list(candidates) if candidates else _candidates(dtype, quantization, self.device)
+        self.candidates = list(candidates) if candidates else candidate_precisions(dtype, quantization, self.device)
         # On CPU the residual stream, norms, RoPE, attention and the KV cache stay float32 whatever the
         # weights are: a row's cache then does not depend on which precision each step ran in (the band
         # changes with the batch size), and the casts around a matmul cost far less than the matmul.
@@ -259,9 +259,9 @@ def _timings(timings: dict[tuple[str, int], float], size_label: str) -> str:
     return ", ".join(f"{name} {size_label}{size} {seconds * 1000:.1f}" for (name, size), seconds in ordered)
 
 
-def _candidates(dtype: str, quantization: str, device: torch.device) -> list[str]:
+def candidate_precisions(dtype: str, quantization: str, device: torch.device) -> list[str]:
     """The precisions start() chooses from. A quantization asked for is used everywhere (its accuracy is what
-    was asked). On CPU, dtype auto lets float32 and bfloat16 compete per batch size; bfloat16 and int4 weights
+    was asked). On CPU, dtype auto lets float32 and bfloat16 compete; bfloat16 and int4 weights
     run on torch's kernels or, where they run, on the AVX2 kernels (and bfloat16 on AMX tiles), whichever
     measures faster. On CUDA bfloat16 is the fast path without measuring."""
     on_avx2 = device.type == "cpu" and avx2.library() is not None
