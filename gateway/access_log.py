@@ -40,9 +40,8 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any, TextIO
 
-from jina.types.request.data import SingleDocumentRequest
-
 from gateway.relay import StreamDocHandler
+from workarounds.jina_gateway import StreamDocRequest, request_document, request_endpoint
 
 log = logging.getLogger("llm.access")
 
@@ -232,10 +231,10 @@ def access_logged(stream_doc: StreamDocHandler) -> StreamDocHandler:
     """Wrap the gRPC request handler's `stream_doc`: a line per call, once it has ended, with the `x-request-id`
     it took from the call's metadata (or made) sent back in the initial metadata."""
 
-    async def logged_stream_doc(request: SingleDocumentRequest, context: Any) -> AsyncIterator[SingleDocumentRequest]:
+    async def logged_stream_doc(request: StreamDocRequest, context: Any) -> AsyncIterator[StreamDocRequest]:
         metadata = dict(context.invocation_metadata() or ()) if context is not None else {}
         record = AccessRecord(
-            request_id(metadata.get(REQUEST_ID_HEADER)), "grpc", "stream_doc", request.header.exec_endpoint
+            request_id(metadata.get(REQUEST_ID_HEADER)), "grpc", "stream_doc", request_endpoint(request)
         )
         if context is not None:
             await context.send_initial_metadata(((REQUEST_ID_HEADER, record.request_id),))
@@ -257,10 +256,10 @@ def access_logged(stream_doc: StreamDocHandler) -> StreamDocHandler:
     return logged_stream_doc
 
 
-def proto_fields(response: SingleDocumentRequest) -> list[Any]:
+def proto_fields(response: StreamDocRequest) -> list[Any]:
     """The fields `AccessRecord.observe` takes, read from the response's protobuf document (parsing the whole
     document into pydantic, for every token, would cost far more)."""
-    data = response.proto.document.data
+    data = request_document(response).data
     values = []
     for name in _FIELDS:
         node = data.get(name)

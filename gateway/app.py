@@ -34,6 +34,7 @@ from gateway.openai_api import (
 from gateway.streams import STREAM_ENDPOINT, DocStream
 from gateway.validation import describe
 from schemas import ErrorCode, ModelOutputDocument, PromptDocument
+from workarounds.jina_gateway import remove_routes
 
 STATIC = Path(__file__).resolve().parent / "static"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -59,12 +60,9 @@ def add_routes(app: FastAPI, streamer: Any, model_info: ModelInfo, limits: HttpL
     # Jina's `GET /stream` answered a missing or mistyped field with a 200 and a bare `end` event, or a plain-text
     # 500, and its `end` event had no data line, so a browser's EventSource never saw it and reconnected (starting
     # the generation again). `stream_events` below replaces it.
-    app.router.routes = [
-        route for route in app.router.routes
-        if not (getattr(route, "path", None) == STREAM_ENDPOINT and "GET" in getattr(route, "methods", ()))
-    ]
+    remove_routes(app, STREAM_ENDPOINT, "GET")
     # The page replaces Jina's health check at `/`: it answers 200 as well, which is all readiness checks need.
-    app.router.routes = [route for route in app.router.routes if getattr(route, "path", None) != "/"]
+    remove_routes(app, "/")
     index_html = (STATIC / "index.html").read_text()
 
     @app.get("/", include_in_schema=False)

@@ -149,10 +149,7 @@ class LLMGateway(CompositeGateway):
         jina_gateway.install()
         if exit_on_executor_loss is None:
             exit_on_executor_loss = started_by_jina_flow()
-        runtime_args = kwargs["runtime_args"]
-        deployments = (runtime_args.get if isinstance(runtime_args, dict) else runtime_args.__dict__.get)(
-            "deployments_addresses"
-        )
+        deployments = jina_gateway.runtime_arg(kwargs["runtime_args"], "deployments_addresses")
         keys = Keys(load_keys())  # a key file that names no key fails the start
         origins = frozenset(allowed_origins or ())
         limits = HttpLimits(max_body_bytes, max_json_depth, max_ws_message_bytes, header_timeout_s)  # checked here

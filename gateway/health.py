@@ -32,13 +32,13 @@ import grpc
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from jina.types.request.data import SingleDocumentRequest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.relay import StreamDocHandler
 from gateway.streams import UNAVAILABLE_MESSAGE
 from gateway.validation import error_response
 from schemas import ErrorCode
+from workarounds.jina_gateway import StreamDocRequest
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def guarded(watch: ExecutorWatch, stream_doc: StreamDocHandler) -> StreamDocHand
     """Wrap the gRPC handler's `stream_doc`: while the engine is unavailable, one error document (code
     unavailable) instead of a call to an executor that is not there."""
 
-    async def guarded_stream_doc(request: SingleDocumentRequest, context: Any) -> AsyncIterator[SingleDocumentRequest]:
+    async def guarded_stream_doc(request: StreamDocRequest, context: Any) -> AsyncIterator[StreamDocRequest]:
         if not watch.serving:
             yield error_response(request, UNAVAILABLE_MESSAGE, ErrorCode.UNAVAILABLE)
             return

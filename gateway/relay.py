@@ -19,11 +19,11 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Generic, TypeVar
 
-from jina.types.request.data import SingleDocumentRequest
+from workarounds.jina_gateway import StreamDocRequest
 
 T = TypeVar("T")
 
-StreamDocHandler = Callable[[SingleDocumentRequest, Any], AsyncIterator[SingleDocumentRequest]]
+StreamDocHandler = Callable[[StreamDocRequest, Any], AsyncIterator[StreamDocRequest]]
 
 # Documents the pump may read ahead of a slow consumer: enough to keep it reading while a document is being
 # sent, few enough that a client that stops reading holds the executor's stream back (gRPC flow control).
@@ -89,7 +89,7 @@ def relayed(stream_doc: StreamDocHandler) -> StreamDocHandler:
     """Wrap the gRPC request handler's `stream_doc` so that the stream to the executor is cancelled as soon as the
     client's gRPC call ends, however it ends."""
 
-    async def relayed_stream_doc(request: SingleDocumentRequest, context: Any) -> AsyncIterator[SingleDocumentRequest]:
+    async def relayed_stream_doc(request: StreamDocRequest, context: Any) -> AsyncIterator[StreamDocRequest]:
         relay = TaskRelay(stream_doc(request, context))
         if context is not None:
             # Runs when the call terminates, also when gRPC leaves this generator suspended at its `yield`.

@@ -32,6 +32,7 @@ from gateway.openai_api import OpenAIError, failure
 from gateway.streams import DocStream
 from gateway.validation import describe
 from schemas import ModelOutputDocument, PromptDocument
+from workarounds.jina_gateway import remove_routes
 
 GENERATE_PATH = "/generate"
 DEFAULT_MAX_GENERATE_DOCUMENTS = 8
@@ -49,10 +50,7 @@ def add_generate_route(app: FastAPI, streamer: Any, max_documents: int) -> FastA
     """Replace Jina's `POST /generate` of `app` by this module's route."""
     if max_documents < 1:
         raise ValueError(f"max_generate_documents must be >= 1, got {max_documents}")
-    app.router.routes = [
-        route for route in app.router.routes
-        if not (getattr(route, "path", None) == GENERATE_PATH and "POST" in getattr(route, "methods", ()))
-    ]
+    remove_routes(app, GENERATE_PATH, "POST")
 
     @app.post(GENERATE_PATH)
     async def generate(request: Request) -> Response:

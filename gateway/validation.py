@@ -12,16 +12,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from jina.types.request.data import SingleDocumentRequest
 from pydantic import ValidationError
 from pydantic.typing import display_as_type
 
 from gateway.relay import StreamDocHandler
 from gateway.streams import STREAM_ENDPOINT
 from schemas import ErrorCode, ModelOutputDocument, PromptDocument, error_document
+from workarounds.jina_gateway import StreamDocRequest, document_response, request_document, request_endpoint
 
 
-def prompt_error(request: SingleDocumentRequest) -> str | None:
+def prompt_error(request: StreamDocRequest) -> str | None:
     """Why the request's document is not a valid PromptDocument, in words; None when it is one.
 
     `PromptDocument.from_protobuf` is what the executor's worker calls on it: what passes here passes there. (Fields
@@ -29,7 +29,7 @@ def prompt_error(request: SingleDocumentRequest) -> str | None:
     as it failed before, with the gRPC error of its parse failure.
     """
     try:
-        PromptDocument.from_protobuf(request.proto.document)
+        PromptDocument.from_protobuf(request_document(request))
     except ValidationError as error:
         return "the document is not a valid PromptDocument: " + "; ".join(map(describe, error.errors()))
     except (ValueError, TypeError, KeyError) as error:  # a value of a kind from_protobuf cannot turn into a field
@@ -48,15 +48,11 @@ def describe(error: Mapping[str, Any]) -> str:
 
 
 def error_response(
-    request: SingleDocumentRequest, message: str, code: ErrorCode = ErrorCode.INVALID_REQUEST
-) -> SingleDocumentRequest:
+    request: StreamDocRequest, message: str, code: ErrorCode = ErrorCode.INVALID_REQUEST
+) -> StreamDocRequest:
     """The response that carries an error document (invalid_request unless `code` says otherwise), as the
     worker's responses carry the executor's."""
-    response = SingleDocumentRequest()
-    response.header.request_id = request.header.request_id
-    response.document_cls = ModelOutputDocument
-    response.data.doc = error_document(message, code)
-    return response
+    return document_response(request, error_document(message, code), ModelOutputDocument)
 
 
 def validating(stream_doc: StreamDocHandler) -> StreamDocHandler:
@@ -70,9 +66,9 @@ def validating(stream_doc: StreamDocHandler) -> StreamDocHandler:
     """
 
     async def validated_stream_doc(
-        request: SingleDocumentRequest, context: Any
-    ) -> AsyncIterator[SingleDocumentRequest]:
-        error = prompt_error(request) if request.header.exec_endpoint == STREAM_ENDPOINT else None
+        request: StreamDocRequest, context: Any
+    ) -> AsyncIterator[StreamDocRequest]:
+        error = prompt_error(request) if request_endpoint(request) == STREAM_ENDPOINT else None
         if error is not None:
             yield error_response(request, error)
             return

@@ -30,6 +30,16 @@
   appends one there before the servers start (gateway/auth.py: API keys in the call metadata).
 - Every stream of every protocol (gRPC stream_doc, SSE, OpenAI, WebSocket) goes through the streamer's
   `rpc_stream_doc` (Jina's GatewayStreamer): `wrap_streams` wraps it, to count the streams in flight.
+- Runtime arguments: Jina passes a gateway's __init__ `runtime_args` as a dict or as an argparse Namespace, with
+  no accessor for either; `runtime_arg` reads one (the executors' addresses, `deployments_addresses`).
+- Jina's HTTP routes: Jina's FastAPI app (`jina.serve.runtimes.gateway.http_fastapi_app_docarrayv2`) has no hook
+  to leave out one of its routes; `remove_routes` takes them out of `app.router.routes` by path (and method), for
+  the service's own `GET /stream`, `POST /generate` and the page at `/`.
+- gRPC messages: the gateway's wrappers of `stream_doc` (gateway/relay.py, validation.py, health.py,
+  access_log.py) take and yield Jina's `SingleDocumentRequest`. `StreamDocRequest` names that class,
+  `request_endpoint` and `request_document` read a message's endpoint and protobuf document, and
+  `document_response` builds the answer to a request that carries one document of our own (an error document),
+  as Jina's worker builds the executor's.
 tests/test_gateway_relay.py, tests/test_gateway_validation.py, tests/test_http.py and tests/test_grpc_limits.py
 prove it on a real flow.
 """
@@ -37,7 +47,7 @@ prove it on a real flow.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 from grpc_health.v1 import health_pb2
 from jina.enums import ProtocolType
@@ -47,6 +57,7 @@ from jina.serve.runtimes.gateway.composite import CompositeGateway
 from jina.serve.runtimes.gateway.grpc import GRPCGateway
 from jina.serve.runtimes.servers import BaseServer
 from jina.serve.runtimes.servers.composite import CompositeBaseServer
+from jina.types.request.data import SingleDocumentRequest
 
 from workarounds.versions import require_verified
 
@@ -58,6 +69,8 @@ TEST = (
 
 T = TypeVar("T")
 StreamDoc = Callable[..., AsyncIterator[Any]]
+# One message of Jina's gRPC `stream_doc`: a client's request, or a response relayed from the executor.
+StreamDocRequest: TypeAlias = SingleDocumentRequest
 
 
 def install() -> None:
@@ -136,3 +149,37 @@ def add_grpc_interceptor(servers: list[BaseServer], interceptor: Any) -> None:
     for server in servers:
         if isinstance(server, GRPCGateway):
             server.grpc_tracing_server_interceptors = [*(server.grpc_tracing_server_interceptors or []), interceptor]
+
+
+def runtime_arg(runtime_args: Any, name: str) -> Any:
+    """The runtime argument `name` Jina gave a gateway's __init__ (`runtime_args`: a dict or a Namespace); None when
+    it gave none."""
+    return (runtime_args if isinstance(runtime_args, dict) else vars(runtime_args)).get(name)
+
+
+def remove_routes(app: Any, path: str, method: str | None = None) -> None:
+    """Take the routes at `path` out of Jina's FastAPI `app` (only those that answer `method`, when given), so that
+    a route of our own can take the path."""
+    app.router.routes = [
+        route for route in app.router.routes
+        if not (getattr(route, "path", None) == path and (method is None or method in getattr(route, "methods", ())))
+    ]
+
+
+def request_endpoint(request: StreamDocRequest) -> str:
+    """The executor endpoint a `stream_doc` message is for (`/stream`, `/generate`, ...)."""
+    return str(request.header.exec_endpoint)
+
+
+def request_document(request: StreamDocRequest) -> Any:
+    """The protobuf document (DocArray's DocProto) a `stream_doc` message carries, unparsed."""
+    return request.proto.document
+
+
+def document_response(request: StreamDocRequest, doc: Any, document_cls: type) -> StreamDocRequest:
+    """The response to `request` that carries `doc` (of `document_cls`), as Jina's worker builds the executor's."""
+    response = SingleDocumentRequest()
+    response.header.request_id = request.header.request_id
+    response.document_cls = document_cls
+    response.data.doc = doc
+    return response
