@@ -292,10 +292,42 @@ def markdown(
             *[f"- {n}" for n in notes],
             "",
             *levers,
+            *OTHER_MEASUREMENTS,
             *EARLIER_EVALUATIONS,
         ]
     )
 
+
+# Not rerun by `make bench`: figures measured by other tools or by hand, which the docs (docs/) point to.
+OTHER_MEASUREMENTS = [
+    "## Other measurements",
+    "",
+    "Not rerun by `make bench`. The burst trace, the prefill roofline and the levers have reports of their own: "
+    "[bench/trace.md](bench/trace.md) (`python -m bench.trace`), [bench/roofline.md](bench/roofline.md) "
+    "(`python -m bench.roofline`), [bench/levers.md](bench/levers.md) (`python -m bench.levers`); the soak's last "
+    "run is [SOAK.md](SOAK.md) (`make soak`).",
+    "",
+    "- Start-up, on a busy 2-core host: converting the embedded GGUF into the safetensors cache (once) took about "
+    "20 s; a flow whose model is a hub id missing from the local cache exited with status 1 about 20 s after its "
+    "start, mostly the processes' imports.",
+    "- Metrics binds, on a busy 2-core host: Jina's Prometheus endpoints listen on every address until "
+    "`workarounds/jina_monitoring.py` moves them, the gateway's for 1.4 s, the executor's for 11 s (while torch "
+    "imports).",
+    "- Building llama.cpp's server for the comparison (`bench/peer.py`, once, then cached): about 25 minutes on 2 "
+    "cores.",
+    "- Predictions (`python -m bench.predictions_soak`, embedded model, in memory): the gateway at 215 MiB before "
+    "and 220 MiB at most over 223 predictions in 90 s, 0 unexpected; with `--ttl 20 --max-kept 200` the last 50 "
+    "created all answered 404 after the TTL. `--in-process`: 3.7 KiB per kept prediction of 256 tokens, so the "
+    "default 10000 predictions of 256 tokens take about 37 MiB.",
+    "- Time to first token of a burst on 2 AVX2 cores: on the AMX Xeon capped at AVX2 (torch, oneDNN, MKL and the "
+    "AVX2 kernels' build), a prefill group's matmuls ran at 70-77% of the float32 FMA roof, 1.7-2.3 ms a token "
+    "(bench/roofline.md, two runs). The median of 16 simultaneous streams gets its first token once about 9 "
+    "prompts of 26 tokens are prefilled, 49.6 GFLOP of matmuls: 300-380 ms even at the roof, about 390-520 ms at "
+    "the rates measured, before attention, the rest of each layer, the decode steps due in between and gRPC, so "
+    "at full precision on 2 AVX2 cores the 500 ms p50 goal is out of reach. `make bench` under that cap "
+    "(`--skip-peer --skip-seed`): gRPC at 16 streams p50 TTFT 831 ms, in process 886 ms, 177.6 tok/s.",
+    "",
+]
 
 # Not rerun by the benchmark: the conclusions of an evaluation whose script was removed from the tree.
 EARLIER_EVALUATIONS = [

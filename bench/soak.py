@@ -330,7 +330,7 @@ async def soak(args: argparse.Namespace, service: Service) -> dict:
         executor_counts=counts,
         # A client cancelled after its first document was certainly inside the executor: each must be counted
         # there as cancelled (the engine counts it as it drops the request). One that is not ran on to max_tokens:
-        # its cancellation was lost on the way (README, "Architecture", names the places that lost them).
+        # its cancellation was lost on the way (docs/architecture.md names the places that lost them).
         cancellations={
             "by_clients": summary["by_outcome"].get(CANCELLED_BY_CLIENT, 0),
             "after_the_first_document": cancelled_inside,

@@ -40,7 +40,7 @@ def flow_file(path: Path) -> dict:
 
 
 def jina_export(kind: str, flow: Path, output: Path) -> None:
-    """`jina export <kind>` as the README runs it: from the repository root, with JINA_GATEWAY_IMAGE set."""
+    """`jina export <kind>` as docs/operations.md runs it: from the repository root, with JINA_GATEWAY_IMAGE set."""
     env = {key: value for key, value in os.environ.items() if key.lower() not in ("no_proxy", "jina_log_level")}
     env.update({name: DEAD_PROXY for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")})
     env["JINA_GATEWAY_IMAGE"] = IMAGE

@@ -10,7 +10,7 @@ name of Jina, grpc or asyncio.
 - grpc_cancel:     grpc.aio loses a cancellation that comes just as a streaming call starts (client and gateway).
 - grpc_aio_poller: grpc.aio restarts its poller whenever a process has no channel left, and a restart can lose events.
 - jina_gateway:    a composite gateway with the service's own HTTP server and gRPC server options; wrapping gRPC
-                   stream_doc and the streams.
+                   stream_doc and the streams; runtime arguments, Jina's HTTP routes and its gRPC messages.
 - jina_worker:     Jina's worker drops an executor's generator at a `yield` without closing it.
 - asyncio_signals: running the SIGTERM handler Jina installed, after a drain of our own.
 - jina_client:     Jina's gRPC client drops stream_doc's call metadata (an API key).
