@@ -18,6 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import SHAPE_LIST, SHAPE_SINGLETON
 
+from gateway.encodable import require_encodable
 from gateway.limits import HttpLimits, JsonError, parse_json
 from gateway.model_info import ModelInfo
 from gateway.openai_api import (
@@ -112,6 +113,7 @@ def add_routes(app: FastAPI, streamer: Any, model_info: ModelInfo, limits: HttpL
     async def completion(request: Request, request_model: type, chat: bool) -> Response:
         try:
             parsed = parse_request(request_model, await json_body(request, limits))
+            require_encodable(parsed)  # named as the client sent it (max_completion_tokens, messages.0.content)
             prompt = make_prompt(parsed.document_fields())
             info = await model_info.check(parsed.model)
         except OpenAIError as error:
@@ -172,12 +174,14 @@ async def json_body(request: Request, limits: HttpLimits) -> Any:
 
 def make_prompt(fields: dict) -> PromptDocument:
     try:
-        return PromptDocument(**fields)
+        prompt = PromptDocument(**fields)
     except ValidationError as error:
         errors = error.errors()
         param = str(errors[0]["loc"][0])
         code = "missing_required_parameter" if errors[0]["type"] == "value_error.missing" else "invalid_value"
         raise OpenAIError(400, "; ".join(map(describe, errors)), param=param, code=code) from None
+    require_encodable(prompt)
+    return prompt
 
 
 def query_kind(name: str) -> str | None:
@@ -419,8 +423,9 @@ async def websocket_session(websocket: WebSocket, streamer: Any, limits: HttpLim
                 continue
             fields = {key: value for key, value in message.items() if key in PROMPT_FIELDS}
             fields.setdefault("max_tokens", DEFAULT_WS_MAX_TOKENS)
-            fields["messages"], fields["prompt"] = conversation.messages(message)
             try:
+                require_encodable(message)  # named as the client sent it: the prompt becomes a turn of messages
+                fields["messages"], fields["prompt"] = conversation.messages(message)
                 prompt = make_prompt(fields)
             except OpenAIError as error:
                 await refuse(error.message)

@@ -29,10 +29,14 @@ from gateway.health import (
     started_by_jina_flow,
 )
 from gateway.limits import (
+    DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_HEADER_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_HEADER_BYTES,
+    DEFAULT_MAX_HEADER_COUNT,
     DEFAULT_MAX_JSON_DEPTH,
     DEFAULT_MAX_WS_MESSAGE_BYTES,
+    DEFAULT_MIN_BODY_RATE,
     BodyLimits,
     HttpLimits,
 )
@@ -130,6 +134,9 @@ class LLMGateway(CompositeGateway):
     `max_body_bytes`: the largest HTTP request body (413 past it; gateway/limits.py).
     `max_json_depth`, `max_ws_message_bytes`, `header_timeout_s`: how deep a JSON body may nest (400 past it), the
     largest WebSocket message (1009 past it), how long a request's headers may take (408 past it; gateway/limits.py).
+    `body_timeout_s`, `min_body_rate`: the longest pause in a request body and its slowest average rate in bytes
+    a second (408 past either); `max_header_count`, `max_header_bytes`: the most headers and the largest request
+    head (431 past either; gateway/limits.py).
     `max_generate_documents`: the most PromptDocuments one `POST /generate` call takes (gateway/unary.py).
     `max_grpc_message_bytes`: the largest gRPC message the gateway's gRPC server receives (Jina's default: any);
     past it the call ends with RESOURCE_EXHAUSTED.
@@ -141,6 +148,9 @@ class LLMGateway(CompositeGateway):
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_json_depth: int = DEFAULT_MAX_JSON_DEPTH,
                  max_ws_message_bytes: int = DEFAULT_MAX_WS_MESSAGE_BYTES,
                  header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
+                 body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S, min_body_rate: float = DEFAULT_MIN_BODY_RATE,
+                 max_header_count: int = DEFAULT_MAX_HEADER_COUNT,
+                 max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
                  max_generate_documents: int = DEFAULT_MAX_GENERATE_DOCUMENTS,
                  max_grpc_message_bytes: int = DEFAULT_MAX_GRPC_MESSAGE_BYTES, **kwargs) -> None:
         # Both raise UnverifiedVersion on a grpcio or jina they were not verified against: the gateway fails to
@@ -152,7 +162,10 @@ class LLMGateway(CompositeGateway):
         deployments = jina_gateway.runtime_arg(kwargs["runtime_args"], "deployments_addresses")
         keys = Keys(load_keys())  # a key file that names no key fails the start
         origins = frozenset(allowed_origins or ())
-        limits = HttpLimits(max_body_bytes, max_json_depth, max_ws_message_bytes, header_timeout_s)  # checked here
+        limits = HttpLimits(  # checked here
+            max_body_bytes, max_json_depth, max_ws_message_bytes, header_timeout_s, body_timeout_s, min_body_rate,
+            max_header_count, max_header_bytes,
+        )
         on_lost = exit_flow if exit_on_executor_loss else None
         self.watch = ExecutorWatch(executor_addresses(deployments), health_interval_s, retry_after_s, on_lost)
         jina_gateway.build_servers(

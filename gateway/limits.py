@@ -13,14 +13,19 @@ gateway (`LLMGateway`'s `uses_with`) whose error names it:
 - `header_timeout_s`: a connection whose request line and headers are not whole this long after it opened (or
   after its previous response) gets 408 and is closed, so that clients trickling headers (slowloris) cannot hold
   connections open.
-The last two live in the protocol classes given to uvicorn (workarounds/uvicorn_protocols.py).
+- `body_timeout_s`, `min_body_rate`: a body that pauses longer than `body_timeout_s`, or arrives slower on
+  average than `min_body_rate` bytes a second once `body_timeout_s` has passed, gets 408 and the connection is
+  closed: a client trickling a body cannot hold a connection either.
+- `max_header_count`, `max_header_bytes`: a request head with more headers, or more bytes (request line and
+  headers), gets 431 and the connection is closed.
+The last three live in the protocol classes given to uvicorn (workarounds/uvicorn_protocols.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -33,6 +38,12 @@ DEFAULT_MAX_BODY_BYTES = 2_000_000  # TGI's payload limit
 DEFAULT_MAX_JSON_DEPTH = 64  # OpenAI's requests nest 5 levels deep
 DEFAULT_MAX_WS_MESSAGE_BYTES = DEFAULT_MAX_BODY_BYTES
 DEFAULT_HEADER_TIMEOUT_S = 10.0  # Apache's mod_reqtimeout allows 20-40 s, growing with the bytes received
+DEFAULT_BODY_TIMEOUT_S = 5.0  # a client that has sent its head has its body ready; mod_reqtimeout allows 20 s
+DEFAULT_MIN_BODY_RATE = 500.0  # bytes a second: mod_reqtimeout's MinRate; a body at the size limit gets 67 min
+DEFAULT_MAX_HEADER_COUNT = 100  # Apache's LimitRequestFields
+# The request line counts too, and a browser's EventSource sends a whole conversation in `/stream`'s query: larger
+# than nginx's 4 x 8 KiB header buffers.
+DEFAULT_MAX_HEADER_BYTES = 256 * 1024
 # Bodies larger than this have their nesting measured in a worker thread (about 40 ms per MB), off the event loop.
 INLINE_DEPTH_BYTES = 64 * 1024
 
@@ -53,10 +64,14 @@ class HttpLimits:
     max_json_depth: int = DEFAULT_MAX_JSON_DEPTH
     max_ws_message_bytes: int = DEFAULT_MAX_WS_MESSAGE_BYTES
     header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    min_body_rate: float = DEFAULT_MIN_BODY_RATE
+    max_header_count: int = DEFAULT_MAX_HEADER_COUNT
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
 
     def __post_init__(self) -> None:  # a wrong setting fails the gateway's start, naming it
-        for name in ("max_body_bytes", "max_json_depth", "max_ws_message_bytes", "header_timeout_s"):
-            value = getattr(self, name)
+        for field in fields(self):
+            name, value = field.name, getattr(self, field.name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise ValueError(f"{name} must be a number > 0, got {value!r}")
 
@@ -67,18 +82,39 @@ class HttpLimits:
     def uvicorn_kwargs(self) -> dict[str, Any]:
         """The settings of uvicorn, the server Jina's HTTP gateway runs, that hold the connection limits."""
         uvicorn_protocols.install()
-        message = f"the request headers took longer than the limit of {self.header_timeout_s:g} s (header_timeout_s)"
-        body = json.dumps(error_body(message, "request_timeout")).encode()
-        response = (
-            b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-            b"content-length: %d\r\n\r\n%s" % (len(body), body)
+        bounds = uvicorn_protocols.ReadingBounds(
+            header_timeout_s=self.header_timeout_s,
+            body_timeout_s=self.body_timeout_s,
+            min_body_rate=self.min_body_rate,
+            max_header_count=self.max_header_count,
+            max_header_bytes=self.max_header_bytes,
+            header_timeout=raw_error(408, "Request Timeout", "request_timeout", "the request headers took longer than "
+                                     f"the limit of {self.header_timeout_s:g} s (header_timeout_s)"),
+            body_timeout=raw_error(408, "Request Timeout", "request_timeout", "the request body paused longer than "
+                                   f"{self.body_timeout_s:g} s (body_timeout_s) or arrived slower than "
+                                   f"{self.min_body_rate:g} bytes/s (min_body_rate)"),
+            too_many_headers=raw_error(431, "Request Header Fields Too Large", "request_header_fields_too_large",
+                                       f"the request has more headers than the limit of {self.max_header_count} "
+                                       "(max_header_count)"),
+            headers_too_large=raw_error(431, "Request Header Fields Too Large", "request_header_fields_too_large",
+                                        f"the request line and headers are larger than the limit of "
+                                        f"{self.max_header_bytes} bytes (max_header_bytes)"),
         )
         reason = f"message larger than the limit of {self.max_ws_message_bytes} bytes (max_ws_message_bytes)"
         return {
-            "http": uvicorn_protocols.header_deadline_protocol(self.header_timeout_s, response),
+            "http": uvicorn_protocols.bounded_reading_protocol(bounds),
+            # h11's own bound on a head still incomplete (16 KiB by default) would answer a plain 400 first.
+            "h11_max_incomplete_event_size": self.max_header_bytes + 1,
             "ws": uvicorn_protocols.message_limit_protocol(reason),
             "ws_max_size": self.max_ws_message_bytes,
         }
+
+
+def raw_error(status: int, phrase: str, code: str, message: str) -> bytes:
+    """A whole HTTP response carrying the error JSON, for the protocol to write past h11 before it closes."""
+    body = json.dumps(error_body(message, code)).encode()
+    head = f"HTTP/1.1 {status} {phrase}\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    return head.encode() + b"content-length: %d\r\n\r\n%s" % (len(body), body)
 
 
 # JSON nesting -----------------------------------------------------------------------------------------------------

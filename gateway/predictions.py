@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from gateway.app import SSE_HEADERS, read_json
+from gateway.encodable import unencodable
 from gateway.model_info import ModelInfo
 from gateway.openai_api import DEFAULT_MAX_TOKENS, OpenAIError, failure
 from gateway.prediction_store import MemoryStore, Prediction, PredictionStore, RedisStore, Snapshot, StoreFull, now_iso
@@ -121,6 +122,8 @@ def parse_create(body: Any) -> CreateRequest:
         first = error.errors()[0]
         param = "input." + ".".join(str(part) for part in first["loc"])
         raise bad_request(param, first["msg"]) from None
+    if (bad := unencodable(prompt, "input")) is not None:
+        raise bad_request(bad.param, bad.problem)
     version = body.get("version")
     if version is not None and not isinstance(version, str):
         raise bad_request("version", "must be a string")

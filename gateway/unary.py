@@ -28,6 +28,7 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 
 from gateway.app import error_response, read_json, until_disconnect
+from gateway.encodable import require_encodable
 from gateway.openai_api import OpenAIError, failure
 from gateway.streams import DocStream
 from gateway.validation import describe
@@ -102,6 +103,7 @@ def parse_body(body: Any, max_documents: int) -> tuple[list[PromptDocument], str
         except ValidationError as error:
             reasons = "; ".join(map(describe, error.errors()))  # pydantic's own text names its classes
             raise OpenAIError(400, f"`{where}` is not a valid PromptDocument: {reasons}", param=where) from None
+        require_encodable(prompts[-1], where)
     header = body.get("header")
     request_id = header.get("request_id") if isinstance(header, dict) else None
     return prompts, str(request_id) if request_id else uuid.uuid4().hex

@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic.typing import display_as_type
 
+from gateway.encodable import unencodable
 from gateway.relay import StreamDocHandler
 from gateway.streams import STREAM_ENDPOINT
 from schemas import ErrorCode, ModelOutputDocument, PromptDocument, error_document
@@ -29,12 +30,14 @@ def prompt_error(request: StreamDocRequest) -> str | None:
     as it failed before, with the gRPC error of its parse failure.
     """
     try:
-        PromptDocument.from_protobuf(request_document(request))
+        prompt = PromptDocument.from_protobuf(request_document(request))
     except ValidationError as error:
         return "the document is not a valid PromptDocument: " + "; ".join(map(describe, error.errors()))
     except (ValueError, TypeError, KeyError) as error:  # a value of a kind from_protobuf cannot turn into a field
         return f"the document cannot be read as a PromptDocument: {error}"
-    return None
+    # Protobuf carries no lone surrogate and no int32 beyond its range, but NaN and Infinity it does.
+    bad = unencodable(prompt)
+    return None if bad is None else bad.message
 
 
 def describe(error: Mapping[str, Any]) -> str:
