@@ -142,8 +142,11 @@ def parse_create(body: Any) -> CreateRequest:
 
 def query_number(request: Request, name: str, default: float, maximum: float, integer: bool) -> float:
     raw = request.query_params.get(name)
-    if raw is None:
-        return default
+    return default if raw is None else number(name, raw, maximum, integer)
+
+
+def number(name: str, raw: str, maximum: float, integer: bool) -> float:
+    """`raw` (a query parameter's or a header's text) as a number from 0 to `maximum`, or a 400 naming `name`."""
     try:
         value = int(raw) if integer else float(raw)
     except ValueError:
@@ -471,7 +474,10 @@ class Predictions:
                 await self.store.update(id, status="processing", started_at=now_iso())
             index = 0
             while doc is not None:
-                if doc.text:
+                # One output item per token, also one that adds no text yet (the first bytes of a character split
+                # over several tokens): `output` then always agrees with `output_token_count`, and an item's index
+                # is its token's. (An error document carries no token.)
+                if doc.token_id >= 0:
                     if not await self.store.append(id, index, doc.text):
                         break  # cancelled, possibly through another gateway
                     index += 1
@@ -532,19 +538,16 @@ class Predictions:
             waited = True
 
 
+MAX_OFFSET = 2**31  # past any prediction's events (max_tokens is an int32)
+
+
 def last_event_id(request: Request) -> int:
-    """The last event the client has (-1: none), from `Last-Event-ID` (an EventSource's reconnection), else from
-    `?offset=N` (start at output N)."""
+    """The last event the client has (-1: none), from `Last-Event-ID` (an EventSource's reconnection: the id of an
+    event this stream sent), else from `?offset=N` (start at output N); both checked alike."""
     header = request.headers.get("last-event-id")
     if header is None:
-        return int(query_number(request, "offset", 0, 2**31, integer=True)) - 1
-    try:
-        value = int(header)
-    except ValueError:
-        raise bad_request("Last-Event-ID", f"must be an event id this stream sent (a number), got {header!r}") from None
-    if value < -1:
-        raise bad_request("Last-Event-ID", f"must be -1 or more, got {value}")
-    return value
+        return int(query_number(request, "offset", 0, MAX_OFFSET, integer=True)) - 1
+    return int(number("Last-Event-ID", header, MAX_OFFSET, integer=True))
 
 
 def add_prediction_routes(app: FastAPI, streamer: Any, model_info: ModelInfo, settings: PredictionSettings) -> FastAPI:
@@ -575,7 +578,7 @@ def add_prediction_routes(app: FastAPI, streamer: Any, model_info: ModelInfo, se
     @app.get("/v1/predictions/{id}")
     async def get(id: str, request: Request) -> Response:
         async def work() -> Response:
-            offset = int(query_number(request, "offset", 0, 2**31, integer=True))
+            offset = int(query_number(request, "offset", 0, MAX_OFFSET, integer=True))
             wait_s = query_number(request, "wait", 0, predictions.settings.max_wait_s, integer=False)
             snapshot = await predictions.get(id, offset, wait_s)
             return JSONResponse(render(snapshot, str(request.base_url)))

@@ -24,8 +24,9 @@ from gateway.predictions import PredictionSettings, add_prediction_routes
 from harness.processes import free_port, port_open
 from schemas import ErrorCode, ModelOutputDocument, PromptDocument, error_document
 
-# Token texts of the scripted executor: spaces, a line break alone, one inside a token, non-ASCII.
-TEXTS = [" Hello", ",", " world", "\n", "two\nlines", " é", "—", " end"]
+# Token texts of the scripted executor: spaces, a line break alone, one inside a token, non-ASCII, and a token that
+# adds no text (the first bytes of "—", a character the tokenizer splits: its text comes with the next token).
+TEXTS = [" Hello", ",", " world", "\n", "two\nlines", " é", "", "—", " end"]
 REFUSE, OVERLOAD, FAIL = "REFUSE", "OVERLOAD", "FAIL"
 
 

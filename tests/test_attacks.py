@@ -199,3 +199,28 @@ async def test_a_body_sent_in_pieces_within_the_bounds_is_served_on_a_kept_alive
             assert json.loads(await reader.readexactly(length))["choices"]
     finally:
         writer.close()
+
+
+# Predictions' edges ------------------------------------------------------------------------------------------------
+
+
+async def test_prediction_edges_resume_checks_cancel_after_the_end_and_output_matching_its_count(tiny_service):
+    async with httpx.AsyncClient(base_url=tiny_service.url, timeout=60) as client:
+        created = await client.post("/v1/predictions", json={"input": {"prompt": "hello", "max_tokens": 24}})
+        assert created.status_code == 201, created.text
+        url = created.json()["urls"]["get"]
+        final = (await client.get(url, params={"wait": 30})).json()
+        while final["status"] in ("starting", "processing"):
+            final = (await client.get(url, params={"wait": 30, "offset": len(final["output"]) + 1})).json()
+            final = (await client.get(url)).json()
+        assert final["status"] == "succeeded"
+        assert len(final["output"]) == final["metrics"]["output_token_count"] == 24
+        # A cancel after the end answers with the prediction's true final state.
+        cancelled = await client.post(created.json()["urls"]["cancel"])
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "succeeded"
+        for value in ("-1", "9" * 30):
+            for response in (
+                await client.get(created.json()["urls"]["stream"], headers={"Last-Event-ID": value}),
+                await client.get(created.json()["urls"]["stream"], params={"offset": value}),
+            ):
+                assert response.status_code == 400 and "between 0 and" in response.json()["detail"], response.text

@@ -124,7 +124,7 @@ async def test_create_then_poll_with_offsets_and_long_polls(store):
         assert last["status"] == "succeeded" and last["completed_at"] and last["error"] is None
         assert "".join(texts) == answer_of(7)
         whole = (await client.get(prediction["urls"]["get"])).json()
-        assert "".join(whole["output"]) == answer_of(7) and len(whole["output"]) == 7
+        assert "".join(whole["output"]) == answer_of(7) and len(whole["output"]) == 7  # a token without text too
         assert whole["metrics"]["output_token_count"] == 7 and whole["metrics"]["input_token_count"] == 3
         # Short polls from an offset: only what follows; beyond the end nothing. An ended prediction answers a
         # long poll at once.
@@ -263,8 +263,13 @@ async def test_refusals_of_the_executor_and_of_the_request(store):
             response = await client.get(prediction["urls"]["get"], params=params)
             assert response.status_code == 400 and response.json()["error"]["param"] == name, response.text
         assert "60" in (await client.get(prediction["urls"]["get"], params={"wait": 61})).json()["error"]["message"]
-        response = await client.get(prediction["urls"]["stream"], headers={"Last-Event-ID": "abc"})
-        assert response.status_code == 400 and response.json()["error"]["param"] == "Last-Event-ID"
+        # Last-Event-ID and offset are checked alike (the header's N resumes at output N + 1).
+        for value in ("abc", "-1", "9" * 30):
+            for response, name in [
+                (await client.get(prediction["urls"]["stream"], headers={"Last-Event-ID": value}), "Last-Event-ID"),
+                (await client.get(prediction["urls"]["stream"], params={"offset": value}), "offset"),
+            ]:
+                assert response.status_code == 400 and response.json()["error"]["param"] == name, response.text
 
 
 async def test_max_kept_refuses_while_all_run_then_evicts_the_oldest_finished(store):
