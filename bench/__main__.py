@@ -147,7 +147,7 @@ def peer_context(engine, args) -> int:
     """llama.cpp's whole KV cache: each of its PEER_PARALLEL slots gets an equal share, which must hold the
     longest templated prompt of the run plus max_tokens. llama.cpp rounds a slot's share down to a multiple of
     256, so the share is rounded up to one here."""
-    longest = max(len(engine.tokenize(p, True)) for p in round_prompts(len(PROMPTS), 10**6))
+    longest = max(len(engine.processor.tokenize(p, True)) for p in round_prompts(len(PROMPTS), 10**6))
     return report.PEER_PARALLEL * math.ceil((longest + args.max_tokens) / 256) * 256
 
 

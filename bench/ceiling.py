@@ -89,12 +89,12 @@ def start_engine(loaded: LoadedModel, max_running: int = 32, max_waiting: int = 
     """The engine as the executor configures it (flow.yml's limits; other EngineConfig `settings`), warmed up the
     same way."""
     engine = LLMEngine(loaded, EngineConfig(max_running=max_running, max_waiting=max_waiting, **settings))
-    engine.run_to_completion(engine.tokenize("Hello", True), SamplingParams(max_tokens=8))
+    engine.run_to_completion(engine.processor.tokenize("Hello", True), SamplingParams(max_tokens=8))
     return engine
 
 
 def engine_stream(engine: LLMEngine):
     def open_stream(prompt: str, max_tokens: int) -> AsyncIterator:
-        return engine.generate(engine.tokenize(prompt, True), SamplingParams(max_tokens=max_tokens))
+        return engine.generate(engine.processor.tokenize(prompt, True), SamplingParams(max_tokens=max_tokens))
 
     return open_stream

@@ -258,7 +258,7 @@ def started(model, precision: str | None, rows: int = 16) -> FastRunner:
     """A fast runner in one precision (engine/fast/linear.py's make_linear names), or as `dtype: auto` chooses
     (None)."""
     runner = FastRunner(model, rows, 1024, candidates=[precision] if precision else None)
-    runner.start([])
+    runner.start()
     return runner
 
 

@@ -56,7 +56,7 @@ async def first_token_s(engine, prompt: str, delay_s: float, max_tokens: int) ->
     """Time from arrival to the first token; the stream then runs to its end, as a client's would (its decode
     steps share the engine with the prefills still to come)."""
     await asyncio.sleep(delay_s)
-    prompt_ids = engine.tokenize(prompt, True)
+    prompt_ids = engine.processor.tokenize(prompt, True)
     started = time.perf_counter()
     first: float | None = None
     async for output in engine.generate(prompt_ids, SamplingParams(max_tokens=max_tokens)):

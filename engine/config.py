@@ -32,3 +32,8 @@ class EngineConfig:
     # CPU; int4 in groups of 32 as llama.cpp's Q4_1: on torch's kernel with an int8 output layer, or on the AVX2
     # kernels with a bfloat16 one, whichever measures faster at start-up). See engine/fast/linear.py.
     quantization: str = "none"
+    # Automatic prefix caching (engine/prefix_cache.py, fast path only): the KV of prompts' prefixes is kept in
+    # blocks of prefix_block_size tokens, in at most prefix_cache_mib MiB; a prompt that starts with cached blocks
+    # prefills only the rest. 0 turns it off. Unused blocks go least recently used when room is needed.
+    prefix_cache_mib: int = 1024
+    prefix_block_size: int = 16

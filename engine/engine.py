@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -28,16 +27,13 @@ from engine.loading import LoadedModel, resolve_dtype
 from engine.openmp import on_passing_thread
 from engine.output import RequestOutputProcessor, final_output
 from engine.plan import PrefillPlan, Runner
-from engine.prompts import InvalidRequest, Prompt, PromptEncoder
+from engine.processor import InputProcessor
 from engine.request import Consumer, ErrorCode, FinishReason, Request, SamplingParams, StepOutput, TokenLogprobs
 from engine.runner import CacheRunner
 from engine.sampling import sample_next_tokens
 from engine.scheduler import Scheduler
-from engine.stopping import compile_stops
 
 log = logging.getLogger(__name__)
-
-MAX_TOP_LOGPROBS = 20  # as OpenAI
 
 OutputProcessorFactory = Callable[[Request, "LLMEngine"], RequestOutputProcessor]
 
@@ -60,14 +56,12 @@ class LLMEngine:
         self.config = config or EngineConfig()
         self.tokenizer = loaded.tokenizer
         self.model_name = loaded.name
-        model_context = getattr(loaded.model.config, "max_position_embeddings", None) or 4096
-        self.max_model_len = self.config.max_model_len or min(model_context, 4096)
-        self.max_prompt_chars = self.config.max_prompt_chars or 16 * self.max_model_len
+        self.processor = InputProcessor(loaded, self.config)  # prompts to checked token ids, off this thread
+        self.max_model_len = self.processor.max_model_len
         self.eos_token_ids = _eos_token_ids(loaded)
         # On a thread that ends (engine/openmp.py): the runner's weights are fused and converted by torch kernels.
         self.runner = runner or on_passing_thread(lambda: make_runner(loaded, self.config, self.max_model_len))
-        self.prompts = PromptEncoder(loaded.tokenizer)
-        self.scheduler = Scheduler(self.config, self.prompts.chat_template_head())  # owned by the loop thread
+        self.scheduler = Scheduler(self.config, self.runner.prefix_cache)  # owned by the loop thread
         self._output_processor = output_processor
         self._processors: dict[str, RequestOutputProcessor] = {}  # running requests' (loop thread)
         self._outbox: list[tuple[Request, StepOutput]] = []  # this step's outputs, dispatched at its end
@@ -117,69 +111,6 @@ class LLMEngine:
     def kv_cache_tokens(self) -> int:
         with self._lock:
             return self._kv_cache_tokens
-
-    def prepare(self, prompt: Prompt, params: SamplingParams, chat_template: bool | None = None) -> list[int]:
-        """Everything a request needs before `generate`, off the event loop and the engine thread (it blocks:
-        tokenizing a long prompt takes a while): the prompt's ids, checked against the limits. `prompt` is a text
-        or a conversation (messages with a role and a content). Raises InvalidRequest naming the limit."""
-        characters = len(prompt) if isinstance(prompt, str) else sum(len(str(m.get("content", ""))) for m in prompt)
-        if characters > self.max_prompt_chars:
-            raise InvalidRequest(
-                f"the prompt is {characters} characters; the limit is {self.max_prompt_chars} characters"
-            )
-        self.check_stop(params.stop)
-        prompt_ids = self.tokenize(prompt, chat_template)
-        self.check(prompt_ids, params)
-        compile_stops(params.stop)  # here rather than on the engine thread when the request starts decoding
-        return prompt_ids
-
-    def tokenize(self, prompt: Prompt, chat_template: bool | None = None) -> list[int]:
-        return self.prompts.encode(prompt, chat_template)
-
-    def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        if not prompt_ids:
-            raise InvalidRequest("the prompt is empty after tokenization")
-        if params.max_tokens < 1:
-            raise InvalidRequest(f"max_tokens must be at least 1, got {params.max_tokens}")
-        room = self.max_model_len - len(prompt_ids)
-        if room < 1:
-            raise InvalidRequest(
-                f"the prompt is {len(prompt_ids)} tokens; the model's context is {self.max_model_len} tokens "
-                "(prompt + max_tokens), so the prompt must be shorter"
-            )
-        if params.max_tokens > room:
-            raise InvalidRequest(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context "
-                f"of {self.max_model_len} tokens: max_tokens can be at most {room} for this prompt"
-            )
-        if not math.isfinite(params.temperature) or params.temperature < 0:
-            raise InvalidRequest(f"temperature must be a number >= 0, got {params.temperature}")
-        if not 0 < params.top_p <= 1:
-            raise InvalidRequest(f"top_p must be in (0, 1], got {params.top_p}")
-        self.check_stop(params.stop)
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(params, name)
-            if not -2 <= value <= 2:  # NaN fails too
-                raise InvalidRequest(f"{name} must be between -2 and 2, got {value}")
-        if not 0 < params.repetition_penalty < math.inf:
-            raise InvalidRequest(f"repetition_penalty must be a number > 0, got {params.repetition_penalty}")
-        vocab = len(self.tokenizer)
-        for token_id, bias in params.logit_bias:
-            if not 0 <= token_id < vocab:
-                raise InvalidRequest(f"logit_bias names token {token_id}; token ids go from 0 to {vocab - 1}")
-            if not -100 <= bias <= 100:
-                raise InvalidRequest(f"logit_bias for token {token_id} must be between -100 and 100, got {bias}")
-        if not 0 <= params.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise InvalidRequest(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {params.top_logprobs}")
-
-    def check_stop(self, stop: Sequence[str]) -> None:
-        if len(stop) > self.config.max_stop_strings:
-            raise InvalidRequest(f"{len(stop)} stop strings given; the limit is {self.config.max_stop_strings}")
-        longest = max(map(len, stop), default=0)
-        if longest > self.config.max_stop_length:
-            raise InvalidRequest(
-                f"a stop string is {longest} characters; the limit is {self.config.max_stop_length} characters"
-            )
 
     def new_request_id(self) -> str:
         return f"req-{next(self._ids)}"
@@ -299,7 +230,8 @@ class LLMEngine:
             # Here, not in __init__: the runner's first steps (its precisions timed, the shared prefix) are the
             # loop thread's first OpenMP team, the only one kept (engine/openmp.py).
             try:
-                self.runner.start(self.scheduler.shared_prefix)
+                self.runner.start()
+                self.scheduler.keep_outputs = self.runner.decoded_kv_is_prefill_kv
             except Exception as error:
                 log.exception("the runner failed to start")
                 with self._lock:
@@ -350,34 +282,37 @@ class LLMEngine:
         if plan.freed:
             self.runner.free(plan.freed)
         finished: list[str] = []
+        prefill_failed = False
         if plan.prefill is not None:
-            finished = self._prefill(plan.prefill)
+            finished, prefill_failed = self._prefill(plan.prefill)
             self.steps += 1
         elif plan.decode:
             finished = self._decode(plan.decode)
             self.steps += 1
-        self.scheduler.update(plan, finished, time.perf_counter())
+        self.scheduler.update(plan, finished, time.perf_counter(), prefill_failed)
         if finished:
-            self.runner.free(finished)
+            self.runner.free(finished, self.scheduler.kept_blocks())
+            self.scheduler.commit_kept()
 
-    def _prefill(self, plan: PrefillPlan) -> list[str]:
+    def _prefill(self, plan: PrefillPlan) -> tuple[list[str], bool]:
         """Prefill the plan's chunks; once the prompts are complete, each gets its first token. Returns the
-        requests that finished (their first token was their last, or they failed)."""
+        requests that finished (their first token was their last, or they failed), and whether the prefill
+        failed."""
         prefilling = {r.request_id: r for r in self.scheduler.prefilling}
         requests = [prefilling[rid] for rid in plan.request_ids]
         try:
             logits = self.runner.prefill(plan)
             if not plan.joins:
-                return []
+                return [], False
             tokens, logprobs = sample_next_tokens(logits, requests)
         except Exception as error:  # these requests fail alone; the running batch goes on
             log.exception("prefill failed for %s", plan.request_ids)
             for request in requests:
                 self._fail(request, f"internal error during prefill: {type(error).__name__}")
-            return plan.request_ids
+            return plan.request_ids, True
         for request in requests:
             self._processors[request.request_id] = self._output_processor(request, self)
-        return self._emit(requests, tokens, logprobs)
+        return self._emit(requests, tokens, logprobs), False
 
     def _decode(self, request_ids: Sequence[str]) -> list[str]:
         requests = [self.scheduler.running[rid] for rid in request_ids]
@@ -436,7 +371,7 @@ class LLMEngine:
             self._in_flight.difference_update(self._released)
             self._running_rows = self.scheduler.num_running
             self._decode_rows = self._last_decode_rows if self.scheduler.running else 0
-            self._kv_cache_tokens = cached_tokens(self.scheduler)
+            self._kv_cache_tokens = kv_cache_positions(self.scheduler)
             if not self._in_flight:
                 self._idle.notify_all()
         self._released.clear()
@@ -460,7 +395,7 @@ class LLMEngine:
                         self.cancel(request.request_id)
 
 
-def cached_tokens(scheduler: Scheduler) -> int:
+def kv_cache_positions(scheduler: Scheduler) -> int:
     """Positions the batch's rows hold in the KV cache: a running row's prompt and every token but its newest
     (fed by the next decode step), a prefilling row's chunks so far."""
     running = sum(r.prompt_len + len(r.output_ids) - 1 for r in scheduler.running.values())
@@ -482,17 +417,23 @@ def make_runner(loaded: LoadedModel, config: EngineConfig, max_model_len: int) -
             dtype = (
                 loaded.requested_dtype if loaded.requested_dtype == "auto" else str(loaded.dtype).removeprefix("torch.")
             )
-            return fast.FastRunner(model, config.max_running, max_model_len, dtype, config.quantization)
+            return fast.FastRunner(
+                model,
+                config.max_running,
+                max_model_len,
+                dtype,
+                config.quantization,
+                prefix_cache_mib=config.prefix_cache_mib,
+                prefix_block_size=config.prefix_block_size,
+            )
         log.info("the fast path does not handle %s: using the transformers model", type(model).__name__)
     if config.quantization != "none":
         raise ValueError(
             f"quantization={config.quantization!r} needs the fast path (engine/fast/), which does not handle "
             f"{type(model).__name__}: use quantization='none'"
         )
-    if loaded.requested_dtype == "auto":  # loaded in float32 for the fast path's sake
-        loaded.dtype = resolve_dtype("auto", loaded.device)
-        model.to(loaded.dtype)  # type: ignore[arg-type]  # transformers' to() wrapper is mistyped
-    return CacheRunner(model)
+    # dtype auto loaded float32 weights for the fast path's sake; the transformers runner takes the CPU's best
+    return CacheRunner(model, resolve_dtype("auto", loaded.device) if loaded.requested_dtype == "auto" else None)
 
 
 def _eos_token_ids(loaded: LoadedModel) -> frozenset[int]:

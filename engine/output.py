@@ -61,6 +61,7 @@ def finalize(output: StepOutput, request: Request) -> StepOutput:
     now = time.perf_counter()
     output.prompt_tokens = request.prompt_len
     output.completion_tokens = len(request.output_ids)
+    output.cached_tokens = request.cached_tokens
     if request.scheduled_at is not None:
         output.queue_time_s = request.scheduled_at - request.arrival
     if request.first_token_at is not None:

@@ -35,17 +35,6 @@ class PromptEncoder:
             )
         return self._apply_chat_template(checked_messages(prompt))
 
-    def chat_template_head(self) -> list[int]:
-        """The token ids every chat-templated prompt starts with (the default system turn): where the template
-        applied to two different messages stops agreeing. Empty without a chat template."""
-        if self.tokenizer.chat_template is None:
-            return []
-        one, other = self.encode("a", True), self.encode("b", True)
-        common = 0
-        while common < min(len(one), len(other)) and one[common] == other[common]:
-            common += 1
-        return one[:common]
-
     def _apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         try:
             encoded = self.tokenizer.apply_chat_template(

@@ -88,6 +88,7 @@ class StepOutput:
     logprobs: TokenLogprobs | None = None  # when the request asked for them
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache instead of a prefill
     queue_time_s: float | None = None
     time_to_first_token_s: float | None = None
     total_time_s: float | None = None
@@ -115,7 +116,8 @@ class Request:
     params: SamplingParams
     consumer: Consumer
     arrival: float = field(default_factory=time.perf_counter)
-    prefilled: int = 0  # prompt tokens already in the KV cache (chunked prefill)
+    prefilled: int = 0  # prompt tokens already in the request's row (chunked prefill, the prefix cache)
+    cached_tokens: int = 0  # of those, the ones copied from the prefix cache
     output_ids: list[int] = field(default_factory=list)
     generated_text: str = ""
     scheduled_at: float | None = None

@@ -4,13 +4,13 @@
 Sequences share one KV cache, left-padded to a common length (TGI's CausalLMBatch does the same): a batch of
 fresh sequences is prefilled together, then merges into the running batch by padding the shorter side; a
 sequence leaves by dropping its row, and padding columns no row needs any more are trimmed away. The attention
-mask hides the padding (at the left, or between a shared prefix and a prompt); each row carries its own positions.
+mask hides the padding; each row carries its own positions.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
 from engine.plan import PrefillPlan
+from engine.prefix_cache import PrefixCache
 
 
 @dataclass
@@ -30,15 +31,6 @@ class DecodeBatch:
 
     def __len__(self) -> int:
         return len(self.request_ids)
-
-
-@dataclass(frozen=True)
-class SharedPrefix:
-    """The KV cache of token ids that many prompts begin with (a chat template's system turn): computed once,
-    copied into each batch of prompts that starts with it, so that only the rest of each prompt is prefilled."""
-
-    token_ids: tuple[int, ...]
-    cache: DynamicCache
 
 
 def _layers(cache: DynamicCache) -> list[Any]:
@@ -57,29 +49,31 @@ class CacheRunner:
     """The Runner of engine/plan.py over a transformers model: the running batch, and the group being prefilled
     (a batch of its own until its prompts are complete, then merged into the running one)."""
 
-    def __init__(self, model: PreTrainedModel) -> None:
+    # Rows of one batch share their padding, not their prefixes: no prefix cache here.
+    prefix_cache: PrefixCache | None = None
+    decoded_kv_is_prefill_kv = False
+
+    def __init__(self, model: PreTrainedModel, dtype: torch.dtype | None = None) -> None:
+        """`dtype`: the precision to convert the model's weights to (the runner then owns them), None to keep it."""
+        if dtype is not None:
+            model.to(dtype)  # type: ignore[arg-type]  # transformers' to() wrapper is mistyped
         self.model = model
         self.device = model.device
         # Computing logits only for the last position saves a [length, vocab] matmul on every prefill.
         self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
-        self._prefix: SharedPrefix | None = None
         self._running: DecodeBatch | None = None
         self._prefilling: DecodeBatch | None = None
 
     # ---- the Runner protocol ----
 
-    def start(self, shared_prefix: Sequence[int]) -> None:
-        if shared_prefix:
-            batch = self._new_batch(["prefix"])
-            self._prefill(batch, [list(shared_prefix)])
-            self._prefix = SharedPrefix(tuple(shared_prefix), batch.cache)
+    def start(self) -> None:
+        pass
 
     def prefill(self, plan: PrefillPlan) -> torch.Tensor:
         if plan.first:
-            uses_prefix = plan.chunks[0].start > 0
-            if uses_prefix and (self._prefix is None or plan.chunks[0].start != len(self._prefix.token_ids)):
-                raise ValueError(f"no shared prefix of {plan.chunks[0].start} tokens to start the rows with")
-            self._prefilling = self._new_batch(plan.request_ids, self._prefix if uses_prefix else None)
+            if any(chunk.start for chunk in plan.chunks):
+                raise ValueError("a first chunk starts after 0: this runner keeps no prefix cache")
+            self._prefilling = self._new_batch(plan.request_ids)
         batch = self._prefilling
         if batch is None or batch.request_ids != plan.request_ids:
             raise ValueError(f"the rows being prefilled are {batch and batch.request_ids}, not {plan.request_ids}")
@@ -98,7 +92,7 @@ class CacheRunner:
         batch_input[rows] = torch.tensor(list(input_ids), device=self.device)
         return self._decode(batch, batch_input)[rows]
 
-    def free(self, request_ids: Sequence[str]) -> None:
+    def free(self, request_ids: Sequence[str], keep: Mapping[str, Sequence[tuple[int, int]]] | None = None) -> None:
         ids = set(request_ids)
         if self._running is not None:
             self._running = self._remove(self._running, ids)
@@ -125,17 +119,12 @@ class CacheRunner:
         )
         return out.logits[:, -1, :]
 
-    def _new_batch(self, request_ids: list[str], prefix: SharedPrefix | None = None) -> DecodeBatch:
-        """A batch of sequences about to be prefilled: its cache holds the shared prefix in every row, or nothing."""
+    def _new_batch(self, request_ids: list[str]) -> DecodeBatch:
+        """A batch of sequences about to be prefilled, its cache empty."""
         rows = len(request_ids)
-        cache = DynamicCache(config=self.model.config)
-        if prefix is not None:
-            for layer_index, layer in enumerate(_layers(prefix.cache)):
-                cache.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1), layer_index)
-        cached = 0 if prefix is None else len(prefix.token_ids)
-        mask = torch.ones(rows, cached, dtype=torch.long, device=self.device)
-        positions = torch.full((rows,), cached, device=self.device)
-        return DecodeBatch(list(request_ids), cache, mask, positions)
+        mask = torch.ones(rows, 0, dtype=torch.long, device=self.device)
+        positions = torch.zeros(rows, dtype=torch.long, device=self.device)
+        return DecodeBatch(list(request_ids), DynamicCache(config=self.model.config), mask, positions)
 
     def _prefill(self, batch: DecodeBatch, chunks: list[list[int]]) -> torch.Tensor:
         """Append one prompt chunk per row in a single forward, each left-padded to the longest.

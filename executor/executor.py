@@ -113,7 +113,7 @@ class TokenStreamingExecutor(Executor):
         return LLMEngine(loaded, config)
 
     def _warm_up(self, tokens: int) -> None:
-        prompt_ids = self.engine.tokenize(WARMUP_PROMPT, self.chat_template)
+        prompt_ids = self.engine.processor.tokenize(WARMUP_PROMPT, self.chat_template)
         self.engine.run_to_completion(prompt_ids, SamplingParams(max_tokens=tokens))
 
     @requests(on="/stream")
@@ -181,7 +181,7 @@ class TokenStreamingExecutor(Executor):
         params = sampling_params(doc)
         template = self.chat_template if doc.chat_template is None else doc.chat_template
         # Off the event loop: a 100k-character prompt takes a while to tokenize.
-        prompt_ids = await asyncio.to_thread(self.engine.prepare, prompt_of(doc), params, template)
+        prompt_ids = await asyncio.to_thread(self.engine.processor.prepare, prompt_of(doc), params, template)
         return prompt_ids, params
 
     async def _drain(self) -> None:

@@ -32,7 +32,7 @@ PROMPTS = [
 
 async def collect(engine: LLMEngine, prompt: str, **params):
     params.setdefault("max_tokens", 24)
-    return [o async for o in engine.generate(engine.tokenize(prompt), SamplingParams(**params))]
+    return [o async for o in engine.generate(engine.processor.tokenize(prompt), SamplingParams(**params))]
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["fast", "transformers"])
@@ -65,7 +65,7 @@ async def test_one_output_per_step_until_max_tokens(tiny_engine):
     if last.finish_reason is FinishReason.LENGTH:
         assert len(outputs) == 12
     assert last.completion_tokens == len(outputs)
-    assert last.prompt_tokens == len(tiny_engine.tokenize("hello there"))
+    assert last.prompt_tokens == len(tiny_engine.processor.tokenize("hello there"))
     text = tiny_engine.tokenizer.decode([o.token_id for o in outputs], skip_special_tokens=True)
     assert "".join(o.text for o in outputs) == last.generated_text == text
     assert last.time_to_first_token_s <= last.total_time_s
@@ -85,7 +85,7 @@ async def test_long_prompt_is_prefilled_in_chunks_and_equals_one_shot(tiny_engin
 
 
 async def test_greedy_output_is_the_same_alone_inside_a_batch_of_16_and_in_plain_generate(embedded_engine):
-    """Batched prefill, the shared chat-template prefix, padding and batched decode change nothing in fp32."""
+    """Batched prefill, the chat template's cached system turn, padding and batched decode change nothing in fp32."""
     alone = {p: await collect(embedded_engine, p, max_tokens=32) for p in PROMPTS[:3]}
     batch = await asyncio.gather(*(collect(embedded_engine, PROMPTS[i % 8], max_tokens=32) for i in range(16)))
     for i, outputs in enumerate(batch[:3]):
@@ -93,7 +93,7 @@ async def test_greedy_output_is_the_same_alone_inside_a_batch_of_16_and_in_plain
     assert alone[PROMPTS[0]][-1].generated_text == "The capital of France is Paris."
     model = load_model("embedded", dtype="float32").model
     for prompt, outputs in alone.items():
-        prompt_ids = embedded_engine.tokenize(prompt)
+        prompt_ids = embedded_engine.processor.tokenize(prompt)
         reference = model.generate(torch.tensor([prompt_ids]), max_new_tokens=32, do_sample=False)[0, len(prompt_ids) :]
         assert [o.token_id for o in outputs] == reference.tolist()
 
@@ -115,11 +115,42 @@ async def test_under_dtype_auto_a_greedy_answer_is_the_same_alone_and_among_15_o
         engine.close()
 
 
-async def test_prompts_without_a_shared_prefix_are_prefilled_together_correctly(embedded_engine):
-    """Without the chat template no prefix is shared: prompts of different lengths are left-padded side by side."""
+async def test_under_dtype_auto_the_prefix_cache_changes_no_token_of_a_conversation(embedded_dir):
+    """The settings `make serve` uses, the prefix cache on and off: 4 conversations at once, each turn resending
+    the history with the answer it got, get the same greedy tokens, and every later turn reports the history it
+    found cached. Exact where the C kernels run (they compute each token alone, in any chunk)."""
+    if avx2.library() is None:
+        pytest.skip(f"prefills on torch's kernels here, which depend on the chunk: {avx2.unsupported()}")
+
+    async def conversation(engine: LLMEngine, index: int) -> list[tuple[list[int], int]]:
+        messages = [{"role": "system", "content": "You answer in one sentence."}]
+        turns = []
+        for question in PROMPTS[index : index + 3]:
+            messages.append({"role": "user", "content": question})
+            prompt_ids = engine.processor.prepare(messages, SamplingParams(max_tokens=24))
+            outputs = [o async for o in engine.generate(prompt_ids, SamplingParams(max_tokens=24))]
+            turns.append(([o.token_id for o in outputs], outputs[-1].cached_tokens))
+            messages.append({"role": "assistant", "content": outputs[-1].generated_text})
+        return turns
+
+    results = {}
+    for budget in (0, 64):
+        engine = LLMEngine(load_model("embedded"), EngineConfig(max_running=8, prefix_cache_mib=budget))
+        try:
+            results[budget] = await asyncio.gather(*(conversation(engine, index) for index in range(4)))
+        finally:
+            engine.close()
+    for off, on in zip(results[0], results[64]):
+        assert [tokens for tokens, _ in on] == [tokens for tokens, _ in off]
+        assert all(cached == 0 for _, cached in off)
+        assert all(cached >= 32 for _, cached in on[1:])  # the system turn and the first question at least
+
+
+async def test_prompts_without_the_chat_template_are_prefilled_together_correctly(embedded_engine):
+    """Without the chat template prompts share no start: prompts of different lengths are padded side by side."""
 
     async def raw(prompt: str) -> list[int]:
-        prompt_ids = embedded_engine.tokenize(prompt, chat_template=False)
+        prompt_ids = embedded_engine.processor.tokenize(prompt, chat_template=False)
         return [o.token_id async for o in embedded_engine.generate(prompt_ids, SamplingParams(max_tokens=16))]
 
     alone = [await raw(p) for p in PROMPTS]
@@ -143,7 +174,7 @@ async def test_seeded_sampling_is_reproducible_and_differs_from_greedy(embedded_
 
 async def test_cancelled_consumer_frees_its_slot(tiny_engine):
     async def consume_forever():
-        async for _ in tiny_engine.generate(tiny_engine.tokenize("go on"), SamplingParams(max_tokens=400)):
+        async for _ in tiny_engine.generate(tiny_engine.processor.tokenize("go on"), SamplingParams(max_tokens=400)):
             pass
 
     tasks = [asyncio.create_task(consume_forever()) for _ in range(3)]
@@ -161,7 +192,8 @@ async def test_cancelled_consumer_frees_its_slot(tiny_engine):
 async def test_overload_is_refused_at_once_and_others_complete(tiny_engine):
     """max_running=4, max_waiting=2: the 7th concurrent stream is refused with a clear error."""
     started = [
-        tiny_engine.generate(tiny_engine.tokenize(f"stream {i}"), SamplingParams(max_tokens=60)) for i in range(6)
+        tiny_engine.generate(tiny_engine.processor.tokenize(f"stream {i}"), SamplingParams(max_tokens=60))
+        for i in range(6)
     ]
     firsts = await asyncio.gather(*(anext(s) for s in started[:4]))  # these four are running
     waiting = [asyncio.create_task(anext(s)) for s in started[4:]]
@@ -188,12 +220,12 @@ async def test_overload_is_refused_at_once_and_others_complete(tiny_engine):
 )
 def test_requests_beyond_the_limits_are_rejected_with_the_limit_named(tiny_engine, prompt_tokens, max_tokens, message):
     with pytest.raises(InvalidRequest, match=message):
-        tiny_engine.check([1] * prompt_tokens, SamplingParams(max_tokens=max_tokens))
+        tiny_engine.processor.check([1] * prompt_tokens, SamplingParams(max_tokens=max_tokens))
 
 
 async def test_closing_the_engine_ends_every_stream_with_shutdown(tiny_model_dir, fast_path):
     engine = LLMEngine(load_model(str(tiny_model_dir), dtype="float32"), EngineConfig(fast_path=fast_path))
-    stream = engine.generate(engine.tokenize("go"), SamplingParams(max_tokens=4000))
+    stream = engine.generate(engine.processor.tokenize("go"), SamplingParams(max_tokens=4000))
     first = await anext(stream)
     engine.close()
     rest = [o async for o in stream]
@@ -213,7 +245,7 @@ async def test_closing_the_engine_ends_every_stream_with_shutdown(tiny_model_dir
 )
 def test_sampling_settings_that_cannot_be_used_are_rejected(tiny_engine, sampling, message):
     with pytest.raises(InvalidRequest, match=message):
-        tiny_engine.check([1, 2, 3], SamplingParams(max_tokens=4, **sampling))
+        tiny_engine.processor.check([1, 2, 3], SamplingParams(max_tokens=4, **sampling))
 
 
 async def test_a_failing_step_ends_the_streams_in_flight_with_an_error_and_the_engine_serves_on(
@@ -312,7 +344,7 @@ async def test_a_consumer_whose_event_loop_closed_is_cancelled_and_the_engine_se
 
     def read_one_token_then_close_the_loop() -> None:
         loop = asyncio.new_event_loop()
-        orphan = tiny_engine.generate(tiny_engine.tokenize("go on"), SamplingParams(max_tokens=400))
+        orphan = tiny_engine.generate(tiny_engine.processor.tokenize("go on"), SamplingParams(max_tokens=400))
         loop.run_until_complete(orphan.__anext__())
         loop.close()  # the stream is left open: its next outputs have no loop to go to
 
@@ -327,7 +359,9 @@ async def test_cancel_by_request_id_ends_a_stream_nobody_closes(tiny_engine):
     reported = []
     tiny_engine.on_finished = reported.append
     try:
-        stream = tiny_engine.generate(tiny_engine.tokenize("go on"), SamplingParams(max_tokens=4000), "left-open")
+        stream = tiny_engine.generate(
+            tiny_engine.processor.tokenize("go on"), SamplingParams(max_tokens=4000), "left-open"
+        )
         first = await anext(stream)
         tiny_engine.cancel("left-open")
         rest = [o async for o in stream]
@@ -340,7 +374,7 @@ async def test_cancel_by_request_id_ends_a_stream_nobody_closes(tiny_engine):
 
 
 async def test_a_request_id_already_in_flight_is_refused(tiny_engine):
-    stream = tiny_engine.generate(tiny_engine.tokenize("go on"), SamplingParams(max_tokens=4000), "twice")
+    stream = tiny_engine.generate(tiny_engine.processor.tokenize("go on"), SamplingParams(max_tokens=4000), "twice")
     await anext(stream)
     try:
         duplicate = [o async for o in tiny_engine.generate([1, 2], SamplingParams(max_tokens=2), "twice")]
@@ -362,9 +396,9 @@ async def test_each_step_wakes_the_event_loop_once_for_all_of_its_streams(tiny_e
 
     monkeypatch.setattr(loop, "call_soon_threadsafe", counted)
     steps = tiny_engine.steps
-    streams = await asyncio.gather(*(collect(tiny_engine, p, max_tokens=12) for p in PROMPTS[:4]))
+    streams = await asyncio.gather(*(collect(tiny_engine, p, max_tokens=16) for p in PROMPTS[:4]))
     outputs = sum(map(len, streams))
-    assert outputs >= 4 * 6
+    assert outputs >= 4 * 8
     assert len(calls) <= tiny_engine.steps - steps + 1 < outputs / 2
 
 
@@ -375,7 +409,7 @@ async def test_every_finished_request_is_reported_once_with_its_reason(tiny_engi
     tiny_engine.on_finished = reported.append
     try:
         completed = await collect(tiny_engine, "count me", max_tokens=3)
-        stream = tiny_engine.generate(tiny_engine.tokenize("leave early"), SamplingParams(max_tokens=400))
+        stream = tiny_engine.generate(tiny_engine.processor.tokenize("leave early"), SamplingParams(max_tokens=400))
         left = await anext(stream)
         await stream.aclose()
         ours = {completed[-1].request_id, left.request_id}  # streams of earlier tests may still be finishing
@@ -399,17 +433,17 @@ async def test_every_finished_request_is_reported_once_with_its_reason(tiny_engi
 )
 def test_prompts_and_stop_strings_beyond_the_limits_are_refused_before_tokenizing(tiny_engine, prompt, stop, message):
     with pytest.raises(InvalidRequest, match=message):
-        tiny_engine.prepare(prompt, SamplingParams(max_tokens=4, stop=stop))
+        tiny_engine.processor.prepare(prompt, SamplingParams(max_tokens=4, stop=stop))
 
 
 def test_prepare_gives_the_prompt_ids_generate_takes(tiny_engine):
     params = SamplingParams(max_tokens=4, stop=("\n\n",))
-    assert tiny_engine.prepare("hello", params) == tiny_engine.tokenize("hello")
+    assert tiny_engine.processor.prepare("hello", params) == tiny_engine.processor.tokenize("hello")
 
 
 async def test_logprobs_are_the_models_own_log_probabilities(embedded_engine):
     """Each output's logprob and top alternatives equal a plain forward's log_softmax at that position (fp32)."""
-    prompt_ids = embedded_engine.tokenize(PROMPTS[0])
+    prompt_ids = embedded_engine.processor.tokenize(PROMPTS[0])
     params = SamplingParams(max_tokens=6, top_logprobs=5)
     outputs = [o async for o in embedded_engine.generate(prompt_ids, params)]
     model = load_model("embedded", dtype="float32").model
@@ -454,7 +488,7 @@ async def test_logit_bias_and_penalties_change_what_is_chosen(embedded_engine):
 )
 def test_logits_processing_settings_out_of_range_are_refused(tiny_engine, sampling, message):
     with pytest.raises(InvalidRequest, match=message):
-        tiny_engine.check([1, 2, 3], SamplingParams(max_tokens=4, **sampling))
+        tiny_engine.processor.check([1, 2, 3], SamplingParams(max_tokens=4, **sampling))
 
 
 def test_a_conversation_goes_through_the_chat_template_turn_by_turn(embedded_engine):
@@ -467,9 +501,11 @@ def test_a_conversation_goes_through_the_chat_template_turn_by_turn(embedded_eng
     expected = embedded_engine.tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=True, return_dict=True
     )
-    assert embedded_engine.prepare(messages, SamplingParams(max_tokens=4)) == list(expected["input_ids"])
+    assert embedded_engine.processor.prepare(messages, SamplingParams(max_tokens=4)) == list(expected["input_ids"])
     # The model's default system turn is not added in front of the conversation's own.
-    assert embedded_engine.tokenizer.decode(embedded_engine.tokenize(messages)).count("<|im_start|>system") == 1
+    assert (
+        embedded_engine.tokenizer.decode(embedded_engine.processor.tokenize(messages)).count("<|im_start|>system") == 1
+    )
 
 
 @pytest.mark.parametrize(
@@ -482,7 +518,7 @@ def test_a_conversation_goes_through_the_chat_template_turn_by_turn(embedded_eng
 )
 def test_a_conversation_the_model_cannot_take_is_refused(embedded_engine, messages, message):
     with pytest.raises(InvalidRequest, match=message):
-        embedded_engine.prepare(messages, SamplingParams(max_tokens=4))
+        embedded_engine.processor.prepare(messages, SamplingParams(max_tokens=4))
 
 
 def test_torch_work_before_serving_runs_on_threads_that_end(tiny_model_dir, monkeypatch):

@@ -4,7 +4,6 @@ frees, the shared prefix) gives every row the tokens it gets alone."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 from unittest import mock
 
@@ -50,9 +49,9 @@ def prompt_ids(embedded) -> list[list[int]]:
     return [tokenizer(prompt).input_ids for prompt in PROMPTS]
 
 
-def started(model, max_rows: int = 8, max_len: int = 512, prefix: Sequence[int] = (), **settings) -> FastRunner:
+def started(model, max_rows: int = 8, max_len: int = 512, **settings) -> FastRunner:
     runner = FastRunner(model, max_rows, max_len, **{"dtype": "float32", **settings})
-    runner.start(list(prefix))
+    runner.start()
     return runner
 
 
@@ -154,7 +153,7 @@ def test_rows_joining_chunked_and_freed_get_the_tokens_they_get_alone(embedded, 
     assert got["r1"] == expected["r1"][: leave_after["r1"]]
     for rid in ("r0", "r2", "r3", "r4"):
         assert got[rid] == expected[rid], rid
-    assert runner.cache.running == 0 and not runner.cache.slot_of
+    assert runner.cache.running == 0 and runner.cache.rows == 0
 
 
 @torch.no_grad()
@@ -171,26 +170,83 @@ def test_rows_of_one_length_decode_without_a_mask_and_get_the_tokens_they_get_al
     assert [step["a"] for step in got] == [step["b"] for step in got] == expected
 
 
+@pytest.fixture(params=[AVX2_BFLOAT16, AVX2_INT4, AMX_BFLOAT16])
+def row_exact_precision(request) -> str:
+    """The precisions whose kernels compute every token alone: the ones dtype auto prefills in where they run
+    with the prefix cache on, and the ones its exactness is guaranteed for."""
+    skip_without_avx2_kernels(request.param)
+    return request.param
+
+
+def chat_turns(tokenizer, turns: int) -> list[list[int]]:
+    """A conversation's prompts turn by turn, each resending the history (a fixed answer per turn)."""
+    messages = [{"role": "system", "content": "You are a helpful assistant who answers briefly."}]
+    prompts = []
+    for turn, question in enumerate(PROMPTS[:turns]):
+        messages.append({"role": "user", "content": question})
+        prompts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        messages.append({"role": "assistant", "content": f"Answer number {turn}: it depends on the weather."})
+    return [tokenizer(prompt).input_ids for prompt in prompts]
+
+
+def prefill_caching(runner: FastRunner, request_id: str, prompt: list[int], chunk: int = 512) -> torch.Tensor:
+    """Prefill a prompt as the scheduler plans it with the runner's prefix cache: its cached blocks copied in,
+    the rest in chunks, every chunk's new blocks stored. Returns the logits after its last token."""
+    cache = runner.prefix_cache
+    assert cache is not None
+    blocks = cache.lookup(prompt)
+    start = len(blocks) * cache.block_size
+    cached = tuple(block.id for block in blocks)
+    while True:
+        end = min(start + chunk, len(prompt))
+        reservation = cache.reserve(prompt, end)
+        plan = PrefillChunk(request_id, prompt[start:end], start, cached, tuple(reservation.writes))
+        logits = runner.prefill(PrefillPlan([plan], first=bool(cached) or start == 0, joins=end == len(prompt)))
+        cache.commit(reservation)
+        cache.release(blocks)
+        blocks, cached, start = [], (), end
+        if end == len(prompt):
+            return logits
+
+
 @torch.no_grad()
-def test_shared_prefix_equals_prefilling_the_whole_prompt(embedded):
+def test_a_prompt_whose_prefix_is_cached_gets_bitwise_what_it_gets_computed_whole(embedded, row_exact_precision):
+    """The prefix cache's exactness: each turn of a conversation, its earlier turns' blocks copied from the cache,
+    gives bitwise the logits, KV cache and decode steps of the same prompt prefilled without a cache, whole or
+    in chunks that start anywhere (the blocks were written by a prefill that began elsewhere)."""
     model, tokenizer = embedded
-    chat = [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False) for text in PROMPTS[:3]]
-    ids = [tokenizer(text).input_ids for text in chat]
-    prefix_length = next(i for i in range(min(map(len, ids))) if len({tuple(p[: i + 1]) for p in ids}) > 1)
-    assert prefix_length > 8  # the chat template's system turn
-    with_prefix = started(model, prefix=ids[0][:prefix_length])
-    whole = started(model)
-    tails = {f"p{index}": (prompt[prefix_length:], prefix_length) for index, prompt in enumerate(ids)}
-    logits_with_prefix = with_prefix.prefill(
-        PrefillPlan([PrefillChunk(r, t, s) for r, (t, s) in tails.items()], True, True)
-    )
-    logits_whole = whole.prefill(PrefillPlan([PrefillChunk(f"p{i}", p, 0) for i, p in enumerate(ids)], True, True))
-    torch.testing.assert_close(logits_with_prefix, logits_whole, atol=2e-4, rtol=1e-4)
-    last = dict(zip(tails, logits_with_prefix.argmax(-1).tolist()))
-    last_whole = dict(last)
-    for _ in range(8):
-        last, last_whole = decode(with_prefix, last), decode(whole, last_whole)
-        assert last == last_whole
+    turns = chat_turns(tokenizer, 3)
+    warm = started(model, candidates=[row_exact_precision], prefix_cache_mib=64, prefix_block_size=16)
+    cold = started(model, candidates=[row_exact_precision])
+    assert warm.prefix_cache is not None and cold.prefix_cache is None
+
+    def row(runner: FastRunner, request_id: str, prompt: list[int], logits: torch.Tensor) -> list[torch.Tensor]:
+        """The row's KV cache, then the logits of 4 greedy decode steps; frees the row."""
+        slot = runner.cache.slot(request_id)
+        kv = [layer[slot, :, : len(prompt)].clone() for layer in runner.cache.kv]
+        last = logits.argmax(-1).tolist()
+        steps = []
+        for _ in range(4):
+            step = runner.decode([request_id], last)
+            steps.append(step)
+            last = step.argmax(-1).tolist()
+        runner.free([request_id])
+        return [logits, *kv, *steps]
+
+    hits = 0
+    for turn, prompt in enumerate(turns):
+        hits_before = warm.prefix_cache.stats.hit_tokens
+        cached_row = row(warm, f"t{turn}", prompt, prefill_caching(warm, f"t{turn}", prompt))
+        hits += warm.prefix_cache.stats.hit_tokens > hits_before
+        whole = cold.prefill(PrefillPlan([PrefillChunk("whole", prompt, 0)], first=True, joins=True))
+        whole_row = row(cold, "whole", prompt, whole)
+        chunk_plans = [PrefillChunk("chunked", prompt[i : i + 7], i) for i in range(0, len(prompt), 7)]
+        for index, chunk in enumerate(chunk_plans):
+            chunked = cold.prefill(PrefillPlan([chunk], first=index == 0, joins=index == len(chunk_plans) - 1))
+        chunked_row = row(cold, "chunked", prompt, chunked)
+        for cached_part, whole_part, chunked_part in zip(cached_row, whole_row, chunked_row):
+            assert torch.equal(cached_part, whole_part) and torch.equal(chunked_part, whole_part), f"turn {turn}"
+    assert hits == len(turns) - 1  # every later turn found its history cached
 
 
 def tiny_llama(**overrides) -> LlamaForCausalLM:
@@ -340,7 +396,7 @@ def test_auto_dtype_measures_and_keeps_one_decode_and_one_prefill_precision(tiny
     with caplog.at_level(logging.INFO, logger="engine.fast.runner"):
         runner = started(model, max_rows=6, dtype="auto")
     assert "ms per decode step" in caplog.text and "ms per prefill" in caplog.text
-    assert runner.cache.running == 0 and not runner.cache.slot_of
+    assert runner.cache.running == 0 and runner.cache.rows == 0
     # Where the C kernels run, decode steps only in a precision that computes a row as it would alone.
     assert runner.decode_precision.batch_exact == (avx2.library() is not None)
     kept = {runner.decode_precision.name, runner.prefill_precision.name}
@@ -363,7 +419,7 @@ def test_prefills_and_decode_steps_run_in_the_precisions_measured_fastest_for_ea
         return {(name, size): 0.1 if name == fastest else 0.2 for name in candidates for size in sizes}
 
     monkeypatch.setattr("engine.fast.autotune.measure", measured)
-    runner.start([])
+    runner.start()
     ran: list[str] = []
     real_forward = engine.fast.runner.forward
 
@@ -416,17 +472,16 @@ def test_a_prompts_prefill_is_bitwise_the_same_alone_and_in_any_group(embedded, 
     sharing the matmuls): torch's matmuls block by the row count, so where they run the rows go one by one; the C
     kernels compute a row alike in any batch, and then so do its decode steps."""
     skip_without_avx2_kernels(precision)
-    prefix = prompt_ids[0][:3]  # SmolLM2's: the tiny model's shapes hide what SDPA does with padded rows
-    runner = started(embedded[0], max_rows=6, prefix=prefix, candidates=[precision])
-    prompts = dict(zip("abcd", (ids[3:] for ids in prompt_ids)))
+    runner = started(embedded[0], max_rows=6, candidates=[precision])  # SmolLM2: the tiny model's shapes hide
+    prompts = dict(zip("abcd", prompt_ids[1:]))  # what SDPA does with padded rows
 
     def run(group: list[str]) -> dict[str, tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]]:
         """Prefill `group` together, then 3 decode steps of it: per row, its logits, cache and step logits."""
-        plan = PrefillPlan([PrefillChunk(rid, prompts[rid], len(prefix)) for rid in group], first=True, joins=True)
+        plan = PrefillPlan([PrefillChunk(rid, prompts[rid], 0) for rid in group], first=True, joins=True)
         logits = runner.prefill(plan)
-        end = {rid: len(prefix) + len(prompts[rid]) for rid in group}
-        slot = runner.cache.slot_of
-        caches = {rid: [kv[slot[rid], :, : end[rid]].clone() for kv in runner.cache.kv] for rid in group}
+        end = {rid: len(prompts[rid]) for rid in group}
+        slot = runner.cache.slot
+        caches = {rid: [kv[slot(rid), :, : end[rid]].clone() for kv in runner.cache.kv] for rid in group}
         steps: dict[str, list[torch.Tensor]] = {rid: [] for rid in group}
         last = dict(zip(group, logits.argmax(-1).tolist()))
         for _ in range(3):

@@ -1,5 +1,5 @@
 """The scheduler's policy, without a model (as vLLM tests its v1 scheduler): admission order, packing prompts into
-the prefill budget, chunking a long prompt, the shared prefix, prefill-first within the pause bound,
+the prefill budget, chunking a long prompt, the prefix cache's blocks, prefill-first within the pause bound,
 cancellation in every state, and what a failed step leaves."""
 
 import ast
@@ -7,10 +7,12 @@ from pathlib import Path
 
 from engine.config import EngineConfig
 from engine.plan import StepPlan
+from engine.prefix_cache import PrefixCache
 from engine.request import Consumer, Request, SamplingParams
 from engine.scheduler import Scheduler
 
-PREFIX = (1, 2, 3)
+BLOCK = 4
+PREFIX = tuple(range(1, 2 * BLOCK + 1))  # two blocks' worth
 
 
 def request(request_id: str, prompt_len: int, prefix: tuple[int, ...] = ()) -> Request:
@@ -18,9 +20,9 @@ def request(request_id: str, prompt_len: int, prefix: tuple[int, ...] = ()) -> R
     return Request(request_id, prompt, SamplingParams(max_tokens=8), Consumer(lambda output: None))
 
 
-def scheduler(**config) -> Scheduler:
+def scheduler(prefix_cache: PrefixCache | None = None, **config) -> Scheduler:
     config = {"max_running": 4, "prefill_chunk": 16, "max_decode_pause_s": 0.4, **config}
-    return Scheduler(EngineConfig(**config), PREFIX)
+    return Scheduler(EngineConfig(**config), prefix_cache)
 
 
 def run(s: Scheduler, now: float, finished: tuple[str, ...] = ()) -> StepPlan:
@@ -113,24 +115,71 @@ def test_a_full_batch_admits_no_prefill_until_a_row_finishes():
     assert run(s, now=0.3).prefill.request_ids == ["c"]
 
 
-def test_prompts_with_and_without_the_shared_prefix_are_never_in_one_group():
-    s = scheduler()
-    s.add(request("p1", 6, PREFIX))
-    s.add(request("p2", 7, PREFIX))
-    s.add(request("plain", 4))
-    plan = run(s, now=0.0)
-    assert plan.prefill.request_ids == ["p1", "p2"]
-    # Only what follows the prefix is prefilled; the runner starts the rows with the prefix's cache.
-    assert [(c.start, c.token_ids) for c in plan.prefill.chunks] == [(3, [100, 101, 102]), (3, [100, 101, 102, 103])]
-    plan = run(s, now=0.01)
-    assert plan.prefill.request_ids == ["plain"] and plan.prefill.chunks[0].start == 0
+def test_a_prompt_prefills_only_what_follows_its_cached_blocks_and_stores_its_new_ones():
+    cache = PrefixCache(capacity=16, block_size=BLOCK)
+    s = scheduler(cache)
+    s.add(request("first", 11, PREFIX))
+    plan = run(s, now=0.0, finished=("first",))
+    (chunk,) = plan.prefill.chunks
+    assert (chunk.start, chunk.cached_blocks) == (0, ())
+    assert [position for _, position in chunk.stores] == [0, 4]  # its two full blocks; 3 tokens left over
+    # After the step the blocks are visible: the next prompt with the same start copies them.
+    s.add(request("second", 10, PREFIX))
+    s.add(request("other", 6))
+    plan = run(s, now=0.1)
+    second, other = plan.prefill.chunks
+    assert second.cached_blocks == tuple(block for block, _ in chunk.stores)
+    assert (second.start, second.token_ids) == (8, [100, 101]) and second.stores == ()
+    assert (other.start, other.cached_blocks) == (0, ()) and len(other.stores) == 1
+    assert s.running["second"].cached_tokens == 8 and s.running["other"].cached_tokens == 0
+    assert (cache.stats.hit_tokens, cache.stats.miss_tokens) == (8, 11 + 2 + 6)
 
 
-def test_a_prompt_that_is_only_the_prefix_is_prefilled_whole():
-    s = scheduler()
-    s.add(request("just-prefix", 3, PREFIX))
-    plan = run(s, now=0.0)
-    assert plan.prefill.chunks[0].start == 0 and plan.prefill.chunks[0].token_ids == list(PREFIX)
+def test_the_last_token_of_a_prompt_is_always_prefilled():
+    cache = PrefixCache(capacity=16, block_size=BLOCK)
+    s = scheduler(cache)
+    s.add(request("a", 8, PREFIX))
+    run(s, now=0.0, finished=("a",))
+    s.add(request("again", 8, PREFIX))  # exactly its two cached blocks: the second one's tokens are recomputed
+    (chunk,) = run(s, now=0.1).prefill.chunks
+    assert (chunk.start, len(chunk.cached_blocks), chunk.token_ids) == (4, 1, list(PREFIX[4:]))
+
+
+def test_the_cached_rest_is_what_counts_against_the_budget():
+    cache = PrefixCache(capacity=16, block_size=BLOCK)
+    s = scheduler(cache, prefill_chunk=8)
+    s.add(request("warm", 10, PREFIX))
+    run(s, now=0.0, finished=("warm",))
+    for rid in ("x", "y", "z"):
+        s.add(request(rid, 10, PREFIX))  # 8 cached, 2 to prefill each: all three fit a budget of 8
+    assert run(s, now=0.1).prefill.request_ids == ["x", "y", "z"]
+
+
+def test_a_chunked_prompt_stores_each_chunk_and_a_failed_prefill_stores_nothing():
+    cache = PrefixCache(capacity=16, block_size=BLOCK)
+    s = scheduler(cache, prefill_chunk=6)
+    s.add(request("long", 13))
+    first = run(s, now=0.0)
+    assert [position for _, position in first.prefill.chunks[0].stores] == [0]  # tokens 0-5: one full block
+    plan, _ = s.schedule(0.1)
+    assert [position for _, position in plan.prefill.chunks[0].stores] == [4, 8]  # tokens 0-11
+    s.update(plan, ["long"], 0.1, prefill_failed=True)
+    assert cache.blocks == 1 and cache.cached_length(request("again", 13).prompt_ids) == 4
+
+
+def test_a_finished_answer_is_kept_for_the_next_turn_when_the_runner_can_cache_decoded_tokens():
+    cache = PrefixCache(capacity=16, block_size=BLOCK)
+    s = scheduler(cache)
+    s.keep_outputs = True
+    s.add(request("turn1", 6, PREFIX[:6]))
+    run(s, now=0.0)
+    s.running["turn1"].output_ids = [7, 8, 9, 10, 11]  # the last one was sampled, never fed
+    plan, _ = s.schedule(0.1)
+    s.update(plan, ["turn1"], 0.1)
+    assert [position for _, position in s.kept_blocks()["turn1"]] == [4]  # 6 + 4 fed: blocks 0-3 (stored), 4-7
+    s.commit_kept()
+    next_turn = [*PREFIX[:6], 7, 8, 9, 10, 11, 12]  # the answer resent, then a question
+    assert cache.cached_length(next_turn) == 8
 
 
 def test_cancellation_frees_a_request_in_every_state():
@@ -181,7 +230,7 @@ def test_rows_whose_first_token_was_their_last_never_join():
 def test_the_scheduler_needs_no_torch():
     """The policy is plain Python, so it stays testable and readable without a model (imports checked statically:
     importing the engine package itself loads torch)."""
-    for module in ("scheduler", "plan", "request", "config"):
+    for module in ("scheduler", "plan", "request", "config", "prefix_cache"):
         tree = ast.parse((Path(__file__).resolve().parent.parent / "engine" / f"{module}.py").read_text())
         runtime_imports = [
             alias.name

@@ -1,108 +1,200 @@
-"""A slot KV cache: per layer one buffer [slots, 2 * kv_heads, capacity, head_dim], the K heads then the V heads
-of each slot, each head's positions contiguous; each request owns a slot.
+"""The fast path's KV cache: a slot per request, and the prefix cache's blocks.
 
-Why head-major: a decode step's attention reads, for every row and KV head, that head's keys and then its
-values at every cached position. Contiguous, each is one sequential stream the hardware prefetcher follows;
-position-major ([slots, capacity, 2 * kv_heads, head_dim], the QKV output's own order, written with one
-index_copy_) made them strided pieces of 256 bytes, and the 16-row step's attention ran at 5-6 GB/s of cache on
-the 2-core EPYC. Measured there, bfloat16-avx2 decode step, median of 15, old and new layout interleaved twice:
-16 rows at 128 cached positions 63.5, 60.3 -> 58.8, 53.4 ms; at 400 positions 93.7, 88.3 -> 75.6, 68.6 ms (the
-attention kernel's software prefetch, which the strided layout needed, no longer changes anything and went).
-A step writes its tokens' K and V heads with one index_put_ per layer (the AVX2 precisions' decode steps write
-theirs in C: engine/fast/stack.py). Attention reads K and V as views: SDPA's output is bitwise the same as from
-contiguous buffers.
+SlotCache: per layer one buffer [slots, 2 * kv_heads, capacity, head_dim], the K heads then the V heads of each
+slot, each head's positions contiguous. Why head-major: a decode step's attention reads, for every row and KV
+head, that head's keys and then its values at every cached position; contiguous, each is one sequential stream
+the hardware prefetcher follows (position-major, the QKV output's own order, made them strided pieces of 256
+bytes). A step writes its tokens' K and V heads with one index_put_ per layer (the C precisions' decode steps
+write theirs in C: engine/fast/stack.py). Attention reads K and V as views.
 
 A prefill writes its chunk at the chunk's positions, a decode step one position per row: nothing is
 concatenated or re-padded per step. The running rows always fill slots 0..running-1, so a decode step reads
 its keys as a slice of the buffers, never a gather; a row that leaves is replaced by the last running row
 (one row copy). Rows being prefilled take free slots above the running ones (usually the next ones, so
-joining moves nothing).
+joining moves nothing). Capacity (positions per slot) grows by doubling up to max_len as rows grow: the longest
+context for every row would be held from the start otherwise. Positions past a row's length hold stale but
+finite values that the mask hides.
 
-Capacity (positions per slot) grows by doubling up to max_len as rows grow: 32 rows x 4096 positions of
-SmolLM2 in float32 would hold 6 GB from the start. Positions past a row's length hold stale but finite values
-that the mask hides.
+BlockPool: the prefix cache's blocks (engine/prefix_cache.py decides which block holds what), per layer
+[2 * kv_heads, blocks * block_size, head_dim]. A new row whose prompt starts with cached blocks gets them copied
+into its slot; a prefilled chunk's new full blocks are copied out of the slot. Copying keeps one layout for
+every kernel (the C decode stack and attention read one contiguous region per slot); a copy costs a fraction of
+a millisecond per block, where computing the block costs a prefill of its tokens. Its storage is allocated
+once, untouched (so uncommitted to memory) until blocks are written.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from engine.fast.hugepages import Arena
-from engine.fast.model import Shape, StepInputs
+from engine.fast.step import Shape, StepInputs
 
 INITIAL_CAPACITY = 256
 
 
+class BlockPool:
+    """Storage for the prefix cache's blocks: block b holds positions [b * block_size, (b + 1) * block_size)
+    of every layer's buffer."""
+
+    def __init__(self, shape: Shape, blocks: int, block_size: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.shape, self.blocks, self.block_size = shape, blocks, block_size
+        self.device, self.dtype = device, dtype
+        self._kv: list[torch.Tensor] = []  # per layer, [2 * kv_heads, blocks * block_size, head_dim]; on first use
+
+    @staticmethod
+    def block_bytes(shape: Shape, block_size: int, dtype: torch.dtype) -> int:
+        """Bytes one block holds: every layer's K and V heads at block_size positions."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return shape.layers * 2 * shape.kv_heads * block_size * shape.head_dim * itemsize
+
+    def layers(self) -> list[torch.Tensor]:
+        if not self._kv:
+            # empty, not zeros: a block is read only after it was written, and untouched pages cost no memory
+            size = (2 * self.shape.kv_heads, self.blocks * self.block_size, self.shape.head_dim)
+            self._kv = [torch.empty(size, device=self.device, dtype=self.dtype) for _ in range(self.shape.layers)]
+        return self._kv
+
+    def drop(self) -> None:
+        """Give the storage back (every block's contents are lost: the prefix cache must have none left)."""
+        self._kv = []
+
+    def positions(self, block_ids: Sequence[int]) -> torch.Tensor:
+        """The pool positions of these blocks, in order: [len(block_ids) * block_size]."""
+        size = self.block_size
+        ids = torch.tensor(block_ids, device=self.device)
+        return (ids[:, None] * size + torch.arange(size, device=self.device)).flatten()
+
+
 class SlotCache:
-    def __init__(self, shape: Shape, max_rows: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        shape: Shape,
+        max_rows: int,
+        max_len: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        pool: BlockPool | None = None,
+    ) -> None:
         self.shape, self.max_rows, self.max_len = shape, max_rows, max_len
         self.device, self.dtype = device, dtype
+        self.pool = pool
         # One slot more than max_rows: joining rows swap through it when their target slot is taken.
         self.slots = max_rows + 1
         self.capacity = 0
         self.kv: list[torch.Tensor] = []  # per layer, [slots, 2 * kv_heads, capacity, head_dim]
         self.reserve(min(INITIAL_CAPACITY, max_len))
-        self.prefix: list[torch.Tensor] = []  # per layer, [2 * kv_heads, prefix length, head_dim]
         self.clear()
 
-    # -- bookkeeping ---------------------------------------------------------------------------------------
+    # -- bookkeeping: the one place slots, lengths and the running rows change -------------------------------
 
     def clear(self) -> None:
-        self.slot_of: dict[str, int] = {}
-        self.owner: list[str | None] = [None] * self.slots
-        self.lengths: list[int] = [0] * self.slots  # cached positions per slot
-        self.running = 0  # rows in slots 0..running-1 decode together
+        self._slot_of: dict[str, int] = {}
+        self._owner: list[str | None] = [None] * self.slots
+        self._lengths: list[int] = [0] * self.slots  # cached positions per slot
+        self._running = 0  # rows in slots 0..running-1 decode together
 
     @property
-    def prefix_length(self) -> int:
-        return self.prefix[0].shape[1] if self.prefix else 0
+    def running(self) -> int:
+        """Rows decoding together, in slots 0 .. running - 1."""
+        return self._running
 
-    def allocate(self, request_id: str, prefix_length: int) -> int:
-        """A free slot for a new row, holding the first prefix_length positions of the shared prefix."""
-        if request_id in self.slot_of:
+    @property
+    def rows(self) -> int:
+        """Rows with a slot: running and being prefilled."""
+        return len(self._slot_of)
+
+    def slot(self, request_id: str) -> int:
+        return self._slot_of[request_id]
+
+    def has(self, request_id: str) -> bool:
+        return request_id in self._slot_of
+
+    def length(self, slot: int) -> int:
+        return self._lengths[slot]
+
+    def running_lengths(self) -> list[int]:
+        return self._lengths[: self._running]
+
+    def allocate(self, request_id: str, cached_blocks: Sequence[int] = ()) -> int:
+        """A free slot for a new row, holding the KV of these pool blocks (its prompt's cached prefix) first."""
+        if request_id in self._slot_of:
             raise ValueError(f"request {request_id!r} already has a row")
-        if len(self.slot_of) >= self.max_rows:
+        if len(self._slot_of) >= self.max_rows:
             raise RuntimeError(f"all {self.max_rows} rows are in use")
-        if prefix_length > self.prefix_length:
-            raise ValueError(f"a prefix of {prefix_length} tokens was asked, {self.prefix_length} are cached")
-        slot = self.owner.index(None, self.running)
-        self.owner[slot], self.slot_of[request_id] = request_id, slot
-        self.lengths[slot] = prefix_length
-        for kv, prefix in zip(self.kv, self.prefix if prefix_length else []):
-            kv[slot, :, :prefix_length] = prefix[:, :prefix_length]
+        slot = self._owner.index(None, self._running)
+        self._owner[slot], self._slot_of[request_id] = request_id, slot
+        self._lengths[slot] = 0
+        if cached_blocks:
+            pool = self._pool()
+            length = len(cached_blocks) * pool.block_size
+            self.reserve(length)
+            positions = pool.positions(cached_blocks)
+            for kv, blocks in zip(self.kv, pool.layers()):
+                kv[slot, :, :length] = blocks.index_select(1, positions)
+            self._lengths[slot] = length
         return slot
+
+    def advance(self, slot: int, tokens: int) -> None:
+        """The row in `slot` holds `tokens` more positions (a step wrote them)."""
+        self._lengths[slot] += tokens
+
+    def advance_running(self) -> None:
+        """Every running row holds one position more (a decode step wrote it)."""
+        for slot in range(self._running):
+            self._lengths[slot] += 1
+
+    def store(self, request_id: str, writes: Sequence[tuple[int, int]]) -> None:
+        """Copy the row's positions into pool blocks: writes are (block id, the block's first position)."""
+        if not writes:
+            return
+        slot, pool = self._slot_of[request_id], self._pool()
+        size = pool.block_size
+        if max(start for _, start in writes) + size > self._lengths[slot]:
+            raise ValueError(f"a block to store reaches past the {self._lengths[slot]} positions of {request_id!r}")
+        row_positions = torch.tensor([start + i for _, start in writes for i in range(size)], device=self.device)
+        pool_positions = pool.positions([block_id for block_id, _ in writes])
+        for kv, blocks in zip(self.kv, pool.layers()):
+            blocks.index_copy_(1, pool_positions, kv[slot].index_select(1, row_positions))
 
     def join(self, request_ids: list[str]) -> None:
         """Prefilled rows start decoding: move each into the slot after the running ones."""
         for request_id in request_ids:
-            target = self.running
-            occupant = self.owner[target]
+            target = self._running
+            occupant = self._owner[target]
             if occupant != request_id:
                 if occupant is not None:  # another row still being prefilled: out of the way, to a free slot
-                    self._move(target, self.owner.index(None, target + 1))
-                self._move(self.slot_of[request_id], target)
-            self.running += 1
+                    self._move(target, self._owner.index(None, target + 1))
+                self._move(self._slot_of[request_id], target)
+            self._running += 1
 
     def free(self, request_id: str) -> None:
-        slot = self.slot_of.pop(request_id, None)
+        slot = self._slot_of.pop(request_id, None)
         if slot is None:
             return
-        self.owner[slot] = None
-        self.lengths[slot] = 0
-        if slot < self.running:
-            self.running -= 1
-            if slot != self.running:  # keep the running rows contiguous: the last one takes the hole
-                self._move(self.running, slot)
+        self._owner[slot] = None
+        self._lengths[slot] = 0
+        if slot < self._running:
+            self._running -= 1
+            if slot != self._running:  # keep the running rows contiguous: the last one takes the hole
+                self._move(self._running, slot)
 
     def _move(self, source: int, target: int) -> None:
-        length = self.lengths[source]
+        length = self._lengths[source]
         for kv in self.kv:
             kv[target, :, :length] = kv[source, :, :length]
-        request_id = self.owner[source]
+        request_id = self._owner[source]
         assert request_id is not None, f"slot {source} has no row to move"
-        self.owner[target], self.owner[source] = request_id, None
-        self.lengths[target], self.lengths[source] = length, 0
-        self.slot_of[request_id] = target
+        self._owner[target], self._owner[source] = request_id, None
+        self._lengths[target], self._lengths[source] = length, 0
+        self._slot_of[request_id] = target
+
+    def _pool(self) -> BlockPool:
+        if self.pool is None:
+            raise ValueError("this cache has no prefix blocks: the prefix cache is off")
+        return self.pool
 
     # -- tensors -------------------------------------------------------------------------------------------
 
@@ -130,10 +222,6 @@ class SlotCache:
         """After a failed step: whatever it wrote (NaN included) must not leak into the next rows."""
         for kv in self.kv:
             kv.zero_()
-
-    def set_prefix(self, slot: int, length: int) -> None:
-        """Keep the first `length` positions of `slot` as the shared prefix."""
-        self.prefix = [kv[slot, :, :length].clone() for kv in self.kv]
 
     def write(self, layer: int, step: StepInputs, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the step's real tokens' K and V heads (kv: [rows, tokens, 2 * kv_heads, head_dim], a view of the

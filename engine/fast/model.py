@@ -11,19 +11,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cached_property, partial
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM, PreTrainedModel
 
 from engine.fast import avx2
+from engine.fast.cache import SlotCache
 from engine.fast.hugepages import Arena
 from engine.fast.linear import AVX2_BFLOAT16, AVX2_INT4, C_PRECISIONS, Linear, make_linear
 from engine.fast.stack import DecodeStack
-
-if TYPE_CHECKING:
-    from engine.fast.cache import SlotCache
+from engine.fast.step import LayerNorms, LayerWeights, Shape, StepInputs
 
 # RoPE variants whose frequencies do not depend on the sequence length: a table computed once matches
 # transformers exactly. "dynamic" and "longrope" rescale with the length and are left to the fallback.
@@ -46,29 +44,6 @@ def supports(model: PreTrainedModel) -> bool:
         and getattr(config, "pretraining_tp", 1) == 1
         and config.num_attention_heads % config.num_key_value_heads == 0
     )
-
-
-@dataclass(frozen=True)
-class Shape:
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    hidden: int
-    eps: float
-
-    @property
-    def groups(self) -> int:
-        """Query heads per KV head (GQA)."""
-        return self.heads // self.kv_heads
-
-
-@dataclass
-class LayerWeights:
-    qkv: Linear  # q, k and v projections stacked: one matmul
-    out: Linear
-    gate_up: Linear  # gate and up projections stacked: one matmul
-    down: Linear
 
 
 Rotation = Callable[[torch.Tensor, int], None]  # (qkv [rows, tokens, heads, head_dim], heads to rotate): in place
@@ -97,11 +72,10 @@ class TorchOps:
 
 
 class Avx2Ops(TorchOps):
-    """RMSNorm, RoPE, SiLU and the attention of decode steps through the AVX2 kernels: one call each where torch
-    runs several ops (8 for an RMSNorm; SDPA sets up a flash-attention tiling for a single query). A prefill's
-    attention stays on SDPA. The results differ from torch's in float32 rounding only; they go with the AVX2
-    precisions, not with float32 (whose steps the tests compare with transformers'). They are the kernels
-    DecodeStack runs, so both give a decode step the same bits."""
+    """RMSNorm, RoPE, SiLU and attention through the AVX2 kernels: one call each where torch runs several ops (8
+    for an RMSNorm; SDPA sets up a flash-attention tiling for a single query). The results differ from torch's
+    in float32 rounding only; they go with the AVX2 precisions, not with float32 (whose steps the tests compare
+    with transformers'). They are the kernels DecodeStack runs, so both give a decode step the same bits."""
 
     def __init__(self) -> None:
         kernels = avx2.library()
@@ -122,11 +96,26 @@ class Avx2Ops(TorchOps):
     def attention(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: StepInputs, shape: Shape
     ) -> torch.Tensor:
+        """Every query alone, over the positions up to its own, with the decode step's kernel: a token's result
+        is then the same in a prefill chunk of any size, or decoded (SDPA's changed with the queries beside it,
+        so a prompt's KV would depend on where its chunks began, and a cached prefix would not be exact)."""
         rows, tokens = q.shape[:2]
-        if tokens != 1 or shape.head_dim % 8:  # the kernel reads heads 8 floats at a time
+        if shape.head_dim % 8:  # the kernel reads heads 8 floats at a time
             return super().attention(q, keys, values, step, shape)
-        visible = step.positions[:, 0] + 1  # a decode step's query sees every position up to its own
-        return avx2.attention_decode(self.kernels, q[:, 0], keys, values, visible).view(rows, 1, -1)
+        visible = step.positions.to(torch.int64) + 1  # padding repeats its row's last position: computed, unread
+        if tokens == 1:
+            return avx2.attention_decode(self.kernels, q[:, 0], keys, values, visible[:, 0]).view(rows, 1, -1)
+        out = [  # a row's tokens as the rows of one call, every one reading its row's cache (a stride-0 view)
+            avx2.attention_decode(
+                self.kernels,
+                q[row],
+                keys[row : row + 1].expand(tokens, -1, -1, -1),
+                values[row : row + 1].expand(tokens, -1, -1, -1),
+                visible[row].contiguous(),
+            )
+            for row in range(rows)
+        ]
+        return torch.stack(out).view(rows, tokens, -1)
 
 
 @dataclass
@@ -175,9 +164,11 @@ class FastLlama:
             return tensor.detach().to(device=device, dtype=activation_dtype).contiguous()
 
         self.embedding = param(model.model.embed_tokens.weight)
-        self.input_norms = [param(layer.input_layernorm.weight) for layer in model.model.layers]
-        self.post_attention_norms = [param(layer.post_attention_layernorm.weight) for layer in model.model.layers]
-        self.final_norm = param(model.model.norm.weight)
+        self.norms = LayerNorms(
+            inputs=[param(layer.input_layernorm.weight) for layer in model.model.layers],
+            post_attention=[param(layer.post_attention_layernorm.weight) for layer in model.model.layers],
+            final=param(model.model.norm.weight),
+        )
         self.cos, self.sin_signed = rope_tables(model, max_len, device, activation_dtype)
 
     def precision(self, name: str) -> Precision:
@@ -209,7 +200,8 @@ class FastLlama:
         lm_head = make_linear(head, model.lm_head.weight.detach().to(self.device), arena)
         if name not in C_PRECISIONS:
             return Precision(name, layers, lm_head)
-        return Precision(name, layers, lm_head, Avx2Ops(), DecodeStack.build(self, layers))
+        stack = DecodeStack.build(self.shape, layers, self.norms, (self.cos, self.sin_signed))
+        return Precision(name, layers, lm_head, Avx2Ops(), stack)
 
     def release_source(self) -> None:
         self._source = None
@@ -235,33 +227,10 @@ def rope_tables(
     return cos.to(dtype), sin_signed.to(dtype)
 
 
-@dataclass
-class StepInputs:
-    """Where a forward's tokens come from and go: built once per step, shared by every layer."""
-
-    input_ids: torch.Tensor  # [rows, tokens]
-    positions: torch.Tensor  # [rows, tokens]: each token's position in its row (padding repeats the last one)
-    rows: slice | torch.Tensor  # the rows' cache slots: a slice when contiguous (decode), else an index
-    write_at: tuple[torch.Tensor, torch.Tensor]  # slot and position of each real (non-padding) token: [written tokens]
-    real_tokens: torch.Tensor | None  # [written tokens]: flat index of the real tokens, None when all are real
-    attended: int  # cache positions the rows' queries read
-    # Added to the attention scores, 0 where a key position <= the query's and -inf elsewhere, repeated for the
-    # query heads that share a KV head: [rows, 1, groups * tokens, attended] ([rows, 1, 1, attended] when
-    # decoding: it broadcasts). Float, built once per step: SDPA converts a boolean mask to this at every call
-    # (30 times a step). None when every query reads every position (decoding rows of one length).
-    mask: torch.Tensor | None
-    last: torch.Tensor | None  # [rows]: index of the token whose logits each row needs; None: the only one
-    output_order: torch.Tensor | None  # rows' order in the returned logits; None: as computed
-    # A prefill's real tokens per row, None for a decode step. With more than one row, the matmuls whose result
-    # depends on the batch (Precision.batch_exact False) and the attention run row by row on exactly these
-    # tokens: a prompt's prefill is then bitwise the same alone or in any group (_matmul, row_by_row_attention).
-    counts: list[int] | None = None
-
-
 def forward(llama: FastLlama, weights: Precision, cache: SlotCache, step: StepInputs) -> torch.Tensor:
     """Logits [rows, vocab] after each row's `last` token; writes every real token's K and V into the cache."""
     x = F.embedding(step.input_ids, llama.embedding)
-    if weights.decode_stack is not None and weights.decode_stack.runs(step):
+    if weights.decode_stack is not None and weights.decode_stack.can_run(step):
         weights.decode_stack(x, cache, step)
     else:
         layers_forward(llama, weights, cache, step, x)
@@ -270,7 +239,7 @@ def forward(llama: FastLlama, weights: Precision, cache: SlotCache, step: StepIn
     if step.output_order is not None:
         x = x[step.output_order]
     # Only the positions that need a token go through the 49152-wide output layer.
-    h = weights.ops.rms_norm(x, llama.final_norm, llama.shape.eps)[:, None]  # [rows, 1, hidden]
+    h = weights.ops.rms_norm(x, llama.norms.final, llama.shape.eps)[:, None]  # [rows, 1, hidden]
     matmul = _matmul(weights, [1] * rows if _by_row(step) else None)
     return matmul(weights.lm_head, h)[:, 0].float()
 
@@ -284,12 +253,12 @@ def layers_forward(llama: FastLlama, weights: Precision, cache: SlotCache, step:
     attend = ops.attention if not _by_row(step) else partial(row_by_row_attention, ops)
     rotate = ops.rotation(llama, step)
     for index, layer in enumerate(weights.layers):
-        h = ops.rms_norm(x, llama.input_norms[index], shape.eps)
+        h = ops.rms_norm(x, llama.norms.inputs[index], shape.eps)
         qkv = matmul(layer.qkv, h).view(rows, tokens, rotated + shape.kv_heads, shape.head_dim)
         rotate(qkv, rotated)  # q and k rotated in place: qkv's k and v heads go to the cache as-is
         keys, values = cache.write(index, step, qkv[:, :, heads:])
         x += matmul(layer.out, attend(qkv[:, :, :heads], keys, values, step, shape))
-        h = ops.rms_norm(x, llama.post_attention_norms[index], shape.eps)
+        h = ops.rms_norm(x, llama.norms.post_attention[index], shape.eps)
         x += matmul(layer.down, ops.silu_mul(matmul(layer.gate_up, h)))
 
 

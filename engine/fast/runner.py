@@ -5,23 +5,24 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import cast
 
 import torch
 from transformers import LlamaForCausalLM, PreTrainedModel
 
 from engine.fast import autotune, avx2
-from engine.fast.cache import SlotCache
+from engine.fast.cache import BlockPool, SlotCache
 from engine.fast.linear import AMX_BFLOAT16, AVX2_BFLOAT16, AVX2_INT4, check_quantization
-from engine.fast.model import FastLlama, Precision, StepInputs, forward, supports
+from engine.fast.model import Avx2Ops, FastLlama, Precision, forward, supports
+from engine.fast.step import StepInputs
 from engine.plan import PrefillChunk, PrefillPlan
+from engine.prefix_cache import PrefixCache, blocks_in_budget
 
 log = logging.getLogger(__name__)
 
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 MEASURED_CONTEXT = 128  # cached positions per row while the precisions are timed: a short chat turn
-PREFIX_ROW = "\0shared-prefix"  # a row id no request can have
 
 
 class FastRunner:
@@ -33,9 +34,12 @@ class FastRunner:
         dtype: str = "auto",
         quantization: str = "none",
         candidates: Sequence[str] | None = None,
+        prefix_cache_mib: int = 0,
+        prefix_block_size: int = 16,
     ) -> None:
         """`candidates`: the precisions start() chooses from (linear.make_linear's names), for benchmarks and
-        tests that pin one; by default they follow from dtype, quantization and the machine (candidate_precisions)."""
+        tests that pin one; by default they follow from dtype, quantization and the machine (candidate_precisions).
+        `prefix_cache_mib`: the prefix cache's budget (EngineConfig), 0 for none."""
         if not supports(model):
             raise ValueError(
                 f"FastRunner does not handle {type(model).__name__} with this config: use the transformers runner"
@@ -52,7 +56,11 @@ class FastRunner:
         self.llama = FastLlama(cast(LlamaForCausalLM, model), max_len, self.device, activation_dtype)
         self.precisions = {name: self.llama.precision(name) for name in self.candidates}
         self.max_rows, self.max_len = max_rows, max_len
-        self.cache = SlotCache(self.llama.shape, max_rows, max_len, self.device, activation_dtype)
+        shape = self.llama.shape
+        blocks = blocks_in_budget(prefix_cache_mib, BlockPool.block_bytes(shape, prefix_block_size, activation_dtype))
+        self.prefix_cache = PrefixCache(blocks, prefix_block_size) if blocks else None
+        pool = BlockPool(shape, blocks, prefix_block_size, self.device, activation_dtype) if blocks else None
+        self.cache = SlotCache(shape, max_rows, max_len, self.device, activation_dtype, pool)
         self.positions = torch.arange(max_len, device=self.device)
         self.decode_precision: Precision | None = None  # chosen by start(), one for every batch size
         self.prefill_precision: Precision | None = None  # chosen by start()
@@ -61,31 +69,28 @@ class FastRunner:
 
     # -- the Runner protocol ---------------------------------------------------------------------------------
 
-    def start(self, shared_prefix: Sequence[int]) -> None:
+    def start(self) -> None:
         self._choose_precisions()
-        if shared_prefix:
-            self.prefill(PrefillPlan([PrefillChunk(PREFIX_ROW, list(shared_prefix), 0)], first=True, joins=False))
-            self.cache.set_prefix(self.cache.slot_of[PREFIX_ROW], len(shared_prefix))
-            self.cache.free(PREFIX_ROW)
 
     def prefill(self, plan: PrefillPlan) -> torch.Tensor:
         cache = self.cache
         if plan.first:
             for chunk in plan.chunks:
-                cache.allocate(chunk.request_id, chunk.start)
-        slots = [cache.slot_of[chunk.request_id] for chunk in plan.chunks]
+                cache.allocate(chunk.request_id, chunk.cached_blocks)
+        slots = [cache.slot(chunk.request_id) for chunk in plan.chunks]
         for chunk, slot in zip(plan.chunks, slots):
-            if not chunk.token_ids or chunk.start != cache.lengths[slot]:
+            if not chunk.token_ids or chunk.start != cache.length(slot):
                 raise ValueError(
                     f"chunk of {chunk.request_id!r} at {chunk.start} with {len(chunk.token_ids)} tokens: "
-                    f"its row holds {cache.lengths[slot]} positions"
+                    f"its row holds {cache.length(slot)} positions"
                 )
         ends = [chunk.start + len(chunk.token_ids) for chunk in plan.chunks]
         cache.reserve(max(ends))
         step = self._prefill_inputs(plan.chunks, slots)
         logits = forward(self.llama, _started(self.prefill_precision), cache, step)
         for slot, chunk in zip(slots, plan.chunks):
-            cache.lengths[slot] += len(chunk.token_ids)
+            cache.advance(slot, len(chunk.token_ids))
+            cache.store(chunk.request_id, chunk.stores)
         if plan.joins:
             cache.join(plan.request_ids)
         return logits
@@ -93,7 +98,7 @@ class FastRunner:
     def decode(self, request_ids: Sequence[str], input_ids: Sequence[int]) -> torch.Tensor:
         cache = self.cache
         rows = len(request_ids)
-        slots = [cache.slot_of.get(request_id, rows) for request_id in request_ids]
+        slots = [cache.slot(request_id) if cache.has(request_id) else rows for request_id in request_ids]
         if rows != cache.running or sorted(slots) != list(range(rows)) or len(input_ids) != rows:
             raise ValueError(
                 f"decode needs every running row once with one token each: {cache.running} run, {rows} given"
@@ -101,7 +106,7 @@ class FastRunner:
         tokens = [0] * rows
         for slot, token in zip(slots, input_ids):
             tokens[slot] = token
-        lengths = cache.lengths[:rows]
+        lengths = cache.running_lengths()
         attended = max(lengths) + 1
         cache.reserve(attended)
         positions = torch.tensor(lengths, device=self.device)
@@ -117,13 +122,22 @@ class FastRunner:
             output_order=None if slots == list(range(rows)) else torch.tensor(slots, device=self.device),
         )
         logits = forward(self.llama, _started(self.decode_precision), cache, step)
-        for slot in range(rows):
-            cache.lengths[slot] += 1
+        cache.advance_running()
         return logits
 
-    def free(self, request_ids: Sequence[str]) -> None:
+    def free(self, request_ids: Sequence[str], keep: Mapping[str, Sequence[tuple[int, int]]] | None = None) -> None:
         for request_id in request_ids:
+            if keep and request_id in keep:
+                self.cache.store(request_id, keep[request_id])
             self.cache.free(request_id)
+
+    @property
+    def decoded_kv_is_prefill_kv(self) -> bool:
+        """One precision decodes and prefills, in kernels that compute each token alone (row-exact matmuls, each
+        query's attention alone: Avx2Ops): a decoded token's KV is then what a prefill of it would write."""
+        precision = self.decode_precision
+        exact_ops = isinstance(precision.ops, Avx2Ops) if precision is not None else False
+        return precision is self.prefill_precision and exact_ops and precision is not None and precision.batch_exact
 
     def reset(self) -> None:
         self.cache.clear()
@@ -197,7 +211,12 @@ class FastRunner:
         # precision: model.py). Bands by batch size, as the prefill's sizes, would give a stream decoded alone
         # other bits than in a batch: on an AMX Xeon the AVX2 kernels won up to 8 rows and AMX above, and 6 of 16
         # greedy answers of 96 tokens changed between alone and together.
-        decoders = [name for name in self.candidates if self.precisions[name].batch_exact] or self.candidates
+        exact = [name for name in self.candidates if self.precisions[name].batch_exact]
+        decoders = exact or self.candidates
+        # A prompt's cached prefix must hold what its prefill would have computed, wherever its chunks began:
+        # row-exact matmuls compute a token the same in any chunk (torch's float32 did not for chunks of a
+        # few tokens), and the C precisions' attention computes each query alone (model.Avx2Ops).
+        prefillers = (exact or self.candidates) if self.prefix_cache is not None else self.candidates
         if len(self.candidates) == 1:
             self.pin(self.precisions[self.candidates[0]])
         else:
@@ -206,7 +225,7 @@ class FastRunner:
             self._prefill_shapes = autotune.prefill_shapes(self.max_rows, self.max_len)
             token_counts = list(self._prefill_shapes)
             prefill_timings = autotune.measure(
-                self.candidates,
+                prefillers,
                 token_counts,
                 self._time_prefill,
                 timed=autotune.TIMED_PREFILLS,
@@ -215,7 +234,7 @@ class FastRunner:
             self.cache.clear()
             self.decode_precision = self.precisions[autotune.fastest_overall(decoders, row_counts, decode_timings)]
             self.prefill_precision = self.precisions[
-                autotune.fastest_overall(self.candidates, token_counts, prefill_timings)
+                autotune.fastest_overall(prefillers, token_counts, prefill_timings)
             ]
             self.measured = (
                 f"; ms per decode step (context {MEASURED_CONTEXT}): {_timings(decode_timings, 'x')}"
@@ -234,7 +253,7 @@ class FastRunner:
         cache.reserve(context + 1)
         request_ids = [f"\0measure-{row}" for row in range(rows)]
         for request_id in request_ids:
-            cache.lengths[cache.allocate(request_id, 0)] = context
+            cache.advance(cache.allocate(request_id), context)  # positions of stale, finite values
         cache.join(request_ids)
         self.pin(self.precisions[name])
         self.decode(request_ids, [0] * rows)

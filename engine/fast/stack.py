@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 import torch
 
 from engine.fast import avx2
+from engine.fast.cache import SlotCache
 from engine.fast.linear import Avx2Int4Linear, Avx2Linear
-
-if TYPE_CHECKING:
-    from engine.fast.cache import SlotCache
-    from engine.fast.model import FastLlama, LayerWeights, StepInputs
+from engine.fast.step import LayerNorms, LayerWeights, RopeTables, Shape, StepInputs
 
 _WEIGHTS = ("qkv", "out", "gate_up", "down")
 
@@ -49,20 +47,21 @@ class DecodeStack:
     stream. It holds raw pointers, and references to the weights and norms they point into; the KV cache's
     pointers are checked at every call (the cache grows into new buffers) and hold no reference."""
 
-    def __init__(self, llama: FastLlama, layers: Sequence[LayerWeights]) -> None:
+    def __init__(
+        self, shape: Shape, layers: Sequence[LayerWeights], norms: LayerNorms, rope_tables: RopeTables
+    ) -> None:
         kernels = avx2.library()
         assert kernels is not None, "DecodeStack.build checks that the kernels run"
         self.kernels = kernels
-        self.rope_tables = llama.cos, llama.sin_signed
-        self._pointed_to = (list(layers), list(llama.input_norms), list(llama.post_attention_norms))
+        self.rope_tables = rope_tables
+        self._pointed_to = (list(layers), norms)
         int4 = isinstance(layers[0].qkv, Avx2Int4Linear)
         intermediate = cast(Avx2Linear, layers[0].down).in_features
-        shape = llama.shape
         self.shape = _Shape(len(layers), shape.hidden, shape.heads, shape.kv_heads, shape.head_dim, intermediate, 0,
                             shape.eps, int(int4))  # fmt: skip
         self.layers = (_Layer * len(layers))()
-        norms = zip(llama.input_norms, llama.post_attention_norms)
-        for entry, layer, (input_norm, post_norm) in zip(self.layers, layers, norms):
+        layer_norms = zip(norms.inputs, norms.post_attention)
+        for entry, layer, (input_norm, post_norm) in zip(self.layers, layers, layer_norms):
             for name in _WEIGHTS:
                 linear = getattr(layer, name)
                 weight, scales = (linear.nibbles, linear.scale_min) if int4 else (linear.packed, None)
@@ -72,24 +71,26 @@ class DecodeStack:
         self._kv_pointers: list[int] = []  # the cache buffers' addresses the layers hold
 
     @classmethod
-    def build(cls, llama: FastLlama, layers: Sequence[LayerWeights]) -> DecodeStack | None:
+    def build(
+        cls, shape: Shape, layers: Sequence[LayerWeights], norms: LayerNorms, rope_tables: RopeTables
+    ) -> DecodeStack | None:
         """The stack, or None where decode_layers cannot run these weights: a matmul left on torch's kernels
         (a shape the AVX2 kernels do not pack), formats that differ between matmuls, or heads the attention
         kernel does not take (head_dim a multiple of 8)."""
         linears = [getattr(layer, name) for layer in layers for name in _WEIGHTS]
-        if avx2.library() is None or llama.shape.head_dim % 8 or not all(isinstance(x, Avx2Linear) for x in linears):
+        if avx2.library() is None or shape.head_dim % 8 or not all(isinstance(x, Avx2Linear) for x in linears):
             return None
         if len({type(linear) for linear in linears}) != 1:
             return None
         if len({cast(Avx2Linear, layer.down).in_features for layer in layers}) != 1:
             return None
-        tensors = [*llama.input_norms, *llama.post_attention_norms, llama.cos, llama.sin_signed]
+        tensors = [*norms.inputs, *norms.post_attention, *rope_tables]
         if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
             return None
-        return cls(llama, layers)
+        return cls(shape, layers, norms, rope_tables)
 
     @staticmethod
-    def runs(step: StepInputs) -> bool:
+    def can_run(step: StepInputs) -> bool:
         """Whether this step is one decode_layers computes: one token a row, the rows in slots 0 .. rows - 1."""
         rows, tokens = step.input_ids.shape
         return tokens == 1 and isinstance(step.rows, slice) and step.rows == slice(0, rows)
