@@ -25,15 +25,16 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from engine.fast import FastRunner, avx2
+from engine.fast import FastRunner, cpu_kernels
 from engine.fast.linear import AVX2_PRECISIONS, DenseLinear
 from engine.fast.model import Precision
 from engine.loading import embedded_model_dir
 from engine.plan import PrefillChunk, PrefillPlan
 
 OUTPUT = Path(__file__).resolve().parent / "levers.md"
-# An AVX2-only CPU, emulated: torch's kernels (and with them the AVX2 kernels' build: engine/fast/avx2.py), oneDNN's
-# and MKL's capped at AVX2. Without MKL's cap, its float32 matmuls ran on AVX512 (147 against 126 GFLOPS at 189 rows).
+# An AVX2-only CPU, emulated: torch's kernels (and with them the C kernels' build: engine/fast/cpu_kernels.py),
+# oneDNN's and MKL's capped at AVX2. Without MKL's cap, its float32 matmuls ran on AVX512 (147 against 126 GFLOPS
+# at 189 rows).
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 ROWS = (1, 16)
 CONTEXT = 128  # cached positions per row before the timed steps
@@ -237,7 +238,7 @@ def agreement(model, tokenizer) -> dict[str, dict[str, float]]:
     reference_runner = started(model, "float32")
     reference = greedy(reference_runner, prompts)
     results = {}
-    for name in ("bfloat16", "int8", "int4", *(AVX2_PRECISIONS if avx2.library() else ())):
+    for name in ("bfloat16", "int8", "int4", *(AVX2_PRECISIONS if cpu_kernels.library() else ())):
         runner = started(model, name)
         forced = greedy(runner, prompts, forced=reference)
         free_running = greedy(runner, prompts)
@@ -275,7 +276,7 @@ def measure(with_agreement: bool) -> dict:
     results["auto_prefill"] = auto.prefill_precision.name if auto.prefill_precision else None
     del auto
     runners = {f"fast {name}": started(model, name) for name in ("float32", "bfloat16", "int8", "int4")}
-    if avx2.library() is not None:
+    if cpu_kernels.library() is not None:
         for name in AVX2_PRECISIONS:
             short = name.removesuffix("-avx2")
             runners[f"fast {short}, AVX2 kernels"] = started(model, name)

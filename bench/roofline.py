@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from bench.levers import AVX2_ENV, load, run_isa
-from engine.fast import avx2
+from engine.fast import cpu_kernels
 from engine.fast.model import FastLlama
 from engine.fast.runner import candidate_precisions
 
@@ -36,8 +36,8 @@ PROJECTIONS = [f"self_attn.{name}_proj" for name in "qkvo"] + [f"mlp.{name}_proj
 def fma_roof() -> dict[str, float]:
     """GFLOPS of float32 FMAs alone: {"avx2 1 thread": ..., "avx2 N threads": ...} and the same for AVX512 where
     the CPU has it and torch is not capped below it."""
-    library = ctypes.CDLL(str(avx2.compiled(ROOF_SOURCE, ROOF_FLAGS)))
-    isas = ["avx2"] + (["avx512"] if avx2.avx512_allowed() else [])
+    library = ctypes.CDLL(str(cpu_kernels.compiled(ROOF_SOURCE, ROOF_FLAGS)))
+    isas = ["avx2"] + (["avx512"] if cpu_kernels.avx512_allowed() else [])
     threads, sink, roof = torch.get_num_threads(), ctypes.c_float(), {}
     for isa in isas:
         function = getattr(library, f"{isa}_gflops")

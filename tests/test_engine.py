@@ -15,7 +15,7 @@ from engine import (
     SamplingParams,
     load_model,
 )
-from engine.fast import avx2
+from engine.fast import cpu_kernels
 from harness.service import eventually
 
 PROMPTS = [
@@ -102,8 +102,8 @@ async def test_under_dtype_auto_a_greedy_answer_is_the_same_alone_and_among_15_o
     """The settings `make serve` uses: whatever precisions start-up measures fastest here, a stream's tokens must
     not depend on the streams beside it (its prefill's group, the decode batch's size). Exact where the C kernels
     decode; where they cannot run, torch's kernels decode and block by the batch size."""
-    if avx2.library() is None:
-        pytest.skip(f"decode steps on torch's kernels here, exact only per batch size: {avx2.unsupported()}")
+    if cpu_kernels.library() is None:
+        pytest.skip(f"decode steps on torch's kernels here, exact only per batch size: {cpu_kernels.unsupported()}")
     engine = LLMEngine(load_model("embedded"), EngineConfig(max_running=16))
     try:
         prompts = [f"{PROMPTS[i % len(PROMPTS)]} ({i})" for i in range(16)]
@@ -119,8 +119,8 @@ async def test_under_dtype_auto_the_prefix_cache_changes_no_token_of_a_conversat
     """The settings `make serve` uses, the prefix cache on and off: 4 conversations at once, each turn resending
     the history with the answer it got, get the same greedy tokens, and every later turn reports the history it
     found cached. Exact where the C kernels run (they compute each token alone, in any chunk)."""
-    if avx2.library() is None:
-        pytest.skip(f"prefills on torch's kernels here, which depend on the chunk: {avx2.unsupported()}")
+    if cpu_kernels.library() is None:
+        pytest.skip(f"prefills on torch's kernels here, which depend on the chunk: {cpu_kernels.unsupported()}")
 
     async def conversation(engine: LLMEngine, index: int) -> list[tuple[list[int], int]]:
         messages = [{"role": "system", "content": "You answer in one sentence."}]

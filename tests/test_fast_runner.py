@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import engine.fast.runner
-from engine.fast import FastRunner, avx2, supports
+from engine.fast import FastRunner, cpu_kernels, supports
 from engine.fast.hugepages import HUGE_PAGE, Arena
 from engine.fast.linear import (
     AMX_BFLOAT16,
@@ -90,9 +90,9 @@ def test_greedy_tokens_equal_model_generate(embedded, prompt_ids):
 
 
 def skip_without_avx2_kernels(precision: str) -> None:
-    if precision in (AVX2_BFLOAT16, AVX2_INT4, AMX_BFLOAT16) and avx2.library() is None:
-        pytest.skip(f"the AVX2 kernels cannot run here: {avx2.unsupported()}")
-    if precision == AMX_BFLOAT16 and not avx2.amx_ready():
+    if precision in (AVX2_BFLOAT16, AVX2_INT4, AMX_BFLOAT16) and cpu_kernels.library() is None:
+        pytest.skip(f"the AVX2 kernels cannot run here: {cpu_kernels.unsupported()}")
+    if precision == AMX_BFLOAT16 and not cpu_kernels.amx_ready():
         pytest.skip("no AMX here: the CPU lacks amx_bf16, the compiler AMX, or Linux does not grant the tiles")
 
 
@@ -398,7 +398,7 @@ def test_auto_dtype_measures_and_keeps_one_decode_and_one_prefill_precision(tiny
     assert "ms per decode step" in caplog.text and "ms per prefill" in caplog.text
     assert runner.cache.running == 0 and runner.cache.rows == 0
     # Where the C kernels run, decode steps only in a precision that computes a row as it would alone.
-    assert runner.decode_precision.batch_exact == (avx2.library() is not None)
+    assert runner.decode_precision.batch_exact == (cpu_kernels.library() is not None)
     kept = {runner.decode_precision.name, runner.prefill_precision.name}
     assert kept <= {"float32", "bfloat16", AVX2_BFLOAT16, AMX_BFLOAT16}
     assert set(runner.precisions) == kept
@@ -452,8 +452,8 @@ def test_every_matmul_kernel_of_a_dense_weight_computes_x_times_w_transposed(row
 
 def test_the_avx2_kernels_load_wherever_the_cpu_and_a_compiler_allow():
     """They are built on first use; a build failure on a machine that can run them must not pass unnoticed."""
-    reason = avx2.unsupported()
-    assert (avx2.library() is None) == (reason is not None), reason
+    reason = cpu_kernels.unsupported()
+    assert (cpu_kernels.library() is None) == (reason is not None), reason
 
 
 def unpacked_int4(linear: Avx2Int4Linear) -> torch.Tensor:
@@ -509,7 +509,7 @@ def test_a_prompts_prefill_is_bitwise_the_same_alone_and_in_any_group(embedded, 
 def test_the_amx_kernel_computes_bf16_x_times_w_transposed_and_each_row_as_it_would_alone(rows, shape):
     """Activations rounded to bfloat16 as torch rounds them, bfloat16 weights, float32 sums; partial row tiles
     (zero-padded), an odd last block, and any row count give every row the bits it gets alone."""
-    if not avx2.amx_ready():
+    if not cpu_kernels.amx_ready():
         pytest.skip("no AMX here: the CPU lacks amx_bf16, the compiler AMX, or Linux does not grant the tiles")
     torch.manual_seed(rows)
     weight, x = torch.randn(shape), torch.randn(rows, shape[1])
@@ -531,8 +531,8 @@ def test_an_avx2_kernel_computes_x_times_w_transposed_and_each_row_as_it_would_a
     rows, one row against blocks in pairs: the product of the weight as stored (bfloat16, or int4 codes times
     their group's scale plus its minimum) with float32 activations, and a row's output bit for bit the same in
     any batch (greedy batch == alone)."""
-    if avx2.library() is None:
-        pytest.skip(f"the AVX2 kernels cannot run here: {avx2.unsupported()}")
+    if cpu_kernels.library() is None:
+        pytest.skip(f"the AVX2 kernels cannot run here: {cpu_kernels.unsupported()}")
     if kind is Avx2Int4Linear and shape[1] % 32:
         with pytest.raises(ValueError, match=r"\(32, 20\) weight"):
             kind(torch.randn(*shape), Arena())
@@ -559,19 +559,19 @@ def test_an_avx2_kernel_computes_x_times_w_transposed_and_each_row_as_it_would_a
 def test_the_avx512_build_of_the_kernels_computes_bitwise_what_the_avx2_build_does():
     """Where the CPU has AVX512F the kernels are built with it (16 features a register): a machine's choice of
     build must not change a single token."""
-    if avx2.unsupported() is not None or "avx512f" not in avx2.cpu_flags():
-        pytest.skip(f"no AVX512 build on this machine: {avx2.unsupported() or 'the CPU lacks avx512f'}")
-    builds = avx2.build(avx2.FLAGS), avx2.build(avx2.AVX512_FLAGS)
+    if cpu_kernels.unsupported() is not None or "avx512f" not in cpu_kernels.cpu_flags():
+        pytest.skip(f"no AVX512 build on this machine: {cpu_kernels.unsupported() or 'the CPU lacks avx512f'}")
+    builds = cpu_kernels.build(cpu_kernels.FLAGS), cpu_kernels.build(cpu_kernels.AVX512_FLAGS)
     torch.manual_seed(0)
     arena = Arena()
     weight = torch.randn(48, 96)  # 3 blocks: one pair and an odd one for a single row
-    bf16 = avx2.pack_bf16(weight, arena)
-    nibbles, scale_min = avx2.pack_int4(weight, arena)
+    bf16 = cpu_kernels.pack_bf16(weight, arena)
+    nibbles, scale_min = cpu_kernels.pack_int4(weight, arena)
     for rows in (1, 3, 4, 6, 11, 12, 13, 24, 30):
         x = torch.randn(rows, 96)
-        first, second = (avx2.linear_bf16(build, x, bf16) for build in builds)
+        first, second = (cpu_kernels.linear_bf16(build, x, bf16) for build in builds)
         assert torch.equal(first, second), rows
-        first, second = (avx2.linear_int4(build, x, nibbles, scale_min) for build in builds)
+        first, second = (cpu_kernels.linear_int4(build, x, nibbles, scale_min) for build in builds)
         assert torch.equal(first, second), rows
 
 
@@ -582,26 +582,26 @@ def test_the_avx512_build_of_the_kernels_computes_bitwise_what_the_avx2_build_do
 def test_torchs_isa_cap_caps_the_kernels_build_too(monkeypatch, capability, flags_built):
     """ATEN_CPU_CAPABILITY=avx2 makes an AVX512 machine run as an AVX2 one for torch; the kernels follow, or a
     benchmark of 'AVX2' would time their AVX512 build."""
-    if avx2.unsupported() is not None:
-        pytest.skip(f"the AVX2 kernels cannot run here: {avx2.unsupported()}")
+    if cpu_kernels.unsupported() is not None:
+        pytest.skip(f"the AVX2 kernels cannot run here: {cpu_kernels.unsupported()}")
     built: list[list[str]] = []
-    monkeypatch.setattr(avx2, "cpu_flags", lambda: {"avx2", "fma", "avx512f", "amx_bf16"})
-    monkeypatch.setattr(avx2, "build", lambda flags: built.append(flags))
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2", "fma", "avx512f", "amx_bf16"})
+    monkeypatch.setattr(cpu_kernels, "build", lambda flags: built.append(flags))
     if capability is None:
         monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
     else:
         monkeypatch.setenv("ATEN_CPU_CAPABILITY", capability)
-    avx2.library.cache_clear()
+    cpu_kernels.library.cache_clear()
     try:
-        avx2.library()
+        cpu_kernels.library()
     finally:
-        avx2.library.cache_clear()
-    assert built == [avx2.AMX_FLAGS if flags_built == "AMX" else avx2.FLAGS]
+        cpu_kernels.library.cache_clear()
+    assert built == [cpu_kernels.AMX_FLAGS if flags_built == "AMX" else cpu_kernels.FLAGS]
 
 
 def test_the_avx2_kernels_refuse_a_weight_they_cannot_pack():
-    if avx2.library() is None:
-        pytest.skip(f"the AVX2 kernels cannot run here: {avx2.unsupported()}")
+    if cpu_kernels.library() is None:
+        pytest.skip(f"the AVX2 kernels cannot run here: {cpu_kernels.unsupported()}")
     with pytest.raises(ValueError, match=r"\(40, 64\) weight"):
         Avx2Bf16Linear(torch.randn(40, 64), Arena())
 

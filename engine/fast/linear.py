@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from engine.fast import avx2
+from engine.fast import cpu_kernels
 from engine.fast.hugepages import Arena
 
 QUANTIZATIONS = ("none", "int8", "int4")
@@ -21,7 +21,7 @@ AVX2_BFLOAT16 = "bfloat16-avx2"  # the precision name of bfloat16 weights throug
 AVX2_INT4 = "int4-avx2"  # and of int4 weights through them
 AVX2_PRECISIONS = (AVX2_BFLOAT16, AVX2_INT4)
 AMX_BFLOAT16 = "bfloat16-amx"  # bfloat16 weights and activations on AMX tiles (the same C library): prefills
-C_PRECISIONS = (*AVX2_PRECISIONS, AMX_BFLOAT16)  # the precisions whose matmuls run on engine/fast/avx2_kernels.c
+C_PRECISIONS = (*AVX2_PRECISIONS, AMX_BFLOAT16)  # the precisions whose matmuls run on engine/fast/cpu_kernels.c
 INT4_GROUP_SIZE = 32  # 32 input weights share a scale and a zero: the finest group the kernel takes, the most accurate
 INT4_INNER_K_TILES = 2
 PACKED_FOR_ROWS = 16  # the batch the pre-packed bfloat16 layout is tuned for (measured: 1 or 16 pack alike)
@@ -70,7 +70,7 @@ class DenseLinear:
 
 
 class KernelLinear:
-    """A weight through engine/fast/avx2_kernels.c, packed into an Arena (huge pages: engine/fast/hugepages.py):
+    """A weight through engine/fast/cpu_kernels.c, packed into an Arena (huge pages: engine/fast/hugepages.py):
     float32 activations in and out, each row computed as it would be alone."""
 
     batch_exact = True
@@ -87,14 +87,14 @@ class KernelLinear:
 
 
 class Avx2Linear(KernelLinear):
-    """The weight widened to float32 in registers. Only for weights with a multiple of avx2.WIDTH rows (and, for
-    int4, of avx2.INT4_GROUP columns): make_linear checks."""
+    """The weight widened to float32 in registers. Only for weights with a multiple of cpu_kernels.WIDTH rows (and, for
+    int4, of cpu_kernels.INT4_GROUP columns): make_linear checks."""
 
     int4 = False
 
     def __init__(self, weight: torch.Tensor) -> None:
-        kernels = avx2.library()
-        if kernels is None or not avx2.packable(weight, self.int4) or weight.device.type != "cpu":
+        kernels = cpu_kernels.library()
+        if kernels is None or not cpu_kernels.packable(weight, self.int4) or weight.device.type != "cpu":
             raise ValueError(f"the AVX2 kernels cannot run a {tuple(weight.shape)} weight on this machine")
         super().__init__(kernels, weight)
 
@@ -106,10 +106,10 @@ class Avx2Bf16Linear(Avx2Linear):
 
     def __init__(self, weight: torch.Tensor, arena: Arena) -> None:
         super().__init__(weight)
-        self.packed = avx2.pack_bf16(weight, arena)
+        self.packed = cpu_kernels.pack_bf16(weight, arena)
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
-        return avx2.linear_bf16(self.kernels, x, self.packed)
+        return cpu_kernels.linear_bf16(self.kernels, x, self.packed)
 
 
 class Avx2Int4Linear(Avx2Linear):
@@ -120,28 +120,33 @@ class Avx2Int4Linear(Avx2Linear):
 
     def __init__(self, weight: torch.Tensor, arena: Arena) -> None:
         super().__init__(weight)
-        self.nibbles, self.scale_min = avx2.pack_int4(weight, arena)
+        self.nibbles, self.scale_min = cpu_kernels.pack_int4(weight, arena)
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
-        return avx2.linear_int4(self.kernels, x, self.nibbles, self.scale_min)
+        return cpu_kernels.linear_int4(self.kernels, x, self.nibbles, self.scale_min)
 
 
 class AmxBf16Linear(KernelLinear):
-    """bfloat16 weights on AMX tiles (avx2_kernels.c's linear_amx_bf16), the activations rounded to bfloat16 as
+    """bfloat16 weights on AMX tiles (cpu_kernels.c's linear_amx_bf16), the activations rounded to bfloat16 as
     torch's bfloat16 matmul rounds them, the products summed in float32. Unlike oneDNN's bfloat16 matmul, a row's
     result does not depend on the rows beside it, for about its speed in a prefill (7 prompts of 27 tokens on a
     2-core AMX Xeon: 201-236 ms against 162-245; the matmuls alone reach half of oneDNN's GFLOPS). Not an
     Avx2Linear: DecodeStack runs those, on their own packing."""
 
     def __init__(self, weight: torch.Tensor, arena: Arena) -> None:
-        kernels = avx2.library()
-        if kernels is None or not avx2.amx_ready() or not avx2.amx_packable(weight) or weight.device.type != "cpu":
+        kernels = cpu_kernels.library()
+        if (
+            kernels is None
+            or not cpu_kernels.amx_ready()
+            or not cpu_kernels.amx_packable(weight)
+            or weight.device.type != "cpu"
+        ):
             raise ValueError(f"the AMX kernel cannot run a {tuple(weight.shape)} weight on this machine")
         super().__init__(kernels, weight)
-        self.packed = avx2.pack_amx(weight, arena)
+        self.packed = cpu_kernels.pack_amx(weight, arena)
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
-        return avx2.linear_amx(self.kernels, x, self.packed)
+        return cpu_kernels.linear_amx(self.kernels, x, self.packed)
 
 
 def onednn_packed(weight: torch.Tensor) -> torch.Tensor | None:
@@ -212,11 +217,15 @@ def make_linear(precision: str, weight: torch.Tensor, arena: Arena) -> Linear:
     if precision == "int4":
         return Int4Linear(weight) if int4_fits(weight) else Int8Linear(weight)
     if precision == AVX2_BFLOAT16:
-        return Avx2Bf16Linear(weight, arena) if avx2.packable(weight) else DenseLinear(weight, torch.bfloat16)
+        return Avx2Bf16Linear(weight, arena) if cpu_kernels.packable(weight) else DenseLinear(weight, torch.bfloat16)
     if precision == AVX2_INT4:
-        return Avx2Int4Linear(weight, arena) if avx2.packable(weight, int4=True) else make_linear("int4", weight, arena)
+        return (
+            Avx2Int4Linear(weight, arena)
+            if cpu_kernels.packable(weight, int4=True)
+            else make_linear("int4", weight, arena)
+        )
     if precision == AMX_BFLOAT16:
-        return AmxBf16Linear(weight, arena) if avx2.amx_packable(weight) else DenseLinear(weight, torch.bfloat16)
+        return AmxBf16Linear(weight, arena) if cpu_kernels.amx_packable(weight) else DenseLinear(weight, torch.bfloat16)
     return DenseLinear(weight, getattr(torch, precision))
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM, PreTrainedModel
 
-from engine.fast import avx2
+from engine.fast import cpu_kernels
 from engine.fast.cache import SlotCache
 from engine.fast.hugepages import Arena
 from engine.fast.linear import AVX2_BFLOAT16, AVX2_INT4, C_PRECISIONS, Linear, make_linear
@@ -78,20 +78,20 @@ class Avx2Ops(TorchOps):
     with transformers'). They are the kernels DecodeStack runs, so both give a decode step the same bits."""
 
     def __init__(self) -> None:
-        kernels = avx2.library()
+        kernels = cpu_kernels.library()
         if kernels is None:
-            raise ValueError(f"the AVX2 kernels cannot run here: {avx2.unsupported()}")
+            raise ValueError(f"the AVX2 kernels cannot run here: {cpu_kernels.unsupported()}")
         self.kernels = kernels
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        return avx2.rms_norm(self.kernels, x, weight, eps)
+        return cpu_kernels.rms_norm(self.kernels, x, weight, eps)
 
     def rotation(self, llama: FastLlama, step: StepInputs) -> Rotation:
         positions = step.positions.contiguous()
-        return lambda qkv, heads: avx2.rope_(self.kernels, qkv, heads, positions, llama.cos, llama.sin_signed)
+        return lambda qkv, heads: cpu_kernels.rope_(self.kernels, qkv, heads, positions, llama.cos, llama.sin_signed)
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        return avx2.silu_mul(self.kernels, gate_up)
+        return cpu_kernels.silu_mul(self.kernels, gate_up)
 
     def attention(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: StepInputs, shape: Shape
@@ -104,9 +104,9 @@ class Avx2Ops(TorchOps):
             return super().attention(q, keys, values, step, shape)
         visible = step.positions.to(torch.int64) + 1  # padding repeats its row's last position: computed, unread
         if tokens == 1:
-            return avx2.attention_decode(self.kernels, q[:, 0], keys, values, visible[:, 0]).view(rows, 1, -1)
+            return cpu_kernels.attention_decode(self.kernels, q[:, 0], keys, values, visible[:, 0]).view(rows, 1, -1)
         out = [  # a row's tokens as the rows of one call, every one reading its row's cache (a stride-0 view)
-            avx2.attention_decode(
+            cpu_kernels.attention_decode(
                 self.kernels,
                 q[row],
                 keys[row : row + 1].expand(tokens, -1, -1, -1),

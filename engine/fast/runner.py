@@ -11,7 +11,7 @@ from typing import cast
 import torch
 from transformers import LlamaForCausalLM, PreTrainedModel
 
-from engine.fast import autotune, avx2
+from engine.fast import autotune, cpu_kernels
 from engine.fast.cache import BlockPool, SlotCache
 from engine.fast.linear import AMX_BFLOAT16, AVX2_BFLOAT16, AVX2_INT4, check_quantization
 from engine.fast.model import Avx2Ops, FastLlama, Precision, forward, supports
@@ -283,12 +283,12 @@ def candidate_precisions(dtype: str, quantization: str, device: torch.device) ->
     was asked). On CPU, dtype auto lets float32 and bfloat16 compete; bfloat16 and int4 weights
     run on torch's kernels or, where they run, on the AVX2 kernels (and bfloat16 on AMX tiles), whichever
     measures faster. On CUDA bfloat16 is the fast path without measuring."""
-    on_avx2 = device.type == "cpu" and avx2.library() is not None
+    on_avx2 = device.type == "cpu" and cpu_kernels.library() is not None
     if quantization != "none":
         return [quantization, AVX2_INT4] if quantization == "int4" and on_avx2 else [quantization]
     if device.type != "cpu":
         return ["bfloat16" if dtype == "auto" else dtype]
-    kernels = [AVX2_BFLOAT16, *([AMX_BFLOAT16] if avx2.amx_ready() else [])] if on_avx2 else []
+    kernels = [AVX2_BFLOAT16, *([AMX_BFLOAT16] if cpu_kernels.amx_ready() else [])] if on_avx2 else []
     if dtype == "auto":
         return ["float32", "bfloat16", *kernels]
     return [dtype, *kernels] if dtype == "bfloat16" else [dtype]

@@ -1,4 +1,4 @@
-"""A decode step's whole layer stack in one call: avx2_kernels.c's decode_layers, for the AVX2 precisions.
+"""A decode step's whole layer stack in one call: cpu_kernels.c's decode_layers, for the AVX2 precisions.
 
 Why: with the AVX2 kernels a layer's work is small, and the Python between the kernels was not: model.py's
 layers_forward makes about 25 torch calls a layer, each a dispatch of microseconds. decode_layers runs the same
@@ -16,7 +16,7 @@ from typing import cast
 
 import torch
 
-from engine.fast import avx2
+from engine.fast import cpu_kernels
 from engine.fast.cache import SlotCache
 from engine.fast.linear import Avx2Int4Linear, Avx2Linear
 from engine.fast.step import LayerNorms, LayerWeights, RopeTables, Shape, StepInputs
@@ -24,7 +24,7 @@ from engine.fast.step import LayerNorms, LayerWeights, RopeTables, Shape, StepIn
 _WEIGHTS = ("qkv", "out", "gate_up", "down")
 
 
-class _Layer(ctypes.Structure):  # avx2_kernels.c's struct decode_layer
+class _Layer(ctypes.Structure):  # cpu_kernels.c's struct decode_layer
     _fields_ = [
         *((f"{name}{part}", ctypes.c_void_p) for name in _WEIGHTS for part in ("", "_scales")),
         ("input_norm", ctypes.c_void_p),
@@ -33,7 +33,7 @@ class _Layer(ctypes.Structure):  # avx2_kernels.c's struct decode_layer
     ]
 
 
-class _Shape(ctypes.Structure):  # avx2_kernels.c's struct decode_shape
+class _Shape(ctypes.Structure):  # cpu_kernels.c's struct decode_shape
     _fields_ = [
         *((name, ctypes.c_int64) for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate")),
         ("capacity", ctypes.c_int64),
@@ -50,7 +50,7 @@ class DecodeStack:
     def __init__(
         self, shape: Shape, layers: Sequence[LayerWeights], norms: LayerNorms, rope_tables: RopeTables
     ) -> None:
-        kernels = avx2.library()
+        kernels = cpu_kernels.library()
         assert kernels is not None, "DecodeStack.build checks that the kernels run"
         self.kernels = kernels
         self.rope_tables = rope_tables
@@ -78,7 +78,7 @@ class DecodeStack:
         (a shape the AVX2 kernels do not pack), formats that differ between matmuls, or heads the attention
         kernel does not take (head_dim a multiple of 8)."""
         linears = [getattr(layer, name) for layer in layers for name in _WEIGHTS]
-        if avx2.library() is None or shape.head_dim % 8 or not all(isinstance(x, Avx2Linear) for x in linears):
+        if cpu_kernels.library() is None or shape.head_dim % 8 or not all(isinstance(x, Avx2Linear) for x in linears):
             return None
         if len({type(linear) for linear in linears}) != 1:
             return None

@@ -1,4 +1,4 @@
-"""engine/fast/avx2_kernels.c, compiled for this machine on first use and loaded with ctypes.
+"""engine/fast/cpu_kernels.c, compiled for this machine on first use and loaded with ctypes.
 
 Why C and not a torch extension: the kernels need no torch headers, so a build takes about a second with the
 system's C compiler, and ctypes releases the GIL during each call. The library links libgomp by its soname;
@@ -32,20 +32,20 @@ from engine.loading import cache_root
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("avx2_kernels.c")
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
 # No -march=native: the cached library must run on any AVX2 + FMA CPU that shares the cache directory.
 # -ffp-contract=off: a product and a sum written apart stay apart (rounded twice, as torch's ops round them); the
 # matmuls and attention ask for their FMAs by name.
 FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
-# Added where the CPU has AVX512F: the matmul tiles then work on 16 features a register (avx2_kernels.c's
-# __AVX512F__ branch), with bitwise the same results. The name "avx2" stays: that is the least the kernels need.
+# Added where the CPU has AVX512F: the matmul tiles then work on 16 features a register (cpu_kernels.c's
+# __AVX512F__ branch), with bitwise the same results.
 AVX512_FLAGS = [*FLAGS, "-mavx512f"]
 # Added where the CPU has AMX-BF16 too: the build then also has linear_amx_bf16, the prefill matmul on AMX tiles.
 AMX_FLAGS = [*AVX512_FLAGS, "-mamx-tile", "-mamx-bf16"]
-WIDTH = 16  # output features per packed block: avx2_kernels.c's WIDTH
-INT4_GROUP = 32  # input features sharing an int4 scale and minimum: avx2_kernels.c's INT4_GROUP
+WIDTH = 16  # output features per packed block: cpu_kernels.c's WIDTH
+INT4_GROUP = 32  # input features sharing an int4 scale and minimum: cpu_kernels.c's INT4_GROUP
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-SIGNATURES = {  # avx2_kernels.c's functions: (argument types, result type)
+SIGNATURES = {  # cpu_kernels.c's functions: (argument types, result type)
     "linear_bf16": ([_P, _I64, _I64, _P, _I64, _P, _INT], None),
     "linear_int4": ([_P, _I64, _I64, _P, _P, _I64, _P, _INT], None),
     "rms_norm": ([_P, _P, _P, _I64, _I64, _F], None),
@@ -84,7 +84,7 @@ def library() -> ctypes.CDLL | None:
             reason = f"building {SOURCE.name} failed: {error.stderr.strip()[-2000:]}"
         except (OSError, subprocess.TimeoutExpired) as error:
             reason = f"building or loading {SOURCE.name} failed: {error}"
-    log.info("AVX2 kernels not used: %s", reason)
+    log.info("the C kernels (%s) not used: %s", SOURCE.name, reason)
     return None
 
 

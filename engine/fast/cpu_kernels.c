@@ -1,15 +1,15 @@
 // Matmuls of bfloat16 or int4 weights with float32 activations, the rest of a decode step (RMSNorm, RoPE,
 // attention, SiLU) and a decode step's whole layer stack, for x86 CPUs with AVX2 and FMA (the matmul tiles in
-// 512-bit registers where avx2.py builds with AVX512F); built and loaded by engine/fast/avx2.py. Why they
-// exist: on a CPU without AVX512-BF16 or AMX, torch has no fast kernel for these cases. Measured on a 2-core
-// AVX2-only EPYC:
+// 512-bit registers where cpu_kernels.py builds with AVX512F, a prefill matmul on AMX tiles where it builds with
+// AMX-BF16); built and loaded by engine/fast/cpu_kernels.py. Why they exist: on a CPU without AVX512-BF16 or
+// AMX, torch has no fast kernel for these cases. Measured on a 2-core AVX2-only EPYC:
 // torch.mv over bfloat16 reaches 10-13 GB/s of weights and float32 matrix-vector products 7-9 GB/s, where a
 // plain read of the weights gives 15-18 GB/s; at 16 rows torch's emulated bfloat16 matmul is 2x slower than its
 // float32 one.
 //
 // y[r][j] = sum_i x[r][i] * W[j][i]: x is [rows, k] float32, y is [rows, n] float32, and W [n, k] comes packed
-// in blocks of 16 output features, k-major within a block (engine/fast/avx2.py packs it once; the formats are
-// described at `enum format`). A block then streams through memory in order, and one k step of it widens to
+// in blocks of 16 output features, k-major within a block (engine/fast/cpu_kernels.py packs it once; the formats
+// are described at `enum format`). A block then streams through memory in order, and one k step of it widens to
 // two vectors of 8 output features (one of 16 in the AVX512 build).
 //
 // Each y[r][j] is one vector lane accumulating x[r][i] * W[j][i] with FMAs for i = 0, 1, ..., k - 1 in order,
@@ -45,7 +45,7 @@ struct block {
 };
 
 // Activation rows per tile: accumulators (2 a row), the weight vectors, the broadcast x and, for int4, the
-// group's scales and minimums must fit the 16 AVX2 registers. Built with AVX512 (avx2.py does where the CPU has
+// group's scales and minimums must fit the 16 AVX2 registers. Built with AVX512 (cpu_kernels.py does where the CPU has
 // it), a block's 16 features are one register: an accumulator a row, 32 registers, 12 rows for every format.
 #ifdef __AVX512F__
 #define MAX_TILE 12
@@ -273,7 +273,7 @@ static inline struct block block_at(struct block w, int64_t b, int64_t k) {
 
 // This thread's share of y = x W^T, inside a parallel region: blocks are split between the threads, and rows
 // go in chunks so that a chunk of x stays in cache while the thread's blocks pass over it. n is a multiple of
-// WIDTH (avx2.py checks). The parallel regions are in the exported functions below, one per format: GCC
+// WIDTH (cpu_kernels.py checks). The parallel regions are in the exported functions below, one per format: GCC
 // outlines a region before it inlines, so a region shared by the formats would see `format` as a variable,
 // and the tiles' accumulators would go through the stack at every FMA (measured: 3x slower).
 static inline __attribute__((always_inline)) void thread_share(const float *x, int64_t rows, int64_t k,
@@ -307,7 +307,7 @@ void linear_bf16(const float *x, int64_t rows, int64_t k, const uint16_t *packed
     thread_share(x, rows, k, w, n, y, BF16);
 }
 
-// k must be a multiple of INT4_GROUP (avx2.py checks).
+// k must be a multiple of INT4_GROUP (cpu_kernels.py checks).
 void linear_int4(const float *x, int64_t rows, int64_t k, const uint8_t *q4, const uint16_t *scale_min, int64_t n,
                  float *y, int threads) {
     const struct block w = {NULL, q4, scale_min, NULL};
@@ -468,7 +468,7 @@ static inline __attribute__((always_inline)) void heads_attend(const float *q, i
 // One query token per row against that row's cached keys and values, softmax(q k / sqrt(head_dim)) v, for
 // heads query heads sharing kv_heads key/value heads (query head h reads kv head h / (heads / kv_heads)).
 // Row r attends its first visible[r] positions. Strides are in floats; head_dim is contiguous everywhere and
-// a multiple of 8 (avx2.py checks). q: [rows, heads, head_dim]; keys, values: [rows, kv_heads, positions,
+// a multiple of 8 (cpu_kernels.py checks). q: [rows, heads, head_dim]; keys, values: [rows, kv_heads, positions,
 // head_dim]; out: [rows, heads * head_dim]. A task is one row's KV head and the query heads reading it.
 // Returns 0, or -1 when a thread's scores buffer could not be allocated (out is then incomplete).
 int attention_decode(const float *q, int64_t q_row, int64_t q_head, const float *keys, const float *values,
@@ -552,7 +552,7 @@ void silu_mul(const float *gate_up, int64_t rows, int64_t n, float *out) {
 // so the results are bitwise the same (tested); what goes is the Python between them, about 25 torch calls a
 // layer (bench/levers.md, one row, bfloat16 weights: 35.4 ms a step from Python, 20.2 ms in one call).
 
-// One layer's weights (packed as avx2.py packs them; scales NULL for bfloat16), norms, and KV cache
+// One layer's weights (packed as cpu_kernels.py packs them; scales NULL for bfloat16), norms, and KV cache
 // [slots, 2 * kv_heads, capacity, head_dim] (engine/fast/cache.py): engine/fast/stack.py fills these.
 struct decode_layer {
     const void *qkv, *qkv_scales, *out, *out_scales, *gate_up, *gate_up_scales, *down, *down_scales;
@@ -638,7 +638,7 @@ int decode_layers(float *x, int64_t rows, const int64_t *positions, const struct
     return 0;
 }
 
-// ---- prefill matmuls on AMX tiles (built where the CPU has AMX-BF16: avx2.py's AMX_FLAGS) ---------------------
+// ---- prefill matmuls on AMX tiles (built where the CPU has AMX-BF16: cpu_kernels.py's AMX_FLAGS) ---------------------
 // A prefill is compute bound: on a 2-core AMX Xeon the float32 FMAs above reach 155 GFLOPS where AMX's bfloat16
 // tiles do several times that (oneDNN's bfloat16 matmul, through torch: 600-760). oneDNN's result for a row
 // changes with the rows beside it (a blocking chosen by the row count: 7 prompts prefilled together differed from
@@ -647,8 +647,8 @@ int decode_layers(float *x, int64_t rows, const int64_t *positions, const struct
 //
 // y = bf16(x) W^T: x is [rows, k] float32, rounded to bfloat16 (to nearest even) as torch rounds it; y is [rows, n]
 // float32, the accumulators as they are. W [n, k] comes packed per 16 output features as [k / 2][16][2] bfloat16
-// (avx2.py's pack_amx): the pairs of inputs a tile multiply takes, 32 inputs a B tile of 1 KB. k is a multiple of
-// 32, n of 16 (avx2.py checks).
+// (cpu_kernels.py's pack_amx): the pairs of inputs a tile multiply takes, 32 inputs a B tile of 1 KB. k is a multiple of
+// 32, n of 16 (cpu_kernels.py checks).
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #include <sys/syscall.h>
 #include <unistd.h>
