@@ -19,6 +19,7 @@ it again. So the gateway watches the executors itself (`ExecutorWatch`, one heal
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import json
 import logging
@@ -69,7 +70,12 @@ class ExecutorWatch:
 
     `failures`: consecutive failed checks of one executor that make it lost (a check fails at once when nobody
     listens on its port; one slow answer under load is not a death). `on_lost(address)` runs once, when an
-    executor that was serving is lost."""
+    executor that was serving is lost.
+
+    Between checks, a channel per executor holds a connection to it and watches its state: the moment that
+    connection drops (a killed executor's kernel closes its sockets), or comes up again, the watch checks at once
+    instead of at the next interval, and a dropped connection whose check fails is lost without a second failure.
+    So `/ready` turns red as soon as the executor is gone, and green as soon as it is back."""
 
     def __init__(
         self,
@@ -90,19 +96,39 @@ class ExecutorWatch:
         self.timeout_s = timeout_s
         self.state = State.STARTING if addresses else State.SERVING
         self.on_change: list[Callable[[State], Any]] = []
-        self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._wake = asyncio.Event()
+        self._dropped: set[str] = set()  # addresses whose connection dropped since the last check
 
     @property
     def serving(self) -> bool:
         return self.state is State.SERVING
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._watch())
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._watch())]
+        self._tasks += [loop.create_task(self._watch_connection(address)) for address in self.addresses]
 
     def stop(self) -> None:
         """Stop watching (the gateway is shutting down: executors going away is then expected)."""
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+
+    async def _watch_connection(self, address: str) -> None:
+        """Wake the checks when the connection to `address` drops or comes up. Reconnection attempts at most 1 s
+        apart (grpc's default backoff grows to 2 minutes), so that a restarted executor is seen at once."""
+        options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_reconnect_backoff_ms", 1000)]
+        async with grpc.aio.insecure_channel(address, options=options) as channel:
+            state = channel.get_state(try_to_connect=True)
+            while True:
+                await channel.wait_for_state_change(state)
+                previous, state = state, channel.get_state(try_to_connect=True)
+                ready = grpc.ChannelConnectivity.READY
+                if previous is ready and state is not ready:
+                    self._dropped.add(address)
+                    self._wake.set()
+                elif state is ready and not self.serving:
+                    self._wake.set()
 
     async def _answers(self, address: str) -> bool:
         # A channel of its own, with its own subchannel: grpc shares subchannels between channels to the same
@@ -122,8 +148,10 @@ class ExecutorWatch:
         failed = dict.fromkeys(self.addresses, 0)
         while True:
             answers = await asyncio.gather(*(self._answers(address) for address in self.addresses))
+            dropped, self._dropped = self._dropped, set()
             for address, ok in zip(self.addresses, answers):
-                failed[address] = 0 if ok else failed[address] + 1
+                # A connection that dropped and a check that fails: the executor is gone, not slow.
+                failed[address] = 0 if ok else max(failed[address] + 1, self.failures if address in dropped else 0)
             lost = [address for address in self.addresses if failed[address] >= self.failures]
             if all(answers):
                 await self._set(State.SERVING)
@@ -132,7 +160,9 @@ class ExecutorWatch:
                 await self._set(State.UNAVAILABLE)
                 if self.on_lost is not None:
                     self.on_lost(lost[0])
-            await asyncio.sleep(self.interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval_s)
+            self._wake.clear()
 
     async def _set(self, state: State) -> None:
         if state is not self.state:
