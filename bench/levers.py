@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from engine.fast import FastRunner, cpu_kernels
 from engine.fast.linear import AVX2_PRECISIONS, DenseLinear
-from engine.fast.model import Precision
+from engine.fast.model import PrecisionKernels
 from engine.loading import embedded_model_dir
 from engine.plan import PrefillChunk, PrefillPlan
 
@@ -151,7 +151,7 @@ class OneDnnPackedLinear:
         return out.to(x.dtype)
 
 
-def packed(precision: Precision, kind: type, rows: int) -> Precision | None:
+def packed(precision: PrecisionKernels, kind: type, rows: int) -> PrecisionKernels | None:
     """A copy of a float precision with every matmul weight pre-packed; None where this CPU cannot."""
     try:
         layers = [
@@ -160,7 +160,7 @@ def packed(precision: Precision, kind: type, rows: int) -> Precision | None:
             )
             for layer in precision.layers
         ]
-        return Precision(f"{precision.name} {kind.__name__}", layers, precision.lm_head)
+        return PrecisionKernels(f"{precision.name} {kind.__name__}", layers, precision.lm_head)
     except RuntimeError as error:
         print(f"{kind.__name__}: {str(error).splitlines()[0]}", file=sys.stderr)
         return None
@@ -179,12 +179,12 @@ class SkippedLinear:
         return self.output.view(*x.shape[:-1], -1)
 
 
-def without_matmuls(precision: Precision, rows: int) -> Precision:
+def without_matmuls(precision: PrecisionKernels, rows: int) -> PrecisionKernels:
     layers = [
         type(layer)(*(SkippedLinear(getattr(layer, name).weight, rows) for name in ("qkv", "out", "gate_up", "down")))
         for layer in precision.layers
     ]
-    return Precision("no matmuls", layers, SkippedLinear(precision.lm_head.weight, rows))
+    return PrecisionKernels("no matmuls", layers, SkippedLinear(precision.lm_head.weight, rows))
 
 
 def layer_matmuls(model, dtype: torch.dtype, rows: int, fused: bool) -> Callable[[], None]:

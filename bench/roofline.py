@@ -22,7 +22,7 @@ import torch
 
 from bench.levers import AVX2_ENV, load, run_isa
 from engine.fast import cpu_kernels
-from engine.fast.model import FastLlama
+from engine.fast.model import LlamaParts
 from engine.fast.runner import candidate_precisions
 
 OUTPUT = Path(__file__).resolve().parent / "roofline.md"
@@ -50,9 +50,9 @@ def fma_roof() -> dict[str, float]:
     return roof
 
 
-def prefill_matmuls(model, llama: FastLlama, precision: str, rows: int) -> tuple[Callable[[], None], float]:
+def prefill_matmuls(model, parts: LlamaParts, precision: str, rows: int) -> tuple[Callable[[], None], float]:
     """The 120 fused matmuls of one prefill forward of `rows` tokens in `precision`, and their FLOPs."""
-    layers = llama.precision(precision).layers
+    layers = parts.precision(precision).layers
     hidden = torch.randn(rows, model.config.hidden_size)
     wide = torch.randn(rows, model.config.intermediate_size)
     weights = sum(layer.get_submodule(name).weight.numel() for layer in model.model.layers for name in PROJECTIONS)
@@ -67,9 +67,9 @@ def prefill_matmuls(model, llama: FastLlama, precision: str, rows: int) -> tuple
 @torch.no_grad()
 def measure(rows: int) -> dict:
     model, _ = load()
-    llama = FastLlama(model, 64, torch.device("cpu"), torch.float32)
+    parts = LlamaParts(model, 64, torch.device("cpu"), torch.float32)
     precisions = candidate_precisions("auto", "none", torch.device("cpu"))  # those `dtype: auto` times here
-    runs = {name: prefill_matmuls(model, llama, name, rows) for name in precisions}
+    runs = {name: prefill_matmuls(model, parts, name, rows) for name in precisions}
     times: dict[str, list[float]] = {name: [] for name in runs}
     for forward, _ in runs.values():
         forward()  # warm-up

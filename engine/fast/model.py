@@ -55,10 +55,10 @@ class TorchOps:
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
-    def rotation(self, llama: FastLlama, step: StepInputs) -> Rotation:
+    def rotation(self, parts: LlamaParts, step: StepInputs) -> Rotation:
         """RoPE at the step's positions, for every layer: the tables are gathered once a step."""
-        cos = llama.cos[step.positions].unsqueeze(2)  # [rows, tokens, 1, head_dim]: broadcast over heads
-        sin = llama.sin_signed[step.positions].unsqueeze(2)
+        cos = parts.cos[step.positions].unsqueeze(2)  # [rows, tokens, 1, head_dim]: broadcast over heads
+        sin = parts.sin_signed[step.positions].unsqueeze(2)
         return lambda qkv, heads: rope_(qkv[:, :, :heads], cos, sin)
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -71,24 +71,25 @@ class TorchOps:
         return attention(q, keys, values, step.mask, shape)
 
 
-class Avx2Ops(TorchOps):
-    """RMSNorm, RoPE, SiLU and attention through the AVX2 kernels: one call each where torch runs several ops (8
-    for an RMSNorm; SDPA sets up a flash-attention tiling for a single query). The results differ from torch's
-    in float32 rounding only; they go with the AVX2 precisions, not with float32 (whose steps the tests compare
-    with transformers'). They are the kernels DecodeStack runs, so both give a decode step the same bits."""
+class KernelOps(TorchOps):
+    """RMSNorm, RoPE, SiLU and attention through the C kernels (cpu_kernels.c): one call each where torch runs
+    several ops (8 for an RMSNorm; SDPA sets up a flash-attention tiling for a single query). The results differ
+    from torch's in float32 rounding only; they go with the C precisions (C_PRECISIONS), not with float32 (whose
+    steps the tests compare with transformers'). They are the kernels DecodeStack runs, so both give a decode
+    step the same bits."""
 
     def __init__(self) -> None:
         kernels = cpu_kernels.library()
         if kernels is None:
-            raise ValueError(f"the AVX2 kernels cannot run here: {cpu_kernels.unsupported()}")
+            raise ValueError(f"the C kernels cannot run here: {cpu_kernels.unsupported()}")
         self.kernels = kernels
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return cpu_kernels.rms_norm(self.kernels, x, weight, eps)
 
-    def rotation(self, llama: FastLlama, step: StepInputs) -> Rotation:
+    def rotation(self, parts: LlamaParts, step: StepInputs) -> Rotation:
         positions = step.positions.contiguous()
-        return lambda qkv, heads: cpu_kernels.rope_(self.kernels, qkv, heads, positions, llama.cos, llama.sin_signed)
+        return lambda qkv, heads: cpu_kernels.rope_(self.kernels, qkv, heads, positions, parts.cos, parts.sin_signed)
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         return cpu_kernels.silu_mul(self.kernels, gate_up)
@@ -119,9 +120,10 @@ class Avx2Ops(TorchOps):
 
 
 @dataclass
-class Precision:
-    """The matmul weights in one format, and the ops that go with them: a model runs steps in whichever
-    precision suits the batch."""
+class PrecisionKernels:
+    """Everything a step runs in one precision: the matmul weights packed in its format (`layers`, `lm_head`),
+    the op table that goes with them (`ops`: TorchOps, or KernelOps for the C precisions) and, where it can run,
+    the decode stack over those weights. The runner keeps one for decode steps and one for prefills."""
 
     name: str
     layers: list[LayerWeights]
@@ -138,9 +140,9 @@ class Precision:
         return all(linear.batch_exact for linear in [*matmuls, self.lm_head])
 
 
-class FastLlama:
-    """The parts of a LlamaForCausalLM that every precision shares (norms, embeddings, RoPE tables, shape), and
-    builders for the matmul weights in each precision."""
+class LlamaParts:
+    """Not a model: the parts of a LlamaForCausalLM that every precision shares (norms, embeddings, RoPE tables,
+    shape), and, until release_source(), the float weights `precision(name)` builds each PrecisionKernels from."""
 
     def __init__(
         self, model: LlamaForCausalLM, max_len: int, device: torch.device, activation_dtype: torch.dtype
@@ -171,9 +173,9 @@ class FastLlama:
         )
         self.cos, self.sin_signed = rope_tables(model, max_len, device, activation_dtype)
 
-    def precision(self, name: str) -> Precision:
+    def precision(self, name: str) -> PrecisionKernels:
         """The matmul weights as float32, bfloat16, float16, int8 or int4 (weight-only, CPU), or bfloat16 or int4
-        through the AVX2 kernels: linear.make_linear's precisions."""
+        through the AVX2 kernels, or bfloat16 on AMX tiles (linear.make_linear's precisions), with their ops."""
         model = self._source
         if model is None:
             raise RuntimeError("the source weights were released")
@@ -199,9 +201,9 @@ class FastLlama:
         head = {"int4": "int8", AVX2_INT4: AVX2_BFLOAT16}.get(name, name)
         lm_head = make_linear(head, model.lm_head.weight.detach().to(self.device), arena)
         if name not in C_PRECISIONS:
-            return Precision(name, layers, lm_head)
+            return PrecisionKernels(name, layers, lm_head)
         stack = DecodeStack.build(self.shape, layers, self.norms, (self.cos, self.sin_signed))
-        return Precision(name, layers, lm_head, Avx2Ops(), stack)
+        return PrecisionKernels(name, layers, lm_head, KernelOps(), stack)
 
     def release_source(self) -> None:
         self._source = None
@@ -227,38 +229,40 @@ def rope_tables(
     return cos.to(dtype), sin_signed.to(dtype)
 
 
-def forward(llama: FastLlama, weights: Precision, cache: SlotCache, step: StepInputs) -> torch.Tensor:
+def forward(parts: LlamaParts, precision: PrecisionKernels, cache: SlotCache, step: StepInputs) -> torch.Tensor:
     """Logits [rows, vocab] after each row's `last` token; writes every real token's K and V into the cache."""
-    x = F.embedding(step.input_ids, llama.embedding)
-    if weights.decode_stack is not None and weights.decode_stack.can_run(step):
-        weights.decode_stack(x, cache, step)
+    x = F.embedding(step.input_ids, parts.embedding)
+    if precision.decode_stack is not None and precision.decode_stack.can_run(step):
+        precision.decode_stack(x, cache, step)
     else:
-        layers_forward(llama, weights, cache, step, x)
+        layers_forward(parts, precision, cache, step, x)
     rows = x.shape[0]
     x = x[:, -1] if step.last is None else x[torch.arange(rows, device=x.device), step.last]
     if step.output_order is not None:
         x = x[step.output_order]
     # Only the positions that need a token go through the 49152-wide output layer.
-    h = weights.ops.rms_norm(x, llama.norms.final, llama.shape.eps)[:, None]  # [rows, 1, hidden]
-    matmul = _matmul(weights, [1] * rows if _by_row(step) else None)
-    return matmul(weights.lm_head, h)[:, 0].float()
+    h = precision.ops.rms_norm(x, parts.norms.final, parts.shape.eps)[:, None]  # [rows, 1, hidden]
+    matmul = _matmul(precision, [1] * rows if _by_row(step) else None)
+    return matmul(precision.lm_head, h)[:, 0].float()
 
 
-def layers_forward(llama: FastLlama, weights: Precision, cache: SlotCache, step: StepInputs, x: torch.Tensor) -> None:
+def layers_forward(
+    parts: LlamaParts, precision: PrecisionKernels, cache: SlotCache, step: StepInputs, x: torch.Tensor
+) -> None:
     """Every layer on the residual stream x [rows, tokens, hidden], in place."""
-    shape = llama.shape
+    shape = parts.shape
     rows, tokens = step.input_ids.shape
     heads, rotated = shape.heads, shape.heads + shape.kv_heads
-    ops, matmul = weights.ops, _matmul(weights, step.counts if _by_row(step) else None)
+    ops, matmul = precision.ops, _matmul(precision, step.counts if _by_row(step) else None)
     attend = ops.attention if not _by_row(step) else partial(row_by_row_attention, ops)
-    rotate = ops.rotation(llama, step)
-    for index, layer in enumerate(weights.layers):
-        h = ops.rms_norm(x, llama.norms.inputs[index], shape.eps)
+    rotate = ops.rotation(parts, step)
+    for index, layer in enumerate(precision.layers):
+        h = ops.rms_norm(x, parts.norms.inputs[index], shape.eps)
         qkv = matmul(layer.qkv, h).view(rows, tokens, rotated + shape.kv_heads, shape.head_dim)
         rotate(qkv, rotated)  # q and k rotated in place: qkv's k and v heads go to the cache as-is
         keys, values = cache.write(index, step, qkv[:, :, heads:])
         x += matmul(layer.out, attend(qkv[:, :, :heads], keys, values, step, shape))
-        h = ops.rms_norm(x, llama.norms.post_attention[index], shape.eps)
+        h = ops.rms_norm(x, parts.norms.post_attention[index], shape.eps)
         x += matmul(layer.down, ops.silu_mul(matmul(layer.gate_up, h)))
 
 
@@ -270,10 +274,10 @@ def _by_row(step: StepInputs) -> bool:
     return step.counts is not None and len(step.counts) > 1
 
 
-def _matmul(weights: Precision, counts: list[int] | None) -> Matmul:
+def _matmul(precision: PrecisionKernels, counts: list[int] | None) -> Matmul:
     """The matmul of a step: one call for all rows, or, given each row's real tokens where the precision's
     kernels are not batch-exact, one call per row on exactly those tokens."""
-    if weights.batch_exact or counts is None:
+    if precision.batch_exact or counts is None:
         return lambda linear, x: linear(x)
     return lambda linear, x: _padded([linear(x[row : row + 1, :count]) for row, count in enumerate(counts)], x)
 

@@ -14,7 +14,7 @@ from transformers import LlamaForCausalLM, PreTrainedModel
 from engine.fast import autotune, cpu_kernels
 from engine.fast.cache import BlockPool, SlotCache
 from engine.fast.linear import AMX_BFLOAT16, AVX2_BFLOAT16, AVX2_INT4, check_quantization
-from engine.fast.model import Avx2Ops, FastLlama, Precision, forward, supports
+from engine.fast.model import KernelOps, LlamaParts, PrecisionKernels, forward, supports
 from engine.fast.step import StepInputs
 from engine.plan import PrefillChunk, PrefillPlan
 from engine.prefix_cache import PrefixCache, blocks_in_budget
@@ -53,17 +53,17 @@ class FastRunner:
         # weights are: a row's cache then does not depend on which precision each step ran in (the band
         # changes with the batch size), and the casts around a matmul cost far less than the matmul.
         activation_dtype = torch.float32 if self.device.type == "cpu" else getattr(torch, self.candidates[0])
-        self.llama = FastLlama(cast(LlamaForCausalLM, model), max_len, self.device, activation_dtype)
-        self.precisions = {name: self.llama.precision(name) for name in self.candidates}
+        self.parts = LlamaParts(cast(LlamaForCausalLM, model), max_len, self.device, activation_dtype)
+        self.precisions = {name: self.parts.precision(name) for name in self.candidates}
         self.max_rows, self.max_len = max_rows, max_len
-        shape = self.llama.shape
+        shape = self.parts.shape
         blocks = blocks_in_budget(prefix_cache_mib, BlockPool.block_bytes(shape, prefix_block_size, activation_dtype))
         self.prefix_cache = PrefixCache(blocks, prefix_block_size) if blocks else None
         pool = BlockPool(shape, blocks, prefix_block_size, self.device, activation_dtype) if blocks else None
         self.cache = SlotCache(shape, max_rows, max_len, self.device, activation_dtype, pool)
         self.positions = torch.arange(max_len, device=self.device)
-        self.decode_precision: Precision | None = None  # chosen by start(), one for every batch size
-        self.prefill_precision: Precision | None = None  # chosen by start()
+        self.decode_precision: PrecisionKernels | None = None  # chosen by start(), one for every batch size
+        self.prefill_precision: PrecisionKernels | None = None  # chosen by start()
         self.measured = ""  # the timings behind the choice, for describe()
         self._prefill_shapes: dict[int, tuple[int, int]] = {}  # {tokens: (rows, tokens a row)} timed by start()
 
@@ -87,7 +87,7 @@ class FastRunner:
         ends = [chunk.start + len(chunk.token_ids) for chunk in plan.chunks]
         cache.reserve(max(ends))
         step = self._prefill_inputs(plan.chunks, slots)
-        logits = forward(self.llama, _started(self.prefill_precision), cache, step)
+        logits = forward(self.parts, _started(self.prefill_precision), cache, step)
         for slot, chunk in zip(slots, plan.chunks):
             cache.advance(slot, len(chunk.token_ids))
             cache.store(chunk.request_id, chunk.stores)
@@ -121,7 +121,7 @@ class FastRunner:
             last=None,
             output_order=None if slots == list(range(rows)) else torch.tensor(slots, device=self.device),
         )
-        logits = forward(self.llama, _started(self.decode_precision), cache, step)
+        logits = forward(self.parts, _started(self.decode_precision), cache, step)
         cache.advance_running()
         return logits
 
@@ -134,9 +134,9 @@ class FastRunner:
     @property
     def decoded_kv_is_prefill_kv(self) -> bool:
         """One precision decodes and prefills, in kernels that compute each token alone (row-exact matmuls, each
-        query's attention alone: Avx2Ops): a decoded token's KV is then what a prefill of it would write."""
+        query's attention alone: KernelOps): a decoded token's KV is then what a prefill of it would write."""
         precision = self.decode_precision
-        exact_ops = isinstance(precision.ops, Avx2Ops) if precision is not None else False
+        exact_ops = isinstance(precision.ops, KernelOps) if precision is not None else False
         return precision is self.prefill_precision and exact_ops and precision is not None and precision.batch_exact
 
     def reset(self) -> None:
@@ -149,7 +149,7 @@ class FastRunner:
         decode, prefill = self.decode_precision.name, self.prefill_precision.name
         return f"fast path, decode weights {decode}, prefill weights {prefill}{self.measured}"
 
-    def pin(self, precision: Precision) -> None:
+    def pin(self, precision: PrecisionKernels) -> None:
         """Run every step in `precision` (one of self.precisions, or a variant of one built by a benchmark)."""
         self.decode_precision = self.prefill_precision = precision
 
@@ -171,7 +171,7 @@ class FastRunner:
             write_slots += [slot] * count
             write_positions += range(chunk.start, chunk.start + count)
             real_tokens += range(row * width, row * width + count)
-        device, groups = self.device, self.llama.shape.groups
+        device, groups = self.device, self.parts.shape.groups
         position_tensor = torch.tensor(positions, device=device)
         attended = max(chunk.start + len(chunk.token_ids) for chunk in chunks)
         mask = self._mask(position_tensor[:, None, None, :, None], attended)  # [rows, 1, 1, tokens, attended]
@@ -215,7 +215,7 @@ class FastRunner:
         decoders = exact or self.candidates
         # A prompt's cached prefix must hold what its prefill would have computed, wherever its chunks began:
         # row-exact matmuls compute a token the same in any chunk (torch's float32 did not for chunks of a
-        # few tokens), and the C precisions' attention computes each query alone (model.Avx2Ops).
+        # few tokens), and the C precisions' attention computes each query alone (model.KernelOps).
         prefillers = (exact or self.candidates) if self.prefix_cache is not None else self.candidates
         if len(self.candidates) == 1:
             self.pin(self.precisions[self.candidates[0]])
@@ -243,7 +243,7 @@ class FastRunner:
         log.info(self.describe())
         used = {_started(self.decode_precision).name, _started(self.prefill_precision).name}
         self.precisions = {name: precision for name, precision in self.precisions.items() if name in used}
-        self.llama.release_source()
+        self.parts.release_source()
 
     def _time_decode_step(self, name: str, rows: int) -> None:
         """One decode step of `rows` rows with MEASURED_CONTEXT cached positions each, in precision `name`."""
@@ -267,7 +267,7 @@ class FastRunner:
         self.prefill(PrefillPlan(chunks, first=True, joins=False))
 
 
-def _started(precision: Precision | None) -> Precision:
+def _started(precision: PrecisionKernels | None) -> PrecisionKernels:
     if precision is None:
         raise RuntimeError("FastRunner.start() must run before the first step")
     return precision

@@ -62,6 +62,6 @@ class StepInputs:
     last: torch.Tensor | None  # [rows]: index of the token whose logits each row needs; None: the only one
     output_order: torch.Tensor | None  # rows' order in the returned logits; None: as computed
     # A prefill's real tokens per row, None for a decode step. With more than one row, the matmuls whose result
-    # depends on the batch (Precision.batch_exact False) and the attention run row by row on exactly these
+    # depends on the batch (PrecisionKernels.batch_exact False) and the attention run row by row on exactly these
     # tokens: a prompt's prefill is then bitwise the same alone or in any group (_matmul, row_by_row_attention).
     counts: list[int] | None = None
