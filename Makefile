@@ -26,8 +26,9 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 model: $(STAMP)
 	$(PY) -c "from engine.loading import embedded_model_dir; print(embedded_model_dir())"
 
+# Under a supervisor of our own (lifecycle/supervisor.py): a flow that lost its executor exits, and is started again.
 serve: install
-	$(VENV)/bin/jina flow --uses flow.yml
+	$(PY) -m lifecycle.supervisor $(VENV)/bin/jina flow --uses flow.yml
 
 # ruff and mypy, configured in pyproject.toml. `make test` runs them first: a finding fails it within a minute.
 lint: install

@@ -302,7 +302,7 @@ class LLMEngine:
         requests = [prefilling[rid] for rid in plan.request_ids]
         try:
             logits = self.runner.prefill(plan)
-            if not plan.joins:
+            if not plan.completes_prompts:
                 return [], False
             tokens, logprobs = sample_next_tokens(logits, requests)
         except Exception as error:  # these requests fail alone; the running batch goes on

@@ -30,14 +30,15 @@ class PrefillChunk:
 
 @dataclass
 class PrefillPlan:
-    """Prompt chunks prefilled together in one forward. The rows of a group are set up together (first=True; a row
-    whose first chunk starts after 0 begins with its cached blocks copied in) and join the running batch together
-    once their prompts are complete (joins=True). A group spans several steps only when it holds a single prompt
-    longer than the step's token budget."""
+    """Prompt chunks prefilled together in one forward. A group spans several steps only when it holds a single
+    prompt longer than the step's token budget."""
 
     chunks: list[PrefillChunk]
-    first: bool
-    joins: bool
+    # The group's first step: its rows are set up here, together (a row whose first chunk starts after 0 begins
+    # with its cached blocks copied in).
+    starts_rows: bool
+    # The chunks end their prompts: after this step the rows join the running batch, together, and decode.
+    completes_prompts: bool
 
     @property
     def request_ids(self) -> list[str]:

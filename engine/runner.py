@@ -70,7 +70,7 @@ class CacheRunner:
         pass
 
     def prefill(self, plan: PrefillPlan) -> torch.Tensor:
-        if plan.first:
+        if plan.starts_rows:
             if any(chunk.start for chunk in plan.chunks):
                 raise ValueError("a first chunk starts after 0: this runner keeps no prefix cache")
             self._prefilling = self._new_batch(plan.request_ids)
@@ -78,7 +78,7 @@ class CacheRunner:
         if batch is None or batch.request_ids != plan.request_ids:
             raise ValueError(f"the rows being prefilled are {batch and batch.request_ids}, not {plan.request_ids}")
         logits = self._prefill(batch, [chunk.token_ids for chunk in plan.chunks])
-        if plan.joins:
+        if plan.completes_prompts:
             self._running, self._prefilling = self._merge(self._running, batch), None
         return logits
 

@@ -65,7 +65,7 @@ class Scheduler:
                 request = self._prefilling_request(chunk.request_id)
                 if request is not None:
                     request.prefilled = chunk.start + len(chunk.token_ids)
-            if plan.prefill.joins:
+            if plan.prefill.completes_prompts:
                 if not self.running:
                     self._last_decode_at = now  # a fresh batch: its rows just got their first token
                 self.running.update((r.request_id, r) for r in self.prefilling if r.request_id not in finished)
@@ -156,7 +156,7 @@ class Scheduler:
                 )
             )
         joins = all(chunk.start + len(chunk.token_ids) == r.prompt_len for chunk, r in zip(chunks, self.prefilling))
-        return PrefillPlan(chunks, first=first, joins=joins)
+        return PrefillPlan(chunks, starts_rows=first, completes_prompts=joins)
 
     def _new_group(self, budget: int, now: float) -> list[Request]:
         free_rows = self.config.max_running - len(self.running)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from fastapi.middleware.cors import CORSMiddleware
 from jina.serve.runtimes.gateway.composite import CompositeGateway
 from jina.serve.runtimes.gateway.http import HTTPGateway
+from prometheus_client import Gauge
 
 from gateway import access_log
 from gateway.app import add_routes
@@ -46,7 +47,7 @@ from gateway.predictions import PredictionSettings, add_prediction_routes
 from gateway.relay import relayed
 from gateway.unary import DEFAULT_MAX_GENERATE_DOCUMENTS, add_generate_route
 from gateway.validation import validating
-from lifecycle import OpenStreams, drain_on_sigterm
+from lifecycle import OpenStreams, drain_on_sigterm, supervisor
 from workarounds import grpc_cancel, jina_gateway, jina_monitoring
 
 # The gateway's gRPC channels to the executors. gRPC backs off from an address that refuses connections (up to two
@@ -180,6 +181,9 @@ class LLMGateway(CompositeGateway):
         )
         # Jina's Prometheus endpoint listens on every address: on the metrics host only (loopback by default).
         jina_monitoring.install()
+        if self.metrics_registry is not None:  # with `monitoring: true`: the restarts lifecycle/supervisor.py made
+            Gauge("llm_flow_restarts", "Times the supervisor has restarted the flow", registry=self.metrics_registry
+                  ).set(supervisor.restarts())
         self.model_name = model_name
         self.drain_timeout_s = drain_timeout_s
         self.open_streams = OpenStreams()

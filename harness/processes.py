@@ -79,13 +79,17 @@ def write_service_flow(
 
 
 @contextmanager
-def started_flow(flow_file: Path, log_file: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+def started_flow(
+    flow_file: Path, log_file: Path, env: dict[str, str] | None = None, supervised: bool = False
+) -> Iterator[subprocess.Popen]:
     """`jina flow --uses flow_file` until the block ends, not waiting for it to be ready (it may never be). The flow
     gets its own session so that the gateway and executor children die with it (SIGTERM to the parent alone leaves
-    them holding the ports). `env`: more environment variables for it."""
+    them holding the ports). `env`: more environment variables for it. `supervised`: under lifecycle/supervisor.py,
+    as `make serve` runs it (restarts half a second apart at first)."""
+    supervisor = [sys.executable, "-m", "lifecycle.supervisor", "--backoff-s", "0.5"] if supervised else []
     with open(log_file, "w") as log:
         process = subprocess.Popen(
-            [str(JINA), "flow", "--uses", str(flow_file)],
+            [*supervisor, str(JINA), "flow", "--uses", str(flow_file)],
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -99,10 +103,12 @@ def started_flow(flow_file: Path, log_file: Path, env: dict[str, str] | None = N
 
 
 @contextmanager
-def running_flow(flow_file: Path, ports: list[int], log_file: Path, timeout: float = 180) -> Iterator[subprocess.Popen]:
+def running_flow(
+    flow_file: Path, ports: list[int], log_file: Path, timeout: float = 180, supervised: bool = False
+) -> Iterator[subprocess.Popen]:
     """started_flow, once every port listens and Jina says the flow is ready (RuntimeError with the log's end if
     the flow exits or `timeout` passes first)."""
-    with started_flow(flow_file, log_file) as process:
+    with started_flow(flow_file, log_file, supervised=supervised) as process:
         deadline = time.monotonic() + timeout
         while not (all(port_open(p) for p in ports) and "Flow is ready to serve" in log_file.read_text()):
             if process.poll() is not None or time.monotonic() > deadline:

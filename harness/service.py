@@ -72,10 +72,12 @@ def serve(
     model_name: str = "test-model",
     replicas: int = 1,
     gateway_settings: dict | None = None,
+    supervised: bool = False,
 ) -> Iterator[Service]:
     """A real `jina flow` like flow.yml, serving the executor of `uses` with `uses_with`, on free ports.
     `tmp_path_factory` is pytest's, or anything whose `mktemp(name)` makes a fresh directory. `gateway_settings`:
-    more of the gateway's `uses_with` than `model_name`."""
+    more of the gateway's `uses_with` than `model_name`. `supervised`: under lifecycle/supervisor.py, as `make serve`
+    runs it."""
     tmp = tmp_path_factory.mktemp(name)
     grpc_port, http_port, metrics_port, *replica_ports = free_ports(3 + replicas)
     service = Service(grpc_port, http_port, replica_ports, metrics_port)
@@ -92,7 +94,7 @@ def serve(
         service.gateway_monitoring_port,
     )
     ports = [service.grpc_port, service.http_port, *service.monitoring_ports, service.gateway_monitoring_port]
-    with running_flow(flow_file, ports, tmp / "flow.log") as service.process:
+    with running_flow(flow_file, ports, tmp / "flow.log", supervised=supervised) as service.process:
         wait_ready(service)
         yield service
 

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from email.message import Message
@@ -19,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from jina.serve.networking.utils import send_health_check_sync
 
 from gateway.health import EXIT_SIGNAL, ExecutorWatch, State
+from harness import ROOT
 from harness.processes import JINA, free_port, live_processes, process_listening_on
 from harness.service import TINY_LIMITS, Service, eventually, serve, stream_docs
 
@@ -156,3 +158,41 @@ async def test_the_watch_sees_a_lost_connection_and_a_returning_executor_without
     finally:
         watch.stop()
     assert states == [State.STARTING, State.SERVING, State.UNAVAILABLE, State.SERVING]
+
+
+def test_the_supervisor_restarts_a_failing_command_with_its_restart_count_until_it_stops_cleanly(tmp_path):
+    """lifecycle/supervisor.py around a command that fails twice, then exits 0 (a clean stop ends the supervisor)."""
+    seen = tmp_path / "seen"
+    child = (
+        "import os, sys; n = int(os.environ['LLM_FLOW_RESTARTS']); "
+        f"open({str(seen)!r}, 'a').write(f'{{n}} '); sys.exit(0 if n == 2 else 3)"
+    )
+    supervisor = [sys.executable, "-m", "lifecycle.supervisor", "--backoff-s", "0.05", sys.executable, "-c", child]
+    assert subprocess.run(supervisor, cwd=ROOT, timeout=60).returncode == 0
+    assert seen.read_text().split() == ["0", "1", "2"]
+
+
+def gateway_metric(service: Service, name: str) -> float | None:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{service.gateway_monitoring_port}/metrics", timeout=5).read()
+    values = [line.split()[-1] for line in text.decode().splitlines() if line.startswith(name + " ")]
+    return float(values[0]) if values else None
+
+
+def ready(service: Service) -> bool:
+    try:
+        return http(service, "GET", "/ready")[0] == 200
+    except OSError:  # the flow restarting: nobody listens
+        return False
+
+
+async def test_under_the_supervisor_a_killed_executor_is_back_without_a_person(tmp_path_factory, tiny_model_dir):
+    """`make serve`'s way: the flow that lost its executor exits, the supervisor starts it again, and the service
+    serves again, its gateway counting the restart."""
+    uses_with = {"model": str(tiny_model_dir), **TINY_LIMITS}
+    with serve(tmp_path_factory, "crash-supervised", uses_with, supervised=True) as service:
+        assert gateway_metric(service, "llm_flow_restarts") == 0
+        kill_executor(service)
+        await eventually(lambda: not ready(service))
+        await eventually(lambda: ready(service), attempts=2400)  # a new flow: 2 minutes at most
+        assert (await stream_docs(service, prompt="hello", max_tokens=3))[-1].finish_reason == "length"
+        assert gateway_metric(service, "llm_flow_restarts") == 1

@@ -56,10 +56,15 @@ def started(model, max_rows: int = 8, max_len: int = 512, **settings) -> FastRun
 
 
 def prefill(
-    runner: FastRunner, chunks: dict[str, tuple[list[int], int]], first: bool = True, joins: bool = True
+    runner: FastRunner,
+    chunks: dict[str, tuple[list[int], int]],
+    starts_rows: bool = True,
+    completes_prompts: bool = True,
 ) -> dict[str, int]:
     """Prefill {id: (tokens, start)} as one group; the greedy token of each row."""
-    plan = PrefillPlan([PrefillChunk(rid, tokens, start) for rid, (tokens, start) in chunks.items()], first, joins)
+    plan = PrefillPlan(
+        [PrefillChunk(rid, tokens, start) for rid, (tokens, start) in chunks.items()], starts_rows, completes_prompts
+    )
     logits = runner.prefill(plan)
     return dict(zip(plan.request_ids, logits.argmax(-1).tolist()))
 
@@ -138,13 +143,13 @@ def test_rows_joining_chunked_and_freed_get_the_tokens_they_get_alone(embedded, 
     step()
     long = prompts["r3"]
     half = len(long) // 2
-    prefill(runner, {"r3": (long[:half], 0)}, joins=False)  # r3's first chunk: r3 does not decode yet
+    prefill(runner, {"r3": (long[:half], 0)}, completes_prompts=False)  # r3's first chunk: r3 does not decode yet
     step()
     run(prefill(runner, {"r4": (prompts["r4"], 0)}))  # joins while r3 waits in the slot r4 must take
     step()
     leave_after = {"r1": len(got["r1"])}
     leave("r1")  # a row in the middle of the running ones: the last one moves into its slot
-    run(prefill(runner, {"r3": (long[half:], half)}, first=False))
+    run(prefill(runner, {"r3": (long[half:], half)}, starts_rows=False))
     while running:
         step()
         for rid in list(running):
@@ -201,7 +206,9 @@ def prefill_caching(runner: FastRunner, request_id: str, prompt: list[int], chun
         end = min(start + chunk, len(prompt))
         reservation = cache.reserve(prompt, end)
         plan = PrefillChunk(request_id, prompt[start:end], start, cached, tuple(reservation.writes))
-        logits = runner.prefill(PrefillPlan([plan], first=bool(cached) or start == 0, joins=end == len(prompt)))
+        logits = runner.prefill(
+            PrefillPlan([plan], starts_rows=bool(cached) or start == 0, completes_prompts=end == len(prompt))
+        )
         cache.commit(reservation)
         cache.release(blocks)
         blocks, cached, start = [], (), end
@@ -238,11 +245,13 @@ def test_a_prompt_whose_prefix_is_cached_gets_bitwise_what_it_gets_computed_whol
         hits_before = warm.prefix_cache.stats.hit_tokens
         cached_row = row(warm, f"t{turn}", prompt, prefill_caching(warm, f"t{turn}", prompt))
         hits += warm.prefix_cache.stats.hit_tokens > hits_before
-        whole = cold.prefill(PrefillPlan([PrefillChunk("whole", prompt, 0)], first=True, joins=True))
+        whole = cold.prefill(PrefillPlan([PrefillChunk("whole", prompt, 0)], starts_rows=True, completes_prompts=True))
         whole_row = row(cold, "whole", prompt, whole)
         chunk_plans = [PrefillChunk("chunked", prompt[i : i + 7], i) for i in range(0, len(prompt), 7)]
         for index, chunk in enumerate(chunk_plans):
-            chunked = cold.prefill(PrefillPlan([chunk], first=index == 0, joins=index == len(chunk_plans) - 1))
+            chunked = cold.prefill(
+                PrefillPlan([chunk], starts_rows=index == 0, completes_prompts=index == len(chunk_plans) - 1)
+            )
         chunked_row = row(cold, "chunked", prompt, chunked)
         for cached_part, whole_part, chunked_part in zip(cached_row, whole_row, chunked_row):
             assert torch.equal(cached_part, whole_part) and torch.equal(chunked_part, whole_part), f"turn {turn}"
@@ -477,7 +486,9 @@ def test_a_prompts_prefill_is_bitwise_the_same_alone_and_in_any_group(embedded, 
 
     def run(group: list[str]) -> dict[str, tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]]:
         """Prefill `group` together, then 3 decode steps of it: per row, its logits, cache and step logits."""
-        plan = PrefillPlan([PrefillChunk(rid, prompts[rid], 0) for rid in group], first=True, joins=True)
+        plan = PrefillPlan(
+            [PrefillChunk(rid, prompts[rid], 0) for rid in group], starts_rows=True, completes_prompts=True
+        )
         logits = runner.prefill(plan)
         end = {rid: len(prompts[rid]) for rid in group}
         slot = runner.cache.slot

@@ -39,7 +39,7 @@ def test_waiting_prompts_that_fit_the_budget_are_prefilled_together_in_arrival_o
     plan, _ = s.schedule(now=0.0)
     # Padded to the longest: a+b+c take 3 x 5 = 15 tokens; d would make 4 x 6 = 24 > 16.
     assert plan.prefill is not None and plan.prefill.request_ids == ["a", "b", "c"]
-    assert plan.prefill.first and plan.prefill.joins and not plan.decode
+    assert plan.prefill.starts_rows and plan.prefill.completes_prompts and not plan.decode
     assert [c.token_ids for c in plan.prefill.chunks] == [r.prompt_ids for r in s.prefilling]
     assert [r.request_id for r in s.waiting] == ["d"]
 
@@ -68,8 +68,8 @@ def test_a_prompt_longer_than_the_budget_is_prefilled_in_chunks_and_alone():
             (
                 plan.prefill.chunks[0].start,
                 len(plan.prefill.chunks[0].token_ids),
-                plan.prefill.first,
-                plan.prefill.joins,
+                plan.prefill.starts_rows,
+                plan.prefill.completes_prompts,
             )
         )
     assert chunks == [(0, 16, True, False), (16, 16, False, False), (32, 8, False, True)]
@@ -206,7 +206,7 @@ def test_a_cancelled_row_of_a_prefilling_group_leaves_the_others_prefilling():
     s.cancel("long")
     s.add(request("next", 3))
     plan, freed = s.schedule(now=0.1)
-    assert plan.freed == ["long"] and plan.prefill.request_ids == ["next"] and plan.prefill.first
+    assert plan.freed == ["long"] and plan.prefill.request_ids == ["next"] and plan.prefill.starts_rows
 
 
 def test_a_failed_step_aborts_the_rows_in_flight_and_keeps_the_waiting_queue():

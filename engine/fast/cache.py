@@ -233,9 +233,9 @@ class SlotCache:
         buffer = self.kv[layer]
         slots, positions = step.write_at
         buffer[slots, :, positions] = kv
-        if isinstance(step.rows, slice):
-            rows = buffer[step.rows, :, : step.attended]
+        if isinstance(step.slots, slice):
+            rows = buffer[step.slots, :, : step.attended]
         else:
-            rows = buffer[:, :, : step.attended].index_select(0, step.rows)
+            rows = buffer[:, :, : step.attended].index_select(0, step.slots)
         heads = self.shape.kv_heads
         return rows[:, :heads], rows[:, heads:]

@@ -74,7 +74,7 @@ class FastRunner:
 
     def prefill(self, plan: PrefillPlan) -> torch.Tensor:
         cache = self.cache
-        if plan.first:
+        if plan.starts_rows:
             for chunk in plan.chunks:
                 cache.allocate(chunk.request_id, chunk.cached_blocks)
         slots = [cache.slot(chunk.request_id) for chunk in plan.chunks]
@@ -91,7 +91,7 @@ class FastRunner:
         for slot, chunk in zip(slots, plan.chunks):
             cache.advance(slot, len(chunk.token_ids))
             cache.store(chunk.request_id, chunk.stores)
-        if plan.joins:
+        if plan.completes_prompts:
             cache.join(plan.request_ids)
         return logits
 
@@ -113,7 +113,7 @@ class FastRunner:
         step = StepInputs(
             input_ids=torch.tensor(tokens, device=self.device)[:, None],
             positions=positions[:, None],
-            rows=slice(0, rows),
+            slots=slice(0, rows),
             write_at=(self.positions[:rows], positions),
             real_tokens=None,
             attended=attended,
@@ -182,7 +182,7 @@ class FastRunner:
         return StepInputs(
             input_ids=torch.tensor(input_ids, device=device),
             positions=position_tensor,
-            rows=slice(slots[0], slots[0] + rows) if contiguous else torch.tensor(slots, device=device),
+            slots=slice(slots[0], slots[0] + rows) if contiguous else torch.tensor(slots, device=device),
             write_at=(torch.tensor(write_slots, device=device), torch.tensor(write_positions, device=device)),
             real_tokens=None if all_real else torch.tensor(real_tokens, device=device),
             attended=attended,
@@ -264,7 +264,7 @@ class FastRunner:
         rows, width = self._prefill_shapes[tokens]
         chunks = [PrefillChunk(f"\0measure-{row}", [0] * width, 0) for row in range(rows)]
         self.pin(self.precisions[name])
-        self.prefill(PrefillPlan(chunks, first=True, joins=False))
+        self.prefill(PrefillPlan(chunks, starts_rows=True, completes_prompts=False))
 
 
 def _started(precision: PrecisionKernels | None) -> PrecisionKernels:

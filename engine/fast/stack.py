@@ -93,7 +93,7 @@ class DecodeStack:
     def can_run(step: StepInputs) -> bool:
         """Whether this step is one decode_layers computes: one token a row, the rows in slots 0 .. rows - 1."""
         rows, tokens = step.input_ids.shape
-        return tokens == 1 and isinstance(step.rows, slice) and step.rows == slice(0, rows)
+        return tokens == 1 and isinstance(step.slots, slice) and step.slots == slice(0, rows)
 
     def __call__(self, x: torch.Tensor, cache: SlotCache, step: StepInputs) -> None:
         """x [rows, 1, hidden] float32, the embedded tokens: through every layer, in place; writes each row's K

@@ -50,7 +50,7 @@ class StepInputs:
 
     input_ids: torch.Tensor  # [rows, tokens]
     positions: torch.Tensor  # [rows, tokens]: each token's position in its row (padding repeats the last one)
-    rows: slice | torch.Tensor  # the rows' cache slots: a slice when contiguous (decode), else an index
+    slots: slice | torch.Tensor  # each row's cache slot: a slice when contiguous (decode), else an index
     write_at: tuple[torch.Tensor, torch.Tensor]  # slot and position of each real (non-padding) token: [written tokens]
     real_tokens: torch.Tensor | None  # [written tokens]: flat index of the real tokens, None when all are real
     attended: int  # cache positions the rows' queries read
