@@ -27,6 +27,7 @@ from engine.loading import LoadedModel, resolve_dtype
 from engine.openmp import on_passing_thread
 from engine.output import RequestOutputProcessor, final_output
 from engine.plan import PrefillPlan, Runner
+from engine.prefix_cache import PrefixCacheStats
 from engine.processor import InputProcessor
 from engine.request import Consumer, ErrorCode, FinishReason, Request, SamplingParams, StepOutput, TokenLogprobs
 from engine.runner import CacheRunner
@@ -82,6 +83,7 @@ class LLMEngine:
         self._running_rows = 0  # the scheduler's running + prefilling rows, published after each step
         self._decode_rows = 0  # rows of the last decode step, 0 once none runs, published after each step
         self._kv_cache_tokens = 0  # positions the batch's rows hold in the KV cache, published after each step
+        self._prefix_cache_stats = PrefixCacheStats()  # published after each step
         self._accepting = True
         self._stopping = False
         self._unavailable: str | None = None  # why the engine cannot serve at all (its start failed)
@@ -111,6 +113,17 @@ class LLMEngine:
     def kv_cache_tokens(self) -> int:
         with self._lock:
             return self._kv_cache_tokens
+
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        """The prefix cache's counts (all 0 without one)."""
+        with self._lock:
+            return self._prefix_cache_stats
+
+    @property
+    def prefix_cache_block_bytes(self) -> int:
+        """Bytes one of the prefix cache's blocks holds (0 without one)."""
+        return self.runner.prefix_block_bytes
 
     def new_request_id(self) -> str:
         return f"req-{next(self._ids)}"
@@ -372,6 +385,8 @@ class LLMEngine:
             self._running_rows = self.scheduler.num_running
             self._decode_rows = self._last_decode_rows if self.scheduler.running else 0
             self._kv_cache_tokens = kv_cache_positions(self.scheduler)
+            if self.runner.prefix_cache is not None:
+                self._prefix_cache_stats = self.runner.prefix_cache.snapshot()
             if not self._in_flight:
                 self._idle.notify_all()
         self._released.clear()

@@ -62,6 +62,7 @@ class Runner(Protocol):
     # The blocks of KV this runner keeps for prompts' prefixes (engine/prefix_cache.py), or None: it keeps none
     # and every chunk's cached_blocks and stores are empty.
     prefix_cache: PrefixCache | None
+    prefix_block_bytes: int  # bytes one of its blocks holds; 0 without one
 
     def start(self) -> None:
         """Before the first step, on the loop thread (e.g. to time the precisions)."""

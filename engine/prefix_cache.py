@@ -20,7 +20,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 BlockKey = tuple[int, tuple[int, ...]]  # (the parent block's id, or -1 for a first block; the block's tokens)
 
@@ -50,6 +50,7 @@ class PrefixCacheStats:
     hit_tokens: int = 0  # prompt tokens served from the cache
     miss_tokens: int = 0  # prompt tokens prefilled
     evictions: int = 0  # blocks evicted to make room
+    blocks: int = 0  # blocks holding a cached prefix now (a snapshot's; the live count is PrefixCache.blocks)
 
 
 def blocks_in_budget(budget_mib: int, block_bytes: int) -> int:
@@ -83,6 +84,9 @@ class PrefixCache:
     def blocks(self) -> int:
         """Blocks that hold a cached prefix (committed)."""
         return sum(block.committed for block in self._blocks.values())
+
+    def snapshot(self) -> PrefixCacheStats:
+        return replace(self.stats, blocks=self.blocks)
 
     # ---- reading ----
 

@@ -51,6 +51,7 @@ class CacheRunner:
 
     # Rows of one batch share their padding, not their prefixes: no prefix cache here.
     prefix_cache: PrefixCache | None = None
+    prefix_block_bytes = 0
     decoded_kv_is_prefill_kv = False
 
     def __init__(self, model: PreTrainedModel, dtype: torch.dtype | None = None) -> None:

@@ -64,6 +64,8 @@ class TokenStreamingExecutor(Executor):
         max_stop_length: int = EngineConfig.max_stop_length,
         fast_path: bool = EngineConfig.fast_path,
         quantization: str = EngineConfig.quantization,
+        prefix_cache_mib: int = EngineConfig.prefix_cache_mib,
+        prefix_block_size: int = EngineConfig.prefix_block_size,
         warmup_tokens: int = 8,
         shutdown_grace_s: float = 10.0,
         **kwargs,
@@ -89,6 +91,8 @@ class TokenStreamingExecutor(Executor):
             max_stop_length=max_stop_length,
             fast_path=fast_path,
             quantization=quantization,
+            prefix_cache_mib=prefix_cache_mib,
+            prefix_block_size=prefix_block_size,
         ))
         self.chat_template = chat_template
         # Logprobs name up to 21 tokens a step: each token's text is decoded once. A byte-level token that holds
@@ -261,6 +265,7 @@ def to_document(output: StepOutput, token_text: Callable[[int], str]) -> ModelOu
         error_code=None if output.error_code is None else ErrorCode(output.error_code.value).value,
         prompt_tokens=output.prompt_tokens if output.finished else None,
         completion_tokens=output.completion_tokens if output.finished else None,
+        cached_tokens=output.cached_tokens if output.finished else None,
         queue_time_s=output.queue_time_s,
         time_to_first_token_s=output.time_to_first_token_s,
         total_time_s=output.total_time_s,

@@ -4,12 +4,15 @@ label (the served model id), so that replicas of different models can share one 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from engine import StepOutput
+from engine.prefix_cache import PrefixCacheStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # Prompt and generation lengths in tokens: powers of two up to past any context this service serves.
@@ -30,6 +33,39 @@ class EngineCounts(Protocol):
 
     @property
     def kv_cache_tokens(self) -> int: ...
+
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats: ...
+
+    @property
+    def prefix_cache_block_bytes(self) -> int: ...
+
+
+class PrefixCacheCollector(Collector):
+    """The prefix cache's counts, read from the engine's last published snapshot at each scrape: the engine
+    thread counts, so nothing here is incremented."""
+
+    def __init__(self, model: str, engine: EngineCounts) -> None:
+        self.model, self.engine = model, engine
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.engine.prefix_cache_stats
+        for name, doc, value in (
+            ("llm_prefix_cache_hit_tokens", "Prompt tokens whose KV came from the prefix cache", stats.hit_tokens),
+            ("llm_prefix_cache_miss_tokens", "Prompt tokens prefilled (not in the prefix cache)", stats.miss_tokens),
+            ("llm_prefix_cache_evictions", "Prefix cache blocks evicted to make room", stats.evictions),
+        ):
+            counter = CounterMetricFamily(name, doc, labels=["model"])
+            counter.add_metric([self.model], value)
+            yield counter
+        bytes_held = stats.blocks * self.engine.prefix_cache_block_bytes
+        for name, doc, value in (
+            ("llm_prefix_cache_blocks", "Blocks holding a cached prefix", stats.blocks),
+            ("llm_prefix_cache_bytes", "Bytes of KV the prefix cache's blocks hold", bytes_held),
+        ):
+            gauge = GaugeMetricFamily(name, doc, labels=["model"])
+            gauge.add_metric([self.model], value)
+            yield gauge
 
 
 class StreamMetrics:
@@ -59,6 +95,7 @@ class StreamMetrics:
         gauge("llm_waiting_streams", "Streams queued for a batch slot", lambda: engine.num_waiting)
         gauge("llm_batch_size", "Rows of the last decode step (0 when none runs)", lambda: engine.decode_batch_size)
         gauge("llm_kv_cache_tokens", "KV-cache positions the batch's rows hold", lambda: engine.kv_cache_tokens)
+        registry.register(PrefixCacheCollector(model, engine))
 
     def count_request(self, finish_reason: str) -> None:
         self._requests.labels(self.model, finish_reason).inc()

@@ -388,7 +388,8 @@ async def websocket_session(websocket: WebSocket, streamer: Any, limits: HttpLim
                     if prompt.messages is not None and doc.finish_reason in ANSWERED:
                         conversation.answered([m.dict(include={"role", "content"}) for m in prompt.messages],
                                               doc.generated_text)
-                    usage = {"prompt_tokens": doc.prompt_tokens, "completion_tokens": doc.completion_tokens}
+                    usage = {"prompt_tokens": doc.prompt_tokens, "completion_tokens": doc.completion_tokens,
+                             "cached_tokens": doc.cached_tokens}
                     await send({"type": "end", "id": number, "finish_reason": doc.finish_reason,
                                 "text": doc.generated_text, "usage": usage})
 

@@ -312,8 +312,14 @@ def finish_reason(doc: ModelOutputDocument) -> str | None:
 
 
 def usage(doc: ModelOutputDocument) -> dict:
+    """OpenAI's usage, with the prompt tokens the prefix cache served (`prompt_tokens_details.cached_tokens`)."""
     prompt, completion = doc.prompt_tokens or 0, doc.completion_tokens or 0
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": doc.cached_tokens or 0},
+    }
 
 
 def chat_logprobs(docs: list[ModelOutputDocument]) -> dict:

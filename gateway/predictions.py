@@ -198,6 +198,7 @@ def ending(doc: ModelOutputDocument) -> dict[str, Any]:
     metrics = {
         "input_token_count": doc.prompt_tokens,
         "output_token_count": doc.completion_tokens,
+        "cached_token_count": doc.cached_tokens,
         "time_to_first_token": doc.time_to_first_token_s,
         "queue_time": doc.queue_time_s,
         "predict_time": doc.total_time_s,

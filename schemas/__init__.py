@@ -70,6 +70,7 @@ class ModelOutputDocument(BaseDoc):
     # Usage and timings, on the last document only.
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    cached_tokens: int | None = None  # of prompt_tokens, those whose KV came from the prefix cache
     queue_time_s: float | None = None
     time_to_first_token_s: float | None = None
     total_time_s: float | None = None

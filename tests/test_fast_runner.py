@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+import engine.fast.cache
 import engine.fast.runner
 from engine.fast import FastRunner, cpu_kernels, supports
 from engine.fast.hugepages import HUGE_PAGE, Arena
@@ -636,3 +637,26 @@ def test_arena_tensors_are_separate_aligned_outlive_the_arena_and_sit_on_huge_pa
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if thp.exists() and "[never]" not in thp.read_text():
         assert anon_huge_kb() - before >= HUGE_PAGE // 1024  # at least one of the big tensor's pages is huge
+
+
+@torch.no_grad()
+def test_under_memory_pressure_the_prefix_cache_gives_its_memory_to_the_rows(tiny_model_dir, monkeypatch):
+    """The rows' KV cache must grow (a prompt past its capacity) while the machine is short of memory: the prefix
+    cache evicts its unused blocks and frees their storage before the rows' buffers are allocated, and fills
+    again afterwards."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    runner = started(model, max_rows=2, max_len=1024, prefix_cache_mib=4, prefix_block_size=16)
+    cache, pool = runner.prefix_cache, runner.cache.pool
+    assert cache is not None and pool is not None
+    prefill_caching(runner, "short", list(range(1, 100)))
+    runner.free(["short"])
+    assert cache.blocks == 6 and pool.layers()
+    monkeypatch.setattr(engine.fast.cache, "available_memory", lambda: 0)
+    dropped = []
+    monkeypatch.setattr(pool, "drop", lambda: dropped.append(pool.blocks))
+    prefill_caching(runner, "long", list(range(300, 700)))  # 400 positions: past the initial capacity of 256
+    assert dropped  # its storage was given back
+    assert runner.cache.capacity >= 400
+    assert cache.cached_length(list(range(1, 100))) == 0 and cache.stats.evictions == 6
+    runner.free(["long"])
+    assert cache.blocks == 25  # the long prompt's own blocks, stored after the growth

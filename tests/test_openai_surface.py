@@ -112,3 +112,33 @@ async def test_harmless_fields_pass(service, model_id):
         response_format={"type": "text"}, tool_choice="none", user="someone", store=False,
     )
     assert answer.choices[0].finish_reason in ("length", "stop")
+
+
+@pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "streamed"])
+async def test_usage_reports_the_prompt_tokens_served_from_the_prefix_cache(service, model_id, path, stream):
+    """A prompt sent again finds its blocks cached, and says how many of its tokens came from there, as
+    OpenAI's `usage.prompt_tokens_details.cached_tokens`."""
+    client = sdk(service)
+    text = f"{stream} {path}: " + " ".join(f"word{i}" for i in range(60))  # its own prompt: nothing cached yet
+
+    async def cached_tokens() -> tuple[int, int]:
+        if path == CHAT:
+            create = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": text}],
+                                                    max_tokens=2, stream=stream,
+                                                    **({"stream_options": {"include_usage": True}} if stream else {}))
+        else:
+            create = client.completions.create(model=model_id, prompt=text, max_tokens=2, stream=stream,
+                                               **({"stream_options": {"include_usage": True}} if stream else {}))
+        answer = await create
+        if stream:
+            usage = [chunk async for chunk in answer][-1].usage
+        else:
+            usage = answer.usage
+        return usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens
+
+    prompt_tokens, first = await cached_tokens()
+    again, second = await cached_tokens()
+    assert again == prompt_tokens > 60
+    assert first < 32  # at most the chat template's system turn, which every chat prompt starts with
+    assert prompt_tokens - 16 <= second < prompt_tokens  # whole blocks of 16; the last token is computed

@@ -25,7 +25,8 @@ once, untouched (so uncommitted to memory) until blocks are written.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -33,6 +34,18 @@ from engine.fast.hugepages import Arena
 from engine.fast.step import Shape, StepInputs
 
 INITIAL_CAPACITY = 256
+
+
+def available_memory() -> int:
+    """Bytes the machine can still give without swapping (Linux's MemAvailable); unbounded where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return sys.maxsize
 
 
 class BlockPool:
@@ -81,6 +94,8 @@ class SlotCache:
         self.shape, self.max_rows, self.max_len = shape, max_rows, max_len
         self.device, self.dtype = device, dtype
         self.pool = pool
+        # Called when growing would take more memory than the machine has free: whatever can give memory back.
+        self.on_memory_pressure: Callable[[], None] | None = None
         # One slot more than max_rows: joining rows swap through it when their target slot is taken.
         self.slots = max_rows + 1
         self.capacity = 0
@@ -206,6 +221,9 @@ class SlotCache:
             return
         capacity = min(self.max_len, max(length, 2 * self.capacity))
         buffer_shape = (self.slots, 2 * self.shape.kv_heads, capacity, self.shape.head_dim)
+        needed = self.shape.layers * torch.Size(buffer_shape).numel() * self.kv[0].element_size() if self.kv else 0
+        if self.on_memory_pressure is not None and needed > available_memory():
+            self.on_memory_pressure()  # the rows' room comes before the prefix cache's
         arena = Arena() if self.device.type == "cpu" else None  # huge pages: a step reads every row's cache
         grown = []
         for layer in range(self.shape.layers):

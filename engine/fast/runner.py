@@ -57,10 +57,13 @@ class FastRunner:
         self.precisions = {name: self.parts.precision(name) for name in self.candidates}
         self.max_rows, self.max_len = max_rows, max_len
         shape = self.parts.shape
-        blocks = blocks_in_budget(prefix_cache_mib, BlockPool.block_bytes(shape, prefix_block_size, activation_dtype))
+        block_bytes = BlockPool.block_bytes(shape, prefix_block_size, activation_dtype)
+        blocks = blocks_in_budget(prefix_cache_mib, block_bytes)
         self.prefix_cache = PrefixCache(blocks, prefix_block_size) if blocks else None
+        self.prefix_block_bytes = block_bytes if blocks else 0
         pool = BlockPool(shape, blocks, prefix_block_size, self.device, activation_dtype) if blocks else None
         self.cache = SlotCache(shape, max_rows, max_len, self.device, activation_dtype, pool)
+        self.cache.on_memory_pressure = self._shrink_prefix_cache
         self.positions = torch.arange(max_len, device=self.device)
         self.decode_precision: PrecisionKernels | None = None  # chosen by start(), one for every batch size
         self.prefill_precision: PrecisionKernels | None = None  # chosen by start()
@@ -152,6 +155,16 @@ class FastRunner:
     def pin(self, precision: PrecisionKernels) -> None:
         """Run every step in `precision` (one of self.precisions, or a variant of one built by a benchmark)."""
         self.decode_precision = self.prefill_precision = precision
+
+    def _shrink_prefix_cache(self) -> None:
+        """Memory is short: every unused block goes, and the blocks' storage with them unless a block this step
+        copies into a row is left (blocks this step fills go into fresh storage)."""
+        if self.prefix_cache is None or self.cache.pool is None:
+            return
+        evicted = self.prefix_cache.clear()
+        if self.prefix_cache.blocks == 0:
+            self.cache.pool.drop()
+        log.warning("memory is short: the prefix cache evicted %d blocks to let the rows' KV cache grow", evicted)
 
     # -- steps -----------------------------------------------------------------------------------------------
 
