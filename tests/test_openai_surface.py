@@ -131,10 +131,7 @@ async def test_usage_reports_the_prompt_tokens_served_from_the_prefix_cache(serv
             create = client.completions.create(model=model_id, prompt=text, max_tokens=2, stream=stream,
                                                **({"stream_options": {"include_usage": True}} if stream else {}))
         answer = await create
-        if stream:
-            usage = [chunk async for chunk in answer][-1].usage
-        else:
-            usage = answer.usage
+        usage = [chunk async for chunk in answer][-1].usage if stream else answer.usage
         return usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens
 
     prompt_tokens, first = await cached_tokens()
