@@ -22,6 +22,7 @@
 
 #include <immintrin.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -565,6 +566,34 @@ struct decode_shape {
     float eps;
     int int4;  // the weights' format: int4 or bfloat16
 };
+
+// The C boundary, as cpu_kernels.py checks it when it loads the library: each struct a caller fills, its size and
+// every field's offset and size, and the constants the callers' packing follows. ctypes mirrors the structs by
+// hand; a field added, moved or retyped on one side only would have the kernels read the wrong bytes, so the
+// loader refuses any difference. Add a field here when you add one to a struct.
+struct layout_entry {
+    const char *name;  // "struct", "struct.field" or a constant's name
+    int64_t offset, size;  // a struct: 0 and its size; a constant: 0 and its value
+};
+#define STRUCT_SIZE(S) {#S, 0, (int64_t)sizeof(struct S)}
+#define FIELD(S, F) {#S "." #F, (int64_t)offsetof(struct S, F), (int64_t)sizeof(((struct S *)0)->F)}
+static const struct layout_entry LAYOUT[] = {
+    STRUCT_SIZE(decode_layer),
+    FIELD(decode_layer, qkv), FIELD(decode_layer, qkv_scales), FIELD(decode_layer, out),
+    FIELD(decode_layer, out_scales), FIELD(decode_layer, gate_up), FIELD(decode_layer, gate_up_scales),
+    FIELD(decode_layer, down), FIELD(decode_layer, down_scales), FIELD(decode_layer, input_norm),
+    FIELD(decode_layer, post_attention_norm), FIELD(decode_layer, kv),
+    STRUCT_SIZE(decode_shape),
+    FIELD(decode_shape, layers), FIELD(decode_shape, hidden), FIELD(decode_shape, heads),
+    FIELD(decode_shape, kv_heads), FIELD(decode_shape, head_dim), FIELD(decode_shape, intermediate),
+    FIELD(decode_shape, capacity), FIELD(decode_shape, eps), FIELD(decode_shape, int4),
+    {"WIDTH", 0, WIDTH},
+    {"INT4_GROUP", 0, INT4_GROUP},
+};
+
+int64_t layout_entries(void) { return (int64_t)(sizeof LAYOUT / sizeof LAYOUT[0]); }
+
+const struct layout_entry *layout(void) { return LAYOUT; }
 
 static void packed_linear(const float *x, int64_t rows, int64_t k, const void *weight, const void *scales, int64_t n,
                           float *y, int int4, int threads) {

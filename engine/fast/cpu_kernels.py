@@ -54,6 +54,40 @@ SIGNATURES = {  # cpu_kernels.c's functions: (argument types, result type)
     "silu_mul": ([_P, _I64, _I64, _P], None),
     "decode_layers": ([_P, _I64, _P, _P, _P, _P, _P, _INT], _INT),
 }
+LAYER_WEIGHTS = ("qkv", "out", "gate_up", "down")  # a layer's matmuls, in struct decode_layer's order
+LAYOUT_SIGNATURES = {"layout_entries": ([], _I64), "layout": ([], _P)}  # the C boundary's description: check_layout
+
+
+class DecodeLayer(ctypes.Structure):  # cpu_kernels.c's struct decode_layer: engine/fast/stack.py fills it
+    _fields_ = [
+        *((f"{name}{part}", ctypes.c_void_p) for name in LAYER_WEIGHTS for part in ("", "_scales")),
+        ("input_norm", ctypes.c_void_p),
+        ("post_attention_norm", ctypes.c_void_p),
+        ("kv", ctypes.c_void_p),
+    ]
+
+
+class DecodeShape(ctypes.Structure):  # cpu_kernels.c's struct decode_shape
+    _fields_ = [
+        *((name, ctypes.c_int64) for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate")),
+        ("capacity", ctypes.c_int64),
+        ("eps", ctypes.c_float),
+        ("int4", ctypes.c_int),
+    ]
+
+
+STRUCTS: dict[str, type[ctypes.Structure]] = {"decode_layer": DecodeLayer, "decode_shape": DecodeShape}
+CONSTANTS = {"WIDTH": WIDTH, "INT4_GROUP": INT4_GROUP}  # cpu_kernels.c's #defines that this module's packing follows
+
+
+class _LayoutEntry(ctypes.Structure):  # cpu_kernels.c's struct layout_entry
+    _fields_ = [("name", ctypes.c_char_p), ("offset", ctypes.c_int64), ("size", ctypes.c_int64)]
+
+
+class BoundaryMismatch(RuntimeError):
+    """The ctypes mirror of cpu_kernels.c's structs or constants differs from what the compiled library reports."""
+
+
 AMX_SIGNATURES = {  # only in a build with AMX_FLAGS
     "amx_permitted": ([], _INT),
     "linear_amx_bf16": ([_P, _I64, _I64, _P, _I64, _P, _INT], _INT),
@@ -91,11 +125,50 @@ def library() -> ctypes.CDLL | None:
 def build(flags: list[str]) -> ctypes.CDLL:
     """The kernels compiled with `flags` (cached) and loaded, their signatures set."""
     kernels = ctypes.CDLL(str(compiled(SOURCE, flags)))
-    signatures = SIGNATURES | (AMX_SIGNATURES if flags == AMX_FLAGS else {})
+    signatures = SIGNATURES | LAYOUT_SIGNATURES | (AMX_SIGNATURES if flags == AMX_FLAGS else {})
     for name, (argtypes, restype) in signatures.items():
         function = getattr(kernels, name)
         function.argtypes, function.restype = argtypes, restype
+    check_layout(kernels)
     return kernels
+
+
+def check_layout(
+    kernels: ctypes.CDLL, structs: dict[str, type[ctypes.Structure]] = STRUCTS, constants: dict[str, int] = CONSTANTS
+) -> None:
+    """Raises BoundaryMismatch, naming every difference, unless the library's structs (size, each field's offset
+    and size) and constants are those the ctypes structures and this module's constants describe. Not a fallback
+    to torch's kernels: a mismatch is a source tree edited on one side only, which must fail where it is made."""
+    entries = ctypes.cast(kernels.layout(), ctypes.POINTER(_LayoutEntry))
+    in_c = {
+        entry.name.decode(): (entry.offset, entry.size)
+        for entry in (entries[index] for index in range(kernels.layout_entries()))
+    }
+    in_python = {name: (0, value) for name, value in constants.items()}
+    for struct_name, struct in structs.items():
+        in_python[struct_name] = (0, ctypes.sizeof(struct))
+        for field_name, *_ in struct._fields_:
+            field = getattr(struct, field_name)
+            in_python[f"{struct_name}.{field_name}"] = (field.offset, field.size)
+
+    def said(where: dict[str, tuple[int, int]], name: str) -> str:
+        if name not in where:
+            return "absent"
+        offset, size = where[name]
+        if "." in name:
+            return f"offset {offset}, {size} bytes"
+        return f"{size} bytes" if name in structs else f"{size}"
+
+    differences = [
+        f"{name}: {said(in_c, name)} in {SOURCE.name}, {said(in_python, name)} in {Path(__file__).name}"
+        for name in sorted(in_c.keys() | in_python.keys())
+        if in_c.get(name) != in_python.get(name)
+    ]
+    if differences:
+        raise BoundaryMismatch(
+            f"{SOURCE.name} and its ctypes mirror in {Path(__file__).name} disagree (a struct or constant changed "
+            f"on one side only; change both): {'; '.join(differences)}"
+        )
 
 
 @cache

@@ -21,26 +21,6 @@ from engine.fast.cache import SlotCache
 from engine.fast.linear import Avx2Int4Linear, Avx2Linear
 from engine.fast.step import LayerNorms, LayerWeights, RopeTables, Shape, StepInputs
 
-_WEIGHTS = ("qkv", "out", "gate_up", "down")
-
-
-class _Layer(ctypes.Structure):  # cpu_kernels.c's struct decode_layer
-    _fields_ = [
-        *((f"{name}{part}", ctypes.c_void_p) for name in _WEIGHTS for part in ("", "_scales")),
-        ("input_norm", ctypes.c_void_p),
-        ("post_attention_norm", ctypes.c_void_p),
-        ("kv", ctypes.c_void_p),
-    ]
-
-
-class _Shape(ctypes.Structure):  # cpu_kernels.c's struct decode_shape
-    _fields_ = [
-        *((name, ctypes.c_int64) for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate")),
-        ("capacity", ctypes.c_int64),
-        ("eps", ctypes.c_float),
-        ("int4", ctypes.c_int),
-    ]
-
 
 class DecodeStack:
     """Runs every layer of a decode step on one model's weights in one precision, in place on the residual
@@ -57,12 +37,14 @@ class DecodeStack:
         self._pointed_to = (list(layers), norms)
         int4 = isinstance(layers[0].qkv, Avx2Int4Linear)
         intermediate = cast(Avx2Linear, layers[0].down).in_features
-        self.shape = _Shape(len(layers), shape.hidden, shape.heads, shape.kv_heads, shape.head_dim, intermediate, 0,
-                            shape.eps, int(int4))  # fmt: skip
-        self.layers = (_Layer * len(layers))()
+        self.shape = cpu_kernels.DecodeShape(
+            layers=len(layers), hidden=shape.hidden, heads=shape.heads, kv_heads=shape.kv_heads,
+            head_dim=shape.head_dim, intermediate=intermediate, capacity=0, eps=shape.eps, int4=int(int4),
+        )  # fmt: skip
+        self.layers = (cpu_kernels.DecodeLayer * len(layers))()
         layer_norms = zip(norms.inputs, norms.post_attention)
         for entry, layer, (input_norm, post_norm) in zip(self.layers, layers, layer_norms):
-            for name in _WEIGHTS:
+            for name in cpu_kernels.LAYER_WEIGHTS:
                 linear = getattr(layer, name)
                 weight, scales = (linear.nibbles, linear.scale_min) if int4 else (linear.packed, None)
                 setattr(entry, name, weight.data_ptr())
@@ -77,7 +59,7 @@ class DecodeStack:
         """The stack, or None where decode_layers cannot run these weights: a matmul left on torch's kernels
         (a shape the AVX2 kernels do not pack), formats that differ between matmuls, or heads the attention
         kernel does not take (head_dim a multiple of 8)."""
-        linears = [getattr(layer, name) for layer in layers for name in _WEIGHTS]
+        linears = [getattr(layer, name) for layer in layers for name in cpu_kernels.LAYER_WEIGHTS]
         if cpu_kernels.library() is None or shape.head_dim % 8 or not all(isinstance(x, Avx2Linear) for x in linears):
             return None
         if len({type(linear) for linear in linears}) != 1:
