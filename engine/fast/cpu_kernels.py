@@ -53,9 +53,10 @@ SIGNATURES = {  # cpu_kernels.c's functions: (argument types, result type)
     "rope": ([_P, _I64, _I64, _I64, _I64, _P, _P, _P], None),
     "silu_mul": ([_P, _I64, _I64, _P], None),
     "decode_layers": ([_P, _I64, _P, _P, _P, _P, _P, _INT], _INT),
+    "layout_entries": ([], _I64),  # the C boundary's description: check_layout
+    "layout": ([], _P),
 }
 LAYER_WEIGHTS = ("qkv", "out", "gate_up", "down")  # a layer's matmuls, in struct decode_layer's order
-LAYOUT_SIGNATURES = {"layout_entries": ([], _I64), "layout": ([], _P)}  # the C boundary's description: check_layout
 
 
 class DecodeLayer(ctypes.Structure):  # cpu_kernels.c's struct decode_layer: engine/fast/stack.py fills it
@@ -125,7 +126,7 @@ def library() -> ctypes.CDLL | None:
 def build(flags: list[str]) -> ctypes.CDLL:
     """The kernels compiled with `flags` (cached) and loaded, their signatures set."""
     kernels = ctypes.CDLL(str(compiled(SOURCE, flags)))
-    signatures = SIGNATURES | LAYOUT_SIGNATURES | (AMX_SIGNATURES if flags == AMX_FLAGS else {})
+    signatures = SIGNATURES | (AMX_SIGNATURES if flags == AMX_FLAGS else {})
     for name, (argtypes, restype) in signatures.items():
         function = getattr(kernels, name)
         function.argtypes, function.restype = argtypes, restype
