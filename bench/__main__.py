@@ -30,7 +30,7 @@ from pathlib import Path
 
 from jina import Executor
 
-from bench import ceiling, flows, openai_client, peer, report, service
+from bench import ceiling, chat, flows, openai_client, peer, report, service
 from bench.load import PROMPTS, RoundResult, measure, measure_interleaved, round_prompts
 from engine.loading import embedded_gguf_path, resolve_device, resolve_dtype
 from harness.processes import free_port
@@ -64,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--skip-seed", action="store_true", help="leave the seed baseline out")
     parser.add_argument("--skip-peer", action="store_true", help="leave llama.cpp out (no build, no servers)")
+    parser.add_argument(
+        "--skip-chat", action="store_true", help="leave out bench/chat.py's workloads (prompts that repeat)"
+    )
     parser.add_argument("--peer-threads", type=int, default=2, help="llama.cpp's --threads (default 2)")
     parser.add_argument(
         "--quantization",
@@ -141,6 +144,29 @@ async def seed_baseline(port: int, args, results: list[RoundResult]) -> None:
                 note += f"; ran {fits} streams instead of {n} to stay within {args.seed_budget_s:.0f} s"
         log(f"{report.SEED}, {run_n} streams")
         results.append(await measure(report.SEED, open_stream, run_n, args.max_tokens, 1, note=note))
+
+
+def repeated_prompts(stack: ExitStack, service_port: int, args, info: dict) -> tuple[list[chat.TurnResult], list[dict]]:
+    """bench/chat.py's workloads on the service and on an F32 llama.cpp server with room for them."""
+    ports = {report.SERVICE_HTTP: service_port}
+    conversations, turns, rounds = (4, 2, 1) if args.quick else (chat.CONVERSATIONS, chat.TURNS, 2)
+    if not args.skip_peer:
+        ports[chat.LLAMA_F32] = port = free_port()
+        log(f"starting {chat.LLAMA_F32} for the chat workloads on port {port}")
+        flags = stack.enter_context(
+            peer.llama_server(
+                peer.f32_gguf(),
+                port,
+                flows.LOGS / "llama-server-chat.log",
+                parallel=conversations,
+                threads=args.peer_threads,
+                context=chat.peer_context(conversations, args.max_tokens),
+            )
+        )
+        info["peer"]["servers"]["F32, chat workloads"] = " ".join(flags)
+    log(f"chat workloads: {conversations} conversations x {turns} turns, shared system prompt x {rounds} rounds")
+    results = asyncio.run(chat.run_workloads(ports, conversations, turns, rounds, args.max_tokens))
+    return results, chat.targets(results, report.SERVICE_HTTP, chat.LLAMA_F32, turns, conversations)
 
 
 def peer_context(engine, args) -> int:
@@ -224,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Filled setting by setting: a run stopped with Ctrl-C still reports what it measured.
     results: list[RoundResult] = []
+    repeated: tuple[list[chat.TurnResult], list[dict]] = ([], [])
     try:
         log("building the service's executor in process, starting the ceiling's process and the service flows")
         # Built before any event loop runs: outside Jina's runtime it installs no SIGTERM handler in this process.
@@ -257,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
             before, started_at = report.cpu_seconds(), time.monotonic()
             try:
                 asyncio.run(side_by_side(executor.engine, open_ceiling, ports.grpc, openai_ports, args, results))
+                if not args.skip_chat:
+                    repeated = repeated_prompts(stack, ports.http, args, info)
             finally:
                 info["other_cores"] = report.other_cores(before, report.cpu_seconds(), time.monotonic() - started_at)
         if not args.skip_seed:
@@ -273,8 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     info["load_average_at_end"] = os.getloadavg()
     goals = report.targets(results, args.quantization)
     date = started.strftime("%Y-%m-%d %H:%M UTC")
-    text = report.markdown(date, command, info, results, goals, NOTES, args.quick)
+    chat_results, chat_goals = repeated
+    chat_lines = chat.section(chat_results, chat_goals) if chat_results else []
+    text = report.markdown(date, command, info, results, goals, NOTES, args.quick, chat_lines)
     print(report.table(results))
+    print("\n".join(chat_lines))
     print()
     print("\n".join(f"{report.MARK[g['passed']]}: {g['target']}: {g['measured']}" for g in goals))
     args.output.write_text(text)
@@ -287,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                 "machine": info,
                 "results": [r.to_dict() for r in results],
                 "targets": goals,
+                "repeated_prompts": {"results": [r.to_dict() for r in chat_results], "targets": chat_goals},
             },
             indent=2,
         )

@@ -4,7 +4,7 @@ gateway and llama.cpp's server speak, for bench.load to time: every system gets 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -20,6 +20,7 @@ class Chunk:
     text: str = ""
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    cached_tokens: int | None = None  # of prompt_tokens, those the server's prompt cache held
     error: str | None = None
 
 
@@ -29,13 +30,28 @@ def session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=900))
 
 
+Messages = list[dict[str, str]]
+OpenConversation = Callable[[Messages, int], AsyncIterator[Chunk]]  # (messages, max_tokens) -> chunks
+
+
 def chat_stream(client: aiohttp.ClientSession, port: int, model: str) -> OpenStream:
+    """A stream of one user turn (the model's chat template around it), for bench.load's prompts."""
+    open_conversation = conversation_stream(client, port, model)
+
+    def open_stream(prompt: str, max_tokens: int) -> AsyncIterator[Chunk]:
+        return open_conversation([{"role": "user", "content": prompt}], max_tokens)
+
+    return open_stream
+
+
+def conversation_stream(client: aiohttp.ClientSession, port: int, model: str) -> OpenConversation:
+    """A stream of a whole conversation's next answer (the chat workloads resend the history each turn)."""
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
 
-    async def open_stream(prompt: str, max_tokens: int) -> AsyncIterator[Chunk]:
+    async def open_stream(messages: Messages, max_tokens: int) -> AsyncIterator[Chunk]:
         body = {
             "model": model,
-            "messages": [{"role": "user", "content": prompt}],  # one user turn: the model's chat template
+            "messages": messages,
             "max_tokens": max_tokens,
             "temperature": 0,  # greedy on both servers
             "stream": True,
@@ -53,7 +69,12 @@ def chat_stream(client: aiohttp.ClientSession, port: int, model: str) -> OpenStr
                 if "error" in chunk:
                     yield Chunk(error=str(chunk["error"]))
                 if usage := chunk.get("usage"):
-                    yield Chunk(prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"])
+                    details = usage.get("prompt_tokens_details") or {}  # both servers send OpenAI's field
+                    yield Chunk(
+                        prompt_tokens=usage["prompt_tokens"],
+                        completion_tokens=usage["completion_tokens"],
+                        cached_tokens=details.get("cached_tokens"),
+                    )
                 for choice in chunk.get("choices") or []:
                     if text := (choice.get("delta") or {}).get("content"):
                         yield Chunk(text=text)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
 
@@ -212,8 +213,16 @@ def table(results: list[RoundResult]) -> str:
 
 
 def markdown(
-    date: str, command: str, info: dict, results: list[RoundResult], goals: list[dict], notes: list[str], quick: bool
+    date: str,
+    command: str,
+    info: dict,
+    results: list[RoundResult],
+    goals: list[dict],
+    notes: list[str],
+    quick: bool,
+    repeated_prompts: Sequence[str] = (),
 ) -> str:
+    """`repeated_prompts`: bench/chat.py's section, where it ran."""
     machine_lines = [
         f"- CPU: {info['cpu']}, {info['cores']} cores available to the benchmark",
         f"- device: {info['device']}"
@@ -287,6 +296,7 @@ def markdown(
             "",
             *goal_lines,
             "",
+            *repeated_prompts,
             "## How it is measured",
             "",
             *[f"- {n}" for n in notes],

@@ -49,8 +49,9 @@ def executor_settings(overrides: dict) -> dict:
 
 
 @contextmanager
-def serving(name: str, overrides: dict, timeout: float = 300) -> Iterator[Ports]:
-    """flow.yml with its ports replaced by free ones and `overrides` added to the executor's uses_with."""
+def serving(name: str, overrides: dict, timeout: float = 300, replicas: int | None = None) -> Iterator[Ports]:
+    """flow.yml with its ports replaced by free ones and `overrides` added to the executor's uses_with (and, given
+    `replicas`, that many replicas of it)."""
     LOGS.mkdir(exist_ok=True)
     flow = flow_settings()
     ports = Ports(free_port(), free_port())
@@ -64,6 +65,8 @@ def serving(name: str, overrides: dict, timeout: float = 300) -> Iterator[Ports]
     for executor in flow["executors"]:
         executor["uses"] = str(ROOT / executor["uses"])
         executor["uses_with"] = {**executor.get("uses_with", {}), **overrides}
+        if replicas is not None:
+            executor["replicas"] = replicas
         replicas = executor.get("replicas", 1)
         executor["port_monitoring"] = free_port() if replicas == 1 else [free_port() for _ in range(replicas)]
     flow_file = LOGS / f"{name}.flow.yml"
