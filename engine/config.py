@@ -35,7 +35,7 @@ class EngineConfig:
     # Automatic prefix caching (engine/prefix_cache.py, fast path only): the KV of prompts' prefixes is kept in
     # blocks of prefix_block_size tokens, in at most prefix_cache_mib MiB; a prompt that starts with cached blocks
     # prefills only the rest. 0 turns it off. Unused blocks go least recently used when room is needed. Copying
-    # blocks costs the same per token whatever their size (bench/prefix_blocks.md), so they are small: a prompt's
+    # blocks costs the same per token whatever their size (bench/prefix_cost.md), so they are small: a prompt's
     # cached part ends within a few tokens of where it stops matching (the chat template's system turn whole).
     prefix_cache_mib: int = 1024
     prefix_block_size: int = 8
