@@ -30,6 +30,7 @@ from engine.fast.linear import AVX2_PRECISIONS, DenseLinear
 from engine.fast.model import PrecisionKernels
 from engine.loading import embedded_model_dir
 from engine.plan import PrefillChunk, PrefillPlan
+from workarounds import torch_cpu_ops
 
 OUTPUT = Path(__file__).resolve().parent / "levers.md"
 # An AVX2-only CPU, emulated: torch's kernels (and with them the C kernels' build: engine/fast/cpu_kernels.py),
@@ -130,11 +131,11 @@ class MklPackedLinear:
 
     def __init__(self, weight: torch.Tensor, rows: int) -> None:
         self.weight, self.rows = weight, rows
-        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
+        self.packed = torch_cpu_ops.mkl_pack(weight, rows)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        return torch.ops.mkl._mkl_linear(flat, self.packed, self.weight, None, flat.shape[0]).reshape(*x.shape[:-1], -1)
+        return torch_cpu_ops.mkl_linear(flat, self.packed, self.weight).reshape(*x.shape[:-1], -1)
 
 
 class OneDnnPackedLinear:
@@ -144,10 +145,13 @@ class OneDnnPackedLinear:
     batch_exact = False
 
     def __init__(self, weight: torch.Tensor, rows: int) -> None:
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(torch.bfloat16), rows)
+        packed = torch_cpu_ops.onednn_pack(weight.to(torch.bfloat16), rows)
+        if packed is None:
+            raise RuntimeError("oneDNN has no bfloat16 matmul on this CPU")
+        self.packed = packed
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.packed, None, "none", [], "")
+        out = torch_cpu_ops.onednn_linear(x.to(torch.bfloat16), self.packed)
         return out.to(x.dtype)
 
 

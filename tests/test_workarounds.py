@@ -23,12 +23,14 @@ from workarounds import (
     jina_gateway,
     jina_monitoring,
     jina_worker,
+    torch_cpu_ops,
     uvicorn_protocols,
     versions,
 )
 
 WORKAROUNDS = [
-    grpc_cancel, grpc_aio_poller, jina_gateway, jina_worker, asyncio_signals, jina_monitoring, uvicorn_protocols
+    grpc_cancel, grpc_aio_poller, jina_gateway, jina_worker, asyncio_signals, jina_monitoring, uvicorn_protocols,
+    torch_cpu_ops,
 ]
 
 

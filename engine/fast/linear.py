@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from engine.fast import cpu_kernels
 from engine.fast.hugepages import Arena
+from workarounds import torch_cpu_ops
 
 QUANTIZATIONS = ("none", "int8", "int4")
 AVX2_BFLOAT16 = "bfloat16-avx2"  # the precision name of bfloat16 weights through the AVX2 kernels
@@ -65,7 +66,7 @@ class DenseLinear:
         if self.one_row_mv and x.numel() == x.shape[-1]:
             return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], -1)
         if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+            return torch_cpu_ops.onednn_linear(x, self.packed)
         return F.linear(x, self.weight)
 
 
@@ -152,12 +153,7 @@ class AmxBf16Linear(KernelLinear):
 def onednn_packed(weight: torch.Tensor) -> torch.Tensor | None:
     """A bfloat16 weight in oneDNN's blocked layout for matmuls of about PACKED_FOR_ROWS rows (any count runs);
     None where oneDNN has no bfloat16 matmul on this CPU (it needs AVX512BW or AVX-NE-CONVERT: not on AVX2)."""
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return None
-    try:
-        return torch.ops.mkldnn._reorder_linear_weight(weight, PACKED_FOR_ROWS)
-    except RuntimeError:  # an ISA check of oneDNN's own, stricter than the one above
-        return None
+    return torch_cpu_ops.onednn_pack(weight, PACKED_FOR_ROWS)
 
 
 class Int8Linear:
@@ -170,6 +166,7 @@ class Int8Linear:
     batch_exact = False
 
     def __init__(self, weight: torch.Tensor) -> None:
+        torch_cpu_ops.int8_verified()
         weight = weight.detach().float()
         scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127
         self.weight = torch.round(weight / scales[:, None]).clamp(-128, 127).to(torch.int8).contiguous()
@@ -177,7 +174,7 @@ class Int8Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).to(self.activation_dtype)
-        out = torch._weight_int8pack_mm(flat, self.weight, self.scales)
+        out = torch_cpu_ops.int8_weight_mm(flat, self.weight, self.scales)
         return out.to(x.dtype).reshape(*x.shape[:-1], -1)
 
 
@@ -200,11 +197,11 @@ class Int4Linear:
         self.scales_and_zeros = (
             torch.stack([scales.squeeze(-1).t(), zeros.squeeze(-1).t()], dim=-1).contiguous().to(self.activation_dtype)
         )
-        self.weight = torch._convert_weight_to_int4pack_for_cpu(quantized, INT4_INNER_K_TILES)
+        self.weight = torch_cpu_ops.int4_pack(quantized, INT4_INNER_K_TILES)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).to(self.activation_dtype)
-        out = torch._weight_int4pack_mm_for_cpu(flat, self.weight, INT4_GROUP_SIZE, self.scales_and_zeros)
+        out = torch_cpu_ops.int4_weight_mm(flat, self.weight, INT4_GROUP_SIZE, self.scales_and_zeros)
         return out.to(x.dtype).reshape(*x.shape[:-1], -1)
 
 
@@ -238,7 +235,5 @@ def check_quantization(quantization: str, device: torch.device) -> None:
         raise ValueError(f"unknown quantization {quantization!r}: use one of {', '.join(QUANTIZATIONS)}")
     if quantization != "none" and device.type != "cpu":
         raise ValueError(f"quantization {quantization!r} uses CPU kernels: use 'none' on {device.type}")
-    if quantization == "int4" and not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
-        raise ValueError(
-            "quantization 'int4' needs torch._weight_int4pack_mm_for_cpu, missing in this torch: use none or int8"
-        )
+    if quantization == "int4" and not torch_cpu_ops.int4_available():
+        raise ValueError("quantization 'int4' needs torch's CPU int4 ops, missing in this torch: use none or int8")
