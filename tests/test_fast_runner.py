@@ -368,6 +368,8 @@ def test_an_unknown_quantization_is_refused_with_the_allowed_ones_named():
         FastRunner(tiny_llama(), 2, 64, quantization="int3")
     with pytest.raises(ValueError, match="auto, float32, bfloat16"):
         FastRunner(tiny_llama(), 2, 64, dtype="float8")
+    with pytest.raises(ValueError, match=r"unknown precisions \['bfloat8'\]: use float32, bfloat16"):
+        FastRunner(tiny_llama(), 2, 64, candidates=["bfloat8"])
 
 
 def greedy_agreement(runner: FastRunner, prompts: list[list[int]], references: list[list[int]]) -> float:

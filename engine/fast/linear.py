@@ -23,6 +23,7 @@ AVX2_INT4 = "int4-avx2"  # and of int4 weights through them
 AVX2_PRECISIONS = (AVX2_BFLOAT16, AVX2_INT4)
 AMX_BFLOAT16 = "bfloat16-amx"  # bfloat16 weights and activations on AMX tiles (the same C library): prefills
 C_PRECISIONS = (*AVX2_PRECISIONS, AMX_BFLOAT16)  # the precisions whose matmuls run on engine/fast/cpu_kernels.c
+PRECISIONS = ("float32", "bfloat16", "float16", "int8", "int4", *C_PRECISIONS)  # every name make_linear takes
 INT4_GROUP_SIZE = 32  # 32 input weights share a scale and a zero: the finest group the kernel takes, the most accurate
 INT4_INNER_K_TILES = 2
 PACKED_FOR_ROWS = 16  # the batch the pre-packed bfloat16 layout is tuned for (measured: 1 or 16 pack alike)

@@ -13,7 +13,7 @@ from transformers import LlamaForCausalLM, PreTrainedModel
 
 from engine.fast import autotune, cpu_kernels
 from engine.fast.cache import BlockPool, SlotCache
-from engine.fast.linear import AMX_BFLOAT16, AVX2_BFLOAT16, AVX2_INT4, check_quantization
+from engine.fast.linear import AMX_BFLOAT16, AVX2_BFLOAT16, AVX2_INT4, PRECISIONS, check_quantization
 from engine.fast.model import KernelOps, LlamaParts, PrecisionKernels, forward, supports
 from engine.fast.step import StepInputs
 from engine.plan import PrefillChunk, PrefillPlan
@@ -37,8 +37,10 @@ class FastRunner:
         prefix_cache_mib: int = 0,
         prefix_block_size: int = 16,
     ) -> None:
-        """`candidates`: the precisions start() chooses from (linear.make_linear's names), for benchmarks and
-        tests that pin one; by default they follow from dtype, quantization and the machine (candidate_precisions).
+        """`candidates`: the precisions start() measures and chooses from (linear.PRECISIONS' names), instead of
+        those dtype, quantization and the machine give (candidate_precisions). One name pins every step to that
+        precision, unmeasured: what the tests that compare a precision's bits and the benchmarks that time one
+        precision use. An unknown name is a ValueError; a C precision this machine cannot run is one too.
         `prefix_cache_mib`: the prefix cache's budget (EngineConfig), 0 for none."""
         if not supports(model):
             raise ValueError(
@@ -48,6 +50,9 @@ class FastRunner:
             raise ValueError(f"unknown dtype {dtype!r}: use auto, {', '.join(FLOAT_DTYPES)}")
         self.device = model.device
         check_quantization(quantization, self.device)
+        unknown = [name for name in candidates or () if name not in PRECISIONS]
+        if unknown:
+            raise ValueError(f"unknown precisions {unknown}: use {', '.join(PRECISIONS)}")
         self.candidates = list(candidates) if candidates else candidate_precisions(dtype, quantization, self.device)
         # On CPU the residual stream, norms, RoPE, attention and the KV cache stay float32 whatever the
         # weights are: a row's cache then does not depend on which precision each step ran in (the band
@@ -153,7 +158,9 @@ class FastRunner:
         return f"fast path, decode weights {decode}, prefill weights {prefill}{self.measured}"
 
     def pin(self, precision: PrecisionKernels) -> None:
-        """Run every step in `precision` (one of self.precisions, or a variant of one built by a benchmark)."""
+        """Run every later step, decode and prefill, in `precision` instead of those start() chose: one of
+        self.precisions, or a variant of one built from self.parts (bench/levers.py times its levers so). The
+        runner's own timing of the candidates runs through here too."""
         self.decode_precision = self.prefill_precision = precision
 
     def _shrink_prefix_cache(self) -> None:
