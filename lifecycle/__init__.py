@@ -10,9 +10,8 @@ when its parent dies (PR_SET_PDEATHSIG), so that SIGTERM to the `jina flow` proc
 systemd send it, drains and stops the whole service.
 
 Until then, while an executor is still being built (its model loading), SIGTERM could not stop it: Jina's handler
-runs on the event loop that the constructor holds. `die_with_parent` asks for SIGKILL instead for that time: there
-is nothing to drain yet. (Measured before: SIGTERM to `jina flow` while the executor retried the hub for a model
-left the executor running for 45 s more.)
+runs on the event loop that the constructor holds, so a slow model load would outlive the flow. `die_with_parent`
+asks for SIGKILL instead for that time: there is nothing to drain yet.
 """
 
 from __future__ import annotations

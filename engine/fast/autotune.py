@@ -3,10 +3,9 @@
 
 The answer depends on the CPU and on the size: with AMX or AVX512-BF16 bfloat16 wins everywhere; on an AVX2
 CPU bfloat16 is emulated, which still halves the weight traffic of a one-row step (a matrix-vector product is
-memory bound) but loses 2x at 16 rows (compute bound). A prefill is compute bound from its first tokens: on a
-2-core AMX Xeon torch's bfloat16 matmuls (oneDNN on AMX) prefilled 7 prompts of 27 tokens in 123 ms where the
-AVX2 kernels, the decode winner there, took 457 ms. A short measurement answers all of these without guessing
-from CPU flags.
+memory bound) but loses at 16 rows (compute bound). A prefill is compute bound from its first tokens: on an AMX
+CPU torch's bfloat16 matmuls (oneDNN on AMX) prefill several times faster than the AVX2 kernels that win its
+decode steps. A short measurement answers all of these without guessing from CPU flags.
 """
 
 from __future__ import annotations
@@ -22,10 +21,10 @@ TIMED_STEPS = 2  # after one warm-up step each; the best counts (the host is sha
 # the rows allow (prefill_shapes).
 MEASURED_PREFILL_TOKENS = (32, 192)
 PREFILL_ROW_TOKENS = 32
-TIMED_PREFILLS = 1  # a prefill lasts 10-100x a decode step: one timed run after the warm-up is steady enough
+TIMED_PREFILLS = 1  # a prefill lasts many decode steps: one timed run after the warm-up is steady enough
 # A candidate this many times slower than the fastest at one prefill size is not timed at the larger ones: a
-# prefill is compute bound, so it would not catch up, and on an AVX2 CPU torch's emulated bfloat16 alone took
-# 2.5 s a prefill of 192 tokens (start-up 8.8 s with it timed there). Far above the noise of a single run.
+# prefill is compute bound, so it would not catch up, and on an AVX2 CPU torch's emulated bfloat16 alone takes
+# seconds a large prefill, which timing it there adds to every start-up. Far above the noise of a single run.
 PREFILL_DROP_BEYOND = 3.0
 
 

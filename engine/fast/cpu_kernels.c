@@ -2,10 +2,9 @@
 // attention, SiLU) and a decode step's whole layer stack, for x86 CPUs with AVX2 and FMA (the matmul tiles in
 // 512-bit registers where cpu_kernels.py builds with AVX512F, a prefill matmul on AMX tiles where it builds with
 // AMX-BF16); built and loaded by engine/fast/cpu_kernels.py. Why they exist: on a CPU without AVX512-BF16 or
-// AMX, torch has no fast kernel for these cases. Measured on a 2-core AVX2-only EPYC:
-// torch.mv over bfloat16 reaches 10-13 GB/s of weights and float32 matrix-vector products 7-9 GB/s, where a
-// plain read of the weights gives 15-18 GB/s; at 16 rows torch's emulated bfloat16 matmul is 2x slower than its
-// float32 one.
+// AMX, torch has no fast kernel for these cases: its matrix-vector products read the weights well below the
+// memory's bandwidth, and its emulated bfloat16 matmul is slower than its float32 one beyond a row
+// (bench/levers.md).
 //
 // y[r][j] = sum_i x[r][i] * W[j][i]: x is [rows, k] float32, y is [rows, n] float32, and W [n, k] comes packed
 // in blocks of 16 output features, k-major within a block (engine/fast/cpu_kernels.py packs it once; the formats
@@ -87,10 +86,9 @@ static void widen_int4_block(struct block w, int64_t k, float *scratch) {
     }
 }
 
-// Whether an int4 block is widened once into scratch for all its rows rather than in registers per tile.
-// Measured over SmolLM2's 120 matmuls on the 2-core EPYC (interleaved): 32 rows 86.4 -> 72.4 ms; 16 rows
-// 41.6 -> 43.8 and 8 rows 23.4 -> 22.1, within noise. bfloat16 widens in registers: cheaper than a scratch
-// buffer's stores and loads (measured: lost at every row count).
+// Whether an int4 block is widened once into scratch for all its rows rather than in registers per tile: the
+// scratch pays off only once enough rows share it (at 16 rows and fewer the two were within noise). bfloat16
+// widens in registers: cheaper than a scratch buffer's stores and loads at every row count.
 static inline int widens_once(enum format format, int64_t rows) { return format == INT4 && rows >= 24; }
 
 #ifdef __AVX512F__
@@ -193,10 +191,8 @@ static inline __attribute__((always_inline)) void tile(const float *x, struct bl
 
 // One row against two blocks at once. In a one-row product each accumulator is a chain of dependent FMAs (4
 // cycles each); one block gives only 2 chains, two blocks give 4. Each lane accumulates exactly as in tile().
-// Measured on a 2-core AMX Xeon, one-row decode steps, old and new build alternated 7 times (medians of 12 steps):
-// bfloat16 24.5 -> 20.6 ms, int4 15.3 -> 13.9 ms on average; the new build was faster in every pair. (The AVX512
-// build's version above has 2 chains of 16 lanes, as many lanes in flight: one-row steps measured the same in
-// both builds, within the host's noise.)
+// More chains in flight hide the FMA latency: one-row decode steps are faster so (bench/levers.md, "Earlier
+// measurements"). (The AVX512 build's version above has 2 chains of 16 lanes, as many lanes in flight.)
 static inline __attribute__((always_inline)) void one_row_two_blocks(const float *x, struct block w0,
                                                                     struct block w1, float *y, int64_t k,
                                                                     const enum format format) {
@@ -276,7 +272,7 @@ static inline struct block block_at(struct block w, int64_t b, int64_t k) {
 // go in chunks so that a chunk of x stays in cache while the thread's blocks pass over it. n is a multiple of
 // WIDTH (cpu_kernels.py checks). The parallel regions are in the exported functions below, one per format: GCC
 // outlines a region before it inlines, so a region shared by the formats would see `format` as a variable,
-// and the tiles' accumulators would go through the stack at every FMA (measured: 3x slower).
+// and the tiles' accumulators would go through the stack at every FMA (several times slower).
 static inline __attribute__((always_inline)) void thread_share(const float *x, int64_t rows, int64_t k,
                                                                struct block w, int64_t n, float *y,
                                                                const enum format format) {
@@ -549,9 +545,9 @@ void silu_mul(const float *gate_up, int64_t rows, int64_t n, float *out) {
 }
 
 // ---- a decode step's whole layer stack in one call ------------------------------------------------------------
-// The same ops as engine/fast/model.py's layers_forward with Avx2Ops, in the same order and on the same kernels,
+// The same ops as engine/fast/model.py's layers_forward with KernelOps, in the same order and on the same kernels,
 // so the results are bitwise the same (tested); what goes is the Python between them, about 25 torch calls a
-// layer (bench/levers.md, one row, bfloat16 weights: 35.4 ms a step from Python, 20.2 ms in one call).
+// layer (bench/levers.md: "layers from Python").
 
 // One layer's weights (packed as cpu_kernels.py packs them; scales NULL for bfloat16), norms, and KV cache
 // [slots, 2 * kv_heads, capacity, head_dim] (engine/fast/cache.py): engine/fast/stack.py fills these.
@@ -667,17 +663,17 @@ int decode_layers(float *x, int64_t rows, const int64_t *positions, const struct
     return 0;
 }
 
-// ---- prefill matmuls on AMX tiles (built where the CPU has AMX-BF16: cpu_kernels.py's AMX_FLAGS) ---------------------
-// A prefill is compute bound: on a 2-core AMX Xeon the float32 FMAs above reach 155 GFLOPS where AMX's bfloat16
-// tiles do several times that (oneDNN's bfloat16 matmul, through torch: 600-760). oneDNN's result for a row
-// changes with the rows beside it (a blocking chosen by the row count: 7 prompts prefilled together differed from
-// each alone by up to 0.6 in a logit). Here each output is one tile lane accumulating the products of 32 inputs
-// at a time, k in order, whatever the row count: a row's result is the same alone or in any batch.
+// ---- prefill matmuls on AMX tiles (built where the CPU has AMX-BF16: cpu_kernels.py's AMX_FLAGS) ----------
+// A prefill is compute bound: AMX's bfloat16 tiles do several times the float32 FMAs above (bench/roofline.md).
+// oneDNN's result for a row changes with the rows beside it (a blocking chosen by the row count), enough to
+// change a greedy token of a prompt prefilled in a group rather than alone. Here each output is one tile lane
+// accumulating the products of 32 inputs at a time, k in order, whatever the row count: a row's result is the
+// same alone or in any batch.
 //
 // y = bf16(x) W^T: x is [rows, k] float32, rounded to bfloat16 (to nearest even) as torch rounds it; y is [rows, n]
 // float32, the accumulators as they are. W [n, k] comes packed per 16 output features as [k / 2][16][2] bfloat16
-// (cpu_kernels.py's pack_amx): the pairs of inputs a tile multiply takes, 32 inputs a B tile of 1 KB. k is a multiple of
-// 32, n of 16 (cpu_kernels.py checks).
+// (cpu_kernels.py's pack_amx): the pairs of inputs a tile multiply takes, 32 inputs a B tile of 1 KB. k is a
+// multiple of 32, n of 16 (cpu_kernels.py checks).
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #include <sys/syscall.h>
 #include <unistd.h>

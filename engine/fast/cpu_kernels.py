@@ -1,6 +1,6 @@
 """engine/fast/cpu_kernels.c, compiled for this machine on first use and loaded with ctypes.
 
-Why C and not a torch extension: the kernels need no torch headers, so a build takes about a second with the
+Why C and not a torch extension: the kernels need no torch headers, so a build is one quick run of the
 system's C compiler, and ctypes releases the GIL during each call. The library links libgomp by its soname;
 torch has loaded its own libgomp under that name already, so the kernels run on the calling thread's OpenMP
 team, the one torch's kernels use (a second OpenMP runtime would start a second team: see engine/openmp.py).

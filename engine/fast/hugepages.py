@@ -1,11 +1,9 @@
 """CPU tensors on transparent huge pages, for the memory a decode step streams through: packed weights and the KV
 cache.
 
-Why: a step reads every weight once (270 MB for SmolLM2 in bfloat16) and every row's cached keys and values.
-With 4 KB pages that is tens of thousands of TLB misses a step, each a page walk, and a slow one under a
-hypervisor (two-level page tables). Measured on the 2-core AVX2 EPYC (a KVM guest), AVX2 bfloat16 weights and
-KV cache from here against torch's allocations, interleaved in one process, two runs: one-row step 44.4 ->
-38.9 and 37.8 -> 35.1 ms; 16 rows 147.3 -> 148.0 and 137.3 -> 134.3 ms (best of 15: 143 -> 134, 127 -> 106).
+Why: a step reads every weight once (hundreds of MB) and every row's cached keys and values. With 4 KB pages
+that is tens of thousands of TLB misses a step, each a page walk, and a slow one under a hypervisor (two-level
+page tables); 2 MB pages cut that by 512 (bench/levers.md, "Earlier measurements").
 
 Linux gives huge pages to anonymous memory in "madvise" mode (the common default) only where asked with
 madvise(MADV_HUGEPAGE), which torch's allocator does not do. An Arena maps its own chunks, asks, and carves

@@ -26,7 +26,7 @@ C_PRECISIONS = (*AVX2_PRECISIONS, AMX_BFLOAT16)  # the precisions whose matmuls 
 PRECISIONS = ("float32", "bfloat16", "float16", "int8", "int4", *C_PRECISIONS)  # every name make_linear takes
 INT4_GROUP_SIZE = 32  # 32 input weights share a scale and a zero: the finest group the kernel takes, the most accurate
 INT4_INNER_K_TILES = 2
-PACKED_FOR_ROWS = 16  # the batch the pre-packed bfloat16 layout is tuned for (measured: 1 or 16 pack alike)
+PACKED_FOR_ROWS = 16  # the batch the pre-packed bfloat16 layout is tuned for (1 or 16 pack alike)
 
 
 class Linear(Protocol):
@@ -38,15 +38,14 @@ class Linear(Protocol):
 
 
 class DenseLinear:
-    """A float weight (float32, bfloat16 or float16) and the fastest matmul this CPU has for it, measured on 2
-    cores (AMX) over the 120 fused matmuls of SmolLM2's decode step:
+    """A float weight (float32, bfloat16 or float16) and the fastest matmul this CPU has for it (bench/levers.md,
+    "Earlier measurements"):
 
-    - one row of 16-bit activations: torch.mv, aten's matrix-vector kernel (bfloat16 23.7 -> 17.8 ms against
-      F.linear; the bfloat16 output layer 2.3 -> 1.5 ms);
+    - one row of 16-bit activations: torch.mv, aten's matrix-vector kernel, faster than F.linear's gemm for a
+      single row;
     - more rows of bfloat16: the weight pre-packed in oneDNN's blocked layout, where this CPU's oneDNN has a
-      bfloat16 matmul (16-row step: matmuls 30 -> 25 ms, the step 56 -> 52 ms). It is a second copy of the
-      weight (+2 bytes a parameter), kept because at one row torch.mv on the plain layout is faster still
-      (one-row step 23.4 against 23.8 ms, interleaved in one process);
+      bfloat16 matmul, which saves oneDNN's reorder at every call. It is a second copy of the weight (+2 bytes a
+      parameter), kept because at one row torch.mv on the plain layout is faster still;
     - otherwise F.linear. float32 keeps MKL's gemm, whose results the float32 tests compare with transformers'.
     """
 
@@ -102,9 +101,8 @@ class Avx2Linear(KernelLinear):
 
 
 class Avx2Bf16Linear(Avx2Linear):
-    """bfloat16 weights. Measured on a 2-core AVX2-only EPYC over SmolLM2's 120 fused matmuls, in one process, two
-    rounds: one row 19.7 and 17.2 ms (torch.mv over bfloat16: 24.6, 28.8; float32 weights pre-packed by oneDNN:
-    54.2, 54.0); 16 rows 45.9 and 38.2 ms (the oneDNN float32: 89.7, 92.1; torch's bfloat16 F.linear: 234)."""
+    """bfloat16 weights: half of float32's bytes to read, where an AVX2 CPU's torch has no fast bfloat16 matmul
+    (its own emulates bfloat16 and loses to float32 beyond one row: bench/levers.md)."""
 
     def __init__(self, weight: torch.Tensor, arena: Arena) -> None:
         super().__init__(weight)
@@ -116,7 +114,7 @@ class Avx2Bf16Linear(Avx2Linear):
 
 class Avx2Int4Linear(Avx2Linear):
     """int4 weights, asymmetric per group of 32 inputs as Int4Linear (and llama.cpp's Q4_1), a quarter of
-    bfloat16's bytes to read: in the measurement above, one row 11.6 and 9.1 ms, 16 rows 53.1 and 40.5 ms."""
+    bfloat16's bytes to read: a memory-bound step reads less."""
 
     int4 = True
 
@@ -131,8 +129,7 @@ class Avx2Int4Linear(Avx2Linear):
 class AmxBf16Linear(KernelLinear):
     """bfloat16 weights on AMX tiles (cpu_kernels.c's linear_amx_bf16), the activations rounded to bfloat16 as
     torch's bfloat16 matmul rounds them, the products summed in float32. Unlike oneDNN's bfloat16 matmul, a row's
-    result does not depend on the rows beside it, for about its speed in a prefill (7 prompts of 27 tokens on a
-    2-core AMX Xeon: 201-236 ms against 162-245; the matmuls alone reach half of oneDNN's GFLOPS). Not an
+    result does not depend on the rows beside it, for about its speed in a prefill (bench/roofline.md). Not an
     Avx2Linear: DecodeStack runs those, on their own packing."""
 
     def __init__(self, weight: torch.Tensor, arena: Arena) -> None:
@@ -160,8 +157,8 @@ def onednn_packed(weight: torch.Tensor) -> torch.Tensor | None:
 class Int8Linear:
     """Weight-only int8: one symmetric scale per output channel, aten's int8 weight-pack kernel.
 
-    The kernel is about 10x faster with bfloat16 activations than with float32 ones on CPU (measured at 1 and
-    16 rows, with and without AVX512), so it is fed bfloat16."""
+    The kernel is several times faster with bfloat16 activations than with float32 ones on CPU (bench/levers.md,
+    "Earlier measurements"), so it is fed bfloat16."""
 
     activation_dtype = torch.bfloat16
     batch_exact = False

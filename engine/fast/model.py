@@ -134,8 +134,8 @@ class PrecisionKernels:
     @cached_property
     def batch_exact(self) -> bool:
         """Every matmul computes a row as it would alone (Linear.batch_exact). Where one does not, a prefill of
-        several rows runs them row by row: oneDNN's bfloat16 prefill of 7 prompts together differed from each
-        alone by up to 0.6 in a logit, enough to change a greedy token."""
+        several rows runs them row by row: oneDNN's bfloat16 prefill of prompts together differs from each alone
+        enough to change a greedy token."""
         matmuls = [linear for layer in self.layers for linear in vars(layer).values()]  # LayerWeights' four
         return all(linear.batch_exact for linear in [*matmuls, self.lm_head])
 
@@ -196,7 +196,7 @@ class LlamaParts:
                 )
             )
         # The output layer decides every token: int4 there costs more agreement than it saves. int8 does not;
-        # int4-avx2 keeps it bfloat16 on the AVX2 kernel (teacher-forced agreement 98.5%, int4's 97.8%:
+        # int4-avx2 keeps it bfloat16 on the AVX2 kernel (its agreement with float32 against int4's:
         # bench/levers.md), one format fewer for the kernels.
         head = {"int4": "int8", AVX2_INT4: AVX2_BFLOAT16}.get(name, name)
         lm_head = make_linear(head, model.lm_head.weight.detach().to(self.device), arena)

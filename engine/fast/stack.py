@@ -1,11 +1,10 @@
 """A decode step's whole layer stack in one call: cpu_kernels.c's decode_layers, for the AVX2 precisions.
 
-Why: with the AVX2 kernels a layer's work is small, and the Python between the kernels was not: model.py's
+Why: with the C kernels a layer's work is small, and the Python between the kernels is not: model.py's
 layers_forward makes about 25 torch calls a layer, each a dispatch of microseconds. decode_layers runs the same
 kernels in the same order in C, so its result is bitwise the Python loop's with KernelOps (tests/test_fast_runner.py),
-and a step makes one call for its layers. Measured on the 2-core AVX2 EPYC (bench/levers.md, interleaved): one-row
-step, bfloat16 weights 35.4 -> 20.2 ms, int4 24.5 -> 12.6 ms; 16 rows 89.1 -> 67.2 and 81.1 -> 63.3 ms. Prefill
-steps (many tokens a row) keep the Python loop: their matmuls dwarf the calls.
+and a step makes one call for its layers (bench/levers.md times both: "layers from Python"). Prefill steps (many
+tokens a row) keep the Python loop: their matmuls dwarf the calls.
 """
 
 from __future__ import annotations
