@@ -101,10 +101,10 @@ def fast_steps(runner: FastRunner, rows: int) -> Callable[[], None]:
     every timed step, and the values do not change a step's cost)."""
     runner.reset()
     ids = [f"row{row}" for row in range(rows)]
-    for rid in ids:
-        runner.cache.lengths[runner.cache.allocate(rid, 0)] = CONTEXT
-    runner.cache.join(ids)
     runner.cache.reserve(CONTEXT + ROUNDS * STEPS_PER_ROUND + 2)
+    for rid in ids:
+        runner.cache.advance(runner.cache.allocate(rid), CONTEXT)
+    runner.cache.join(ids)
     return lambda: runner.decode(ids, [0] * rows)
 
 
