@@ -112,7 +112,7 @@ class LLMHTTPGateway(HTTPGateway):
                 allow_methods=["GET", "POST"],
                 allow_headers=["Authorization", "Content-Type"],
             )
-        app = add_prediction_routes(app, streamer, model_info, self.predictions)
+        app = add_prediction_routes(app, streamer, model_info, self.predictions, self.port)
         app.add_middleware(access_log.AccessLog)  # outermost: every answer is logged, refusals included
         return app
 

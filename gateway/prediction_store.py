@@ -1,5 +1,6 @@
-"""Where predictions live between requests: one interface, in memory (one gateway) or in Redis (several gateways,
-e.g. Kubernetes replicas of the gateway, serving the same predictions).
+"""Where predictions live between requests: one interface, in SQLite (one gateway, kept across its restarts: the
+default), in memory (one gateway, gone with its process) or in Redis (several gateways, e.g. Kubernetes replicas of
+the gateway, serving the same predictions).
 
 A prediction is a record (status, input, timestamps, error, metrics) plus its output: the texts of its tokens, in
 order, numbered from 0. Only the gateway that runs a prediction writes its output and its end; any gateway reads
@@ -20,26 +21,42 @@ Redis layout, for a prediction `id` under `prefix`:
                         that runs it acts on. Its token writes also fail once it has ended, so a lost message only
                         delays the stop to its next token.
 Every key expires `ttl_s` after the prediction's last write: a prediction whose gateway died mid-way goes too.
+
+SQLite layout, in one file that one gateway holds (an exclusive lock on `<file>.lock`, so that two gateways never
+share it unawares):
+  predictions  one row per prediction: the record's fields (JSON values, as in Redis's hash), `ended_at` (Unix
+               time of its end, NULL while it runs; the TTL counts from it) and `seq` (creation order)
+  outputs      one row per token text: (id, idx, text)
+A prediction found running when the store starts had its run die with the previous process: it ends as failed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
+import sqlite3
 import sys
 import time
+import weakref
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
+
+from schemas import ErrorCode
 
 log = logging.getLogger(__name__)
 
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
+# What a prediction that was running when its gateway stopped (a crash, a restart) reads once the gateway is back.
+RESTARTED_ERROR = "the service restarted while the prediction ran: create it again"
 # The record field that only full reads fetch: an event stream reads the record per token, and a prompt may be long.
 INPUT_FIELD = "input"
 
@@ -336,8 +353,28 @@ def _stream_id(index: int) -> str:
     return f"0-{index + 1}"
 
 
+def _encode(changes: dict[str, Any]) -> dict[str, str]:
+    """A record's fields as stored, in Redis and in SQLite alike: each value as JSON."""
+    return {name: json.dumps(value) for name, value in changes.items()}
+
+
+def _decode(id: str, stored: dict[str, str | None]) -> Prediction:
+    """The Prediction of stored fields (a field not read, e.g. the input, is None)."""
+    record = {name: json.loads(value) for name, value in stored.items() if value is not None}
+    return Prediction(id=id, **{INPUT_FIELD: None, **record})
+
+
 def _flatten(changes: dict[str, Any]) -> list[str]:
-    return [item for name, value in changes.items() for item in (name, json.dumps(value))]
+    return [item for name, value in _encode(changes).items() for item in (name, value)]
+
+
+def _record(prediction: Prediction) -> dict[str, Any]:
+    """A prediction's fields but its id (the key it is stored under)."""
+    return {name: value for name, value in asdict(prediction).items() if name != "id"}
+
+
+def _record_fields(with_input: bool = True) -> list[str]:
+    return [f.name for f in fields(Prediction) if f.name != "id" and (with_input or f.name != INPUT_FIELD)]
 
 
 class RedisStore(PredictionStore):
@@ -393,7 +430,7 @@ class RedisStore(PredictionStore):
         await self._redis.aclose()
 
     async def create(self, prediction: Prediction) -> None:
-        record = {name: value for name, value in asdict(prediction).items() if name != "id"}
+        record = _record(prediction)
         running = await self._create(
             keys=[self._running_key, self._finished_key],
             args=[self._prefix, prediction.id, self._ttl_ms, self.max_kept, *_flatten(record)],
@@ -421,7 +458,7 @@ class RedisStore(PredictionStore):
 
     async def get(self, id: str, offset: int = 0, with_input: bool = True) -> Snapshot | None:
         record_key, output_key = self._keys(id)
-        names = [f.name for f in fields(Prediction) if f.name != "id" and (with_input or f.name != INPUT_FIELD)]
+        names = _record_fields(with_input)
         async with self._redis.pipeline(transaction=True) as pipe:  # MULTI: the record and output of one moment
             pipe.hmget(record_key, names)
             pipe.xlen(output_key)
@@ -429,9 +466,8 @@ class RedisStore(PredictionStore):
             values, length, entries = await pipe.execute()
         if values[0] is None:  # `model` is always set: the record is gone
             return None
-        record = {name: json.loads(value) for name, value in zip(names, values) if value is not None}
         output = [entry["t"] for entry_id, entry in entries if entry_id != END_ENTRY]
-        prediction = Prediction(id=id, **{INPUT_FIELD: None, **record})
+        prediction = _decode(id, dict(zip(names, values)))
         return Snapshot(prediction, offset, output, length - 1 if prediction.ended else length)
 
     async def wait(self, id: str, offset: int, timeout_s: float) -> None:
@@ -445,3 +481,220 @@ class RedisStore(PredictionStore):
 
     async def _announce_cancel(self, id: str) -> None:
         await self._redis.publish(self._channel, id)
+
+
+# SQLite ----------------------------------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS predictions (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, ended_at REAL, {columns}
+);
+CREATE INDEX IF NOT EXISTS predictions_ended ON predictions (ended_at);
+CREATE TABLE IF NOT EXISTS outputs (
+  id TEXT NOT NULL, idx INTEGER NOT NULL, text TEXT NOT NULL, PRIMARY KEY (id, idx)
+) WITHOUT ROWID;
+"""
+# How long a start waits for the file's lock: a gateway that the supervisor restarts may start while the previous
+# one is still exiting (the kernel releases its lock when it has).
+LOCK_WAIT_S = 30.0
+
+
+class SQLiteStore(PredictionStore):
+    """One gateway's predictions in a SQLite file, kept across the gateway's restarts.
+
+    Every SQLite call runs on one worker thread of the store's, with its own connection: the event loop never
+    waits on the file. Only this gateway writes the file, so readers waiting for more output are woken in
+    process, as in memory. WAL with synchronous=NORMAL: a commit survives the process's crash (a power loss may
+    take the last ones)."""
+
+    errors = (sqlite3.Error, OSError)
+
+    def __init__(self, path: Path, ttl_s: float, max_kept: int) -> None:
+        super().__init__(ttl_s, max_kept)
+        self.path = path
+        self._fields = _record_fields()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prediction-store")
+        self._db: sqlite3.Connection | None = None
+        self._lock_file: Any = None
+        # Readers waiting on a prediction's next change; an event lives as long as a reader holds it.
+        self._changed: weakref.WeakValueDictionary[str, asyncio.Event] = weakref.WeakValueDictionary()
+        self._sweeper: asyncio.Task | None = None
+
+    async def _call(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._worker, function, *args)
+
+    def _notify(self, id: str) -> None:
+        if (event := self._changed.pop(id, None)) is not None:
+            event.set()
+
+    # On the worker thread --------------------------------------------------------------------------------------
+
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        assert self._db is not None, "the store is not started"
+        return self._db
+
+    def _open(self) -> int:
+        """Lock the file, open it and end the predictions a previous process left running; how many it ended."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(self.path.with_name(self.path.name + ".lock"), "w")  # noqa: SIM115 (held open)
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the prediction store {self.path} is in use by another gateway: give each "
+                                       "gateway a sqlite_path of its own, or redis_url to share predictions") from None
+                time.sleep(0.1)
+        self._db = sqlite3.connect(self.path, isolation_level=None)  # autocommit; transactions are explicit
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA.format(columns=", ".join(f"{name} TEXT" for name in self._fields)))
+        changes = _encode({"status": "failed", "completed_at": now_iso(), "error": RESTARTED_ERROR,
+                           "error_code": ErrorCode.UNAVAILABLE.value})
+        with self._transaction() as db:
+            ended = db.execute(
+                f"UPDATE predictions SET ended_at = ?, {', '.join(f'{name} = ?' for name in changes)} "
+                "WHERE ended_at IS NULL", [time.time(), *changes.values()],
+            ).rowcount
+        return ended
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Any:
+        db = self._conn
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def _shut(self) -> None:
+        if self._db is not None:
+            self._db.close()
+        if self._lock_file is not None:
+            self._lock_file.close()  # releases the lock
+
+    def _sweep(self, db: sqlite3.Connection) -> None:
+        expired = "SELECT id FROM predictions WHERE ended_at <= ?"
+        deadline = time.time() - self.ttl_s
+        db.execute(f"DELETE FROM outputs WHERE id IN ({expired})", [deadline])
+        db.execute("DELETE FROM predictions WHERE ended_at <= ?", [deadline])
+
+    def _swept(self) -> None:
+        with self._transaction() as db:
+            self._sweep(db)
+
+    def _create(self, prediction: Prediction) -> None:
+        with self._transaction() as db:
+            self._sweep(db)
+            (kept,) = db.execute("SELECT count(*) FROM predictions").fetchone()
+            if kept >= self.max_kept:
+                oldest = "SELECT id FROM predictions WHERE ended_at IS NOT NULL ORDER BY ended_at LIMIT ?"
+                db.execute(f"DELETE FROM outputs WHERE id IN ({oldest})", [kept - self.max_kept + 1])
+                dropped = db.execute(f"DELETE FROM predictions WHERE id IN ({oldest})",
+                                     [kept - self.max_kept + 1]).rowcount
+                if kept - dropped >= self.max_kept:
+                    raise StoreFull(f"{kept - dropped} predictions are running, the most this service keeps")
+            record = _encode(_record(prediction))
+            db.execute(f"INSERT INTO predictions (id, {', '.join(record)}) VALUES (?{', ?' * len(record)})",
+                       [prediction.id, *record.values()])
+
+    def _delete(self, id: str) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM outputs WHERE id = ?", [id])
+            db.execute("DELETE FROM predictions WHERE id = ?", [id])
+
+    def _change(self, id: str, changes: dict[str, Any], ended_at: float | None) -> bool:
+        """Set fields of a running prediction (and its end, with `ended_at`); False when it has ended or is gone."""
+        stored = _encode(changes)
+        assignments = ", ".join(["ended_at = ?", *(f"{name} = ?" for name in stored)])
+        return self._conn.execute(f"UPDATE predictions SET {assignments} WHERE id = ? AND ended_at IS NULL",
+                                  [ended_at, *stored.values(), id]).rowcount == 1
+
+    def _append(self, id: str, index: int, text: str) -> bool:
+        return self._conn.execute(
+            "INSERT INTO outputs (id, idx, text) SELECT ?, ?, ? "
+            "WHERE EXISTS (SELECT 1 FROM predictions WHERE id = ? AND ended_at IS NULL)", [id, index, text, id],
+        ).rowcount == 1
+
+    def _read(self, id: str, offset: int, names: list[str]) -> Snapshot | None:
+        # Only this thread writes the file: its reads one after the other see one moment.
+        db = self._conn
+        row = db.execute(f"SELECT {', '.join(names)} FROM predictions WHERE id = ? "
+                         "AND (ended_at IS NULL OR ended_at > ?)", [id, time.time() - self.ttl_s]).fetchone()
+        if row is None:
+            return None
+        output = [text for (text,) in db.execute(
+            "SELECT text FROM outputs WHERE id = ? AND idx >= ? ORDER BY idx", [id, offset])]
+        (count,) = db.execute("SELECT count(*) FROM outputs WHERE id = ?", [id]).fetchone()
+        return Snapshot(_decode(id, dict(zip(names, row))), offset, output, count)
+
+    # The interface, on the event loop --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if ended := await self._call(self._open):
+            log.warning(f"predictions: {ended} running when the service stopped ended as failed ({self.path})")
+        self._sweeper = asyncio.create_task(self._sweep_every(min(self.ttl_s, 30.0)))
+
+    async def _sweep_every(self, period_s: float) -> None:
+        # So that an idle gateway drops expired predictions too, not only the next create.
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                await self._call(self._swept)
+            except self.errors as error:
+                log.error(f"predictions: sweeping {self.path} failed: {error!r}")
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+        await self._call(self._shut)
+        self._worker.shutdown()
+
+    async def create(self, prediction: Prediction) -> None:
+        await self._call(self._create, prediction)
+
+    async def delete(self, id: str) -> None:
+        await self._call(self._delete, id)
+
+    async def update(self, id: str, **changes: Any) -> None:
+        if await self._call(self._change, id, changes, None):
+            self._notify(id)
+
+    async def append(self, id: str, index: int, text: str) -> bool:
+        appended = await self._call(self._append, id, index, text)
+        if appended:
+            self._notify(id)
+        return appended
+
+    async def finish(self, id: str, **changes: Any) -> bool:
+        ended = await self._call(self._change, id, changes, time.time())
+        if ended:
+            self._notify(id)
+        return ended
+
+    async def get(self, id: str, offset: int = 0, with_input: bool = True) -> Snapshot | None:
+        return await self._call(self._read, id, offset, _record_fields(with_input))
+
+    async def wait(self, id: str, offset: int, timeout_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    # Taken before the read: a change between the read and the wait still wakes this reader.
+                    changed = self._changed.get(id)
+                    if changed is None:
+                        changed = self._changed[id] = asyncio.Event()
+                    snapshot = await self.get(id, offset, with_input=False)
+                    if snapshot is None or snapshot.output or snapshot.prediction.ended:
+                        return
+                    await changed.wait()
+
+    async def _announce_cancel(self, id: str) -> None:
+        self.on_cancel(id)

@@ -24,6 +24,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -36,8 +37,18 @@ from gateway.app import SSE_HEADERS, read_json
 from gateway.encodable import unencodable
 from gateway.model_info import ModelInfo
 from gateway.openai_api import DEFAULT_MAX_TOKENS, OpenAIError, failure
-from gateway.prediction_store import MemoryStore, Prediction, PredictionStore, RedisStore, Snapshot, StoreFull, now_iso
+from gateway.prediction_store import (
+    MemoryStore,
+    Prediction,
+    PredictionStore,
+    RedisStore,
+    Snapshot,
+    SQLiteStore,
+    StoreFull,
+    now_iso,
+)
 from gateway.streams import DocStream
+from lifecycle.cache import cache_root
 from schemas import ErrorCode, ModelOutputDocument, PromptDocument
 
 log = logging.getLogger(__name__)
@@ -49,14 +60,19 @@ WEBHOOK_TIMEOUT_S = 10.0
 WEBHOOK_OUTPUT_INTERVAL_S = 0.5  # output webhooks at most this often per prediction, as Replicate throttles them
 WEBHOOK_BACKOFF_S = 0.5  # then doubled per attempt
 SSE_RETRY_MS = 1000  # how soon an EventSource reconnects after a dropped connection
+STORES = ("sqlite", "memory")  # without redis_url
+# What a prediction whose executor could not be reached, or went away mid-answer, reads as its error.
+EXECUTOR_LOST_ERROR = "the engine became unreachable while the prediction ran: create it again"
 
 
 @dataclass(frozen=True)
 class PredictionSettings:
     """flow.yml's `gateway: uses_with: predictions: {...}`."""
 
-    redis_url: str | None = None  # None: in memory (one gateway); also read from PREDICTIONS_REDIS_URL
+    redis_url: str | None = None  # None: `store` (one gateway); also read from PREDICTIONS_REDIS_URL
     redis_prefix: str = "llm:prediction:"  # the keys of one service, when several share a Redis
+    store: str = "sqlite"  # without redis_url: "sqlite" (kept across restarts) or "memory" (gone with the process)
+    sqlite_path: str | None = None  # None: predictions-<HTTP port>.sqlite3 in the cache directory
     ttl_s: float = 3600.0  # how long a finished prediction stays readable
     max_kept: int = 10000  # predictions kept at most; the oldest finished ones make room
     max_wait_s: float = 60.0  # the longest long poll (`?wait=`)
@@ -76,6 +92,8 @@ class PredictionSettings:
         settings.setdefault("redis_url", os.environ.get(REDIS_URL_ENV) or None)
         settings["webhook_allowed_hosts"] = tuple(settings.get("webhook_allowed_hosts") or ())
         parsed = cls(**settings)
+        if parsed.store not in STORES:
+            raise ValueError(f"predictions setting store must be one of {list(STORES)}, got {parsed.store!r}")
         for name in ("ttl_s", "max_kept", "max_wait_s", "keepalive_s", "webhook_attempts"):
             if not getattr(parsed, name) > 0:
                 raise ValueError(f"predictions setting {name} must be above 0, got {getattr(parsed, name)!r}")
@@ -85,10 +103,16 @@ class PredictionSettings:
     def webhook_guard(self) -> WebhookGuard:
         return WebhookGuard.parse(self.webhook_allowed_hosts)
 
-    def store(self) -> PredictionStore:
+    def make_store(self, port: int | None) -> PredictionStore:
+        """The store these settings name; `port`, the gateway's HTTP port, names the default SQLite file: a
+        gateway restarted on its port finds its predictions, and two services on one machine keep theirs apart."""
         if self.redis_url:
             return RedisStore(self.redis_url, self.ttl_s, self.max_kept, self.redis_prefix)
-        return MemoryStore(self.ttl_s, self.max_kept)
+        if self.store == "memory":
+            return MemoryStore(self.ttl_s, self.max_kept)
+        name = "predictions.sqlite3" if port is None else f"predictions-{port}.sqlite3"
+        return SQLiteStore(Path(self.sqlite_path) if self.sqlite_path else cache_root() / name, self.ttl_s,
+                           self.max_kept)
 
 
 # Requests ----------------------------------------------------------------------------------------------------------
@@ -210,7 +234,9 @@ def ending(doc: ModelOutputDocument) -> dict[str, Any]:
     if doc.finish_reason == "cancelled":
         return {**changes, "status": "canceled"}
     if (error := failure(doc)) is not None:
-        return {**changes, "status": "failed", "error": error.message, "error_code": error.code}
+        # The relay's "retry later" would read as if the prediction might still come: it cannot.
+        message = EXECUTOR_LOST_ERROR if error.code == ErrorCode.UNAVAILABLE.value else error.message
+        return {**changes, "status": "failed", "error": message, "error_code": error.code}
     return {**changes, "status": "succeeded"}
 
 
@@ -386,11 +412,12 @@ class WebhookSender:
 class Predictions:
     """Runs this gateway's predictions and answers the routes from the store."""
 
-    def __init__(self, streamer: Any, model_info: ModelInfo, settings: PredictionSettings) -> None:
+    def __init__(self, streamer: Any, model_info: ModelInfo, settings: PredictionSettings,
+                 port: int | None = None) -> None:
         self.streamer = streamer
         self.model_info = model_info
         self.settings = settings
-        self.store = settings.store()
+        self.store = settings.make_store(port)
         self.webhook_guard = settings.webhook_guard()
         self.store.on_cancel = self._stop_local
         self._streams: dict[str, DocStream] = {}  # the predictions this gateway runs
@@ -551,8 +578,10 @@ def last_event_id(request: Request) -> int:
     return int(number("Last-Event-ID", header, MAX_OFFSET, integer=True))
 
 
-def add_prediction_routes(app: FastAPI, streamer: Any, model_info: ModelInfo, settings: PredictionSettings) -> FastAPI:
-    predictions = Predictions(streamer, model_info, settings)
+def add_prediction_routes(app: FastAPI, streamer: Any, model_info: ModelInfo, settings: PredictionSettings,
+                          port: int | None = None) -> FastAPI:
+    """The routes; `port`: the gateway's HTTP port, which names the default SQLite file."""
+    predictions = Predictions(streamer, model_info, settings, port)
     app.router.add_event_handler("startup", predictions.start)
     app.router.add_event_handler("shutdown", predictions.close)
 

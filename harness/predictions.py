@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -115,11 +116,14 @@ async def serving(app: FastAPI) -> AsyncIterator[tuple[str, uvicorn.Server, asyn
 
 @asynccontextmanager
 async def gateway(streamer: Any, **settings: Any) -> AsyncIterator[Gateway]:
-    """The prediction routes over `streamer`, as LLMHTTPGateway adds them, served in process."""
+    """The prediction routes over `streamer`, as LLMHTTPGateway adds them, served in process. The default store
+    (SQLite) gets a file in a fresh directory unless `sqlite_path` names one."""
     model_info = ModelInfo(streamer, "test-model")
-    app = add_prediction_routes(FastAPI(), streamer, model_info, PredictionSettings.parse(settings))
-    async with serving(app) as (url, server, task):
-        yield Gateway(url, app, server, task)
+    with tempfile.TemporaryDirectory(prefix="predictions-") as tmp:
+        settings.setdefault("sqlite_path", str(Path(tmp) / "predictions.sqlite3"))
+        app = add_prediction_routes(FastAPI(), streamer, model_info, PredictionSettings.parse(settings))
+        async with serving(app) as (url, server, task):
+            yield Gateway(url, app, server, task)
 
 
 @dataclass

@@ -24,6 +24,7 @@ import redis.exceptions
 import replicate
 from fastapi import FastAPI
 
+from gateway import prediction_store
 from gateway import predictions as predictions_module
 from gateway.auth import Keys, RequireKey
 from gateway.model_info import ModelInfo
@@ -54,11 +55,13 @@ def redis_url(tmp_path_factory) -> Any:
         yield url
 
 
-@pytest.fixture(params=["memory", "redis"])
-def store(request) -> dict[str, Any]:
-    """Settings of either store; each Redis test has keys of its own."""
+@pytest.fixture(params=["sqlite", "memory", "redis"])
+def store(request, tmp_path) -> dict[str, Any]:
+    """Settings of each store; each SQLite test has a file of its own, each Redis test keys of its own."""
+    if request.param == "sqlite":
+        return {**FAST_REFUSAL, "sqlite_path": str(tmp_path / "predictions.sqlite3")}
     if request.param == "memory":
-        return dict(FAST_REFUSAL)
+        return {**FAST_REFUSAL, "store": "memory"}
     return {**FAST_REFUSAL, "redis_url": request.getfixturevalue("redis_url"),
             "redis_prefix": f"test:{uuid.uuid4().hex}:"}
 
@@ -582,7 +585,7 @@ async def test_with_api_keys_every_prediction_route_needs_one():
     # The middleware gateway/gateway.py puts in front of every route, over the prediction routes.
     streamer = ScriptedStreamer(free_running=True)
     app = add_prediction_routes(FastAPI(), streamer, ModelInfo(streamer, "test-model"),
-                                PredictionSettings.parse(FAST_REFUSAL))
+                                PredictionSettings.parse({**FAST_REFUSAL, "store": "memory"}))
     app.add_middleware(RequireKey, keys=Keys((b"sesame",)))
     async with serving(app) as (url, _server, _task), httpx.AsyncClient(base_url=url, timeout=60) as client:
         keyed = {"Authorization": "Bearer sesame"}
@@ -595,3 +598,47 @@ async def test_with_api_keys_every_prediction_route_needs_one():
                 refused = await client.request(method, url_of, headers=headers)
                 assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
         assert (await client.get(prediction["urls"]["get"], headers=keyed)).status_code == 200
+
+
+# The SQLite store across a restart -------------------------------------------------------------------------------
+
+
+async def test_sqlite_keeps_predictions_across_a_restart_and_fails_the_ones_left_running(tmp_path):
+    path = tmp_path / "predictions.sqlite3"
+    settings = {**FAST_REFUSAL, "sqlite_path": str(path)}
+    streamer = ScriptedStreamer()
+    async with gateway(streamer, **settings) as gw, gw.client() as client:
+        done = await create(client, input={"prompt": "hi", "max_tokens": 4})
+        streamer.release(4)
+        assert (await poll_to_end(client, done, None))[1]["status"] == "succeeded"
+        finished = (await client.get(f"{PREDICTIONS}/{done['id']}")).json()
+        assert "".join(finished["output"]) == answer_of(4)
+    # A process that died mid-answer: its store's file holds a prediction still processing, with some output.
+    died = prediction_store.SQLiteStore(path, ttl_s=3600, max_kept=100)
+    await died.start()
+    await died.create(prediction_store.Prediction(id="died", model="test-model", version="test-model",
+                                                  input={"prompt": "hi"}, created_at=prediction_store.now_iso()))
+    await died.update("died", status="processing", started_at=prediction_store.now_iso())
+    assert await died.append("died", 0, " Hello")
+    await died.close()
+    async with gateway(ScriptedStreamer(), **settings) as gw, gw.client() as client:
+        again = (await client.get(f"{PREDICTIONS}/{done['id']}")).json()
+        assert again == {**finished, "urls": again["urls"]}  # whole: output, metrics, timestamps
+        left = (await client.get(f"{PREDICTIONS}/died")).json()
+        assert (left["status"], left["error"], left["error_code"]) == ("failed", prediction_store.RESTARTED_ERROR,
+                                                                      "unavailable")
+        assert left["output"] == [" Hello"] and left["completed_at"]
+        events = await read_events(client, f"{PREDICTIONS}/died/stream")
+        assert [e["event"] for e in events] == ["output", "error", "done"]
+
+
+async def test_a_second_gateway_on_the_same_sqlite_file_fails_to_start(tmp_path, monkeypatch):
+    monkeypatch.setattr(prediction_store, "LOCK_WAIT_S", 0.2)
+    first = prediction_store.SQLiteStore(tmp_path / "p.sqlite3", ttl_s=60, max_kept=10)
+    second = prediction_store.SQLiteStore(tmp_path / "p.sqlite3", ttl_s=60, max_kept=10)
+    await first.start()
+    try:
+        with pytest.raises(RuntimeError, match="in use by another gateway"):
+            await second.start()
+    finally:
+        await first.close()
