@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import operator
 
 import httpx
 import pytest
@@ -142,14 +143,15 @@ async def broken_generate(*args, **kwargs):
     yield  # an async generator, as LLMEngine.generate
 
 
-@pytest.mark.parametrize("method, broken", [("prepare", broken_prepare), ("generate", broken_generate)])
+@pytest.mark.parametrize("method, broken", [("processor.prepare", broken_prepare), ("generate", broken_generate)])
 async def test_an_unexpected_failure_in_the_executor_is_one_internal_error_document(
     tiny_model_dir, monkeypatch, method, broken
 ):
     """Never raised out of the streaming endpoint (Jina's gateway would replay the stream): one last document."""
     executor = TokenStreamingExecutor(model=str(tiny_model_dir), dtype="float32", warmup_tokens=0)
     try:
-        monkeypatch.setattr(executor.engine, method, broken)
+        owner, _, name = f"engine.{method}".rpartition(".")  # the engine, or its input processor
+        monkeypatch.setattr(operator.attrgetter(owner)(executor), name, broken)
         docs = [doc async for doc in executor.stream(PromptDocument(prompt="hi", max_tokens=3))]
         assert [(doc.finish_reason, doc.error_code) for doc in docs] == [("error", "internal")]
         assert "a bug of our own" in docs[0].error
