@@ -63,6 +63,7 @@ SSE_RETRY_MS = 1000  # how soon an EventSource reconnects after a dropped connec
 STORES = ("sqlite", "memory")  # without redis_url
 # What a prediction whose executor could not be reached, or went away mid-answer, reads as its error.
 EXECUTOR_LOST_ERROR = "the engine became unreachable while the prediction ran: create it again"
+GATEWAY_STOPPED_ERROR = "the gateway stopped before the prediction ended"
 
 
 @dataclass(frozen=True)
@@ -519,7 +520,7 @@ class Predictions:
                 await self.store.finish(id, **ending(last))
             else:  # closed: by a cancellation (then already canceled), or by the gateway's shutdown
                 await self.store.finish(id, status="failed", completed_at=now_iso(),
-                                        error="the gateway stopped before the prediction ended",
+                                        error=GATEWAY_STOPPED_ERROR,
                                         error_code=ErrorCode.UNAVAILABLE.value)
         except Exception as error:  # the store failed (Redis unreachable): the generation cannot be kept
             log.error(f"prediction {id} failed: {error!r}")

@@ -1,7 +1,8 @@
 """A killed executor, on real flows of the tiny model: under `jina flow` the whole flow exits with a failure status
-at once, for its supervisor to restart; where the gateway stays (Kubernetes, docker-compose) every health surface
-says not serving and every request gets a 503 with Retry-After or an unavailable error document, never an
-internal address, and serving again once the executor answers again (its restarted container)."""
+at once, for its supervisor to restart, and the predictions read back after the restart; where the gateway stays
+(Kubernetes, docker-compose) every health surface says not serving and every request gets a 503 with Retry-After or
+an unavailable error document, never an internal address, and serving again once the executor answers again (its
+restarted container)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,14 @@ import urllib.request
 from email.message import Message
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from jina.serve.networking.utils import send_health_check_sync
 
 from gateway.health import EXIT_SIGNAL, ExecutorWatch, State
+from gateway.prediction_store import RESTARTED_ERROR
+from gateway.predictions import EXECUTOR_LOST_ERROR, GATEWAY_STOPPED_ERROR
 from harness import ROOT
 from harness.processes import JINA, free_port, live_processes, process_listening_on
 from harness.service import TINY_LIMITS, Service, eventually, serve, stream_docs
@@ -196,3 +200,39 @@ async def test_under_the_supervisor_a_killed_executor_is_back_without_a_person(t
         await eventually(lambda: ready(service), attempts=2400)  # a new flow: 2 minutes at most
         assert (await stream_docs(service, prompt="hello", max_tokens=3))[-1].finish_reason == "length"
         assert gateway_metric(service, "llm_flow_restarts") == 1
+
+
+async def poll_to_end(client: httpx.AsyncClient, id: str) -> dict:
+    while (body := (await client.get(f"/v1/predictions/{id}", params={"wait": 30})).json())["status"] in (
+            "starting", "processing"):
+        pass
+    return body
+
+
+async def test_under_the_supervisor_no_prediction_is_lost_when_the_executor_is_killed(
+        tmp_path_factory, tiny_model_dir, tmp_path):
+    """The default store (SQLite) across `make serve`'s restart: a finished prediction reads back whole, and the
+    one that was running when the executor died reads failed, with an error that says why, never processing."""
+    # Paced (tests/paced_executor.py): the long prediction still runs when the executor is killed.
+    uses_with = {"model": str(tiny_model_dir), **TINY_LIMITS, "pace_s": 0.01}
+    settings = {"predictions": {"sqlite_path": str(tmp_path / "predictions.sqlite3")}}
+    with serve(tmp_path_factory, "crash-predictions", uses_with, "tests/paced.yml", gateway_settings=settings,
+               supervised=True) as service:
+        async with httpx.AsyncClient(base_url=service.url, timeout=120) as client:
+            created = await client.post("/v1/predictions", json={"input": {"prompt": "hello", "max_tokens": 8}})
+            done = created.json()["id"]
+            assert (await poll_to_end(client, done))["status"] == "succeeded"
+            finished = (await client.get(f"/v1/predictions/{done}")).json()
+            created = await client.post("/v1/predictions", json={"input": {"prompt": "go on", "max_tokens": 3000}})
+            running = created.json()["id"]
+            polled = await client.get(f"/v1/predictions/{running}", params={"offset": 1, "wait": 60})
+            assert polled.json()["status"] == "processing" and polled.json()["output"]
+        kill_executor(service)
+        await eventually(lambda: not ready(service))
+        await eventually(lambda: ready(service), attempts=2400)  # a new flow: 2 minutes at most
+        async with httpx.AsyncClient(base_url=service.url, timeout=120) as client:
+            assert (await client.get(f"/v1/predictions/{done}")).json() == finished
+            interrupted = (await client.get(f"/v1/predictions/{running}")).json()
+    assert (interrupted["status"], interrupted["error_code"]) == ("failed", "unavailable")
+    assert interrupted["error"] in (EXECUTOR_LOST_ERROR, GATEWAY_STOPPED_ERROR, RESTARTED_ERROR)
+    assert interrupted["completed_at"] and interrupted["output"]
