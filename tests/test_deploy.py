@@ -1,11 +1,13 @@
-"""Kubernetes and docker-compose: the real `jina export` CLIs on deploy/'s flows, offline, and what the manifests
-they write would run: the project's image in both roles, the flow's settings, reachable ports and binds."""
+"""Kubernetes and docker-compose: deploy/export.py (the real `jina export` CLIs) on deploy/'s flows, offline, and
+what the manifests it writes would run: the project's image in both roles, the flow's settings, reachable ports and
+binds, probes and restart policies."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
+import sys
 import time
 import urllib.request
 from argparse import Namespace
@@ -40,12 +42,13 @@ def flow_file(path: Path) -> dict:
 
 
 def jina_export(kind: str, flow: Path, output: Path) -> None:
-    """`jina export <kind>` as docs/operations.md runs it: from the repository root, with JINA_GATEWAY_IMAGE set."""
+    """deploy/export.py (`jina export <kind>`, then the probes and restart policies) as docs/operations.md runs it:
+    from the repository root, with JINA_GATEWAY_IMAGE set."""
     env = {key: value for key, value in os.environ.items() if key.lower() not in ("no_proxy", "jina_log_level")}
     env.update({name: DEAD_PROXY for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")})
     env["JINA_GATEWAY_IMAGE"] = IMAGE
     result = subprocess.run(
-        [str(JINA), "export", kind, str(flow), str(output)],
+        [sys.executable, "deploy/export.py", kind, str(flow), str(output)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -305,10 +308,26 @@ async def test_the_exported_commands_serve_a_stream(exported_service):
     assert last.generated_text.strip()
 
 
-def test_kubernetes_gateway_probes_ask_the_grpc_health_that_follows_the_executors(k8s):
-    # The gateway's gRPC health turns NOT_SERVING while an executor is lost (gateway/health.py), and `jina ping`
-    # fails then (tests/test_crash_recovery.py): these probes report a lost executor.
+def test_kubernetes_gateway_is_ready_only_while_its_executors_answer_and_restarted_only_when_dead(k8s):
+    # /ready turns 503 while an executor is lost (tests/test_crash_recovery.py): the Service stops sending the
+    # gateway requests. Liveness asks only whether the process accepts connections: a lost executor must not get
+    # a healthy gateway restarted (and its predictions with it).
     pod = container(one(k8s["gateway"], "Deployment", "gateway"))
-    for probe in ("startupProbe", "livenessProbe"):
-        command = pod[probe]["exec"]["command"]
-        assert command[:3] == ["jina", "ping", "gateway"] and command[3].startswith("grpc://"), command
+    http_port = cli_args(pod["args"]).port[1]
+    assert pod["readinessProbe"]["httpGet"] == {"path": "/ready", "port": http_port}
+    assert pod["livenessProbe"]["tcpSocket"] == {"port": http_port}
+    startup = pod["startupProbe"]["exec"]["command"]  # Jina's: the gRPC health, SERVING once the executors answer
+    assert startup[:3] == ["jina", "ping", "gateway"] and startup[3].startswith("grpc://"), startup
+
+
+@pytest.mark.parametrize("name", ["gateway", "llm"])
+def test_kubernetes_restarts_a_dead_container(k8s, name):
+    spec = one(k8s[name], "Deployment", name)["spec"]["template"]["spec"]
+    assert spec.get("restartPolicy", "Always") == "Always"
+    assert "livenessProbe" in container(one(k8s[name], "Deployment", name))
+
+
+def test_compose_restarts_a_crashed_container_and_checks_its_health(compose):
+    for name, service in compose["services"].items():
+        assert service["restart"] == "unless-stopped", name
+        assert service["healthcheck"]["test"].startswith(f"jina ping {'gateway' if name == 'gateway' else 'executor'}")
