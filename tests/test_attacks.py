@@ -224,3 +224,13 @@ async def test_prediction_edges_resume_checks_cancel_after_the_end_and_output_ma
                 await client.get(created.json()["urls"]["stream"], params={"offset": value}),
             ):
                 assert response.status_code == 400 and "between 0 and" in response.json()["detail"], response.text
+
+
+async def test_a_websocket_outlives_the_body_timeout(bounded_service):
+    """The upgrade request is the connection's last HTTP request: the socket is then the WebSocket's, whose idle
+    pauses between turns are not a slow body (h11 reads the upgrade as a body under way that never ends)."""
+    async with connect(f"ws://127.0.0.1:{bounded_service.http_port}/ws") as ws:
+        for turn in range(2):
+            await asyncio.sleep(2 * BOUNDS["body_timeout_s"])
+            await ws.send(json.dumps({"type": "prompt", "prompt": f"turn {turn}", "max_tokens": 3}))
+            assert (await receive_until_end(ws))[-1]["type"] == "end"

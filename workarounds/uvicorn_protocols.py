@@ -91,6 +91,9 @@ def bounded_reading_protocol(bounds: ReadingBounds) -> type[H11Protocol]:
                 self.body_bytes += len(data)
                 self.body_progress = self.loop.time()
             super().data_received(data)
+            if self.transport.get_protocol() is not self:  # upgraded to a WebSocket: the socket is not ours to time
+                self.disarm()  # (h11 still reads the upgrade request as a body under way, which never ends)
+                return
             state = self.conn.their_state
             if state is h11.SEND_BODY:
                 if self.body_started == 0.0:
