@@ -42,7 +42,7 @@ TOPICS = [
     "why leaves change colour", "how the moon causes tides", "how a compass works", "how coral reefs grow",
 ]  # fmt: skip
 FOLLOW_UPS = ["Tell me more.", "Can you give an example?", "Why does that matter?", "Summarize it in one line."]
-QUESTIONS = [f"What does the guide say about {topic}?" for topic in TOPICS]
+CHAT_OPENERS = [f"Explain {topic} to me." for topic in TOPICS]  # each conversation its own from its first word on
 
 # About 1000 tokens of SmolLM2's tokenizer: a support guide every request of an assistant would carry.
 _SECTIONS = [
@@ -152,7 +152,10 @@ async def multi_turn_chat(
     """Every system's conversations, turn t of every system before turn t + 1 of any."""
     histories = {
         name: [
-            [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
+            [
+                {"role": "system", "content": SYSTEM_PROMPT},
+                {"role": "user", "content": CHAT_OPENERS[i % len(CHAT_OPENERS)]},
+            ]
             for i in range(conversations)
         ]
         for name in systems
@@ -185,7 +188,11 @@ async def shared_system_prompt(
         results.append((await timed_turn(name, "shared system prompt", "first request", first))[0])
     for round_number in range(1, rounds + 1):
         for name, open_conversation in systems.items():
-            questions = [QUESTIONS[(i + round_number) % len(QUESTIONS)] + f" ({round_number})" for i in range(streams)]
+            # Round and stream numbers first: what repeats between requests is the system prompt alone.
+            questions = [
+                f"Question {round_number}.{i}: what does the guide say about {TOPICS[i % len(TOPICS)]}?"
+                for i in range(streams)
+            ]
             requests = [ask(open_conversation, messages(q), max_tokens) for q in questions]
             label = f"{streams} streams, round {round_number}"
             results.append((await timed_turn(name, "shared system prompt", label, requests))[0])
@@ -276,7 +283,7 @@ def table(results: list[TurnResult]) -> str:
         "| errors |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in sorted(results, key=lambda r: (r.workload, r.label, r.system)):
+    for r in results:  # in the order measured: turn by turn, the systems interleaved
         lines.append(
             f"| {r.workload} | {r.system} | {r.label} | {r.requests} | {num(r.ttft_p50_ms)} | {num(r.ttft_p95_ms)} "
             f"| {num(r.tokens_per_s, 1)} | {num(r.prompt_tokens)} | {num(r.cached_tokens)} | {r.errors} |"
