@@ -232,8 +232,10 @@ class SlotCache:
                 grown.append(torch.zeros(buffer_shape, device=self.device, dtype=self.dtype))
             else:
                 grown.append(arena.zeros(buffer_shape, self.dtype))
-            if self.capacity:
-                grown[-1][:, :, : self.capacity] = self.kv[layer]
+            # What the rows hold, not every slot's whole capacity: the rest stays untouched (and uncommitted).
+            for slot, length in enumerate(self._lengths if self.kv else []):
+                if length:
+                    grown[-1][slot, :, :length] = self.kv[layer][slot, :, :length]
         self.kv, self.capacity = grown, capacity
 
     def zero(self) -> None:

@@ -38,7 +38,9 @@ class Arena:
         return self._chunk[start : start + nbytes].view(dtype).view(shape)
 
     def zeros(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
-        return self.empty(shape, dtype).zero_()
+        """Without writing a byte: an arena hands out each byte of its fresh anonymous mappings once, and the
+        kernel gives such pages zeroed on first touch (so a large buffer costs memory only where it is used)."""
+        return self.empty(shape, dtype)
 
     def copy(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.empty(tensor.shape, tensor.dtype).copy_(tensor)
