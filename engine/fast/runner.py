@@ -228,9 +228,8 @@ class FastRunner:
         winners, drop the other weights."""
         # One precision for every decode step, among those that compute a row as it would alone where there are
         # such: a stream's tokens then do not depend on the streams beside it (its prefill is exact in every
-        # precision: model.py). Bands by batch size, as the prefill's sizes, would give a stream decoded alone
-        # other bits than in a batch: on an AMX Xeon the AVX2 kernels won up to 8 rows and AMX above, and 6 of 16
-        # greedy answers of 96 tokens changed between alone and together.
+        # precision: model.py). Bands by batch size would give a stream decoded alone other bits than in a batch
+        # wherever two precisions win at different sizes, and so other greedy answers.
         exact = [name for name in self.candidates if self.precisions[name].batch_exact]
         decoders = exact or self.candidates
         # A prompt's cached prefix must hold what its prefill would have computed, wherever its chunks began:
