@@ -77,13 +77,14 @@ class PrefixCache:
         self._blocks: dict[BlockKey, Block] = {}
         self._free_ids = list(range(capacity - 1, -1, -1))  # a stack: low ids first
         self._evictable: list[tuple[int, int, Block]] = []  # heap of (last_used, tiebreak, block), stale entries kept
+        self._committed = 0  # blocks whose KV is written
         self._clock = itertools.count(1)
         self._tiebreak = itertools.count()
 
     @property
     def blocks(self) -> int:
         """Blocks that hold a cached prefix (committed)."""
-        return sum(block.committed for block in self._blocks.values())
+        return self._committed
 
     def snapshot(self) -> PrefixCacheStats:
         return replace(self.stats, blocks=self.blocks)
@@ -141,6 +142,7 @@ class PrefixCache:
         for block in reservation.held:
             if block.id in written:
                 block.committed = True
+                self._committed += 1
         self.release(reservation.held)
 
     def discard(self, reservation: Reservation) -> None:
@@ -208,6 +210,7 @@ class PrefixCache:
 
     def _remove(self, block: Block) -> None:
         del self._blocks[block.key]
+        self._committed -= block.committed
         self._free_ids.append(block.id)
         parent = block.parent
         if parent is not None:
