@@ -240,7 +240,7 @@ class LLMEngine:
 
     def _loop(self) -> None:
         with torch.inference_mode():
-            # Here, not in __init__: the runner's first steps (its precisions timed, the shared prefix) are the
+            # Here, not in __init__: the runner's first steps (its precisions timed) are the
             # loop thread's first OpenMP team, the only one kept (engine/openmp.py).
             try:
                 self.runner.start()

@@ -76,9 +76,12 @@ class BlockPool:
 
     def positions(self, block_ids: Sequence[int]) -> torch.Tensor:
         """The pool positions of these blocks, in order: [len(block_ids) * block_size]."""
-        size = self.block_size
-        ids = torch.tensor(block_ids, device=self.device)
-        return (ids[:, None] * size + torch.arange(size, device=self.device)).flatten()
+        return runs_of(self.block_size, [block_id * self.block_size for block_id in block_ids], self.device)
+
+
+def runs_of(size: int, starts: Sequence[int], device: torch.device) -> torch.Tensor:
+    """The positions start .. start + size - 1 of every start, in order: [len(starts) * size]."""
+    return (torch.tensor(starts, device=device)[:, None] + torch.arange(size, device=device)).flatten()
 
 
 class SlotCache:
@@ -169,7 +172,7 @@ class SlotCache:
         size = pool.block_size
         if max(start for _, start in writes) + size > self._lengths[slot]:
             raise ValueError(f"a block to store reaches past the {self._lengths[slot]} positions of {request_id!r}")
-        row_positions = torch.tensor([start + i for _, start in writes for i in range(size)], device=self.device)
+        row_positions = runs_of(size, [start for _, start in writes], self.device)
         pool_positions = pool.positions([block_id for block_id, _ in writes])
         for kv, blocks in zip(self.kv, pool.layers()):
             blocks.index_copy_(1, pool_positions, kv[slot].index_select(1, row_positions))

@@ -144,8 +144,12 @@ class FastRunner:
         """One precision decodes and prefills, in kernels that compute each token alone (row-exact matmuls, each
         query's attention alone: KernelOps): a decoded token's KV is then what a prefill of it would write."""
         precision = self.decode_precision
-        exact_ops = isinstance(precision.ops, KernelOps) if precision is not None else False
-        return precision is self.prefill_precision and exact_ops and precision is not None and precision.batch_exact
+        return (
+            precision is not None
+            and precision is self.prefill_precision
+            and precision.batch_exact
+            and isinstance(precision.ops, KernelOps)
+        )
 
     def reset(self) -> None:
         self.cache.clear()
