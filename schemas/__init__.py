@@ -5,8 +5,11 @@
 # discovery, where a string such as 'list[ChatMessage] | None' cannot be resolved.
 from enum import Enum
 
+import json
+
 from docarray import BaseDoc
 from docarray.typing import NdArray
+from pydantic import validator
 
 
 class ErrorCode(str, Enum):
@@ -49,6 +52,16 @@ class PromptDocument(BaseDoc):
     # most likely alternatives (`top_token_ids`, `top_logprobs`).
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    # Structured output: at most one of the three. Every token is sampled among those the constraint allows, so the
+    # answer matches it by construction (engine/structured.py, llguidance); a cut at max_tokens may end it early.
+    json_schema: str | None = None  # a JSON Schema (a dict is accepted and kept as its JSON text)
+    regex: str | None = None  # the whole answer matches it
+    grammar: str | None = None  # a grammar in llguidance's Lark dialect (docs/structured-outputs.md)
+
+    @validator("json_schema", pre=True)
+    def _schema_as_text(cls, value):
+        # As text, because protobuf's Struct would carry a dict's integers as floats ("maxItems": 3.0).
+        return json.dumps(value) if isinstance(value, dict) else value
 
 
 class ModelOutputDocument(BaseDoc):
