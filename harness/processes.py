@@ -17,6 +17,7 @@ import psutil
 import yaml
 
 from harness import ROOT
+from lifecycle.cache import CACHE_ENV
 
 JINA = Path(sys.executable).parent / "jina"
 
@@ -70,6 +71,10 @@ def write_service_flow(
         "uses_with": {"model_name": model_name, **(gateway_settings or {})},
         "protocol": ["grpc", "http"],
         "port": [grpc_port, http_port],
+        # The gateway's cache directory holds nothing but its default prediction store, named by its HTTP port
+        # (gateway/predictions.py). In the user's cache every flow on free ports left a file of its own behind;
+        # beside the flow file the name is still `make serve`'s, and a supervised restart still finds it.
+        "env": {CACHE_ENV: str(path.parent / "gateway-cache")},
     }
     if gateway_monitoring_port is not None:
         gateway.update(monitoring=True, port_monitoring=gateway_monitoring_port)

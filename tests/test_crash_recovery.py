@@ -27,6 +27,7 @@ from gateway.predictions import EXECUTOR_LOST_ERROR, GATEWAY_STOPPED_ERROR
 from harness import ROOT
 from harness.processes import JINA, free_port, live_processes, process_listening_on
 from harness.service import TINY_LIMITS, Service, eventually, serve, stream_docs
+from lifecycle.cache import cache_root
 
 
 def gateway_serving(service: Service) -> bool:
@@ -191,14 +192,13 @@ async def poll_to_end(client: httpx.AsyncClient, id: str) -> dict:
 
 
 async def test_under_the_supervisor_no_prediction_is_lost_when_the_executor_is_killed(
-        tmp_path_factory, tiny_model_dir, tmp_path):
-    """The default store (SQLite) across `make serve`'s restart: a finished prediction reads back whole, and the
-    one that was running when the executor died reads failed, with an error that says why, never processing."""
+        tmp_path_factory, tiny_model_dir):
+    """The default store (SQLite, its file named by the HTTP port in the cache directory) across `make serve`'s
+    restart: the restarted gateway finds the same file, a finished prediction reads back whole, and the one that
+    was running when the executor died reads failed, with an error that says why, never processing."""
     # Paced (tests/paced_executor.py): the long prediction still runs when the executor is killed.
     uses_with = {"model": str(tiny_model_dir), **TINY_LIMITS, "pace_s": 0.01}
-    settings = {"predictions": {"sqlite_path": str(tmp_path / "predictions.sqlite3")}}
-    with serve(tmp_path_factory, "crash-predictions", uses_with, "tests/paced.yml", gateway_settings=settings,
-               supervised=True) as service:
+    with serve(tmp_path_factory, "crash-predictions", uses_with, "tests/paced.yml", supervised=True) as service:
         async with httpx.AsyncClient(base_url=service.url, timeout=120) as client:
             created = await client.post("/v1/predictions", json={"input": {"prompt": "hello", "max_tokens": 8}})
             done = created.json()["id"]
@@ -214,6 +214,10 @@ async def test_under_the_supervisor_no_prediction_is_lost_when_the_executor_is_k
         async with httpx.AsyncClient(base_url=service.url, timeout=120) as client:
             assert (await client.get(f"/v1/predictions/{done}")).json() == finished
             interrupted = (await client.get(f"/v1/predictions/{running}")).json()
+    # Both runs' gateways kept the one file, in the cache directory the flow gives them (harness/processes.py).
+    name = f"predictions-{service.http_port}.sqlite3"
+    assert len(list(tmp_path_factory.getbasetemp().glob(f"crash-predictions[0-9]*/gateway-cache/{name}"))) == 1
+    assert not (cache_root() / name).exists()
     assert (interrupted["status"], interrupted["error_code"]) == ("failed", "unavailable")
     assert interrupted["error"] in (EXECUTOR_LOST_ERROR, GATEWAY_STOPPED_ERROR, RESTARTED_ERROR)
     assert interrupted["completed_at"] and interrupted["output"]
