@@ -11,6 +11,14 @@ policy for them).
 
 docker-compose: Jina's services have no restart policy, so a crashed container stays down. Here every service is
 started again unless `docker compose stop` stopped it.
+
+Both: the gateway's default prediction store is a SQLite file in its cache directory (gateway/predictions.py), and
+a container's own filesystem starts afresh with the container. The gateway gets a cache directory of its own
+(GATEWAY_CACHE: the image's holds the converted model, which the gateway never reads) on a volume that outlives
+its container: Kubernetes, an emptyDir of the Pod, which a restarted container finds again (a PersistentVolumeClaim
+would not survive the Deployment's rolling update either: the new Pod's gateway waits for the old one's lock on the
+file, and the old one stays until the new one is ready); docker-compose, a named volume, which `docker compose
+down` keeps too. Predictions that outlive the Pod or the host live in Redis (docs/predictions.md).
 """
 
 from __future__ import annotations
@@ -21,8 +29,12 @@ from pathlib import Path
 
 import yaml
 
+from lifecycle.cache import CACHE_ENV
+
 JINA = Path(sys.executable).parent / "jina"
 COMPOSE_RESTART = "unless-stopped"
+GATEWAY_CACHE = "/var/lib/token-streaming"
+CACHE_VOLUME = "gateway-cache"
 
 
 def gateway_probes(http_port: int) -> dict:
@@ -42,6 +54,9 @@ def patch_kubernetes(output: Path) -> None:
             (container,) = doc["spec"]["template"]["spec"]["containers"]
             _grpc, http = (port["containerPort"] for port in container["ports"])
             container.update(gateway_probes(http))
+            container["env"].append({"name": CACHE_ENV, "value": GATEWAY_CACHE})
+            container["volumeMounts"] = [{"name": CACHE_VOLUME, "mountPath": GATEWAY_CACHE}]
+            doc["spec"]["template"]["spec"]["volumes"] = [{"name": CACHE_VOLUME, "emptyDir": {}}]
     manifest.write_text(yaml.safe_dump_all(docs, sort_keys=False))
 
 
@@ -49,6 +64,10 @@ def patch_compose(output: Path) -> None:
     compose = yaml.safe_load(output.read_text())
     for service in compose["services"].values():
         service["restart"] = COMPOSE_RESTART
+    gateway = compose["services"]["gateway"]
+    gateway["environment"].append(f"{CACHE_ENV}={GATEWAY_CACHE}")
+    gateway["volumes"] = [f"{CACHE_VOLUME}:{GATEWAY_CACHE}"]
+    compose["volumes"] = {CACHE_VOLUME: {}}
     output.write_text(yaml.safe_dump(compose, sort_keys=False))
 
 

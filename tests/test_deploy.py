@@ -1,6 +1,6 @@
 """Kubernetes and docker-compose: deploy/export.py (the real `jina export` CLIs) on deploy/'s flows, offline, and
 what the manifests it writes would run: the project's image in both roles, the flow's settings, reachable ports and
-binds, probes and restart policies."""
+binds, probes, restart policies and the volume of the gateway's predictions."""
 
 from __future__ import annotations
 
@@ -21,10 +21,13 @@ from jina.parsers import set_gateway_parser, set_pod_parser
 
 from client import stream_documents
 from executor.executor import EMBEDDED_ID
+from gateway.prediction_store import SQLiteStore
+from gateway.predictions import PredictionSettings
 from harness import ROOT
 from harness.dockerfile import image_layout
 from harness.processes import JINA, free_port, port_open, stop_process_group
 from harness.service import FRANCE, grpc_client
+from lifecycle.cache import CACHE_ENV
 from schemas import PromptDocument
 
 IMAGE = "token-streaming-llm:latest"
@@ -241,7 +244,7 @@ def test_kubernetes_leaves_time_to_end_streams_on_shutdown(k8s, name, setting):
 # The exported commands, run -------------------------------------------------------------------------------------
 
 
-def start(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
+def start(args: list[str], cwd: Path, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     with open(log, "w") as out:
         return subprocess.Popen(
             [str(JINA), *args],
@@ -249,7 +252,7 @@ def start(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own group, so that stop_process_group ends its children too
-            env={**os.environ, "JINA_LOG_LEVEL": "WARNING"},
+            env={**os.environ, "JINA_LOG_LEVEL": "WARNING", **(env or {})},
         )
 
 
@@ -271,7 +274,8 @@ def wait_ports(ports: list[int], processes: dict[str, tuple[subprocess.Popen, Pa
 @pytest.fixture
 def exported_service(k8s, tmp_path) -> Iterator[tuple[int, int]]:
     """The executor and gateway commands of the Kubernetes manifests, each in a directory laid out as the image's
-    WORKDIR. Only the ports (free ones) and the executor's address (loopback: there is no cluster DNS here) change."""
+    WORKDIR. Only the ports (free ones), the executor's address (loopback: there is no cluster DNS here) and the
+    gateway's cache directory (its volume: a directory of the test) change."""
     layout = image_layout(tmp_path / "workdir")
     executor_args = container(one(k8s["llm"], "Deployment", "llm"))["args"]
     gateway_args = container(one(k8s["gateway"], "Deployment", "gateway"))["args"]
@@ -284,7 +288,8 @@ def exported_service(k8s, tmp_path) -> Iterator[tuple[int, int]]:
     gateway_args = with_values(gateway_args, "--deployments-addresses", [addresses])
     processes = {
         "executor": (start(executor_args, layout, tmp_path / "executor.log"), tmp_path / "executor.log"),
-        "gateway": (start(gateway_args, layout, tmp_path / "gateway.log"), tmp_path / "gateway.log"),
+        "gateway": (start(gateway_args, layout, tmp_path / "gateway.log", {CACHE_ENV: str(tmp_path / "cache")}),
+                    tmp_path / "gateway.log"),
     }
     try:
         wait_ports([executor_port, grpc_port, http_port], processes)
@@ -331,3 +336,40 @@ def test_compose_restarts_a_crashed_container_and_checks_its_health(compose):
     for name, service in compose["services"].items():
         assert service["restart"] == "unless-stopped", name
         assert service["healthcheck"]["test"].startswith(f"jina ping {'gateway' if name == 'gateway' else 'executor'}")
+
+
+def store_file(args: Namespace, http_port: int, cache: str, monkeypatch) -> Path:
+    """Where a gateway started with `args` and its cache directory at `cache` keeps its default prediction store."""
+    monkeypatch.setenv(CACHE_ENV, cache)
+    store = PredictionSettings.parse(args.uses_with.get("predictions")).make_store(http_port)
+    assert isinstance(store, SQLiteStore)
+    return store.path
+
+
+def test_kubernetes_gateway_keeps_its_predictions_on_a_volume_that_outlives_its_container(k8s, monkeypatch):
+    """A container restarted (its liveness probe failed, it crashed) starts on a fresh filesystem: the SQLite file
+    must lie on a volume of the Pod, which the new container mounts again. The executor keeps the image's cache
+    directory, where its converted model is."""
+    deployment = one(k8s["gateway"], "Deployment", "gateway")
+    pod = container(deployment)
+    cache = {var["name"]: var.get("value") for var in pod["env"]}[CACHE_ENV]
+    (mount,) = pod["volumeMounts"]
+    assert mount["mountPath"] == cache
+    (volume,) = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert volume == {"name": mount["name"], "emptyDir": {}}  # as long as the Pod lives, across its restarts
+    args = cli_args(pod["args"])
+    assert store_file(args, args.port[1], cache, monkeypatch).is_relative_to(cache)
+    executor = container(one(k8s["llm"], "Deployment", "llm"))
+    assert CACHE_ENV not in {var["name"] for var in executor["env"]}
+
+
+def test_compose_gateway_keeps_its_predictions_on_a_named_volume(compose, monkeypatch):
+    """A named volume outlives the container (and `docker compose down`); the executor mounts nothing (above)."""
+    gateway = compose["services"]["gateway"]
+    cache = dict(item.split("=", 1) for item in gateway["environment"])[CACHE_ENV]
+    (volume,) = gateway["volumes"]
+    name, path = volume.split(":")
+    assert path == cache
+    assert name in compose["volumes"]  # declared: a named volume, not a directory of the host
+    args = cli_args(gateway["command"])
+    assert store_file(args, args.port[1], cache, monkeypatch).is_relative_to(cache)
