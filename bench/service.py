@@ -17,6 +17,7 @@ import yaml
 from bench.flows import LOGS
 from executor import TokenStreamingExecutor
 from harness.processes import free_port, running_flow
+from lifecycle.cache import CACHE_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,6 +63,9 @@ def serving(name: str, overrides: dict, timeout: float = 300, replicas: int | No
     gateway["extra_search_paths"] = [str(ROOT)]
     gateway["py_modules"] = [str(ROOT / module) for module in gateway["py_modules"]]
     gateway["port_monitoring"] = free_port()
+    # The gateway's default prediction store is named by its HTTP port: a free port's file in the user's cache
+    # would be one more left behind by every run (harness/processes.py does the same for the tests' flows).
+    gateway["env"] = {**gateway.get("env", {}), CACHE_ENV: str(LOGS / f"{name}.gateway-cache")}
     for executor in flow["executors"]:
         executor["uses"] = str(ROOT / executor["uses"])
         executor["uses_with"] = {**executor.get("uses_with", {}), **overrides}
