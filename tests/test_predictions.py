@@ -134,6 +134,9 @@ async def test_create_then_poll_with_offsets_and_long_polls(store):
         url = prediction["urls"]["get"]
         assert (await client.get(url, params={"offset": 5})).json()["output"] == whole["output"][5:]
         assert (await client.get(url, params={"offset": 99, "wait": 30})).json()["output"] == []
+        # A cancel after the end answers with the true final state, and changes nothing.
+        late = await client.post(prediction["urls"]["cancel"])
+        assert late.status_code == 200 and late.json() == whole
 
 
 async def test_the_event_stream_resumes_after_a_drop_with_no_gap_and_no_repeat(store):
@@ -190,6 +193,8 @@ async def test_a_failure_ends_the_stream_with_an_error_event_then_done(store):
         # Resuming after the error event gives the done event only.
         resumed = await read_events(client, prediction["urls"]["stream"], **{"Last-Event-ID": "2"})
         assert [e["event"] for e in resumed] == ["done"]
+        # A cancel after the failure answers failed, its error kept.
+        assert (await client.post(prediction["urls"]["cancel"])).json() == body
 
 
 async def test_cancel_stops_the_generation_and_ends_every_reader(store):
