@@ -5,9 +5,19 @@ from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.loading import EMBEDDED, LoadedModel, load_model
 from engine.prompts import InvalidRequest, Prompt
-from engine.request import ErrorCode, FinishReason, SamplingParams, StepOutput, TokenLogprobs
+from engine.request import (
+    Constraint,
+    ConstraintKind,
+    ErrorCode,
+    FinishReason,
+    SamplingParams,
+    StepOutput,
+    TokenLogprobs,
+)
 
 __all__ = [
+    "Constraint",
+    "ConstraintKind",
     "EMBEDDED",
     "EngineConfig",
     "ErrorCode",

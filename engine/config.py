@@ -39,3 +39,9 @@ class EngineConfig:
     # cached part ends within a few tokens of where it stops matching (the chat template's system turn whole).
     prefix_cache_mib: int = 1024
     prefix_block_size: int = 8
+    # Structured outputs (engine/structured.py): a json_schema, regex or grammar longer than this is refused, as
+    # is a schema nested deeper; compiling is then bounded (the slowest schema of that size measured in
+    # docs/structured-outputs.md). The compiled grammars of this many recent constraints are kept.
+    max_constraint_chars: int = 65536
+    max_schema_depth: int = 32
+    grammar_cache_size: int = 256

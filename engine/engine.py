@@ -6,7 +6,8 @@ the model. Each step of `_loop` is:
 
     plan    = scheduler.schedule()       which rows to free, prefill or decode (engine/scheduler.py: no torch)
     logits  = runner.prefill/decode()    one forward (engine/runner.py, engine/fast/): the runner owns the tensors
-    outputs = sample, detokenize, stop   per request (engine/sampling.py, engine/output.py)
+    outputs = sample, detokenize, stop   per request (engine/sampling.py, engine/output.py), among the tokens a
+                                         constrained request's grammar allows (engine/structured.py)
     scheduler.update(), runner.free()    finished rows leave the batch
     dispatch                             one hand-off per event loop per step, with all of its outputs
 """
@@ -29,10 +30,12 @@ from engine.output import RequestOutputProcessor, final_output
 from engine.plan import PrefillPlan, Runner
 from engine.prefix_cache import PrefixCacheStats
 from engine.processor import InputProcessor
+from engine.prompts import InvalidRequest
 from engine.request import Consumer, ErrorCode, FinishReason, Request, SamplingParams, StepOutput, TokenLogprobs
 from engine.runner import CacheRunner
 from engine.sampling import sample_next_tokens
 from engine.scheduler import Scheduler
+from engine.structured import GrammarLimits, Grammars, MaskFiller
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +60,14 @@ class LLMEngine:
         self.config = config or EngineConfig()
         self.tokenizer = loaded.tokenizer
         self.model_name = loaded.name
-        self.processor = InputProcessor(loaded, self.config)  # prompts to checked token ids, off this thread
-        self.max_model_len = self.processor.max_model_len
         self.eos_token_ids = _eos_token_ids(loaded)
+        vocab_size = loaded.model.config.vocab_size  # the width of the logits, which the masks cover
+        limits = GrammarLimits(self.config.max_constraint_chars, self.config.max_schema_depth,
+                               self.config.grammar_cache_size)
+        self.grammars = Grammars(loaded.tokenizer, vocab_size, self.eos_token_ids, limits)
+        self._masks = MaskFiller(vocab_size)
+        self.processor = InputProcessor(loaded, self.config, self.grammars)  # prompts to checked ids, off this thread
+        self.max_model_len = self.processor.max_model_len
         # On a thread that ends (engine/openmp.py): the runner's weights are fused and converted by torch kernels.
         self.runner = runner or on_passing_thread(lambda: make_runner(loaded, self.config, self.max_model_len))
         self.scheduler = Scheduler(self.config, self.runner.prefix_cache)  # owned by the loop thread
@@ -191,10 +199,21 @@ class LLMEngine:
 
     def _submit(self, request: Request) -> StepOutput | None:
         """Queue the request; or return its refusal, its only output."""
-        refusal = self._admit(request)
+        refusal = self._with_matcher(request) or self._admit(request)
         if refusal is not None:
             self._report_finished(refusal)
         return refusal
+
+    def _with_matcher(self, request: Request) -> StepOutput | None:
+        """A constrained request gets its matcher: a copy of the grammar that `processor.prepare` compiled (a
+        caller that skipped it compiles it here); or its refusal when the constraint does not compile."""
+        if request.params.constraint is None:
+            return None
+        try:
+            request.matcher = self.grammars.matcher(request.params.constraint)
+        except InvalidRequest as error:
+            return final_output(request, FinishReason.ERROR, str(error), ErrorCode.INVALID_REQUEST)
+        return None
 
     def _admit(self, request: Request) -> StepOutput | None:
         with self._lock:
@@ -263,6 +282,7 @@ class LLMEngine:
             for request in self.scheduler.abort_all():
                 self._end(request, FinishReason.SHUTDOWN, "the service is shutting down", ErrorCode.SHUTDOWN)
             self.runner.reset()
+            self._masks.close()
             self._publish()
             self._dispatch()
 
@@ -314,10 +334,11 @@ class LLMEngine:
         prefilling = {r.request_id: r for r in self.scheduler.prefilling}
         requests = [prefilling[rid] for rid in plan.request_ids]
         try:
+            allowed = self._masks.start([r.matcher for r in requests] if plan.completes_prompts else [])
             logits = self.runner.prefill(plan)
             if not plan.completes_prompts:
                 return [], False
-            tokens, logprobs = sample_next_tokens(logits, requests)
+            tokens, logprobs = sample_next_tokens(logits, requests, allowed.result())
         except Exception as error:  # these requests fail alone; the running batch goes on
             log.exception("prefill failed for %s", plan.request_ids)
             for request in requests:
@@ -330,9 +351,10 @@ class LLMEngine:
     def _decode(self, request_ids: Sequence[str]) -> list[str]:
         requests = [self.scheduler.running[rid] for rid in request_ids]
         self._last_decode_rows = len(requests)
+        allowed = self._masks.start([r.matcher for r in requests])  # filled while the forward runs
         # A failure here leaves the shared cache unusable: the loop's guard fails every stream in flight.
         logits = self.runner.decode(request_ids, [r.output_ids[-1] for r in requests])
-        return self._emit(requests, *sample_next_tokens(logits, requests))
+        return self._emit(requests, *sample_next_tokens(logits, requests, allowed.result()))
 
     def _emit(self, requests: list[Request], tokens: list[int], logprobs: list[TokenLogprobs | None]) -> list[str]:
         """Each request's output for its new token. Returns the requests that finished."""

@@ -23,14 +23,19 @@ class RequestOutputProcessor:
         request.output_ids.append(token_id)
         if request.first_token_at is None:
             request.first_token_at = time.perf_counter()
+        if request.matcher is not None:
+            request.matcher.accept(token_id)
         finish: FinishReason | None = None
         if token_id in self.eos_token_ids:
             finish = FinishReason.EOS
             piece = self.detokenizer.flush()
         else:
             piece = self.detokenizer.add(token_id)
-            if len(request.output_ids) >= request.params.max_tokens:
+            if request.matcher is not None and request.matcher.complete:  # the only token left to allow is EOS
+                finish = FinishReason.EOS
+            elif len(request.output_ids) >= request.params.max_tokens:
                 finish = FinishReason.LENGTH
+            if finish is not None:
                 piece += self.detokenizer.flush()
         if self.stop_matcher is not None:
             piece, hit_stop = self.stop_matcher.push(piece)

@@ -11,13 +11,15 @@ from engine.loading import LoadedModel
 from engine.prompts import InvalidRequest, Prompt, PromptEncoder
 from engine.request import SamplingParams
 from engine.stopping import compile_stops
+from engine.structured import Grammars
 
 MAX_TOP_LOGPROBS = 20  # as OpenAI
 
 
 class InputProcessor:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, grammars: Grammars) -> None:
         self.config = config
+        self.grammars = grammars
         self.tokenizer = loaded.tokenizer
         model_context = getattr(loaded.model.config, "max_position_embeddings", None) or 4096
         self.max_model_len = config.max_model_len or min(model_context, 4096)
@@ -36,7 +38,10 @@ class InputProcessor:
         self.check_stop(params.stop)
         prompt_ids = self.tokenize(prompt, chat_template)
         self.check(prompt_ids, params)
-        compile_stops(params.stop)  # here rather than on the engine thread when the request starts decoding
+        # Here rather than on the engine thread when the request starts decoding.
+        compile_stops(params.stop)
+        if params.constraint is not None:
+            self.grammars.check(params.constraint)
         return prompt_ids
 
     def tokenize(self, prompt: Prompt, chat_template: bool | None = None) -> list[int]:

@@ -12,10 +12,12 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # the scheduler handles requests without torch
     import torch
 
+    from engine.structured import GrammarMatcher
+
 
 class FinishReason(str, Enum):
     LENGTH = "length"  # max_tokens reached
-    EOS = "eos"  # the model emitted an end-of-sequence token
+    EOS = "eos"  # the model emitted an end-of-sequence token, or its constraint allows nothing more
     STOP = "stop"  # a stop string appeared
     CANCELLED = "cancelled"  # the client went away
     ERROR = "error"  # this request failed or was refused (e.g. overload); the others carry on
@@ -30,6 +32,20 @@ class ErrorCode(str, Enum):
     SHUTDOWN = "shutdown"  # the replica is shutting down: retry on another one
     UNAVAILABLE = "unavailable"  # the engine cannot serve now (not started, died)
     INTERNAL = "internal"  # a bug of ours; the other streams carry on
+
+
+class ConstraintKind(str, Enum):
+    JSON_SCHEMA = "json_schema"
+    REGEX = "regex"
+    GRAMMAR = "grammar"  # llguidance's Lark dialect
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What a request's answer must match (engine/structured.py); also the key of the compiled grammars' cache."""
+
+    kind: ConstraintKind
+    source: str
 
 
 @dataclass(frozen=True)
@@ -49,6 +65,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: bool = False  # report the chosen token's log probability
     top_logprobs: int = 0  # and this many most likely alternatives (0-20)
+    constraint: Constraint | None = None  # structured output: only tokens its grammar allows are sampled
 
     @property
     def greedy(self) -> bool:
@@ -123,6 +140,7 @@ class Request:
     scheduled_at: float | None = None
     first_token_at: float | None = None
     generator: torch.Generator | None = None  # per-request RNG, so a seed reproduces the same sample
+    matcher: GrammarMatcher | None = None  # where a constrained request stands in its grammar
 
     @property
     def prompt_len(self) -> int:

@@ -1,5 +1,6 @@
 """Choosing the next token of every row of a batch: greedy by default; penalties, logit bias, temperature and
-top-p when a request asks for them; log probabilities when it wants them."""
+top-p when a request asks for them; only among the tokens its grammar allows when it is constrained; log
+probabilities when it wants them."""
 
 from __future__ import annotations
 
@@ -8,14 +9,20 @@ import torch
 from engine.request import Request, TokenLogprobs
 
 
-def sample_next_tokens(logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], list[TokenLogprobs | None]]:
-    """logits: [batch, vocab] for the last position of each row. Rows that only want the greedy token cost one
-    batched argmax; the others are processed row by row."""
+def sample_next_tokens(
+    logits: torch.Tensor, requests: list[Request], allowed: torch.Tensor | None = None
+) -> tuple[list[int], list[TokenLogprobs | None]]:
+    """logits: [batch, vocab] for the last position of each row; allowed: [batch, vocab] bool, the tokens each
+    row's grammar allows (engine/structured.py), None when no row is constrained. Rows that only want the greedy
+    token cost one batched argmax; the others are processed row by row."""
     next_tokens = torch.argmax(logits, dim=-1)
     for row, request in enumerate(requests):
         params = request.params
-        if params.processes_logits or not params.greedy:
+        if params.processes_logits or not params.greedy or request.matcher is not None:
             processed = processed_logits(logits[row], request)
+            if request.matcher is not None:
+                assert allowed is not None
+                processed.masked_fill_(~allowed[row], float("-inf"))
             next_tokens[row] = torch.argmax(processed) if params.greedy else _sample(processed, request)
     tokens = next_tokens.tolist()
     logprobs = [

@@ -27,6 +27,8 @@ from pydantic import parse_obj_as
 
 from engine import (
     EMBEDDED,
+    Constraint,
+    ConstraintKind,
     EngineConfig,
     FinishReason,
     InvalidRequest,
@@ -66,6 +68,9 @@ class TokenStreamingExecutor(Executor):
         quantization: str = EngineConfig.quantization,
         prefix_cache_mib: int = EngineConfig.prefix_cache_mib,
         prefix_block_size: int = EngineConfig.prefix_block_size,
+        max_constraint_chars: int = EngineConfig.max_constraint_chars,
+        max_schema_depth: int = EngineConfig.max_schema_depth,
+        grammar_cache_size: int = EngineConfig.grammar_cache_size,
         warmup_tokens: int = 8,
         shutdown_grace_s: float = 10.0,
         **kwargs,
@@ -93,6 +98,9 @@ class TokenStreamingExecutor(Executor):
             quantization=quantization,
             prefix_cache_mib=prefix_cache_mib,
             prefix_block_size=prefix_block_size,
+            max_constraint_chars=max_constraint_chars,
+            max_schema_depth=max_schema_depth,
+            grammar_cache_size=grammar_cache_size,
         ))
         self.chat_template = chat_template
         # Logprobs name up to 21 tokens a step: each token's text is decoded once. A byte-level token that holds
@@ -238,7 +246,17 @@ def sampling_params(doc: PromptDocument) -> SamplingParams:
         logit_bias=logit_bias(doc.logit_bias or {}),
         logprobs=bool(doc.logprobs),
         top_logprobs=doc.top_logprobs or 0,
+        constraint=constraint(doc),
     )
+
+
+def constraint(doc: PromptDocument) -> Constraint | None:
+    """The document's structured-output field, at most one of them."""
+    given = [kind for kind in ConstraintKind if getattr(doc, kind.value) is not None]
+    if len(given) > 1:
+        names = " and ".join(kind.value for kind in given)
+        raise InvalidRequest(f"send at most one of json_schema, regex and grammar; got {names}")
+    return Constraint(given[0], getattr(doc, given[0].value)) if given else None
 
 
 def logit_bias(bias: dict[str, float]) -> tuple[tuple[int, float], ...]:

@@ -3,9 +3,8 @@
 
 # No `from __future__ import annotations`: Jina rebuilds these models from their annotations for its endpoint
 # discovery, where a string such as 'list[ChatMessage] | None' cannot be resolved.
-from enum import Enum
-
 import json
+from enum import Enum
 
 from docarray import BaseDoc
 from docarray.typing import NdArray
