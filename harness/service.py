@@ -43,15 +43,14 @@ class Service:
         return f"http://127.0.0.1:{self.http_port}"
 
     def metric(self, name: str, replica: int = 0, **labels: str) -> float:
-        """The value of the first series of `name` that has `labels` (it may have others: every series of the
-        executor's carries `model`); 0 when there is none."""
-        port = self.monitoring_ports[replica]
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        wanted = {f'{key}="{value}"' for key, value in labels.items()}
-        for match in re.finditer(rf"^{re.escape(name)}(?:{{(.*)}})? (\S+)$", text, re.MULTILINE):
-            if wanted <= set(re.findall(r'\w+="[^"]*"', match.group(1) or "")):
-                return float(match.group(2))
-        return 0.0
+        """The value of the executor's first series of `name` that has `labels` (it may have others: every series
+        of the executor's carries `model`); 0 when there is none."""
+        value = series(self.monitoring_ports[replica], name, labels)
+        return 0.0 if value is None else value
+
+    def gateway_metric(self, name: str) -> float | None:
+        """The value of the gateway's own series `name`; None when it has none."""
+        return series(self.gateway_monitoring_port, name, {})
 
     def running_streams(self) -> float:
         return self.metric("llm_running_streams")
@@ -61,6 +60,16 @@ class Service:
 
     def cancelled_requests(self) -> float:
         return self.metric("llm_requests_total", finish_reason="cancelled")
+
+
+def series(port: int, name: str, labels: dict[str, str]) -> float | None:
+    """The value of the first series of `name` with `labels` on the Prometheus endpoint at `port`."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    wanted = {f'{key}="{value}"' for key, value in labels.items()}
+    for match in re.finditer(rf"^{re.escape(name)}(?:{{(.*)}})? (\S+)$", text, re.MULTILINE):
+        if wanted <= set(re.findall(r'\w+="[^"]*"', match.group(1) or "")):
+            return float(match.group(2))
+    return None
 
 
 @contextmanager

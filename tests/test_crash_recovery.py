@@ -158,12 +158,6 @@ def test_the_supervisor_restarts_a_failing_command_with_its_restart_count_until_
     assert seen.read_text().split() == ["0", "1", "2"]
 
 
-def gateway_metric(service: Service, name: str) -> float | None:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{service.gateway_monitoring_port}/metrics", timeout=5).read()
-    values = [line.split()[-1] for line in text.decode().splitlines() if line.startswith(name + " ")]
-    return float(values[0]) if values else None
-
-
 def ready(service: Service) -> bool:
     try:
         return http(service, "GET", "/ready")[0] == 200
@@ -176,12 +170,12 @@ async def test_under_the_supervisor_a_killed_executor_is_back_without_a_person(t
     serves again, its gateway counting the restart."""
     uses_with = {"model": str(tiny_model_dir), **TINY_LIMITS}
     with serve(tmp_path_factory, "crash-supervised", uses_with, supervised=True) as service:
-        assert gateway_metric(service, "llm_flow_restarts") == 0
+        assert service.gateway_metric("llm_flow_restarts") == 0
         kill_executor(service)
         await eventually(lambda: not ready(service))
         await eventually(lambda: ready(service), attempts=2400)  # a new flow: 2 minutes at most
         assert (await stream_docs(service, prompt="hello", max_tokens=3))[-1].finish_reason == "length"
-        assert gateway_metric(service, "llm_flow_restarts") == 1
+        assert service.gateway_metric("llm_flow_restarts") == 1
 
 
 async def poll_to_end(client: httpx.AsyncClient, id: str) -> dict:
