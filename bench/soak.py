@@ -1,8 +1,9 @@
 """`make soak` / `python -m bench.soak [--duration 600] [--model embedded] [--clients 8] ...`
 
-A sustained mixed load against a real flow for a set time: the service's gateway (gRPC and HTTP, as flow.yml) and
-one executor, on the embedded SmolLM2-135M-Instruct by default (the product; `--model` takes a local directory
-too, e.g. a small random model for a quick run). `--clients` steady clients each loop over a mix of requests:
+A sustained mixed load against a real flow for a set time, then two attacks on it: the service's gateway (gRPC and
+HTTP, as flow.yml) and one executor under `make serve`'s supervisor, on the embedded SmolLM2-135M-Instruct by
+default (the product; `--model` takes a local directory too, e.g. a small random model for a quick run).
+`--clients` steady clients each loop over a mix of requests:
 
   normal     bench.load's prompts, a third of them behind a long context (up to ~1,500 prompt tokens),
              max_tokens 16 to 128, read to the end;
@@ -18,24 +19,42 @@ not get, hangs, streams without a last document), p50/p95 TTFT, inter-token late
 completed streams (at the client, as bench.load times them), the resident memory of the executor and of the
 gateway at the start (after a warm-up request) and at the end (once idle), sampled in between, the executor's own
 counters, and whether a normal request still streams after it all.
+
+Then, on the same flow (issue 25's cases):
+
+  slow bodies  `--slow-connections` connections send a body at a byte a second (a new one whenever the server ends
+               one) while a normal client's short completions are timed: `--slow-body-s` quiet, as long under the
+               attack, as long quiet again; the attacked median over the quiet one (target 2x), how the server ended
+               the attack's connections, the RSS before and after;
+  kill -9      the executor's process is killed under `--kill-streams` streams, with a finished prediction stored
+               and another running; `/ready`, polled every `--ready-poll-ms` from a thread, must turn red within
+               100 ms; then until the supervisor's new flow answers: how the streams ended, how long until it
+               serves again, the restart counter, the stored prediction read back whole and the running one
+               `failed` (0 lost), a normal request, the RSS of the processes before and of the new ones after.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import http.client
 import json
 import os
 import random
+import statistics
+import subprocess
 import sys
+import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 
+import httpx
 import psutil
 
 from bench import flows, report
@@ -55,6 +74,9 @@ BURST_MAX_TOKENS = 8
 # (prompt, max_tokens) pairs the service must refuse with an error document. The embedded model's context is
 # 4096 tokens: 100,000 new tokens never fit, nor a 6,000-word prompt.
 BAD_INPUTS = [("", 16), ("   \n\t ", 16), ("hello", 0), ("hello", -5), ("hello", 100_000), ("word " * 6_000, 16)]
+SLOW_BODY_TARGET_RATIO = 2.0  # issue 25: a normal request under slow bodies within 2x its quiet latency
+READY_TARGET_MS = 100.0  # issue 25: /ready red within 100 ms of the executor's death
+KILL_MAX_TOKENS = 1024  # the streams and the prediction the kill interrupts: far from their end at the kill
 OVERLOAD_BACKOFF_S = 1.0  # a steady client refused as overloaded waits this long, as told ("retry later")
 CONTEXT_FILLER = "The following notes describe the setting in detail, and every detail matters to the answer. "
 
@@ -87,6 +109,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--sample-every", type=float, default=10, help="seconds between memory samples")
     parser.add_argument("--seed", type=int, default=0, help="of the request mix")
+    parser.add_argument("--slow-connections", type=int, default=100,
+                        help="slow-body case: connections sending a body at a byte a second (default 100)")
+    parser.add_argument("--slow-body-s", type=float, default=20,
+                        help="slow-body case: seconds of each phase, quiet, attacked, quiet (default 20)")
+    parser.add_argument("--kill-streams", type=int, default=10,
+                        help="kill -9 case: streams under way when the executor is killed (default 10)")
+    parser.add_argument("--ready-poll-ms", type=float, default=5, help="kill -9 case: /ready polled this often")
     parser.add_argument("--output", type=Path, default=ROOT / "SOAK.md")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "soak_results.json")
     return parser.parse_args(argv)
@@ -341,12 +370,271 @@ async def soak(args: argparse.Namespace, service: Service) -> dict:
     return summary
 
 
+# The slow-body case --------------------------------------------------------------------------------------------
+
+SLOW_BODY_LENGTH = 100_000  # announced in the head; at a byte a second the body would take more than a day
+PROBE_BODY = {"prompt": "what is the capital of France ?", "max_tokens": 4}
+PROBE_PAUSE_S = 0.25  # between two probes: the probes measure the service, they are not a load of their own
+
+
+def memory_mib(service: Service) -> dict[str, float]:
+    """The RSS of the executor and of the gateway, found by their ports (a restart replaces both processes)."""
+    processes = {
+        "executor": process_listening_on(service.monitoring_port),
+        "gateway": process_listening_on(service.grpc_port),
+    }
+    return {name: round(p.memory_info().rss / 2**20, 1) for name, p in processes.items()}
+
+
+async def slow_body_connection(port: int, stop: asyncio.Event, ends: Counter, lifetimes: list[float]) -> None:
+    """One attacker, as issue 25 tried it: a request head announcing a large body, then a byte a second; when the
+    server ends the connection, a new one, until `stop`. `ends` counts how the server ended them (by the status
+    line of its answer), `lifetimes` how long each lasted."""
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {SLOW_BODY_LENGTH}\r\n\r\n").encode()
+    while not stop.is_set():
+        opened = time.monotonic()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError as error:
+            ends[f"connect failed: {type(error).__name__}"] += 1
+            await asyncio.sleep(1)
+            continue
+        answer = asyncio.create_task(reader.readline())  # the status line, once the server answers
+        try:
+            writer.write(head)
+            while not stop.is_set() and not answer.done():
+                writer.write(b" ")
+                await writer.drain()
+                await asyncio.wait([answer], timeout=1.0)
+            if answer.done():
+                status = answer.result().split()
+                ends[status[1].decode() if len(status) > 1 else "closed without an answer"] += 1
+                lifetimes.append(time.monotonic() - opened)
+        except ConnectionError:
+            ends["reset"] += 1
+            lifetimes.append(time.monotonic() - opened)
+        finally:
+            answer.cancel()
+            writer.close()
+
+
+async def probe_latencies(url: str, seconds: float) -> list[float]:
+    """Seconds each of a normal client's requests took (a short completion, each on a new connection, as a new
+    client's), one after another for `seconds`."""
+    latencies = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            started = time.perf_counter()
+            response = await client.post("/v1/completions", json=PROBE_BODY)
+            elapsed = time.perf_counter() - started
+        response.raise_for_status()
+        latencies.append(elapsed)
+        await asyncio.sleep(PROBE_PAUSE_S)
+    return latencies
+
+
+def latency_figures(latencies: list[float]) -> dict:
+    return {"p50_ms": _ms(percentile(latencies, 50)), "p95_ms": _ms(percentile(latencies, 95)),
+            "max_ms": _ms(max(latencies)), "n": len(latencies)}
+
+
+async def slow_body_case(args: argparse.Namespace, service: Service) -> dict:
+    """Normal requests quiet, then under `--slow-connections` slow bodies, then quiet again, each phase
+    `--slow-body-s` long: the ratio of the attacked median to the quiet one (both quiet phases) is measured side by
+    side in one run."""
+    memory_before = memory_mib(service)
+    quiet = await probe_latencies(service.url, args.slow_body_s)
+    stop, ends, lifetimes = asyncio.Event(), Counter[str](), []
+    log(f"slow bodies: {args.slow_connections} connections for {args.slow_body_s:.0f} s")
+    attackers = [asyncio.create_task(slow_body_connection(service.http_port, stop, ends, lifetimes))
+                 for _ in range(args.slow_connections)]
+    attacked = await probe_latencies(service.url, args.slow_body_s)
+    stop.set()
+    await asyncio.gather(*attackers)
+    quiet += await probe_latencies(service.url, args.slow_body_s)
+    ratio = statistics.median(attacked) / statistics.median(quiet)
+    return {
+        "connections": args.slow_connections,
+        "phase_s": args.slow_body_s,
+        "probe": PROBE_BODY,
+        "quiet": latency_figures(quiet),
+        "attacked": latency_figures(attacked),
+        "p50_ratio": round(ratio, 2),
+        "within_target": ratio <= SLOW_BODY_TARGET_RATIO,
+        "attack_connections_ended_by": dict(ends.most_common()),
+        "attack_connection_lifetime_s": {"p50": percentile(lifetimes, 50), "max": max(lifetimes, default=None)},
+        "memory_mib": {"before": memory_before, "after": memory_mib(service)},
+    }
+
+
+# The kill -9 case ----------------------------------------------------------------------------------------------
+
+
+class ReadyWatch:
+    """`GET /ready` asked from a thread of its own, one request every `every_s` on a kept-alive connection (the
+    event loop is busy with the streams): when each answer began, and how many polls there were."""
+
+    def __init__(self, port: int, every_s: float) -> None:
+        self.port = port
+        self.every_s = every_s
+        self.changes: list[tuple[float, str]] = []  # (time.monotonic() the answer came, the answer): each a change
+        self.polls = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ready-watch", daemon=True)
+
+    def __enter__(self) -> ReadyWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        while not self._stop.is_set():
+            try:
+                connection.request("GET", "/ready")
+                response = connection.getresponse()
+                response.read()
+                answer = str(response.status)
+            except (OSError, http.client.HTTPException) as error:  # refused while the flow restarts
+                answer = type(error).__name__
+                connection.close()  # the next request connects again
+            self.polls += 1
+            if not self.changes or self.changes[-1][1] != answer:
+                self.changes.append((time.monotonic(), answer))
+            time.sleep(self.every_s)
+
+    def first(self, after: float, answer: str | None = None, other_than: str | None = None) -> float | None:
+        """Seconds from `after` to the first answer that is `answer` (or is not `other_than`)."""
+        for at, seen in self.changes:
+            if at >= after and (seen == answer if other_than is None else seen != other_than):
+                return at - after
+        return None
+
+
+def exited(process: psutil.Process, every_s: float) -> float:
+    """time.monotonic() once `process` has exited: a zombie or gone, its memory freed and its sockets closed (the
+    kernel closes a killed process's files after it has torn down its memory)."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        while process.status() != psutil.STATUS_ZOMBIE:
+            time.sleep(every_s)
+    return time.monotonic()
+
+
+async def interrupted_stream(stream: RecordingStream, prompt: str) -> str:
+    """How a stream the kill interrupts ends: its last document's error code, its finish_reason, or the client's
+    exception."""
+    try:
+        async for _ in stream(prompt, KILL_MAX_TOKENS):
+            pass
+    except Exception as error:  # noqa: BLE001 (recorded: what a client of the killed service gets)
+        return " ".join(f"client exception: {type(error).__name__}: {error}".split())[:300]
+    if stream.last is None:
+        return "no document"
+    if stream.last.finish_reason == "error":
+        return f"error document: {stream.last.error_code}"
+    return f"finished: {stream.last.finish_reason}"
+
+
+async def prediction_when(client: httpx.AsyncClient, id: str, until: Callable[[dict], bool]) -> dict:
+    """The prediction, long-polled until `until` holds for it."""
+    while not until(prediction := (await client.get(f"/v1/predictions/{id}", params={"wait": 30})).json()):
+        await asyncio.sleep(0.1)
+    return prediction
+
+
+def ended(prediction: dict) -> bool:
+    return prediction["status"] not in ("starting", "processing")
+
+
+async def kill_case(args: argparse.Namespace, service: Service) -> dict:
+    """kill -9 of the executor under `--kill-streams` streams and two predictions (one finished, one running),
+    `/ready` polled every `--ready-poll-ms`; then until the supervisor's new flow is ready, and what it serves."""
+    memory_before = memory_mib(service)
+    restarts_before = service.gateway_metric("llm_flow_restarts")
+    async with httpx.AsyncClient(base_url=service.url, timeout=120) as client:
+        created = await client.post("/v1/predictions", json={"input": {"prompt": PROMPTS[0], "max_tokens": 16}})
+        stored = await prediction_when(client, created.json()["id"], ended)
+        created = await client.post("/v1/predictions",
+                                    json={"input": {"prompt": PROMPTS[1], "max_tokens": KILL_MAX_TOKENS}})
+        await prediction_when(client, created.json()["id"], lambda p: bool(p["output"]) or ended(p))
+        open_stream = flows.grpc_stream(service.grpc_port)
+        streams = [RecordingStream(open_stream, cancel_after=1) for _ in range(args.kill_streams)]
+        ends = [asyncio.create_task(interrupted_stream(stream, PROMPTS[i % len(PROMPTS)]))
+                for i, stream in enumerate(streams)]
+        await asyncio.wait_for(asyncio.gather(*(stream.reached.wait() for stream in streams)), args.request_timeout)
+        running = (await client.get(f"/v1/predictions/{created.json()['id']}")).json()
+    executor = process_listening_on(service.monitoring_port)
+    with ReadyWatch(service.http_port, args.ready_poll_ms / 1000) as watch:
+        await asyncio.sleep(0.5)  # a run of 200s before the kill: the watch works
+        log(f"kill -9 of the executor (pid {executor.pid}) under {len(streams)} streams")
+        exit_watch = asyncio.create_task(asyncio.to_thread(exited, executor, 0.001))
+        killed_at = time.monotonic()
+        executor.kill()
+        exited_s = await exit_watch - killed_at
+        stream_ends = await asyncio.wait_for(asyncio.gather(*ends), args.request_timeout)
+        deadline = time.monotonic() + args.request_timeout
+        while watch.first(killed_at, "200") is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+    red_s, back_s = watch.first(killed_at, other_than="200"), watch.first(killed_at, "200")
+    first_503_s = watch.first(killed_at, "503")
+    after_kill = [(round((at - killed_at) * 1000, 1), answer) for at, answer in watch.changes if at >= killed_at]
+    summary: dict = {
+        "streams": len(streams),
+        "stream_ends": dict(Counter(stream_ends).most_common()),
+        "stream_documents": {"min": min(s.documents for s in streams), "max": max(s.documents for s in streams)},
+        "executor_exited_after_ms": _ms(exited_s),
+        "ready_poll_ms": args.ready_poll_ms,
+        "ready_polls": watch.polls,
+        "ready_not_200_after_ms": _ms(red_s),
+        "ready_503_after_ms": _ms(first_503_s),
+        "ready_changes_after_kill_ms": after_kill,
+        "back_serving_after_s": None if back_s is None else round(back_s, 1),
+        "memory_mib": {"before": memory_before},
+    }
+    if back_s is None:
+        return summary
+    restarts_after = service.gateway_metric("llm_flow_restarts")
+    healthy = await one_request(flows.grpc_stream(service.grpc_port), NORMAL, PROMPTS[2], 16, args.request_timeout)
+    async with httpx.AsyncClient(base_url=service.url, timeout=120) as client:
+        stored_after = (await client.get(f"/v1/predictions/{stored['id']}")).json()
+        running_after = (await client.get(f"/v1/predictions/{running['id']}")).json()
+    summary.update(
+        restarts={"before": restarts_before, "after": restarts_after},
+        healthy_after=healthy.outcome.startswith(COMPLETED),
+        predictions={
+            "stored": {"status": stored["status"], "read_back_whole": stored_after == stored},
+            "running": {
+                "status_at_the_kill": running["status"], "outputs_at_the_kill": len(running["output"]),
+                "status": running_after.get("status"), "error_code": running_after.get("error_code"),
+                "error": running_after.get("error"), "outputs": len(running_after.get("output") or []),
+            },
+            # A prediction is lost when it is gone (404) or stuck: not ended after the restart.
+            "lost": sum(1 for p in (stored_after, running_after) if "status" not in p or not ended(p)),
+        },
+    )
+    summary["memory_mib"]["after"] = memory_mib(service)
+    return summary
+
+
+async def all_cases(args: argparse.Namespace, service: Service) -> tuple[dict, dict, dict]:
+    """The mixed load, then the slow bodies, then the kill -9 (last: it replaces the flow's processes)."""
+    summary = await soak(args, service)
+    slow_body = await slow_body_case(args, service)
+    kill_9 = await kill_case(args, service)
+    return summary, slow_body, kill_9
+
+
 def _fmt(value: float | None, digits: int = 0) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
 def markdown(result: dict) -> str:
-    s, settings = result["summary"], result["settings"]
+    s, settings, code = result["summary"], result["settings"], result["code"]
     memory = s["memory_mib"]
     idle_after = s["executor_idle_after_load_s"]
     lines = [
@@ -363,6 +651,9 @@ def markdown(result: dict) -> str:
         f"{settings['max_running'] + settings['max_waiting'] + 8} streams every {settings['burst_every']:.0f} s",
         f"- machine: {result['machine']['cpu']}, {result['machine']['cores']} cores; load average at start / end: "
         f"{result['machine']['load_average_at_start'][0]:.2f} / {result['machine']['load_average_at_end'][0]:.2f}",
+        f"- code: commit {code['commit']}"
+        + (f", with uncommitted changes to {len(code['uncommitted'])} paths ({', '.join(code['uncommitted'][:8])}"
+           f"{', ...' if len(code['uncommitted']) > 8 else ''})" if code["uncommitted"] else ", no uncommitted change"),
         "",
         "| figure | value |",
         "|---|---|",
@@ -398,8 +689,108 @@ def markdown(result: dict) -> str:
         "memory samples: "
         f"`{result['json']}`.",
         "",
+        *slow_body_markdown(result["slow_body"]),
+        *kill_markdown(result["kill_9"], result["settings"]),
     ]
     return "\n".join(lines)
+
+
+def _verdict(passed: bool) -> str:
+    return "PASS" if passed else "FAIL"
+
+
+def _latencies(figures: dict) -> str:
+    return f"{_fmt(figures['p50_ms'])} / {_fmt(figures['p95_ms'])} / {_fmt(figures['max_ms'])} ms ({figures['n']})"
+
+
+def _memory(memory: dict, name: str) -> str:
+    after = memory.get("after", {}).get(name)
+    return f"{memory['before'][name]:.0f} / {'–' if after is None else f'{after:.0f}'} MiB"
+
+
+def slow_body_markdown(case: dict) -> list[str]:
+    lifetime = case["attack_connection_lifetime_s"]
+    ended_by = ", ".join(f"{how}: {n}" for how, n in case["attack_connections_ended_by"].items()) or "none"
+    return [
+        "## Slow bodies",
+        "",
+        f"{case['connections']} connections each announce a {SLOW_BODY_LENGTH:,}-byte body to `POST /v1/completions` "
+        "and send it a byte a second, opening a new connection whenever the server ends one, while a normal client "
+        f"sends `{json.dumps(case['probe'])}` there, each on a new connection, one after another "
+        f"{PROBE_PAUSE_S} s apart: {case['phase_s']:.0f} s quiet, {case['phase_s']:.0f} s under the attack, "
+        f"{case['phase_s']:.0f} s quiet again (the gateway's default body_timeout_s and min_body_rate).",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| normal request p50 / p95 / max (count), quiet | {_latencies(case['quiet'])} |",
+        f"| normal request p50 / p95 / max (count), under the attack | {_latencies(case['attacked'])} |",
+        f"| p50 under the attack / quiet (target <= {SLOW_BODY_TARGET_RATIO:g}) | {case['p50_ratio']:.2f}: "
+        f"{_verdict(case['within_target'])} |",
+        f"| attack connections ended by the server, by its answer | {ended_by} |",
+        f"| an attack connection's life p50 / max | {_fmt(lifetime['p50'], 1)} / {_fmt(lifetime['max'], 1)} s |",
+        f"| executor RSS before / after | {_memory(case['memory_mib'], 'executor')} |",
+        f"| gateway RSS before / after | {_memory(case['memory_mib'], 'gateway')} |",
+        "",
+    ]
+
+
+def kill_markdown(case: dict, settings: dict) -> list[str]:
+    red = case["ready_not_200_after_ms"]
+    answers = ", ".join(f"{answer} at {at:.0f} ms" for at, answer in case["ready_changes_after_kill_ms"])
+    back_s = case["back_serving_after_s"]
+    documents = case["stream_documents"]
+    back = "not within the request timeout" if back_s is None else f"{back_s} s after the kill"
+    lines = [
+        "## kill -9 of the executor",
+        "",
+        f"The flow runs under `make serve`'s supervisor (lifecycle/supervisor.py, here with harness's first backoff "
+        f"of 0.5 s; `make serve` waits 1 s). While {case['streams']} gRPC streams of up to {KILL_MAX_TOKENS} tokens "
+        "run, a finished prediction is stored and another is running, the executor's process gets SIGKILL; "
+        f"`GET /ready` is asked every {case['ready_poll_ms']:g} ms from a thread of its own "
+        f"({case['ready_polls']} polls in all), each answer's time taken when it arrived.",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| how the streams ended ({documents['min']} to {documents['max']} documents each) | "
+        f"{', '.join(f'{how} ({n})' for how, n in case['stream_ends'].items())} |",
+        f"| the executor's process had exited (its memory freed, its sockets closed) | "
+        f"{case['executor_exited_after_ms']:.1f} ms after the kill |",
+        f"| /ready's first answer other than 200 (target <= {READY_TARGET_MS:g} ms) | "
+        f"{'never' if red is None else f'{red:.1f} ms after the kill'}: "
+        f"{_verdict(red is not None and red <= READY_TARGET_MS)} |",
+        f"| /ready's answers after the kill | {answers} |",
+        f"| serving again (/ready 200), without a person | {back} |",
+    ]
+    if "predictions" in case:
+        stored, running = case["predictions"]["stored"], case["predictions"]["running"]
+        lines += [
+            f"| the supervisor's restarts (llm_flow_restarts) before / after | "
+            f"{_fmt(case['restarts']['before'])} / {_fmt(case['restarts']['after'])} |",
+            f"| a normal request after the restart | {'streams' if case['healthy_after'] else 'FAILED'} |",
+            f"| the finished prediction ({stored['status']}), read back after the restart | "
+            f"{'whole, unchanged' if stored['read_back_whole'] else 'CHANGED'} |",
+            f"| the running prediction ({running['status_at_the_kill']}, {running['outputs_at_the_kill']} outputs "
+            f"half a second before the kill) after the restart | {running['status']} "
+            f"({running['error_code']}, {running['outputs']} outputs): \"{running['error']}\" |",
+            f"| predictions lost (gone, or not ended after the restart) | {case['predictions']['lost']} |",
+        ]
+    lines += [
+        f"| executor RSS before / after (the new process) | {_memory(case['memory_mib'], 'executor')} |",
+        f"| gateway RSS before / after (the new process) | {_memory(case['memory_mib'], 'gateway')} |",
+        "",
+    ]
+    return lines
+
+
+def code_state(outputs: list[Path]) -> dict:
+    """The commit measured, and the paths that differ from it (several people share a checkout: a run can include
+    work in progress), the soak's own outputs left out."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+    ours = {os.path.relpath(path, ROOT) for path in outputs}
+    changed = [line[3:] for line in git("status", "--porcelain").splitlines() if line[3:] not in ours]
+    return {"commit": git("rev-parse", "--short", "HEAD").strip(), "uncommitted": changed}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -421,23 +812,28 @@ def main(argv: list[str] | None = None) -> int:
         "max_running": args.max_running,
         "max_waiting": args.max_waiting,
     }
-    log(f"starting the flow ({args.model})")
-    with serve(flows.LogDirs(), "soak", uses_with, model_name=args.model) as service:
-        summary = asyncio.run(soak(args, service))
+    code = code_state([args.output, args.json])
+    log(f"starting the flow ({args.model}) under the supervisor")
+    with serve(flows.LogDirs(), "soak", uses_with, model_name=args.model, supervised=True) as service:
+        summary, slow_body, kill_9 = asyncio.run(all_cases(args, service))
     machine["load_average_at_end"] = os.getloadavg()
     result = {
         "date": started.strftime("%Y-%m-%d %H:%M UTC"),
         "command": command,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "machine": machine,
+        "code": code,
         "summary": summary,
+        "slow_body": slow_body,
+        "kill_9": kill_9,
         "json": os.path.relpath(args.json, ROOT),
     }
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     args.output.write_text(markdown(result))
     print(markdown(result))
     log(f"wrote {args.output} and {args.json}")
-    return 0 if summary["unexpected"] == 0 and summary["healthy_after"] else 1
+    recovered = kill_9.get("healthy_after") and kill_9["predictions"]["lost"] == 0
+    return 0 if summary["unexpected"] == 0 and summary["healthy_after"] and recovered else 1
 
 
 if __name__ == "__main__":
