@@ -10,6 +10,8 @@ In one run, on the embedded SmolLM2-135M-Instruct, chat template on, greedy, var
    - the peer, llama.cpp's server (bench/peer.py builds it once from source) on an F32 GGUF and on the shipped
      Q4_1 GGUF, over the same OpenAI API (not with --skip-peer);
    - with --quantization Q [Q ...]: the service with `quantization: Q` too, over the OpenAI API;
+   - prompts that repeat (bench/chat.py: multi-turn chat, a long shared system prompt), unless --skip-chat;
+   - constrained streams beside free ones, and schema compiles (bench/structured.py), unless --skip-structured;
 2. the seed tutorial's design (bench/seed_executor.py) in its own real flow, the baseline.
 
 Prints a markdown table, writes BENCHMARKS.md and bench/results.json.
@@ -25,12 +27,13 @@ import os
 import sys
 import time
 from contextlib import ExitStack
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
 from jina import Executor
 
-from bench import ceiling, chat, flows, openai_client, peer, report, service
+from bench import ceiling, chat, flows, openai_client, peer, report, service, structured
 from bench.load import PROMPTS, RoundResult, measure, measure_interleaved, round_prompts
 from engine.loading import embedded_gguf_path, resolve_device, resolve_dtype
 from harness.processes import free_port
@@ -66,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-peer", action="store_true", help="leave llama.cpp out (no build, no servers)")
     parser.add_argument(
         "--skip-chat", action="store_true", help="leave out bench/chat.py's workloads (prompts that repeat)"
+    )
+    parser.add_argument(
+        "--skip-structured", action="store_true", help="leave out bench/structured.py (constrained streams)"
     )
     parser.add_argument("--peer-threads", type=int, default=2, help="llama.cpp's --threads (default 2)")
     parser.add_argument(
@@ -251,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     # Filled setting by setting: a run stopped with Ctrl-C still reports what it measured.
     results: list[RoundResult] = []
     repeated: tuple[list[chat.TurnResult], list[dict]] = ([], [])
+    constrained: tuple[structured.Results, list[dict]] | None = None
     try:
         log("building the service's executor in process, starting the ceiling's process and the service flows")
         # Built before any event loop runs: outside Jina's runtime it installs no SIGTERM handler in this process.
@@ -286,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
                 asyncio.run(side_by_side(executor.engine, open_ceiling, ports.grpc, openai_ports, args, results))
                 if not args.skip_chat:
                     repeated = repeated_prompts(stack, ports.http, args, info)
+                if not args.skip_structured:
+                    log("structured outputs: 16 streams, 8 of them under a JSON schema")
+                    rounds = 1 if args.quick else 2
+                    constrained = asyncio.run(structured.run(ports.grpc, rounds, structured.MAX_TOKENS))
             finally:
                 info["other_cores"] = report.other_cores(before, report.cpu_seconds(), time.monotonic() - started_at)
         if not args.skip_seed:
@@ -304,9 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     date = started.strftime("%Y-%m-%d %H:%M UTC")
     chat_results, chat_goals = repeated
     chat_lines = chat.section(chat_results, chat_goals) if chat_results else []
-    text = report.markdown(date, command, info, results, goals, NOTES, args.quick, chat_lines)
+    structured_lines = [] if constrained is None else [*structured.section(*constrained), ""]
+    text = report.markdown(date, command, info, results, goals, NOTES, args.quick, chat_lines + structured_lines)
     print(report.table(results))
-    print("\n".join(chat_lines))
+    print("\n".join(chat_lines + structured_lines))
     print()
     print("\n".join(f"{report.MARK[g['passed']]}: {g['target']}: {g['measured']}" for g in goals))
     args.output.write_text(text)
@@ -320,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
                 "results": [r.to_dict() for r in results],
                 "targets": goals,
                 "repeated_prompts": {"results": [r.to_dict() for r in chat_results], "targets": chat_goals},
+                "structured_outputs": None if constrained is None else {
+                    "results": asdict(constrained[0]), "targets": constrained[1]},
             },
             indent=2,
         )

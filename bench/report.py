@@ -220,9 +220,9 @@ def markdown(
     goals: list[dict],
     notes: list[str],
     quick: bool,
-    repeated_prompts: Sequence[str] = (),
+    sections: Sequence[str] = (),
 ) -> str:
-    """`repeated_prompts`: bench/chat.py's section, where it ran."""
+    """`sections`: the lines of bench/chat.py's and bench/structured.py's sections, where they ran."""
     machine_lines = [
         f"- CPU: {info['cpu']}, {info['cores']} cores available to the benchmark",
         f"- device: {info['device']}"
@@ -296,7 +296,7 @@ def markdown(
             "",
             *goal_lines,
             "",
-            *repeated_prompts,
+            *sections,
             "## How it is measured",
             "",
             *[f"- {n}" for n in notes],
