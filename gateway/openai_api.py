@@ -1,17 +1,42 @@
 """OpenAI-compatible requests and responses, translated to and from the service's documents.
 
 Pure translation: request JSON -> PromptDocument fields, ModelOutputDocuments -> chunks and responses. No model
-logic lives here (no tokenizer, no chat template): the executor applies the template and checks the context.
+logic lives here (no tokenizer, no chat template): the executor applies the template and checks the context, the
+engine holds an answer to its `json_schema`. Tools become prompt text and a schema in gateway/tools.py.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, Extra, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError, validator
+from pydantic import (
+    BaseModel,
+    Extra,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    validator,
+)
 
+from gateway.answer_schema import closed
+from gateway.tools import (
+    AnswerReader,
+    Tool,
+    ToolCall,
+    ToolFormat,
+    calls_text,
+    tool_choice,
+    tool_response_text,
+    unique_names,
+    valid_name,
+    with_system,
+)
 from schemas import ErrorCode, ModelInfoDocument, ModelOutputDocument
 
 DEFAULT_MAX_TOKENS = 256  # OpenAI's default is "the rest of the context"; the gateway does not know the context
@@ -46,6 +71,20 @@ class Message(BaseModel):
     role: StrictStr
     content: StrictStr | list[ContentPart] | None = None
     name: StrictStr | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls
+    tool_call_id: StrictStr | None = None  # a tool's result: the call it answers
+
+    @validator("tool_calls")
+    def _calls_are_the_assistants(cls, value, values):
+        if value and values.get("role") != "assistant":
+            raise ValueError(f"only assistant messages carry tool_calls, not {values.get('role')!r} ones")
+        return value
+
+    @validator("tool_call_id", always=True)
+    def _tool_results_name_their_call(cls, value, values):
+        if values.get("role") == "tool" and value is None:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        return value
 
     def text(self) -> str:
         if self.content is None:
@@ -54,12 +93,57 @@ class Message(BaseModel):
             return self.content
         return "".join(part.text or "" for part in self.content if part.type == "text")
 
-    def document_message(self) -> dict[str, str]:
+    def document_message(self, call_names: Mapping[str, str]) -> dict[str, str]:
+        """The message in a role every chat template takes: tool results and calls as the generic format writes
+        them (gateway/tools.py). `call_names`: each earlier call's function, by id (a tool result names it)."""
+        if self.role == "tool" and self.tool_call_id is not None:
+            name = call_names.get(self.tool_call_id, self.name)
+            return {"role": "user", "content": tool_response_text(self.text(), name, self.tool_call_id)}
+        if self.tool_calls:
+            return {"role": "assistant", "content": calls_text(self.tool_calls, self.text())}
         return {"role": ROLE_ALIASES.get(self.role, self.role), "content": self.text()}
 
 
 class StreamOptions(BaseModel):
     include_usage: StrictBool | None = None
+
+
+class JsonSchemaFormat(BaseModel):
+    name: StrictStr
+    description: StrictStr | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # `schema` is a method of pydantic's models
+    strict: StrictBool | None = None  # the answer follows the schema either way: it is constrained to it
+
+    @validator("name")
+    def _name(cls, value):
+        return valid_name(value, "the schema name")
+
+
+FORMATS = ("text", "json_object", "json_schema")
+ANY_OBJECT = {"type": "object"}
+
+
+class ResponseFormat(BaseModel):
+    type: StrictStr
+    json_schema: JsonSchemaFormat | None = None
+
+    @validator("type")
+    def _known(cls, value):
+        if value not in FORMATS:
+            raise ValueError(f"response_format type must be one of {', '.join(FORMATS)}, got {value!r}")
+        return value
+
+    @validator("json_schema", always=True)
+    def _schema_for_json_schema(cls, value, values):
+        if values.get("type") == "json_schema" and value is None:
+            raise ValueError('type "json_schema" needs json_schema: {"name": ..., "schema": {...}}')
+        return value
+
+    def answer_schema(self) -> dict[str, Any] | None:
+        """The JSON Schema the answer is held to; None for text."""
+        if self.type == "json_schema" and self.json_schema is not None:
+            return closed(self.json_schema.schema_) if self.json_schema.schema_ else ANY_OBJECT
+        return ANY_OBJECT if self.type == "json_object" else None
 
 
 def in_range(name: str, low: float, high: float):
@@ -101,6 +185,7 @@ class CommonRequest(BaseModel):
     frequency_penalty: Number | None = None
     repetition_penalty: Number | None = None  # an extension (vLLM's and TGI's): CTRL's penalty, > 0, 1 is none
     logit_bias: dict[StrictStr, Number] | None = None  # token id (a JSON key, so text) -> -100..100
+    response_format: ResponseFormat | None = None
 
     class Config:
         extra = Extra.ignore
@@ -149,12 +234,27 @@ class CommonRequest(BaseModel):
             "frequency_penalty": as_float(self.frequency_penalty),
             "repetition_penalty": as_float(self.repetition_penalty),
             "logit_bias": None if not self.logit_bias else {key: float(v) for key, v in self.logit_bias.items()},
+            "json_schema": self.response_format and self.response_format.answer_schema(),
         }
         return {key: value for key, value in fields.items() if value is not None}
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def schema_source(self) -> str | None:
+        """The field the document's `json_schema` comes from; None when it has none."""
+        return "response_format" if self.response_format and self.response_format.answer_schema() else None
+
+    def named(self, refusal: OpenAIError) -> OpenAIError:
+        """A refusal as this request's client knows its fields: the engine names `json_schema`, which the client
+        did not send, so the field it came from leads the message (a schema that does not compile, or is too
+        large or too deep, for the engine's limits)."""
+        source = self.schema_source
+        if source is None or "json_schema" not in refusal.message:
+            return refusal
+        return OpenAIError(refusal.status, f"{source}: {refusal.message}", refusal.type, source, refusal.code)
 
     @property
     def wants_logprobs(self) -> bool:
@@ -170,22 +270,33 @@ class ChatRequest(CommonRequest):
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool | None = None
     top_logprobs: StrictInt | None = None
-    # Refused unless absent or harmless (below): declared so that they are not ignored like unknown fields.
-    tools: Any = None
+    tools: list[Tool] | None = None
+    tool_choice: Any = None  # a gateway.tools.ToolChoice once validated (after tools: its validator reads them)
+    parallel_tool_calls: StrictBool | None = None
+    # OpenAI's deprecated form of tools: refused, naming the current one (declared so as not to be ignored).
     functions: Any = None
-    tool_choice: Any = None
     function_call: Any = None
-    response_format: Any = None
 
     _top_logprobs = in_range("top_logprobs", 0, MAX_TOP_LOGPROBS)
-    _tools = unsupported("tools", "the model cannot call tools")
-    _functions = unsupported("functions", "the model cannot call tools")
-    _tool_choice = unsupported("tool_choice", "the model cannot call tools", lambda value: value in (None, "none"))
-    _function_call = unsupported("function_call", "the model cannot call tools", lambda v: v in (None, "none"))
-    _response_format = unsupported(
-        "response_format", "only the text format is served",
-        lambda value: value is None or (isinstance(value, dict) and value.get("type") == "text"),
-    )
+    _functions = unsupported("functions", "send tools (functions is their deprecated form)")
+    _function_call = unsupported("function_call", "send tool_choice (function_call is its deprecated form)",
+                                 lambda value: value in (None, "none"))
+
+    @validator("tools")
+    def _named_functions(cls, value):
+        return None if value is None else unique_names(value)
+
+    @validator("tool_choice", pre=True, always=True)
+    def _choice_among_tools(cls, value, values):
+        if "tools" not in values:  # the tools were refused: their error says why
+            return None
+        return tool_choice(value, values["tools"])
+
+    @validator("parallel_tool_calls")
+    def _parallel_needs_tools(cls, value, values):
+        if value is not None and "tools" in values and not values["tools"]:
+            raise ValueError("parallel_tool_calls needs tools: send the functions it may call")
+        return value
 
     @validator("messages")
     def _some_messages(cls, value):
@@ -210,7 +321,12 @@ class ChatRequest(CommonRequest):
         if self.max_completion_tokens is not None:
             fields["max_tokens"] = self.max_completion_tokens
         # The whole conversation: the executor applies the model's chat template turn by turn.
-        fields.update(messages=[message.document_message() for message in self.messages], chat_template=True)
+        names = {call.id: call.function.name for message in self.messages for call in message.tool_calls or []}
+        messages = [message.document_message(names) for message in self.messages]
+        if (tools := self.tool_format()) is not None:
+            messages = with_system(messages, tools.system_prompt())
+            fields["json_schema"] = tools.schema()
+        fields.update(messages=messages, chat_template=True)
         if self.logprobs:
             fields.update(logprobs=True, top_logprobs=self.top_logprobs or 0)
         return fields
@@ -218,6 +334,17 @@ class ChatRequest(CommonRequest):
     @property
     def wants_logprobs(self) -> bool:
         return bool(self.logprobs)
+
+    @property
+    def schema_source(self) -> str | None:
+        return "tools" if self.tool_format() is not None else super().schema_source
+
+    def tool_format(self) -> ToolFormat | None:
+        """How the answer may call the tools; None when it may not (no tools, or tool_choice none)."""
+        if not self.tools or self.tool_choice is None or self.tool_choice.mode == "none":
+            return None
+        response = self.response_format.answer_schema() if self.response_format else None
+        return ToolFormat(self.tools, self.tool_choice, self.parallel_tool_calls is not False, response)
 
 
 class CompletionRequest(CommonRequest):
@@ -363,6 +490,8 @@ class ResponseBuilder:
         self.chat = isinstance(request, ChatRequest)
         self.logprobs = request.wants_logprobs
         self.echoed = request.echoed if isinstance(request, CompletionRequest) else ""
+        self.tools = request.tool_format() if isinstance(request, ChatRequest) else None
+        self.reader = AnswerReader()  # the stream's answer, when tools may be called
         self.model = model
         self.fingerprint = fingerprint
         self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -392,14 +521,18 @@ class ResponseBuilder:
         """The chunk for one document, or None when it adds nothing (no text, no logprobs and not the last)."""
         reason = finish_reason(doc)
         logprobs = self._logprobs([doc], len(self.echoed)) if scored([doc]) else None
-        if not doc.text and reason is None and logprobs is None:
+        if not self.chat:
+            if not doc.text and reason is None and logprobs is None:
+                return None
+            return self._envelope("", [{"index": 0, "text": doc.text, "logprobs": logprobs, "finish_reason": reason}])
+        delta: dict[str, Any] = {"content": doc.text} if doc.text else {}
+        if self.tools is not None:
+            content, calls = self.reader.feed(doc.text)
+            delta = {**({"content": content} if content else {}), **({"tool_calls": calls} if calls else {})}
+            reason = tools_finish_reason(reason, self.reader)
+        if not delta and reason is None and logprobs is None:
             return None
-        if self.chat:
-            choice = {"index": 0, "delta": {"content": doc.text} if doc.text else {}, "logprobs": logprobs,
-                      "finish_reason": reason}
-            return self._envelope(".chunk", [choice])
-        choice = {"index": 0, "text": doc.text, "logprobs": logprobs, "finish_reason": reason}
-        return self._envelope("", [choice])
+        return self._envelope(".chunk", [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}])
 
     def usage_chunk(self, doc: ModelOutputDocument) -> dict:
         return {**self._envelope(".chunk" if self.chat else "", []), "usage": usage(doc)}
@@ -409,12 +542,25 @@ class ResponseBuilder:
         last = docs[-1]
         logprobs = self._logprobs(docs, len(self.echoed))
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": last.generated_text},
-                      "logprobs": logprobs, "finish_reason": finish_reason(last)}
+            message: dict[str, Any] = {"role": "assistant", "content": last.generated_text}
+            reason = finish_reason(last)
+            if self.tools is not None:
+                answer = AnswerReader()
+                answer.feed(last.generated_text)
+                message["content"] = None if answer.calls else answer.content  # OpenAI's null beside calls
+                if answer.calls:
+                    message["tool_calls"] = answer.calls
+                reason = tools_finish_reason(reason, answer)
+            choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": reason}
         else:
             choice = {"index": 0, "text": self.echoed + last.generated_text, "logprobs": logprobs,
                       "finish_reason": finish_reason(last)}
         return {**self._envelope("", [choice]), "usage": usage(last)}
+
+
+def tools_finish_reason(reason: str | None, answer: AnswerReader) -> str | None:
+    """OpenAI's `tool_calls` for an answer that ended (not cut) on whole calls."""
+    return "tool_calls" if reason == "stop" and answer.calls and answer.whole else reason
 
 
 def model_card(info: ModelInfoDocument) -> dict:

@@ -30,10 +30,11 @@ BUNDLE = [
     "executor/executor.py",
     "schemas/__init__.py",
 ]
-# Local state a push must not upload: the virtualenv, the converted model, benchmark logs, caches of test tools.
+# Local state a push must not upload: the virtualenvs, the converted model, benchmark logs, caches of test tools.
 ARTEFACTS = [
     ".git/HEAD",
     ".venv/lib/python3.11/site-packages/torch/__init__.py",
+    ".venv-clients/lib/python3.11/site-packages/langchain_core/__init__.py",
     ".cache/jina-token-streaming/SmolLM2-135M-Instruct/model.safetensors",
     "bench/logs/service.log",
     "tests/__pycache__/test_e2e.cpython-311-pytest-9.2.0.pyc",
@@ -47,7 +48,8 @@ ARTEFACTS = [
 ]
 # The same kinds, as they would appear in an upload of this checkout.
 ARTEFACT_DIRECTORIES = (
-    ".git/", ".venv/", ".cache/", ".pytest_cache/", ".hypothesis/", ".ruff_cache/", ".mypy_cache/", "build/",
+    ".git/", ".venv/", ".venv-clients/", ".cache/", ".pytest_cache/", ".hypothesis/", ".ruff_cache/", ".mypy_cache/",
+    "build/",
     "bench/logs/",
 )
 

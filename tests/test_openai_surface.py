@@ -1,6 +1,6 @@
 """The OpenAI API beyond the basics, with the official SDK against a real flow: the model as the executor names
 it (no gateway setting), penalties and logit_bias reaching the engine, OpenAI's ranges, and the fields this
-service does not implement refused with a 400 that says so."""
+service does not implement refused with a 400 that says so (tools and response_format: test_openai_structured.py)."""
 
 from __future__ import annotations
 
@@ -83,11 +83,8 @@ REFUSED = [
     pytest.param(CHAT, {"logit_bias": {"5": 200}}, "logit_bias", "between -100 and 100", id="bias-value"),
     pytest.param(CHAT, {"logit_bias": {"99999999": 5}}, None, "token ids go from 0 to", id="bias-beyond-vocab"),
     pytest.param(CHAT, {"n": 2}, "n", "n is not supported by this service: one choice per request", id="n"),
-    pytest.param(CHAT, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools",
-                 "tools is not supported by this service: the model cannot call tools", id="tools"),
-    pytest.param(CHAT, {"tool_choice": "auto"}, "tool_choice", "tool_choice is not supported", id="tool-choice"),
-    pytest.param(CHAT, {"response_format": {"type": "json_object"}}, "response_format",
-                 "response_format is not supported by this service: only the text format", id="response-format"),
+    pytest.param(CHAT, {"function_call": "auto"}, "function_call", "send tool_choice (function_call is its deprecated",
+                 id="function-call"),
     pytest.param(COMPLETIONS, {"echo": True, "logprobs": 1}, "echo", "echo with logprobs is not supported",
                  id="echo-logprobs"),
     pytest.param(COMPLETIONS, {"best_of": 3}, "best_of", "best_of is not supported", id="best-of"),

@@ -319,6 +319,11 @@ def http_errors(service: Service) -> list[tuple[str, int, str]]:
         ("logit_bias key", "POST", "/v1/chat/completions",
          {"messages": USER, "max_tokens": 2, "logit_bias": {"abc": 1}}, key),
         ("tools", "POST", "/v1/chat/completions", {"messages": USER, "max_tokens": 2, "tools": [{"a": 1}]}, key),
+        ("unknown tool_choice", "POST", "/v1/chat/completions", {"messages": USER, "max_tokens": 2, "tools": [
+            {"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {
+                "name": "g"}}}, key),
+        ("schema that does not compile", "POST", "/v1/chat/completions", {"messages": USER, "max_tokens": 2,
+         "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "colour"}}}}, key),
         ("unknown model in a request", "POST", "/v1/completions",
          {"model": "gpt-9", "prompt": "hi", "max_tokens": 2}, key),
         ("prompt a number", "POST", "/v1/completions", {"prompt": 42, "max_tokens": 2}, key),
