@@ -23,9 +23,10 @@ counters, and whether a normal request still streams after it all.
 Then, on the same flow (issue 25's cases):
 
   slow bodies  `--slow-connections` connections send a body at a byte a second (a new one whenever the server ends
-               one) while a normal client's short completions are timed: `--slow-body-s` quiet, as long under the
-               attack, as long quiet again; the attacked median over the quiet one (target 2x), how the server ended
-               the attack's connections, the RSS before and after;
+               one) while a normal client's short completions are timed, in `--slow-body-rounds` attacked phases of
+               `--slow-body-s` each between quiet ones: the attacked median over the quiet one (target 2x), with
+               the CPU that other processes took in each phase, how the server ended the attack's connections, the
+               RSS before and after;
   kill -9      the executor's process is killed under `--kill-streams` streams, with a finished prediction stored
                and another running; `/ready`, polled every `--ready-poll-ms` from a thread, must turn red within
                100 ms; then until the supervisor's new flow answers: how the streams ended, how long until it
@@ -111,8 +112,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="of the request mix")
     parser.add_argument("--slow-connections", type=int, default=100,
                         help="slow-body case: connections sending a body at a byte a second (default 100)")
-    parser.add_argument("--slow-body-s", type=float, default=20,
-                        help="slow-body case: seconds of each phase, quiet, attacked, quiet (default 20)")
+    parser.add_argument("--slow-body-s", type=float, default=10,
+                        help="slow-body case: seconds of each phase, quiet or attacked (default 10)")
+    parser.add_argument("--slow-body-rounds", type=int, default=3,
+                        help="slow-body case: attacked phases, each between two quiet ones (default 3)")
     parser.add_argument("--kill-streams", type=int, default=10,
                         help="kill -9 case: streams under way when the executor is killed (default 10)")
     parser.add_argument("--ready-poll-ms", type=float, default=5, help="kill -9 case: /ready polled this often")
@@ -318,12 +321,17 @@ def executor_counts(service: Service) -> dict[str, float]:
     return {reason: service.metric("llm_requests_total", finish_reason=reason) for reason in reasons}
 
 
-async def soak(args: argparse.Namespace, service: Service) -> dict:
-    open_stream = flows.grpc_stream(service.grpc_port)
-    processes = {
+def flow_processes(service: Service) -> dict[str, psutil.Process]:
+    """The executor's process and the gateway's, found by the ports they listen on."""
+    return {
         "executor": process_listening_on(service.monitoring_port),
         "gateway": process_listening_on(service.grpc_port),
     }
+
+
+async def soak(args: argparse.Namespace, service: Service) -> dict:
+    open_stream = flows.grpc_stream(service.grpc_port)
+    processes = flow_processes(service)
     await one_request(open_stream, NORMAL, PROMPTS[0], 16, args.request_timeout)  # warm-up, not counted
     counts_before = executor_counts(service)
     rss_start = {name: p.memory_info().rss for name, p in processes.items()}
@@ -378,12 +386,8 @@ PROBE_PAUSE_S = 0.25  # between two probes: the probes measure the service, they
 
 
 def memory_mib(service: Service) -> dict[str, float]:
-    """The RSS of the executor and of the gateway, found by their ports (a restart replaces both processes)."""
-    processes = {
-        "executor": process_listening_on(service.monitoring_port),
-        "gateway": process_listening_on(service.grpc_port),
-    }
-    return {name: round(p.memory_info().rss / 2**20, 1) for name, p in processes.items()}
+    """The RSS of the executor and of the gateway, whichever processes serve now (a restart replaces both)."""
+    return {name: round(p.memory_info().rss / 2**20, 1) for name, p in flow_processes(service).items()}
 
 
 async def slow_body_connection(port: int, stop: asyncio.Event, ends: Counter, lifetimes: list[float]) -> None:
@@ -440,29 +444,46 @@ def latency_figures(latencies: list[float]) -> dict:
             "max_ms": _ms(max(latencies)), "n": len(latencies)}
 
 
+async def probe_phase(url: str, seconds: float, attacked: bool) -> dict:
+    """One phase of probes (probe_latencies), with the cores' worth of CPU that processes outside the soak used
+    meanwhile: on a shared machine, what else slowed the probes."""
+    before, started = report.cpu_seconds(), time.monotonic()
+    latencies = await probe_latencies(url, seconds)
+    other = report.other_cores(before, report.cpu_seconds(), time.monotonic() - started)
+    return {"attacked": attacked, "latencies": latencies, "other_cores": round(other, 2)}
+
+
 async def slow_body_case(args: argparse.Namespace, service: Service) -> dict:
-    """Normal requests quiet, then under `--slow-connections` slow bodies, then quiet again, each phase
-    `--slow-body-s` long: the ratio of the attacked median to the quiet one (both quiet phases) is measured side by
-    side in one run."""
+    """Normal requests quiet, then under `--slow-connections` slow bodies, `--slow-body-rounds` times, and quiet
+    once more, each phase `--slow-body-s` long: alternated, so that the ratio of the attacked median to the quiet
+    one is measured side by side, and what others run on the machine meanwhile weighs on both alike."""
     memory_before = memory_mib(service)
-    quiet = await probe_latencies(service.url, args.slow_body_s)
-    stop, ends, lifetimes = asyncio.Event(), Counter[str](), []
-    log(f"slow bodies: {args.slow_connections} connections for {args.slow_body_s:.0f} s")
-    attackers = [asyncio.create_task(slow_body_connection(service.http_port, stop, ends, lifetimes))
-                 for _ in range(args.slow_connections)]
-    attacked = await probe_latencies(service.url, args.slow_body_s)
-    stop.set()
-    await asyncio.gather(*attackers)
-    quiet += await probe_latencies(service.url, args.slow_body_s)
+    phases, ends, lifetimes = [], Counter[str](), []
+    log(f"slow bodies: {args.slow_body_rounds} rounds of {args.slow_connections} connections for "
+        f"{args.slow_body_s:.0f} s, between quiet phases")
+    for _ in range(args.slow_body_rounds):
+        phases.append(await probe_phase(service.url, args.slow_body_s, attacked=False))
+        stop = asyncio.Event()
+        attackers = [asyncio.create_task(slow_body_connection(service.http_port, stop, ends, lifetimes))
+                     for _ in range(args.slow_connections)]
+        phases.append(await probe_phase(service.url, args.slow_body_s, attacked=True))
+        stop.set()
+        await asyncio.gather(*attackers)
+    phases.append(await probe_phase(service.url, args.slow_body_s, attacked=False))
+    quiet = [latency for phase in phases if not phase["attacked"] for latency in phase["latencies"]]
+    attacked = [latency for phase in phases if phase["attacked"] for latency in phase["latencies"]]
     ratio = statistics.median(attacked) / statistics.median(quiet)
     return {
         "connections": args.slow_connections,
+        "rounds": args.slow_body_rounds,
         "phase_s": args.slow_body_s,
         "probe": PROBE_BODY,
         "quiet": latency_figures(quiet),
         "attacked": latency_figures(attacked),
         "p50_ratio": round(ratio, 2),
         "within_target": ratio <= SLOW_BODY_TARGET_RATIO,
+        "phases": [{"attacked": phase["attacked"], "p50_ms": _ms(statistics.median(phase["latencies"])),
+                    "n": len(phase["latencies"]), "other_cores": phase["other_cores"]} for phase in phases],
         "attack_connections_ended_by": dict(ends.most_common()),
         "attack_connection_lifetime_s": {"p50": percentile(lifetimes, 50), "max": max(lifetimes, default=None)},
         "memory_mib": {"before": memory_before, "after": memory_mib(service)},
@@ -717,13 +738,20 @@ def slow_body_markdown(case: dict) -> list[str]:
         f"{case['connections']} connections each announce a {SLOW_BODY_LENGTH:,}-byte body to `POST /v1/completions` "
         "and send it a byte a second, opening a new connection whenever the server ends one, while a normal client "
         f"sends `{json.dumps(case['probe'])}` there, each on a new connection, one after another "
-        f"{PROBE_PAUSE_S} s apart: {case['phase_s']:.0f} s quiet, {case['phase_s']:.0f} s under the attack, "
-        f"{case['phase_s']:.0f} s quiet again (the gateway's default body_timeout_s and min_body_rate).",
+        f"{PROBE_PAUSE_S} s apart: {case['rounds']} phases of {case['phase_s']:.0f} s under the attack, each between "
+        f"two quiet ones as long (the gateway's default body_timeout_s and min_body_rate). Per phase, the median and "
+        "the cores other processes on the machine used meanwhile (outside the soak and its flow):",
+        "",
+        "| phase | " + " | ".join("attacked" if phase["attacked"] else "quiet" for phase in case["phases"]) + " |",
+        "|---|" + "---|" * len(case["phases"]),
+        "| p50 (count) | " + " | ".join(f"{_fmt(phase['p50_ms'])} ms ({phase['n']})" for phase in case["phases"])
+        + " |",
+        "| other cores | " + " | ".join(f"{phase['other_cores']:.2f}" for phase in case["phases"]) + " |",
         "",
         "| figure | value |",
         "|---|---|",
-        f"| normal request p50 / p95 / max (count), quiet | {_latencies(case['quiet'])} |",
-        f"| normal request p50 / p95 / max (count), under the attack | {_latencies(case['attacked'])} |",
+        f"| normal request p50 / p95 / max (count), quiet phases | {_latencies(case['quiet'])} |",
+        f"| normal request p50 / p95 / max (count), attacked phases | {_latencies(case['attacked'])} |",
         f"| p50 under the attack / quiet (target <= {SLOW_BODY_TARGET_RATIO:g}) | {case['p50_ratio']:.2f}: "
         f"{_verdict(case['within_target'])} |",
         f"| attack connections ended by the server, by its answer | {ended_by} |",
