@@ -1,5 +1,6 @@
 """What the Executor Hub installs (`requirements.txt`) is what the service runs on, installable by a plain pip;
-the test and lint tools come from `requirements-test.txt`, which `make install` installs on top."""
+the test and lint tools come from `requirements-test.txt`, which `make install` installs on top, and the clients
+that need a virtualenv of their own (LangChain) from `requirements-clients.txt`."""
 
 from __future__ import annotations
 
@@ -24,3 +25,9 @@ def test_runtime_requirements_hold_no_local_build_and_no_test_tool():
 def test_test_requirements_add_the_tools_to_the_runtime_ones():
     assert (ROOT / "requirements-test.txt").read_text().splitlines()[1] == "-r requirements.txt"
     assert {r.name for r in pinned("requirements-test.txt")} >= TEST_TOOLS
+
+
+def test_client_requirements_are_pinned_each_to_one_version():
+    clients = pinned("requirements-clients.txt")
+    assert {"langchain-openai", "langchain-core", "pydantic"} <= {r.name for r in clients}
+    assert [str(r) for r in clients if len(r.specifier) != 1 or next(iter(r.specifier)).operator != "=="] == []
