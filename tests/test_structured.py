@@ -9,8 +9,16 @@ import re
 
 import pytest
 
-from engine import Constraint, ConstraintKind, EngineConfig, FinishReason, InvalidRequest, LLMEngine, SamplingParams
-from engine import load_model
+from engine import (
+    Constraint,
+    ConstraintKind,
+    EngineConfig,
+    FinishReason,
+    InvalidRequest,
+    LLMEngine,
+    SamplingParams,
+    load_model,
+)
 from engine.structured import GrammarLimits, Grammars
 
 # Every string and list is bounded, so that a random model's answer ends well within max_tokens.
