@@ -9,9 +9,12 @@ STAMP := $(VENV)/.installed
 CLIENTS := .venv-clients
 CLIENTS_STAMP := $(CLIENTS)/.installed
 
-.PHONY: install model serve lint test test-fast bench soak clean
+.PHONY: install clients model serve lint test test-fast bench soak clean
 
-install: $(STAMP) model $(CLIENTS_STAMP)
+install: $(STAMP) model
+
+# Only the tests use them: `make serve` does not build them.
+clients: $(CLIENTS_STAMP)
 
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,10 +46,10 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-test: install lint
+test: install clients lint
 	$(PY) -m pytest -q
 
-test-fast: install
+test-fast: install clients
 	$(PY) -m pytest -q -m "not e2e and not browser"
 
 # The first run also builds llama.cpp's server, the peer, from source (bench/peer.py: about 25 minutes on 2 cores,

@@ -1,5 +1,5 @@
 """LangChain's `with_structured_output` and `bind_tools`, unchanged, against a real flow on the embedded model: run
-from .venv-clients (`make install` builds it from requirements-clients.txt), as LangChain 1.x needs pydantic 2
+from .venv-clients (`make test` builds it from requirements-clients.txt), as LangChain 1.x needs pydantic 2
 and the service's venv holds jina's pydantic 1."""
 
 from __future__ import annotations
