@@ -60,6 +60,7 @@ import psutil
 
 from bench import flows, report
 from bench.load import PROMPTS, OpenStream, StreamTiming, percentile, time_stream
+from bench.slow_body import SLOW_BODY_LENGTH
 from harness.processes import process_listening_on
 from harness.service import Service, serve
 from schemas import ErrorCode, ModelOutputDocument
@@ -380,7 +381,6 @@ async def soak(args: argparse.Namespace, service: Service) -> dict:
 
 # The slow-body case --------------------------------------------------------------------------------------------
 
-SLOW_BODY_LENGTH = 100_000  # announced in the head; at a byte a second the body would take more than a day
 PROBE_BODY = {"prompt": "what is the capital of France ?", "max_tokens": 4}
 PROBE_PAUSE_S = 0.25  # between two probes: the probes measure the service, they are not a load of their own
 
@@ -388,39 +388,6 @@ PROBE_PAUSE_S = 0.25  # between two probes: the probes measure the service, they
 def memory_mib(service: Service) -> dict[str, float]:
     """The RSS of the executor and of the gateway, whichever processes serve now (a restart replaces both)."""
     return {name: round(p.memory_info().rss / 2**20, 1) for name, p in flow_processes(service).items()}
-
-
-async def slow_body_connection(port: int, stop: asyncio.Event, ends: Counter, lifetimes: list[float]) -> None:
-    """One attacker, as issue 25 tried it: a request head announcing a large body, then a byte a second; when the
-    server ends the connection, a new one, until `stop`. `ends` counts how the server ended them (by the status
-    line of its answer), `lifetimes` how long each lasted."""
-    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {SLOW_BODY_LENGTH}\r\n\r\n").encode()
-    while not stop.is_set():
-        opened = time.monotonic()
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError as error:
-            ends[f"connect failed: {type(error).__name__}"] += 1
-            await asyncio.sleep(1)
-            continue
-        answer = asyncio.create_task(reader.readline())  # the status line, once the server answers
-        try:
-            writer.write(head)
-            while not stop.is_set() and not answer.done():
-                writer.write(b" ")
-                await writer.drain()
-                await asyncio.wait([answer], timeout=1.0)
-            if answer.done():
-                status = answer.result().split()
-                ends[status[1].decode() if len(status) > 1 else "closed without an answer"] += 1
-                lifetimes.append(time.monotonic() - opened)
-        except ConnectionError:
-            ends["reset"] += 1
-            lifetimes.append(time.monotonic() - opened)
-        finally:
-            answer.cancel()
-            writer.close()
 
 
 async def probe_latencies(url: str, seconds: float) -> list[float]:
@@ -463,12 +430,17 @@ async def slow_body_case(args: argparse.Namespace, service: Service) -> dict:
         f"{args.slow_body_s:.0f} s, between quiet phases")
     for _ in range(args.slow_body_rounds):
         phases.append(await probe_phase(service.url, args.slow_body_s, attacked=False))
-        stop = asyncio.Event()
-        attackers = [asyncio.create_task(slow_body_connection(service.http_port, stop, ends, lifetimes))
-                     for _ in range(args.slow_connections)]
+        attack = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.slow_body", str(service.http_port), "--connections",
+            str(args.slow_connections), cwd=ROOT, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        assert attack.stdin is not None and attack.stdout is not None
+        await attack.stdout.readline()  # "attacking"
         phases.append(await probe_phase(service.url, args.slow_body_s, attacked=True))
-        stop.set()
-        await asyncio.gather(*attackers)
+        attack.stdin.close()
+        outcome = json.loads(await attack.stdout.readline())
+        await attack.wait()
+        ends.update(outcome["ended_by"])
+        lifetimes += outcome["lifetimes_s"]
     phases.append(await probe_phase(service.url, args.slow_body_s, attacked=False))
     quiet = [latency for phase in phases if not phase["attacked"] for latency in phase["latencies"]]
     attacked = [latency for phase in phases if phase["attacked"] for latency in phase["latencies"]]
@@ -736,7 +708,8 @@ def slow_body_markdown(case: dict) -> list[str]:
         "## Slow bodies",
         "",
         f"{case['connections']} connections each announce a {SLOW_BODY_LENGTH:,}-byte body to `POST /v1/completions` "
-        "and send it a byte a second, opening a new connection whenever the server ends one, while a normal client "
+        "and send it a byte a second, opening a new connection whenever the server ends one (`bench/slow_body.py`, "
+        "a process of its own), while a normal client "
         f"sends `{json.dumps(case['probe'])}` there, each on a new connection, one after another "
         f"{PROBE_PAUSE_S} s apart: {case['rounds']} phases of {case['phase_s']:.0f} s under the attack, each between "
         f"two quiet ones as long (the gateway's default body_timeout_s and min_body_rate). Per phase, the median and "
