@@ -4,7 +4,7 @@ detokenization. It imports neither jina nor docarray, so it can be driven, teste
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.loading import EMBEDDED, LoadedModel, load_model
-from engine.prompts import InvalidRequest, Prompt
+from engine.prompts import InvalidRequest, Prompt, Tools
 from engine.request import (
     Constraint,
     ConstraintKind,
@@ -29,5 +29,6 @@ __all__ = [
     "SamplingParams",
     "StepOutput",
     "TokenLogprobs",
+    "Tools",
     "load_model",
 ]

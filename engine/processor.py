@@ -3,12 +3,13 @@ the request reaches the engine thread. It runs on the caller's thread (tokenizin
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 
 from engine.config import EngineConfig
 from engine.loading import LoadedModel
-from engine.prompts import InvalidRequest, Prompt, PromptEncoder
+from engine.prompts import InvalidRequest, Prompt, PromptEncoder, Tools
 from engine.request import SamplingParams
 from engine.stopping import compile_stops
 from engine.structured import Grammars
@@ -26,17 +27,19 @@ class InputProcessor:
         self.max_prompt_chars = config.max_prompt_chars or 16 * self.max_model_len
         self.prompts = PromptEncoder(loaded.tokenizer)
 
-    def prepare(self, prompt: Prompt, params: SamplingParams, chat_template: bool | None = None) -> list[int]:
+    def prepare(self, prompt: Prompt, params: SamplingParams, chat_template: bool | None = None,
+                tools: Tools | None = None) -> list[int]:
         """Everything a request needs before `generate`, off the event loop and the engine thread (it blocks:
         tokenizing a long prompt takes a while): the prompt's ids, checked against the limits. `prompt` is a text
-        or a conversation (messages with a role and a content). Raises InvalidRequest naming the limit."""
-        characters = len(prompt) if isinstance(prompt, str) else sum(len(str(m.get("content", ""))) for m in prompt)
+        or a conversation (messages with a role and a content); `tools` go into the chat template (where it has a
+        tool syntax). Raises InvalidRequest naming the limit."""
+        characters = prompt_characters(prompt, tools)
         if characters > self.max_prompt_chars:
             raise InvalidRequest(
                 f"the prompt is {characters} characters; the limit is {self.max_prompt_chars} characters"
             )
         self.check_stop(params.stop)
-        prompt_ids = self.tokenize(prompt, chat_template)
+        prompt_ids = self.tokenize(prompt, chat_template, tools)
         self.check(prompt_ids, params)
         # Here rather than on the engine thread when the request starts decoding.
         compile_stops(params.stop)
@@ -44,8 +47,8 @@ class InputProcessor:
             self.grammars.check(params.constraint)
         return prompt_ids
 
-    def tokenize(self, prompt: Prompt, chat_template: bool | None = None) -> list[int]:
-        return self.prompts.encode(prompt, chat_template)
+    def tokenize(self, prompt: Prompt, chat_template: bool | None = None, tools: Tools | None = None) -> list[int]:
+        return self.prompts.encode(prompt, chat_template, tools)
 
     def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
@@ -91,3 +94,13 @@ class InputProcessor:
             raise InvalidRequest(
                 f"a stop string is {longest} characters; the limit is {self.config.max_stop_length} characters"
             )
+
+
+def prompt_characters(prompt: Prompt, tools: Tools | None) -> int:
+    """What the limit on a prompt's characters counts: its texts, and the calls and tools the template writes."""
+    if isinstance(prompt, str):
+        texts = len(prompt)
+    else:
+        texts = sum(len(str(m.get("content", ""))) + (len(json.dumps(m["tool_calls"])) if m.get("tool_calls") else 0)
+                    for m in prompt)
+    return texts + (len(json.dumps(tools)) if tools else 0)

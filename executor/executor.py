@@ -12,11 +12,13 @@ from there, so config.yml and the flows name a setting only to change it.
 import asyncio
 import functools
 import hashlib
+import json
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from docarray import DocList
@@ -37,12 +39,23 @@ from engine import (
     Prompt,
     SamplingParams,
     StepOutput,
+    Tools,
     load_model,
 )
 from engine.loading import ModelNotFound
+from engine.prompts import PromptEncoder
 from executor.metrics import StreamMetrics
 from lifecycle import OpenStreams, die_with_parent, drain_on_sigterm
-from schemas import ErrorCode, ModelInfoDocument, ModelOutputDocument, PromptDocument, error_document
+from schemas import (
+    ChatMessage,
+    ErrorCode,
+    ModelInfoDocument,
+    ModelOutputDocument,
+    PromptDocument,
+    ToolSyntax,
+    error_document,
+    json_or_text,
+)
 from workarounds import jina_worker
 
 WARMUP_PROMPT = "Hello"
@@ -109,7 +122,7 @@ class TokenStreamingExecutor(Executor):
         self.token_text = functools.lru_cache(maxsize=65536)(lambda token_id: str(tokenizer.decode([token_id])))
         self.shutdown_grace_s = shutdown_grace_s
         self._open_streams = OpenStreams()  # generators that have not handed their last document to Jina yet
-        self.model_info = model_info(loaded, self.engine.max_model_len)
+        self.model_info = model_info(loaded, self.engine.max_model_len, self.engine.processor.prompts)
         registry = getattr(self.runtime_args, "metrics_registry", None) or CollectorRegistry()
         self.metrics = StreamMetrics(registry, self.model_info.model, self.engine)
         if warmup_tokens > 0:
@@ -193,7 +206,9 @@ class TokenStreamingExecutor(Executor):
         params = sampling_params(doc)
         template = self.chat_template if doc.chat_template is None else doc.chat_template
         # Off the event loop: a 100k-character prompt takes a while to tokenize.
-        prompt_ids = await asyncio.to_thread(self.engine.processor.prepare, prompt_of(doc), params, template)
+        prompt_ids = await asyncio.to_thread(
+            self.engine.processor.prepare, prompt_of(doc), params, template, tools_of(doc)
+        )
         return prompt_ids, params
 
     async def _drain(self) -> None:
@@ -209,14 +224,17 @@ class TokenStreamingExecutor(Executor):
         super().close()
 
 
-def model_info(loaded: LoadedModel, max_model_len: int) -> ModelInfoDocument:
+def model_info(loaded: LoadedModel, max_model_len: int, prompts: PromptEncoder) -> ModelInfoDocument:
     if loaded.name == EMBEDDED:
         model = EMBEDDED_ID
     else:  # a hub id as it is; a local directory by its last part (the full path is a detail of this host)
         model = Path(loaded.name).name if Path(loaded.name).is_dir() else loaded.name
     served = f"{model}|{loaded.dtype}|{loaded.device.type}|{max_model_len}"
     fingerprint = "fp_" + hashlib.sha256(served.encode()).hexdigest()[:10]
-    return ModelInfoDocument(model=model, max_model_len=max_model_len, fingerprint=fingerprint)
+    # The engine's syntax names are the contract's: one the contract lacks fails the start loudly.
+    syntax = None if prompts.tool_syntax is None else ToolSyntax(prompts.tool_syntax).value
+    return ModelInfoDocument(model=model, max_model_len=max_model_len, fingerprint=fingerprint, tool_format=syntax,
+                             tool_tokens=list(prompts.tool_tokens) if syntax else None)
 
 
 def prompt_of(doc: PromptDocument) -> Prompt:
@@ -226,10 +244,35 @@ def prompt_of(doc: PromptDocument) -> Prompt:
             raise InvalidRequest("send either `prompt` or `messages`, not both")
         if doc.messages and not any(message.content.strip() for message in doc.messages):
             raise InvalidRequest("the messages hold no text: send some in `content`")
-        return [{"role": message.role, "content": message.content} for message in doc.messages]
+        return [conversation_message(message) for message in doc.messages]
     if not isinstance(doc.prompt, str) or not doc.prompt.strip():
         raise InvalidRequest("the prompt is empty: send some text in `prompt`, or a conversation in `messages`")
     return str(doc.prompt)
+
+
+def conversation_message(message: ChatMessage) -> dict[str, Any]:
+    """A message as chat templates take it: calls as transformers' templates read them, their arguments a JSON
+    value (a template writes them with `tojson`) rather than its text."""
+    entry: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        entry["tool_calls"] = [{"id": call.call_id, "type": "function", "function": {
+            "name": call.name, "arguments": json_or_text(call.arguments)}} for call in message.tool_calls]
+    if message.tool_call_id is not None:
+        entry["tool_call_id"] = message.tool_call_id
+    return entry
+
+
+def tools_of(doc: PromptDocument) -> Tools | None:
+    """The document's tools, a JSON array of objects; InvalidRequest naming the field otherwise."""
+    if doc.tools is None:
+        return None
+    try:
+        tools = json.loads(doc.tools)
+    except ValueError as error:
+        raise InvalidRequest(f"tools is not JSON: {error}") from None
+    if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+        raise InvalidRequest("tools must be a JSON array of tools: [{\"type\": \"function\", \"function\": {...}}]")
+    return tools
 
 
 def sampling_params(doc: PromptDocument) -> SamplingParams:

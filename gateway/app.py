@@ -114,11 +114,11 @@ def add_routes(app: FastAPI, streamer: Any, model_info: ModelInfo, limits: HttpL
         try:
             parsed = parse_request(request_model, await json_body(request, limits))
             require_encodable(parsed)  # named as the client sent it (max_completion_tokens, messages.0.content)
-            prompt = make_prompt(parsed.document_fields())
-            info = await model_info.check(parsed.model)
+            info = await model_info.check(parsed.model)  # its chat template decides how tools are written
+            prompt = make_prompt(parsed.document_fields(info))
         except OpenAIError as error:
             return error_response(error)
-        builder = ResponseBuilder(parsed, info.model, info.fingerprint)
+        builder = ResponseBuilder(parsed, info)
         opened = await open_stream(request, streamer, prompt, parsed.named)
         if isinstance(opened, Response):
             return opened

@@ -1,6 +1,6 @@
 """What the executor serves (its `/info` endpoint): the model id, the context length and a fingerprint, which the
-OpenAI API lists and checks requests against. Asked once, when a route first needs it; every replica of the
-executor serves the same model."""
+OpenAI API lists and checks requests against, and the chat template's tool syntax, in which it writes tools. Asked
+once, when a route first needs it; every replica of the executor serves the same model."""
 
 from __future__ import annotations
 

@@ -2,7 +2,9 @@
 
 Pure translation: request JSON -> PromptDocument fields, ModelOutputDocuments -> chunks and responses. No model
 logic lives here (no tokenizer, no chat template): the executor applies the template and checks the context, the
-engine holds an answer to its `json_schema`. Tools become prompt text and a schema in gateway/tools.py.
+engine holds an answer to its `json_schema`. Tools become prompt text and a schema in gateway/tools.py, or,
+where the model's chat template has a tool syntax of its own (the executor says so), the template's tools and a
+grammar of that syntax in gateway/hermes.py.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from pydantic import (
 )
 
 from gateway.answer_schema import closed
+from gateway.hermes import HermesFormat
 from gateway.tools import (
     AnswerReader,
+    GenericFormat,
     Tool,
     ToolCall,
     ToolFormat,
@@ -35,9 +39,8 @@ from gateway.tools import (
     tool_response_text,
     unique_names,
     valid_name,
-    with_system,
 )
-from schemas import ErrorCode, ModelInfoDocument, ModelOutputDocument
+from schemas import ErrorCode, ModelInfoDocument, ModelOutputDocument, ToolSyntax
 
 DEFAULT_MAX_TOKENS = 256  # OpenAI's default is "the rest of the context"; the gateway does not know the context
 
@@ -102,6 +105,17 @@ class Message(BaseModel):
         if self.tool_calls:
             return {"role": "assistant", "content": calls_text(self.tool_calls, self.text())}
         return {"role": ROLE_ALIASES.get(self.role, self.role), "content": self.text()}
+
+    def native_message(self) -> dict[str, Any]:
+        """The message for a chat template with a tool syntax of its own: its calls and a tool's result as they
+        are, for the template to write (PromptDocument's ChatMessage)."""
+        message: dict[str, Any] = {"role": ROLE_ALIASES.get(self.role, self.role), "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [{"call_id": call.id, "name": call.function.name,
+                                      "arguments": call.function.arguments} for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class StreamOptions(BaseModel):
@@ -223,7 +237,8 @@ class CommonRequest(BaseModel):
             return [value]
         return value
 
-    def document_fields(self) -> dict[str, Any]:
+    def document_fields(self, info: ModelInfoDocument) -> dict[str, Any]:
+        """The PromptDocument's fields, for the model `info` describes."""
         fields = {
             "max_tokens": self.max_tokens or DEFAULT_MAX_TOKENS,
             "stop": self.stop or None,
@@ -244,15 +259,15 @@ class CommonRequest(BaseModel):
 
     @property
     def schema_source(self) -> str | None:
-        """The field the document's `json_schema` comes from; None when it has none."""
+        """The field the document's constraint (`json_schema` or `grammar`) comes from; None when it has none."""
         return "response_format" if self.response_format and self.response_format.answer_schema() else None
 
     def named(self, refusal: OpenAIError) -> OpenAIError:
-        """A refusal as this request's client knows its fields: the engine names `json_schema`, which the client
-        did not send, so the field it came from leads the message (a schema that does not compile, or is too
-        large or too deep, for the engine's limits)."""
+        """A refusal as this request's client knows its fields: the engine names `json_schema` or `grammar`,
+        which the client did not send, so the field it came from leads the message (a schema that does not
+        compile, or is too large or too deep, for the engine's limits)."""
         source = self.schema_source
-        if source is None or "json_schema" not in refusal.message:
+        if source is None or not any(name in refusal.message for name in ("json_schema", "grammar")):
             return refusal
         return OpenAIError(refusal.status, f"{source}: {refusal.message}", refusal.type, source, refusal.code)
 
@@ -316,17 +331,20 @@ class ChatRequest(CommonRequest):
             raise ValueError("top_logprobs needs logprobs set to true")
         return value
 
-    def document_fields(self) -> dict[str, Any]:
-        fields = super().document_fields()
+    def document_fields(self, info: ModelInfoDocument) -> dict[str, Any]:
+        fields = super().document_fields(info)
         if self.max_completion_tokens is not None:
             fields["max_tokens"] = self.max_completion_tokens
-        # The whole conversation: the executor applies the model's chat template turn by turn.
-        names = {call.id: call.function.name for message in self.messages for call in message.tool_calls or []}
-        messages = [message.document_message(names) for message in self.messages]
-        if (tools := self.tool_format()) is not None:
-            messages = with_system(messages, tools.system_prompt())
-            fields["json_schema"] = tools.schema()
+        # The whole conversation: the executor applies the model's chat template turn by turn, past calls and
+        # tools' results in the template's own syntax where it has one.
+        if native_tools(info):
+            messages = [message.native_message() for message in self.messages]
+        else:
+            names = {call.id: call.function.name for message in self.messages for call in message.tool_calls or []}
+            messages = [message.document_message(names) for message in self.messages]
+        tools = self.tool_format(info)
         fields.update(messages=messages, chat_template=True)
+        fields.update(tools.document_fields(messages) if tools else {})
         if self.logprobs:
             fields.update(logprobs=True, top_logprobs=self.top_logprobs or 0)
         return fields
@@ -337,14 +355,28 @@ class ChatRequest(CommonRequest):
 
     @property
     def schema_source(self) -> str | None:
-        return "tools" if self.tool_format() is not None else super().schema_source
+        return "tools" if self.may_call else super().schema_source
 
-    def tool_format(self) -> ToolFormat | None:
-        """How the answer may call the tools; None when it may not (no tools, or tool_choice none)."""
-        if not self.tools or self.tool_choice is None or self.tool_choice.mode == "none":
+    @property
+    def may_call(self) -> bool:
+        """The answer may call tools: there are some, and tool_choice is not none."""
+        return bool(self.tools) and self.tool_choice is not None and self.tool_choice.mode != "none"
+
+    def tool_format(self, info: ModelInfoDocument) -> ToolFormat | None:
+        """How the answer may call the tools, in the syntax of the model `info` describes; None when it may not
+        (no tools, or tool_choice none)."""
+        if not self.may_call or not self.tools:
             return None
         response = self.response_format.answer_schema() if self.response_format else None
-        return ToolFormat(self.tools, self.tool_choice, self.parallel_tool_calls is not False, response)
+        parallel = self.parallel_tool_calls is not False
+        if native_tools(info):
+            return HermesFormat(self.tools, self.tool_choice, parallel, response, tuple(info.tool_tokens or ()))
+        return GenericFormat(self.tools, self.tool_choice, parallel, response)
+
+
+def native_tools(info: ModelInfoDocument) -> bool:
+    """The model's chat template has a tool syntax the gateway writes grammars for and reads calls of."""
+    return info.tool_format == ToolSyntax.HERMES.value
 
 
 class CompletionRequest(CommonRequest):
@@ -372,8 +404,8 @@ class CompletionRequest(CommonRequest):
             raise ValueError("echo with logprobs is not supported: the engine does not score prompt tokens")
         return value
 
-    def document_fields(self) -> dict[str, Any]:
-        fields = {**super().document_fields(), "prompt": self.prompt, "chat_template": False}
+    def document_fields(self, info: ModelInfoDocument) -> dict[str, Any]:
+        fields = {**super().document_fields(info), "prompt": self.prompt, "chat_template": False}
         if self.logprobs is not None:
             fields.update(logprobs=True, top_logprobs=self.logprobs)
         return fields
@@ -486,14 +518,14 @@ def scored(docs: list[ModelOutputDocument]) -> list[ModelOutputDocument]:
 class ResponseBuilder:
     """Builds the chunks and the whole response of one request (chat or text completion)."""
 
-    def __init__(self, request: CommonRequest, model: str, fingerprint: str) -> None:
+    def __init__(self, request: CommonRequest, info: ModelInfoDocument) -> None:
         self.chat = isinstance(request, ChatRequest)
         self.logprobs = request.wants_logprobs
         self.echoed = request.echoed if isinstance(request, CompletionRequest) else ""
-        self.tools = request.tool_format() if isinstance(request, ChatRequest) else None
-        self.reader = AnswerReader()  # the stream's answer, when tools may be called
-        self.model = model
-        self.fingerprint = fingerprint
+        self.tools = request.tool_format(info) if isinstance(request, ChatRequest) else None
+        self.reader = self.tools.reader() if self.tools else None  # the stream's answer, when tools may be called
+        self.model = info.model
+        self.fingerprint = info.fingerprint
         self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
@@ -526,8 +558,9 @@ class ResponseBuilder:
                 return None
             return self._envelope("", [{"index": 0, "text": doc.text, "logprobs": logprobs, "finish_reason": reason}])
         delta: dict[str, Any] = {"content": doc.text} if doc.text else {}
-        if self.tools is not None:
+        if self.reader is not None:
             content, calls = self.reader.feed(doc.text)
+            content += self.reader.finish() if reason is not None else ""
             delta = {**({"content": content} if content else {}), **({"tool_calls": calls} if calls else {})}
             reason = tools_finish_reason(reason, self.reader)
         if not delta and reason is None and logprobs is None:
@@ -545,9 +578,11 @@ class ResponseBuilder:
             message: dict[str, Any] = {"role": "assistant", "content": last.generated_text}
             reason = finish_reason(last)
             if self.tools is not None:
-                answer = AnswerReader()
+                answer = self.tools.reader()
                 answer.feed(last.generated_text)
-                message["content"] = None if answer.calls else answer.content  # OpenAI's null beside calls
+                answer.finish()
+                # OpenAI's null beside calls; a template's syntax may have text before them.
+                message["content"] = (answer.content or None) if answer.calls else answer.content
                 if answer.calls:
                     message["tool_calls"] = answer.calls
                 reason = tools_finish_reason(reason, answer)

@@ -1,12 +1,13 @@
-"""Tool calls for a chat template without tool syntax, in llama.cpp's generic format (common/chat.cpp, and minja's
-polyfills of tools, tool calls and tool responses).
+"""Tool calls: OpenAI's tools and tool_choice, what every format shares (`ToolFormat`, `AnswerReader`), and the
+format for a chat template without tool syntax, llama.cpp's generic one (common/chat.cpp, and minja's polyfills of
+tools, tool calls and tool responses). A template's own syntax is gateway/hermes.py's.
 
-The tools go into the system prompt as JSON, with the shape of the answer. The answer is constrained (the
-document's `json_schema`) to one JSON object: `{"tool_call": {"name", "arguments"}}`, `{"tool_calls": [...]}` when
-calls may be parallel, or, under `auto`, `{"response": "..."}` instead. Each call's schema is its function's: the
-name a constant, the arguments its parameters. Past calls and tool results in the history become text in the roles
-every template takes (assistant, user). `AnswerReader` turns the answer back into OpenAI's content and tool calls
-as it is generated.
+In the generic format, the tools go into the system prompt as JSON, with the shape of the answer. The answer is
+constrained (the document's `json_schema`) to one JSON object: `{"tool_call": {"name", "arguments"}}`,
+`{"tool_calls": [...]}` when calls may be parallel, or, under `auto`, `{"response": "..."}` instead. Each call's
+schema is its function's: the name a constant, the arguments its parameters. Past calls and tool results in the
+history become text in the roles every template takes (assistant, user). `GenericReader` turns the answer back
+into OpenAI's content and tool calls as it is generated.
 
 Departures from llama.cpp's format, each for a reason: the answer's own objects say that they take no other
 properties, so that a reader knows where each value is (llama.cpp's grammar reads them so without being told);
@@ -28,6 +29,7 @@ from pydantic import BaseModel, StrictBool, StrictStr, validator
 
 from gateway.answer_schema import closed, embedded
 from gateway.json_stream import JsonStream, JsonStreamError, Path, Piece, Watch
+from schemas import json_or_text
 
 NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for function and schema names
 NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
@@ -129,16 +131,55 @@ def unique_names(tools: list[Tool]) -> list[Tool]:
 
 @dataclass(frozen=True)
 class ToolFormat:
-    """The generic format of one request: what the prompt says and what the answer is constrained to."""
+    """What one request may call, whatever the syntax its calls are written in (the generic format's below, or a
+    chat template's own, gateway/hermes.py)."""
 
     tools: list[Tool]
     choice: ToolChoice  # auto, required or a function
     parallel: bool  # several calls in one answer (OpenAI's parallel_tool_calls, true by default)
-    response: dict[str, Any] | None = None  # response_format's schema: what a `response` holds under auto
+    response: dict[str, Any] | None = None  # response_format's schema: what a text answer holds under auto
+
+    def listed(self) -> list[dict[str, Any]]:
+        """The tools as OpenAI's JSON, as a prompt shows them (`strict` is the service's business, not the
+        model's)."""
+        return [tool.dict(exclude_none=True, exclude={"function": {"strict"}}) for tool in self.tools]
+
+    def call_schemas(self, definitions: dict[str, Any]) -> list[dict[str, Any]]:
+        """The schema of a call of each function the answer may call: its name a constant, its arguments its
+        parameters (their references moved into `definitions`)."""
+        callable_tools = [tool for tool in self.tools if self.choice.name in (None, tool.function.name)]
+        return [{
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "const": tool.function.name},
+                "arguments": embedded(tool.function.arguments_schema(), f"tool-{tool.function.name}", definitions),
+            },
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        } for tool in callable_tools]
+
+    def document_fields(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
+        """The document's fields for `messages` with these tools: the prompt, and the constraint of the answer."""
+        raise NotImplementedError
+
+    def reader(self) -> AnswerReader:
+        """A reader of one answer in this format."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class GenericFormat(ToolFormat):
+    """llama.cpp's generic format: what the system prompt says and what the answer is constrained to."""
 
     @property
     def key(self) -> str:
         return "tool_calls" if self.parallel else "tool_call"
+
+    def document_fields(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"messages": with_system(messages, self.system_prompt()), "json_schema": self.schema()}
+
+    def reader(self) -> AnswerReader:
+        return GenericReader()
 
     def system_prompt(self) -> str:
         """What the system message says: the answer's shape, and the tools as minja's polyfill lists them, with an
@@ -151,8 +192,7 @@ class ToolFormat:
             examples.append(("response", {"response": "..."}))
         answer = (f"either with `{self.key}` (a request to call tools) or with `response` reply to the user's "
                   "request") if auto else f"with `{self.key}` (a request to call tools)"
-        listed = [tool.dict(exclude_none=True, exclude={"function": {"strict"}}) for tool in self.tools]
-        tools = json.dumps(listed, indent=2, ensure_ascii=False)
+        tools = json.dumps(self.listed(), indent=2, ensure_ascii=False)
         shown = "".join(f"\n\nExample {what} syntax:\n\n{json.dumps(shape, indent=2)}" for what, shape in examples)
         return (f"Respond in JSON format, {answer}\n\nYou can call any of the following tools to satisfy the user's "
                 f"requests: {tools}{shown}")
@@ -160,16 +200,7 @@ class ToolFormat:
     def schema(self) -> dict[str, Any]:
         """The answer's JSON Schema."""
         definitions: dict[str, Any] = {}
-        callable_tools = [tool for tool in self.tools if self.choice.name in (None, tool.function.name)]
-        calls = [{
-            "type": "object",
-            "properties": {
-                "name": {"type": "string", "const": tool.function.name},
-                "arguments": embedded(tool.function.arguments_schema(), f"tool-{tool.function.name}", definitions),
-            },
-            "required": ["name", "arguments"],
-            "additionalProperties": False,
-        } for tool in callable_tools]
+        calls = self.call_schemas(definitions)
         call = calls[0] if len(calls) == 1 else {"anyOf": calls}
         value = {"type": "array", "items": call, "minItems": 1} if self.parallel else call
         schema = answer_object(self.key, value)
@@ -206,40 +237,74 @@ def tool_response_text(content: str, name: str | None, call_id: str) -> str:
     return json.dumps({"tool_response": response}, indent=2, ensure_ascii=False)
 
 
-def json_or_text(arguments: str) -> Any:
-    """Arguments as the JSON they hold, shown as such; text that is not JSON as it is."""
-    try:
-        return json.loads(arguments)
-    except ValueError:
-        return arguments
-
-
 def call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
 @dataclass
 class AnswerReader:
-    """One answer in the generic format, read as it is generated: the response's text as it arrives (unescaped)
-    and each call as OpenAI streams it (its id, type and name first, then its arguments' JSON text in pieces).
-    Text that does not read as the format (a model not held to its schema) is content, as it came."""
+    """One answer with tools, read as it is generated: its content, and each call as OpenAI streams it (its id,
+    type and name first, then its arguments' JSON text in pieces). Text that does not read as the format (a model
+    not held to it) is content, as it came."""
 
     content: str = ""
     calls: list[dict[str, Any]] = field(default_factory=list)  # OpenAI's tool_calls, arguments as they stand
-    read: str = ""  # every text fed
     lost: bool = False  # the text stopped reading as the format: the rest is content
     name: str = ""  # the name of the call being read
+
+    @property
+    def whole(self) -> bool:
+        """The answer is whole in the format (not cut by max_tokens or a stop string)."""
+        raise NotImplementedError
+
+    def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
+        """What `text` adds: content, and tool call deltas (one per call it touches, OpenAI's chunk entries)."""
+        raise NotImplementedError
+
+    def finish(self) -> str:
+        """The content held back until the answer ended, if the format holds any."""
+        return ""
+
+    def _content(self, text: str) -> str:
+        self.content += text
+        return text
+
+    def _call_piece(self, index: int, piece: Piece, deltas: list[dict[str, Any]]) -> None:
+        """The call delta a piece of call `index` adds to `deltas`: its name (the call's first delta, once whole)
+        or a piece of its arguments."""
+        if piece.path[-1] == "name":
+            self.name += piece.text
+            if piece.kind == "end":
+                call = {"id": call_id(), "type": "function", "function": {"name": self.name, "arguments": ""}}
+                self.calls.append(call)
+                self.name = ""
+                deltas.append({"index": index, **copy.deepcopy(call)})
+        elif piece.kind == "raw":
+            self.calls[index]["function"]["arguments"] += piece.text
+            deltas.append({"index": index, "function": {"arguments": piece.text}})
+
+
+def watch_call(part: str | int, first: str) -> Watch | None:
+    """What a reader watches of a call's JSON: the name's text, the arguments' JSON text."""
+    if part == "name" and first == '"':
+        return "text"
+    return "raw" if part == "arguments" else None
+
+
+@dataclass
+class GenericReader(AnswerReader):
+    """An answer in the generic format: the response's text as it arrives (unescaped), and the calls."""
+
+    read: str = ""  # every text fed
 
     def __post_init__(self) -> None:
         self.stream = JsonStream(self._watch)
 
     @property
     def whole(self) -> bool:
-        """The answer is a whole object of the format (not cut by max_tokens or a stop string)."""
         return self.stream.done and not self.lost
 
     def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
-        """What `text` adds: content, and tool call deltas (one per call it touches, OpenAI's chunk entries)."""
         self.read += text
         if self.lost:
             return self._content(text), []
@@ -254,18 +319,11 @@ class AnswerReader:
         self.content += content
         return content, merged(deltas)
 
-    def _content(self, text: str) -> str:
-        self.content += text
-        return text
-
     def _watch(self, path: Path, first: str) -> Watch | None:
         if path == ("response",):
             return "text" if first == '"' else "raw"
         if call_index(path[:-1]) is not None:
-            if path[-1] == "name" and first == '"':
-                return "text"
-            if path[-1] == "arguments":
-                return "raw"
+            return watch_call(path[-1], first)
         return None
 
     def _piece(self, piece: Piece, deltas: list[dict[str, Any]]) -> str:
@@ -274,16 +332,7 @@ class AnswerReader:
             return piece.text
         index = call_index(piece.path[:-1])
         assert index is not None  # only the response and calls' parts are watched
-        if piece.path[-1] == "name":
-            self.name += piece.text
-            if piece.kind == "end":
-                call = {"id": call_id(), "type": "function", "function": {"name": self.name, "arguments": ""}}
-                self.calls.append(call)
-                self.name = ""
-                deltas.append({"index": index, **copy.deepcopy(call)})
-        elif piece.kind == "raw":
-            self.calls[index]["function"]["arguments"] += piece.text
-            deltas.append({"index": index, "function": {"arguments": piece.text}})
+        self._call_piece(index, piece, deltas)
         return ""
 
 

@@ -22,12 +22,30 @@ class ErrorCode(str, Enum):
     INTERNAL = "internal"  # a bug of the service's own; the other streams carry on (HTTP 500)
 
 
+class ToolSyntax(str, Enum):
+    """A chat template's own syntax of tool calls (`ModelInfoDocument.tool_format`). The engine's names
+    (engine/prompts.py) are these values."""
+
+    HERMES = "hermes"  # Hermes, Qwen2.5, Qwen3: <tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>
+
+
+class ToolCall(BaseDoc):
+    """A call an assistant's message made, for a chat template with a tool syntax of its own."""
+
+    call_id: str  # OpenAI's `id` (BaseDoc has an `id` of its own)
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
 class ChatMessage(BaseDoc):
     """One turn of a conversation. The model's chat template decides which roles it takes (system, user and
-    assistant for the embedded model); the executor refuses others, naming the message."""
+    assistant for the embedded model; `tool` too where the template has a tool syntax, ModelInfoDocument's
+    `tool_format`); the executor refuses others, naming the message."""
 
     role: str
     content: str
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool's result: the call it answers
 
 
 class PromptDocument(BaseDoc):
@@ -56,11 +74,14 @@ class PromptDocument(BaseDoc):
     json_schema: str | None = None  # a JSON Schema (a dict is accepted and kept as its JSON text)
     regex: str | None = None  # the whole answer matches it
     grammar: str | None = None  # a grammar in llguidance's Lark dialect (docs/structured-outputs.md)
+    # OpenAI's tools ([{"type": "function", "function": {...}}], a list is accepted and kept as its JSON text), for
+    # the chat template to render, where it has a tool syntax of its own (ModelInfoDocument's `tool_format`).
+    tools: str | None = None
 
-    @validator("json_schema", pre=True)
-    def _schema_as_text(cls, value):
+    @validator("json_schema", "tools", pre=True)
+    def _json_as_text(cls, value):
         # As text, because protobuf's Struct would carry a dict's integers as floats ("maxItems": 3.0).
-        return json.dumps(value) if isinstance(value, dict) else value
+        return json.dumps(value) if isinstance(value, dict | list) else value
 
 
 class ModelOutputDocument(BaseDoc):
@@ -95,6 +116,20 @@ class ModelInfoDocument(BaseDoc):
     model: str = ""  # the id OpenAI clients name: a hub id, a local directory's name, or the embedded model's
     max_model_len: int = 0  # prompt + max_tokens limit, in tokens
     fingerprint: str = ""  # changes with the model, its precision or its device: OpenAI's system_fingerprint
+    # The chat template's own tool-call syntax, a ToolSyntax value; None: it has none (or the executor predates the
+    # field), and the OpenAI API renders tools in its generic format.
+    tool_format: str | None = None
+    # The syntax's tags that are tokens of their own: a grammar names them as tokens (`<tool_call>`), not as text.
+    tool_tokens: list[str] | None = None
+
+
+def json_or_text(text: str):
+    """A call's arguments (JSON text, as OpenAI sends them) as the JSON value they hold, for a template to write as
+    JSON; text that is not JSON as it is."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def error_document(message: str, code: ErrorCode) -> ModelOutputDocument:

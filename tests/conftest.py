@@ -19,11 +19,29 @@ def embedded_dir() -> Path:
     return embedded_model_dir()
 
 
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+# The Hermes syntax's tags, of calls and of tools' results: tokens of their own in Qwen2.5's and Qwen3's vocabularies.
+HERMES_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, embedded_dir) -> Path:
     """A 2-layer Llama with random weights and the real SmolLM2 tokenizer: real code paths, fast steps."""
-    path = tmp_path_factory.mktemp("tiny-llama")
+    return tiny_model(tmp_path_factory.mktemp("tiny-llama"), AutoTokenizer.from_pretrained(embedded_dir))
+
+
+@pytest.fixture(scope="session")
+def hermes_model_dir(tmp_path_factory, embedded_dir) -> Path:
+    """The tiny model with a chat template of its own tool syntax, Qwen2.5's (tests/templates/hermes.jinja), and
+    its tags as tokens of their own, as in Qwen's vocabulary."""
     tokenizer = AutoTokenizer.from_pretrained(embedded_dir)
+    tokenizer.add_tokens(HERMES_TOKENS)
+    tokenizer.chat_template = (TEMPLATES / "hermes.jinja").read_text()
+    return tiny_model(tmp_path_factory.mktemp("tiny-hermes"), tokenizer)
+
+
+def tiny_model(path: Path, tokenizer) -> Path:
+    """A 2-layer Llama with random weights for `tokenizer`, saved with it in `path`."""
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -45,6 +63,13 @@ def tiny_model_dir(tmp_path_factory, embedded_dir) -> Path:
 def tiny_service(tmp_path_factory, tiny_model_dir) -> Iterator[Service]:
     """The real flow on the tiny random model: fast, for everything but the model's answers."""
     with serve(tmp_path_factory, "tiny-flow", {"model": str(tiny_model_dir), **TINY_LIMITS}) as service:
+        yield service
+
+
+@pytest.fixture(scope="session")
+def hermes_service(tmp_path_factory, hermes_model_dir) -> Iterator[Service]:
+    """The real flow on the tiny model whose chat template has the Hermes tool syntax."""
+    with serve(tmp_path_factory, "hermes-flow", {"model": str(hermes_model_dir), **TINY_LIMITS}) as service:
         yield service
 
 

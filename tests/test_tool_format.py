@@ -14,7 +14,8 @@ from transformers import AutoTokenizer
 
 from gateway.json_stream import JsonStream
 from gateway.openai_api import ChatRequest, parse_request
-from gateway.tools import AnswerReader
+from gateway.tools import GenericReader
+from schemas import ModelInfoDocument
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
@@ -33,10 +34,10 @@ TWO_CALLS = ('{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Par
              '{"name":"add","arguments":{"a":1,"b":-25}}]}')
 
 
-def read(text: str, cuts: list[int]) -> tuple[AnswerReader, str, dict[int, dict]]:
+def read(text: str, cuts: list[int]) -> tuple[GenericReader, str, dict[int, dict]]:
     """The reader after `text` fed in the pieces `cuts` make, with the content and the calls its deltas add up to
     (assembled as a client does: the first delta of a call has its id and name, later ones add arguments)."""
-    reader, content, calls = AnswerReader(), "", {}
+    reader, content, calls = GenericReader(), "", {}
     bounds = [0, *sorted(cuts), len(text)]
     for start, end in zip(bounds, bounds[1:]):
         piece, deltas = reader.feed(text[start:end])
@@ -109,7 +110,7 @@ def matcher(tiny_model_dir):
 
 def schema(**fields) -> dict:
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, **fields}
-    return parse_request(ChatRequest, body).document_fields()["json_schema"]
+    return parse_request(ChatRequest, body).document_fields(ModelInfoDocument())["json_schema"]
 
 
 @pytest.mark.parametrize("fields, accepted, refused", [
