@@ -23,10 +23,10 @@ counters, and whether a normal request still streams after it all.
 Then, on the same flow (issue 25's cases):
 
   slow bodies  `--slow-connections` connections send a body at a byte a second (a new one whenever the server ends
-               one) while a normal client's short completions are timed, in `--slow-body-rounds` attacked phases of
-               `--slow-body-s` each between quiet ones: the attacked median over the quiet one (target 2x), with
-               the CPU that other processes took in each phase, how the server ended the attack's connections, the
-               RSS before and after;
+               one) while a normal client's short completions (and `GET /ready`, the gateway's alone) are timed, in
+               `--slow-body-rounds` attacked phases of `--slow-body-s` each between quiet ones: the attacked median
+               over the quiet one (target 2x), with the CPU that other processes took in each phase, how the server
+               ended the attack's connections, the RSS before and after;
   kill -9      the executor's process is killed under `--kill-streams` streams, with a finished prediction stored
                and another running; `/ready`, polled every `--ready-poll-ms` from a thread, must turn red within
                100 ms; then until the supervisor's new flow answers: how the streams ended, how long until it
@@ -382,6 +382,7 @@ async def soak(args: argparse.Namespace, service: Service) -> dict:
 # The slow-body case --------------------------------------------------------------------------------------------
 
 PROBE_BODY = {"prompt": "what is the capital of France ?", "max_tokens": 4}
+PROBE, READY_PROBE = "completion", "ready"  # a normal request through the engine; one the gateway answers alone
 PROBE_PAUSE_S = 0.25  # between two probes: the probes measure the service, they are not a load of their own
 
 
@@ -390,18 +391,24 @@ def memory_mib(service: Service) -> dict[str, float]:
     return {name: round(p.memory_info().rss / 2**20, 1) for name, p in flow_processes(service).items()}
 
 
-async def probe_latencies(url: str, seconds: float) -> list[float]:
-    """Seconds each of a normal client's requests took (a short completion, each on a new connection, as a new
-    client's), one after another for `seconds`."""
-    latencies = []
+async def timed(url: str, method: str, path: str, body: dict | None = None) -> float:
+    """Seconds one request took, on a new connection as a new client's."""
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        started = time.perf_counter()
+        response = await client.request(method, path, json=body)
+        elapsed = time.perf_counter() - started
+    response.raise_for_status()
+    return elapsed
+
+
+async def probe_latencies(url: str, seconds: float) -> dict[str, list[float]]:
+    """Seconds each of a normal client's requests took, one after another for `seconds`: a short completion (what
+    the target is about), and `GET /ready`, which the gateway answers alone (its HTTP server's own share)."""
+    latencies: dict[str, list[float]] = {PROBE: [], READY_PROBE: []}
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-            started = time.perf_counter()
-            response = await client.post("/v1/completions", json=PROBE_BODY)
-            elapsed = time.perf_counter() - started
-        response.raise_for_status()
-        latencies.append(elapsed)
+        latencies[PROBE].append(await timed(url, "POST", "/v1/completions", PROBE_BODY))
+        latencies[READY_PROBE].append(await timed(url, "GET", "/ready"))
         await asyncio.sleep(PROBE_PAUSE_S)
     return latencies
 
@@ -442,20 +449,28 @@ async def slow_body_case(args: argparse.Namespace, service: Service) -> dict:
         ends.update(outcome["ended_by"])
         lifetimes += outcome["lifetimes_s"]
     phases.append(await probe_phase(service.url, args.slow_body_s, attacked=False))
-    quiet = [latency for phase in phases if not phase["attacked"] for latency in phase["latencies"]]
-    attacked = [latency for phase in phases if phase["attacked"] for latency in phase["latencies"]]
-    ratio = statistics.median(attacked) / statistics.median(quiet)
+
+    def pooled(probe: str, attacked: bool) -> list[float]:
+        return [latency for phase in phases if phase["attacked"] is attacked for latency in phase["latencies"][probe]]
+
+    probes = {}
+    for probe in (PROBE, READY_PROBE):
+        quiet, attacked = pooled(probe, False), pooled(probe, True)
+        probes[probe] = {"quiet": latency_figures(quiet), "attacked": latency_figures(attacked),
+                         "p50_ratio": round(statistics.median(attacked) / statistics.median(quiet), 2)}
     return {
         "connections": args.slow_connections,
         "rounds": args.slow_body_rounds,
         "phase_s": args.slow_body_s,
         "probe": PROBE_BODY,
-        "quiet": latency_figures(quiet),
-        "attacked": latency_figures(attacked),
-        "p50_ratio": round(ratio, 2),
-        "within_target": ratio <= SLOW_BODY_TARGET_RATIO,
-        "phases": [{"attacked": phase["attacked"], "p50_ms": _ms(statistics.median(phase["latencies"])),
-                    "n": len(phase["latencies"]), "other_cores": phase["other_cores"]} for phase in phases],
+        "probes": probes,
+        "within_target": probes[PROBE]["p50_ratio"] <= SLOW_BODY_TARGET_RATIO,
+        "phases": [
+            {"attacked": phase["attacked"], "other_cores": phase["other_cores"],
+             **{f"{probe}_p50_ms": _ms(statistics.median(phase["latencies"][probe])) for probe in (PROBE, READY_PROBE)},
+             "n": len(phase["latencies"][PROBE])}
+            for phase in phases
+        ],
         "attack_connections_ended_by": dict(ends.most_common()),
         "attack_connection_lifetime_s": {"p50": percentile(lifetimes, 50), "max": max(lifetimes, default=None)},
         "memory_mib": {"before": memory_before, "after": memory_mib(service)},
@@ -692,8 +707,9 @@ def _verdict(passed: bool) -> str:
     return "PASS" if passed else "FAIL"
 
 
-def _latencies(figures: dict) -> str:
-    return f"{_fmt(figures['p50_ms'])} / {_fmt(figures['p95_ms'])} / {_fmt(figures['max_ms'])} ms ({figures['n']})"
+def _latencies(figures: dict, digits: int = 0) -> str:
+    return (f"{_fmt(figures['p50_ms'], digits)} / {_fmt(figures['p95_ms'], digits)} / "
+            f"{_fmt(figures['max_ms'], digits)} ms ({figures['n']})")
 
 
 def _memory(memory: dict, name: str) -> str:
@@ -703,6 +719,7 @@ def _memory(memory: dict, name: str) -> str:
 
 def slow_body_markdown(case: dict) -> list[str]:
     lifetime = case["attack_connection_lifetime_s"]
+    completion, ready = case["probes"][PROBE], case["probes"][READY_PROBE]
     ended_by = ", ".join(f"{how}: {n}" for how, n in case["attack_connections_ended_by"].items()) or "none"
     return [
         "## Slow bodies",
@@ -710,23 +727,29 @@ def slow_body_markdown(case: dict) -> list[str]:
         f"{case['connections']} connections each announce a {SLOW_BODY_LENGTH:,}-byte body to `POST /v1/completions` "
         "and send it a byte a second, opening a new connection whenever the server ends one (`bench/slow_body.py`, "
         "a process of its own), while a normal client "
-        f"sends `{json.dumps(case['probe'])}` there, each on a new connection, one after another "
-        f"{PROBE_PAUSE_S} s apart: {case['rounds']} phases of {case['phase_s']:.0f} s under the attack, each between "
-        f"two quiet ones as long (the gateway's default body_timeout_s and min_body_rate). Per phase, the median and "
-        "the cores other processes on the machine used meanwhile (outside the soak and its flow):",
+        f"sends `{json.dumps(case['probe'])}` there, then `GET /ready` (which the gateway answers alone), each on a "
+        f"new connection, one after another {PROBE_PAUSE_S} s apart: {case['rounds']} phases of "
+        f"{case['phase_s']:.0f} s under the attack, each between two quiet ones as long (the gateway's default "
+        "body_timeout_s and min_body_rate). Per phase, the medians and the cores other processes on the machine used "
+        "meanwhile (outside the soak and its flow):",
         "",
         "| phase | " + " | ".join("attacked" if phase["attacked"] else "quiet" for phase in case["phases"]) + " |",
         "|---|" + "---|" * len(case["phases"]),
-        "| p50 (count) | " + " | ".join(f"{_fmt(phase['p50_ms'])} ms ({phase['n']})" for phase in case["phases"])
+        "| completion p50 (count) | "
+        + " | ".join(f"{_fmt(phase[f'{PROBE}_p50_ms'])} ms ({phase['n']})" for phase in case["phases"]) + " |",
+        "| /ready p50 | " + " | ".join(f"{_fmt(phase[f'{READY_PROBE}_p50_ms'], 1)} ms" for phase in case["phases"])
         + " |",
         "| other cores | " + " | ".join(f"{phase['other_cores']:.2f}" for phase in case["phases"]) + " |",
         "",
         "| figure | value |",
         "|---|---|",
-        f"| normal request p50 / p95 / max (count), quiet phases | {_latencies(case['quiet'])} |",
-        f"| normal request p50 / p95 / max (count), attacked phases | {_latencies(case['attacked'])} |",
-        f"| p50 under the attack / quiet (target <= {SLOW_BODY_TARGET_RATIO:g}) | {case['p50_ratio']:.2f}: "
-        f"{_verdict(case['within_target'])} |",
+        f"| completion p50 / p95 / max (count), quiet phases | {_latencies(completion['quiet'])} |",
+        f"| completion p50 / p95 / max (count), attacked phases | {_latencies(completion['attacked'])} |",
+        f"| completion p50 under the attack / quiet (target <= {SLOW_BODY_TARGET_RATIO:g}) | "
+        f"{completion['p50_ratio']:.2f}: {_verdict(case['within_target'])} |",
+        f"| /ready p50 / p95 / max, quiet phases | {_latencies(ready['quiet'], 1)} |",
+        f"| /ready p50 / p95 / max, attacked phases | {_latencies(ready['attacked'], 1)} |",
+        f"| /ready p50 under the attack / quiet | {ready['p50_ratio']:.2f} |",
         f"| attack connections ended by the server, by its answer | {ended_by} |",
         f"| an attack connection's life p50 / max | {_fmt(lifetime['p50'], 1)} / {_fmt(lifetime['max'], 1)} s |",
         f"| executor RSS before / after | {_memory(case['memory_mib'], 'executor')} |",
