@@ -57,8 +57,11 @@ test-fast: install clients
 bench: install
 	$(PY) -m bench $(BENCH_ARGS)
 
+# The mixed load and issue 25's attacks (SOAK.md), then a flood of distinct prompts on the prefix cache
+# (bench/prefix_flood.md).
 soak: install
 	$(PY) -m bench.soak
+	$(PY) -m bench.prefix_flood
 
 clean:
 	rm -rf $(VENV) $(CLIENTS)
