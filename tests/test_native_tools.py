@@ -20,9 +20,11 @@ from transformers import AutoTokenizer
 from engine.prompts import HERMES, PromptEncoder
 from gateway.hermes import HermesReader
 from gateway.openai_api import ChatRequest, parse_request
+from gateway.tools import AnswerReader
 from harness.http import CHAT, sdk
 from harness.service import grpc_client, stream_docs
 from schemas import ModelInfoDocument
+from tests.test_tool_format import read as read_with
 
 MODEL = "test-model"  # the flows' model_name
 # Bounded arguments: a random model writes whatever the grammar lets it, up to max_tokens.
@@ -113,20 +115,8 @@ QUOTED = CALL_WEATHER.replace("Paris", 'Pa\\"ris')  # an escape the reader decod
 ANSWER = f"Let me <see>.\n{QUOTED}\n{CALL_ADD}"
 
 
-def read(text: str, cuts: list[int]) -> tuple[HermesReader, str, dict[int, dict]]:
-    """The reader after `text` fed in the pieces `cuts` make, and what its deltas add up to (as a client does)."""
-    reader, content, calls = HermesReader(), "", {}
-    bounds = [0, *sorted(cuts), len(text)]
-    for start, end in zip(bounds, bounds[1:]):
-        piece, deltas = reader.feed(text[start:end])
-        content += piece
-        for delta in deltas:
-            call = calls.setdefault(delta["index"], {"id": None, "name": None, "arguments": ""})
-            if "id" in delta:
-                assert call["id"] is None and delta["type"] == "function"
-                call.update(id=delta["id"], name=delta["function"]["name"])
-            call["arguments"] += delta["function"]["arguments"]
-    return reader, content + reader.finish(), calls
+def read(text: str, cuts: list[int]) -> tuple[AnswerReader, str, dict[int, dict]]:
+    return read_with(text, cuts, HermesReader())
 
 
 @given(st.lists(st.integers(0, len(ANSWER)), max_size=12))

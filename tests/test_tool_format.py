@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from gateway.json_stream import JsonStream
 from gateway.openai_api import ChatRequest, parse_request
-from gateway.tools import GenericReader
+from gateway.tools import AnswerReader, GenericReader
 from schemas import ModelInfoDocument
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
@@ -34,10 +34,11 @@ TWO_CALLS = ('{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Par
              '{"name":"add","arguments":{"a":1,"b":-25}}]}')
 
 
-def read(text: str, cuts: list[int]) -> tuple[GenericReader, str, dict[int, dict]]:
-    """The reader after `text` fed in the pieces `cuts` make, with the content and the calls its deltas add up to
-    (assembled as a client does: the first delta of a call has its id and name, later ones add arguments)."""
-    reader, content, calls = GenericReader(), "", {}
+def read(text: str, cuts: list[int], reader: AnswerReader | None = None) -> tuple[AnswerReader, str, dict[int, dict]]:
+    """The reader (a GenericReader unless given) after `text` fed in the pieces `cuts` make, with the content and
+    the calls its deltas add up to (assembled as a client does: the first delta of a call has its id and name,
+    later ones add arguments)."""
+    reader, content, calls = reader or GenericReader(), "", {}
     bounds = [0, *sorted(cuts), len(text)]
     for start, end in zip(bounds, bounds[1:]):
         piece, deltas = reader.feed(text[start:end])
@@ -48,7 +49,7 @@ def read(text: str, cuts: list[int]) -> tuple[GenericReader, str, dict[int, dict
                 assert call["id"] is None and delta["type"] == "function"
                 call.update(id=delta["id"], name=delta["function"]["name"])
             call["arguments"] += delta["function"]["arguments"]
-    return reader, content, calls
+    return reader, content + reader.finish(), calls
 
 
 @given(st.lists(st.integers(0, len(PARALLEL)), max_size=12))
