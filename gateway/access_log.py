@@ -41,7 +41,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any, TextIO
 
 from gateway.relay import StreamDocHandler
-from workarounds.jina_gateway import StreamDocRequest, request_document, request_endpoint
+from workarounds.jina_gateway import StreamDocRequest, document_value, request_document, request_endpoint
 
 log = logging.getLogger("llm.access")
 
@@ -259,13 +259,8 @@ def access_logged(stream_doc: StreamDocHandler) -> StreamDocHandler:
 def proto_fields(response: StreamDocRequest) -> list[Any]:
     """The fields `AccessRecord.observe` takes, read from the response's protobuf document (parsing the whole
     document into pydantic, for every token, would cost far more)."""
-    data = request_document(response).data
-    values = []
-    for name in _FIELDS:
-        node = data.get(name)
-        kind = None if node is None else node.WhichOneof("content")
-        values.append(None if kind is None else getattr(node, kind))
-    return values
+    document = request_document(response)
+    return [document_value(document, name) for name in _FIELDS]
 
 
 def install(stream: TextIO = sys.stdout) -> None:

@@ -45,10 +45,11 @@ from gateway.model_info import ModelInfo
 from gateway.origins import OriginCheck
 from gateway.predictions import PredictionSettings, add_prediction_routes
 from gateway.relay import relayed
+from gateway.routing import prefix_affine
 from gateway.unary import DEFAULT_MAX_GENERATE_DOCUMENTS, add_generate_route
 from gateway.validation import validating
 from lifecycle import OpenStreams, drain_on_sigterm, supervisor
-from workarounds import grpc_cancel, jina_gateway, jina_monitoring
+from workarounds import grpc_cancel, jina_gateway, jina_monitoring, jina_routing
 
 # The gateway's gRPC channels to the executors. gRPC backs off from an address that refuses connections (up to two
 # minutes between attempts), and the gateway tries its executors while they are still loading the model. By
@@ -141,6 +142,8 @@ class LLMGateway(CompositeGateway):
     `max_generate_documents`: the most PromptDocuments one `POST /generate` call takes (gateway/unary.py).
     `max_grpc_message_bytes`: the largest gRPC message the gateway's gRPC server receives (Jina's default: any);
     past it the call ends with RESOURCE_EXHAUSTED.
+    `prefix_routing`: send each conversation's turns to one executor replica, whose prefix cache holds its history,
+    and on to another when that one refuses (gateway/routing.py); false: Jina's round robin over the replicas.
     """
 
     def __init__(self, model_name: str | None = None, drain_timeout_s: float = 20.0,
@@ -153,7 +156,8 @@ class LLMGateway(CompositeGateway):
                  max_header_count: int = DEFAULT_MAX_HEADER_COUNT,
                  max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
                  max_generate_documents: int = DEFAULT_MAX_GENERATE_DOCUMENTS,
-                 max_grpc_message_bytes: int = DEFAULT_MAX_GRPC_MESSAGE_BYTES, **kwargs) -> None:
+                 max_grpc_message_bytes: int = DEFAULT_MAX_GRPC_MESSAGE_BYTES, prefix_routing: bool = True,
+                 **kwargs) -> None:
         # Both raise UnverifiedVersion on a grpcio or jina they were not verified against: the gateway fails to
         # start rather than serve with a workaround that may no longer hold.
         grpc_cancel.install()  # a cancelled relay must cancel its call to the executor
@@ -187,6 +191,9 @@ class LLMGateway(CompositeGateway):
         self.model_name = model_name
         self.drain_timeout_s = drain_timeout_s
         self.open_streams = OpenStreams()
+        if prefix_routing:  # inside the count of streams: a stream sent on to another replica is still one stream
+            jina_routing.install()
+            jina_gateway.wrap_stream_calls(self.servers, prefix_affine)
         jina_gateway.wrap_streams(self.servers, self.open_streams.track)
         # A document that is not a valid PromptDocument gets one error document, and the stream to the executor is
         # cancelled as soon as the client's call ends, however it ends (gateway/validation.py, gateway/relay.py).

@@ -58,7 +58,9 @@ def test_health_turns_serving_only_after_warm_up(tmp_path, tiny_model_dir):
 async def test_replicas_share_concurrent_streams(tmp_path_factory, tiny_model_dir):
     uses_with = {"model": str(tiny_model_dir), "dtype": "float32", "max_running": 8}
     with serve(tmp_path_factory, "replicas-flow", uses_with, replicas=2) as service:
-        prompts = [f"replica check {i}" for i in range(8)]
+        # The gateway sends each prompt to the replica its text picks (gateway/routing.py): with 16 distinct ones,
+        # the chance that one replica gets none is 2 in 65536.
+        prompts = [f"replica check {i}" for i in range(16)]
         streams = await asyncio.gather(*(stream_docs(service, prompt=p, max_tokens=12) for p in prompts))
         alone = [await stream_docs(service, prompt=p, max_tokens=12) for p in prompts]
         for concurrent, single in zip(streams, alone):

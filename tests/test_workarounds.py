@@ -22,6 +22,7 @@ from workarounds import (
     grpc_cancel,
     jina_gateway,
     jina_monitoring,
+    jina_routing,
     jina_worker,
     torch_cpu_ops,
     uvicorn_protocols,
@@ -30,7 +31,7 @@ from workarounds import (
 
 WORKAROUNDS = [
     grpc_cancel, grpc_aio_poller, jina_gateway, jina_worker, asyncio_signals, jina_monitoring, uvicorn_protocols,
-    torch_cpu_ops,
+    torch_cpu_ops, jina_routing,
 ]
 
 

@@ -16,6 +16,7 @@ name of Jina, grpc, asyncio or torch.
 - asyncio_signals: running the SIGTERM handler Jina installed, after a drain of our own.
 - jina_client:     Jina's gRPC client drops stream_doc's call metadata (an API key).
 - jina_monitoring: Jina's Prometheus endpoints listen on every address; moved to the metrics host (loopback).
+- jina_routing:    Jina's gateway takes no say in which replica serves a request; a chooser per context picks it.
 - uvicorn_protocols: uvicorn never times a request's headers (slowloris); its 1009 close names no limit.
 - torch_cpu_ops:   torch's private CPU matmul ops (oneDNN and MKL pre-packed weights, weight-only int8 and int4)
                    that engine/fast/linear.py's weight formats call; checked when a weight is packed.

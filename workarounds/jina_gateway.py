@@ -29,7 +29,8 @@
   in `server.grpc_tracing_server_interceptors` (tracing's, or None), and no other way in. `add_grpc_interceptor`
   appends one there before the servers start (gateway/auth.py: API keys in the call metadata).
 - Every stream of every protocol (gRPC stream_doc, SSE, OpenAI, WebSocket) goes through the streamer's
-  `rpc_stream_doc` (Jina's GatewayStreamer): `wrap_streams` wraps it, to count the streams in flight.
+  `rpc_stream_doc` (Jina's GatewayStreamer): `wrap_stream_calls` wraps the call (gateway/routing.py: which replica
+  serves it), `wrap_streams` the stream it returns (to count the streams in flight).
 - Runtime arguments: Jina passes a gateway's __init__ `runtime_args` as a dict or as an argparse Namespace, with
   no accessor for either; `runtime_arg` reads one (the executors' addresses, `deployments_addresses`).
 - Jina's HTTP routes: Jina's FastAPI app (`jina.serve.runtimes.gateway.http_fastapi_app_docarrayv2`) has no hook
@@ -69,6 +70,7 @@ TEST = (
 
 T = TypeVar("T")
 StreamDoc = Callable[..., AsyncIterator[Any]]
+StreamCall = Callable[..., Any]  # the streamer's rpc_stream_doc: a request in, an async generator of responses out
 # One message of Jina's gRPC `stream_doc`: a client's request, or a response relayed from the executor.
 StreamDocRequest: TypeAlias = SingleDocumentRequest
 
@@ -116,15 +118,16 @@ def wrap_grpc_stream_doc(servers: list[BaseServer], wrap: Callable[[StreamDoc], 
             handler.stream_doc = wrap(handler.stream_doc)
 
 
-def wrap_streams(servers: list[BaseServer], wrap: Callable[[AsyncIterator[T]], AsyncIterator[T]]) -> None:
-    """Pass every stream the servers relay from the executors through `wrap` (servers may share a streamer)."""
+def wrap_stream_calls(servers: list[BaseServer], wrap: Callable[[StreamCall], StreamCall]) -> None:
+    """Replace the `rpc_stream_doc` of the servers' streamers (servers may share one) by `wrap(rpc_stream_doc)`:
+    every stream the servers relay from the executors is one call of it, `rpc_stream_doc(request=..., ...)`."""
     for streamer in {id(server.streamer): server.streamer for server in servers}.values():
-        _wrap_rpc_stream_doc(streamer, wrap)
+        streamer.rpc_stream_doc = wrap(streamer.rpc_stream_doc)
 
 
-def _wrap_rpc_stream_doc(streamer: Any, wrap: Callable[[AsyncIterator[T]], AsyncIterator[T]]) -> None:
-    relay = streamer.rpc_stream_doc
-    streamer.rpc_stream_doc = lambda *args, **kwargs: wrap(relay(*args, **kwargs))
+def wrap_streams(servers: list[BaseServer], wrap: Callable[[AsyncIterator[T]], AsyncIterator[T]]) -> None:
+    """Pass every stream the servers relay from the executors through `wrap`."""
+    wrap_stream_calls(servers, lambda call: lambda *args, **kwargs: wrap(call(*args, **kwargs)))
 
 
 async def set_grpc_health(servers: list[BaseServer], serving: bool) -> None:
@@ -174,6 +177,14 @@ def request_endpoint(request: StreamDocRequest) -> str:
 def request_document(request: StreamDocRequest) -> Any:
     """The protobuf document (DocArray's DocProto) a `stream_doc` message carries, unparsed."""
     return request.proto.document
+
+
+def document_value(document: Any, name: str) -> Any:
+    """The value of the field `name` of a protobuf document (`request_document`), without parsing the rest (None
+    when it has no such field)."""
+    node = document.data.get(name)
+    kind = None if node is None else node.WhichOneof("content")
+    return None if kind is None else getattr(node, kind)
 
 
 def document_response(request: StreamDocRequest, doc: Any, document_cls: type) -> StreamDocRequest:
