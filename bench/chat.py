@@ -11,7 +11,9 @@ wall time, and the prompt tokens each server says it served from its cache (`usa
 cached_tokens`: the service's prefix cache, llama.cpp's slot prompt cache).
 
 `python -m bench.chat [--replicas 2] [--skip-peer]` runs them alone, starting the service (flow.yml's settings)
-and llama.cpp's F32 server itself, and prints the table; `make bench` runs them beside its other rows.
+and llama.cpp's F32 server itself, and prints the table; `make bench` runs them beside its other rows. With
+`--replicas` above 1 the service runs twice, with the gateway's prefix routing off and on, and the table goes to
+bench/replicas.md too (BENCHMARKS.md's "Several replicas").
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ import time
 from collections.abc import Awaitable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
-from bench import openai_client, peer, service
+from bench import openai_client, peer, report, service
 from bench.flows import LOGS
 from bench.load import percentile
 from bench.openai_client import Messages, OpenConversation
@@ -325,13 +328,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# With several replicas, the service twice: the gateway's routing off (Jina's round robin), then on (its default).
+ROUTINGS = {"round robin": {"prefix_routing": False}, "prefix routing": {}}
+REPLICAS_REPORT = Path(__file__).resolve().parent / "replicas.md"
+
+
+def services(replicas: int) -> dict[str, dict]:
+    """The services measured, by name: their gateway settings."""
+    if replicas == 1:
+        return {"service": {}}
+    return {f"service, {replicas} replicas, {routing}": settings for routing, settings in ROUTINGS.items()}
+
+
 @contextmanager
 def systems_serving(args: argparse.Namespace) -> Iterator[dict[str, int]]:
-    """The service as `make serve` runs it (with --replicas) and llama.cpp's F32 server: their HTTP ports."""
+    """The service as `make serve` runs it (with --replicas: with and without prefix routing) and llama.cpp's F32
+    server: their HTTP ports."""
     overrides = {} if args.prefix_cache_mib is None else {"prefix_cache_mib": args.prefix_cache_mib}
-    name = "service" if args.replicas == 1 else f"service, {args.replicas} replicas"
     with ExitStack() as stack:
-        ports = {name: stack.enter_context(service.serving("chat-service", overrides, replicas=args.replicas)).http}
+        ports = {
+            name: stack.enter_context(
+                service.serving(f"chat-service-{i}", overrides, replicas=args.replicas, gateway_settings=settings)
+            ).http
+            for i, (name, settings) in enumerate(services(args.replicas).items())
+        }
         if not args.skip_peer:
             peer.ensure_built()
             ports[LLAMA_F32] = port = free_port()
@@ -344,11 +364,34 @@ def systems_serving(args: argparse.Namespace) -> Iterator[dict[str, int]]:
 LLAMA_F32 = "llama.cpp server F32"
 
 
+def replicas_report(results: list[TurnResult], replicas: int, command: str) -> str:
+    """bench/replicas.md: what routing by prefix changes with several replicas (BENCHMARKS.md includes it)."""
+    return "\n".join(
+        [
+            "# Several replicas: prefix-affine routing",
+            "",
+            f"`{command}` on {time.strftime('%Y-%m-%d')}, {report.cpu_model()}: bench/chat.py's multi-turn chat and "
+            f"long shared system prompt on the service with {replicas} executor replicas, twice, turn by turn "
+            "interleaved: with the gateway's `prefix_routing: false` (Jina's round robin over the replicas) and with "
+            "its default, prefix-affine routing (gateway/routing.py: a conversation's turns go to one replica). "
+            "`cached tokens`: the mean per request of `usage.prompt_tokens_details.cached_tokens`. An odd number "
+            "of conversations: round robin sends each of an even number, asked in the same order every turn, to "
+            "the same replica every turn, which no real mix of clients does.",
+            "",
+            table(results),
+            "",
+        ]
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with systems_serving(args) as ports:
         results = asyncio.run(run_workloads(ports, args.conversations, args.turns, args.rounds, args.max_tokens))
     print("\n".join(section(results, targets(results, next(iter(ports)), LLAMA_F32, args.turns, args.conversations))))
+    if args.replicas > 1:
+        command = "python -m bench.chat " + " ".join(argv if argv is not None else sys.argv[1:])
+        REPLICAS_REPORT.write_text(replicas_report(results, args.replicas, command))
     return 0
 
 

@@ -26,6 +26,7 @@ PEER_PARALLEL = 16  # llama.cpp's slots: as many as the most streams it is compa
 MARK = {True: "PASS", False: "FAIL", None: "n/a"}
 BUSY_CORES = 0.25  # other processes' average CPU use above which a run is flagged as disturbed
 LEVERS = Path(__file__).resolve().parent / "levers.md"
+REPLICAS = Path(__file__).resolve().parent / "replicas.md"  # python -m bench.chat --replicas 2 writes it
 
 
 def quantized_service(quantization: str) -> str:
@@ -272,6 +273,8 @@ def markdown(
         if LEVERS.is_file()
         else []
     )
+    # Its own run's (make bench runs one replica), kept as it is: the title becomes the section's.
+    replicas = ["## Several replicas", "", *REPLICAS.read_text().splitlines()[2:], ""] if REPLICAS.is_file() else []
     return "\n".join(
         [
             "# Benchmarks",
@@ -297,6 +300,7 @@ def markdown(
             *goal_lines,
             "",
             *sections,
+            *replicas,
             "## How it is measured",
             "",
             *[f"- {n}" for n in notes],

@@ -50,9 +50,11 @@ def executor_settings(overrides: dict) -> dict:
 
 
 @contextmanager
-def serving(name: str, overrides: dict, timeout: float = 300, replicas: int | None = None) -> Iterator[Ports]:
+def serving(
+    name: str, overrides: dict, timeout: float = 300, replicas: int | None = None, gateway_settings: dict | None = None
+) -> Iterator[Ports]:
     """flow.yml with its ports replaced by free ones and `overrides` added to the executor's uses_with (and, given
-    `replicas`, that many replicas of it)."""
+    `replicas`, that many replicas of it), `gateway_settings` to the gateway's."""
     LOGS.mkdir(exist_ok=True)
     flow = flow_settings()
     ports = Ports(free_port(), free_port())
@@ -63,6 +65,7 @@ def serving(name: str, overrides: dict, timeout: float = 300, replicas: int | No
     gateway["extra_search_paths"] = [str(ROOT)]
     gateway["py_modules"] = [str(ROOT / module) for module in gateway["py_modules"]]
     gateway["port_monitoring"] = free_port()
+    gateway["uses_with"] = {**gateway.get("uses_with", {}), **(gateway_settings or {})}
     # The gateway's default prediction store is named by its HTTP port: a free port's file in the user's cache
     # would be one more left behind by every run (harness/processes.py does the same for the tests' flows).
     gateway["env"] = {**gateway.get("env", {}), CACHE_ENV: str(LOGS / f"{name}.gateway-cache")}
