@@ -70,7 +70,7 @@ def embedded_grammars() -> Grammars:
     """The engine's Grammars for the embedded model, with the default limits."""
     loaded = load_model("embedded", dtype="float32")
     config = EngineConfig()
-    limits = GrammarLimits(config.max_constraint_chars, config.max_schema_depth, config.grammar_cache_size)
+    limits = GrammarLimits.of(config)
     return Grammars(loaded.tokenizer, loaded.model.config.vocab_size, [loaded.tokenizer.eos_token_id], limits)
 
 

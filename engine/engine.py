@@ -62,8 +62,7 @@ class LLMEngine:
         self.model_name = loaded.name
         self.eos_token_ids = _eos_token_ids(loaded)
         vocab_size = loaded.model.config.vocab_size  # the width of the logits, which the masks cover
-        limits = GrammarLimits(self.config.max_constraint_chars, self.config.max_schema_depth,
-                               self.config.grammar_cache_size)
+        limits = GrammarLimits.of(self.config)
         self.grammars = Grammars(loaded.tokenizer, vocab_size, self.eos_token_ids, limits)
         self._masks = MaskFiller(vocab_size)
         self.processor = InputProcessor(loaded, self.config, self.grammars)  # prompts to checked ids, off this thread

@@ -27,6 +27,7 @@ import llguidance.hf
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from engine.config import EngineConfig
 from engine.prompts import InvalidRequest
 from engine.request import Constraint, ConstraintKind
 
@@ -46,6 +47,10 @@ class GrammarLimits:
     max_chars: int  # a constraint's text
     max_depth: int  # nesting of a JSON Schema's objects and arrays
     cache_size: int  # compiled grammars kept
+
+    @classmethod
+    def of(cls, config: EngineConfig) -> GrammarLimits:
+        return cls(config.max_constraint_chars, config.max_schema_depth, config.grammar_cache_size)
 
 
 class GrammarMatcher:
