@@ -93,9 +93,10 @@ async def test_a_bad_conversation_gets_one_error_document_naming_it(tiny_service
 
 async def test_openai_chat_refuses_a_role_the_model_cannot_take(tiny_service):
     async with httpx.AsyncClient(base_url=tiny_service.url, timeout=60) as client:
-        response = await client.post(CHAT, json={"messages": [{"role": "tool", "content": "42"}], "max_tokens": 4})
+        response = await client.post(CHAT, json={"messages": [{"role": "narrator", "content": "42"}], "max_tokens": 4})
     assert response.status_code == 400
-    assert "messages[0].role is 'tool'" in response.json()["error"]["message"]
+    message = response.json()["error"]["message"]
+    assert "messages[0].role is 'narrator'; this model takes system, user, assistant" in message
 
 
 async def test_websocket_keeps_the_conversation_of_its_connection(tiny_service, tokenizer):
