@@ -191,14 +191,21 @@ def started_by_jina_flow() -> bool:
 
 def guarded(watch: ExecutorWatch, stream_doc: StreamDocHandler) -> StreamDocHandler:
     """Wrap the gRPC handler's `stream_doc`: while the engine is unavailable, one error document (code
-    unavailable) instead of a call to an executor that is not there."""
+    unavailable) instead of a call to an executor that is not there; a stream whose executor is lost on the way
+    ends with that document too, after the ones it had. Jina's handler would end such a call with an error status
+    whose details name the executor's internal address (the client raises BadServerFlow), where every other
+    transport sends the error document (gateway/streams.py)."""
 
     async def guarded_stream_doc(request: StreamDocRequest, context: Any) -> AsyncIterator[StreamDocRequest]:
         if not watch.serving:
             yield error_response(request, UNAVAILABLE_MESSAGE, ErrorCode.UNAVAILABLE)
             return
-        async for response in stream_doc(request, context):
-            yield response
+        try:
+            async for response in stream_doc(request, context):
+                yield response
+        except Exception as error:  # not CancelledError or GeneratorExit: the client that went away gets nothing
+            log.warning(f"a stream to the executor failed: {error!r}")
+            yield error_response(request, UNAVAILABLE_MESSAGE, ErrorCode.UNAVAILABLE)
 
     return guarded_stream_doc
 

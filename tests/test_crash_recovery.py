@@ -24,9 +24,10 @@ from jina.serve.networking.utils import send_health_check_sync
 from gateway.health import EXIT_SIGNAL, ExecutorWatch, State
 from gateway.prediction_store import RESTARTED_ERROR
 from gateway.predictions import EXECUTOR_LOST_ERROR, GATEWAY_STOPPED_ERROR
+from gateway.streams import UNAVAILABLE_MESSAGE
 from harness import ROOT
 from harness.processes import JINA, free_port, live_processes, process_listening_on
-from harness.service import TINY_LIMITS, Service, eventually, serve, stream_docs
+from harness.service import TINY_LIMITS, Service, documents, eventually, serve, stream_docs
 from lifecycle.cache import cache_root
 
 
@@ -110,6 +111,23 @@ async def test_after_the_executor_is_lost_requests_are_unavailable_never_an_addr
     (doc,) = await stream_docs(service, prompt="hi", max_tokens=3)
     assert (doc.finish_reason, doc.error_code) == ("error", "unavailable")
     assert doc.error == "the engine is unavailable: retry later"
+
+
+async def test_a_stream_the_executors_death_cuts_ends_with_an_unavailable_document(tmp_path_factory, tiny_model_dir):
+    """Jina's gateway ends such a gRPC call with an error status naming the executor's address (the client raises
+    BadServerFlow); the client gets the error document every other failure gives, after the tokens it had."""
+    # Paced (tests/paced_executor.py): the stream still runs when the executor is killed.
+    uses_with = {"model": str(tiny_model_dir), **TINY_LIMITS, "pace_s": 0.01}
+    settings = {"exit_on_executor_loss": False}
+    with serve(tmp_path_factory, "crash-in-flight", uses_with, "tests/paced.yml", gateway_settings=settings) as service:
+        stream = documents(service, prompt="hello", max_tokens=3000)
+        first = await anext(stream)
+        kill_executor(service)
+        rest = [doc async for doc in stream]
+    assert first.finish_reason is None and rest
+    assert all(doc.finish_reason is None for doc in rest[:-1])
+    last = rest[-1]
+    assert (last.finish_reason, last.error_code, last.error) == ("error", "unavailable", UNAVAILABLE_MESSAGE)
 
 
 async def health_server(port: int) -> grpc.aio.Server:
