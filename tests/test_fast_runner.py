@@ -4,6 +4,7 @@ frees, the shared prefix) gives every row the tokens it gets alone."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
 
@@ -416,6 +417,38 @@ def test_auto_dtype_measures_and_keeps_one_decode_and_one_prefill_precision(tiny
     assert set(runner.precisions) == kept
     first = prefill(runner, {"x": ([1, 2, 3, 4], 0)})
     assert decode(runner, first).keys() == {"x"}
+
+
+def tensors_of(value: object, seen: set[int] | None = None) -> Iterator[torch.Tensor]:
+    """Every tensor reachable from `value` through attributes, lists, tuples and dicts."""
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return
+    seen.add(id(value))
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from tensors_of(item, seen)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from tensors_of(item, seen)
+    elif hasattr(value, "__dict__") and not isinstance(value, type | torch.nn.Module):
+        yield from tensors_of(vars(value), seen)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", ["float32", "auto"])
+def test_a_started_runner_holds_no_view_of_its_source_weights(tiny_model_dir, dtype):
+    """The runner's weights are its own memory: a view of the loaded model's tensors (same device and dtype: the
+    embedding, the norms, a float32 output layer) would keep the whole weights file mapped after the source is
+    released, hundreds of MB for the embedded model."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    runner = started(model, dtype=dtype)
+    source = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
+    held = list(tensors_of([runner.parts, runner.precisions]))
+    assert any(tensor is runner.parts.embedding for tensor in held)  # the walk reaches the parts
+    assert not [tensor.shape for tensor in held if tensor.untyped_storage().data_ptr() in source]
 
 
 @torch.no_grad()

@@ -65,9 +65,15 @@ class BlockPool:
 
     def layers(self) -> list[torch.Tensor]:
         if not self._kv:
-            # empty, not zeros: a block is read only after it was written, and untouched pages cost no memory
+            # empty, not zeros: a block is read only after it was written, and untouched pages cost no memory.
+            # On CPU in huge pages, as the slots' cache: a full pool is a GB or so, which the prefix copies walk
+            # and a killed executor's kernel frees before its sockets close (gateway/health.py's watch).
             size = (2 * self.shape.kv_heads, self.blocks * self.block_size, self.shape.head_dim)
-            self._kv = [torch.empty(size, device=self.device, dtype=self.dtype) for _ in range(self.shape.layers)]
+            if self.device.type == "cpu":
+                arena = Arena()
+                self._kv = [arena.empty(size, self.dtype) for _ in range(self.shape.layers)]
+            else:
+                self._kv = [torch.empty(size, device=self.device, dtype=self.dtype) for _ in range(self.shape.layers)]
         return self._kv
 
     def drop(self) -> None:

@@ -163,7 +163,9 @@ class LlamaParts:
         )
 
         def param(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor.detach().to(device=device, dtype=activation_dtype).contiguous()
+            # A copy even where device and dtype are the source's: a view would keep the source's memory (the
+            # whole mapping of the loaded weights file) after release_source().
+            return tensor.detach().to(device=device, dtype=activation_dtype, copy=True).contiguous()
 
         self.embedding = param(model.model.embed_tokens.weight)
         self.norms = LayerNorms(
@@ -199,7 +201,7 @@ class LlamaParts:
         # int4-avx2 keeps it bfloat16 on the AVX2 kernel (its agreement with float32 against int4's:
         # bench/levers.md), one format fewer for the kernels.
         head = {"int4": "int8", AVX2_INT4: AVX2_BFLOAT16}.get(name, name)
-        lm_head = make_linear(head, model.lm_head.weight.detach().to(self.device), arena)
+        lm_head = make_linear(head, model.lm_head.weight.detach().to(self.device, copy=True), arena)  # as param()
         if name not in C_PRECISIONS:
             return PrecisionKernels(name, layers, lm_head)
         stack = DecodeStack.build(self.shape, layers, self.norms, (self.cos, self.sin_signed))

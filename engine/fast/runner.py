@@ -11,7 +11,7 @@ from typing import cast
 import torch
 from transformers import LlamaForCausalLM, PreTrainedModel
 
-from engine.fast import autotune, cpu_kernels
+from engine.fast import autotune, cpu_kernels, heap
 from engine.fast.cache import BlockPool, SlotCache
 from engine.fast.linear import AMX_BFLOAT16, AVX2_BFLOAT16, AVX2_INT4, PRECISIONS, check_quantization
 from engine.fast.model import KernelOps, LlamaParts, PrecisionKernels, forward, supports
@@ -267,6 +267,7 @@ class FastRunner:
         used = {_started(self.decode_precision).name, _started(self.prefill_precision).name}
         self.precisions = {name: precision for name, precision in self.precisions.items() if name in used}
         self.parts.release_source()
+        heap.trim()  # the measurement's temporaries and the dropped precisions' weights
 
     def _time_decode_step(self, name: str, rows: int) -> None:
         """One decode step of `rows` rows with MEASURED_CONTEXT cached positions each, in precision `name`."""
