@@ -172,7 +172,9 @@ class LLMGateway(CompositeGateway):
             max_header_count, max_header_bytes,
         )
         on_lost = exit_flow if exit_on_executor_loss else None
-        self.watch = ExecutorWatch(executor_addresses(deployments), health_interval_s, retry_after_s, on_lost)
+        self.watch = ExecutorWatch(
+            executor_addresses(deployments), health_interval_s, retry_after_s, on_lost, wait_for_servers=True
+        )
         jina_gateway.build_servers(
             self,
             lambda **server_kwargs: LLMHTTPGateway(
@@ -213,6 +215,7 @@ class LLMGateway(CompositeGateway):
     async def setup_server(self) -> None:
         jina_gateway.share_cancel(self)  # SIGTERM must stop a start that waits for an executor that never comes
         await super().setup_server()
+        await self.watch.servers_listening()
 
     async def _drain(self) -> None:
         """On SIGTERM, before Jina stops the servers: keep relaying until the streams in flight have ended (new

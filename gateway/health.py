@@ -85,6 +85,7 @@ class ExecutorWatch:
         on_lost: Callable[[str], None] | None,
         failures: int = 2,
         timeout_s: float = 5.0,
+        wait_for_servers: bool = False,
     ) -> None:
         if interval_s <= 0:
             raise ValueError(f"health interval_s must be > 0, got {interval_s}")
@@ -99,6 +100,9 @@ class ExecutorWatch:
         self._tasks: list[asyncio.Task] = []
         self._wake = asyncio.Event()
         self._dropped: set[str] = set()  # addresses whose connection dropped since the last check
+        # Serving also needs the gateway's own servers listening: its HTTP server answers `/ready` while its gRPC
+        # server may still wait to bind (seen after a restart: /ready 200 while the gRPC port refused).
+        self._servers_listening = not wait_for_servers
 
     @property
     def serving(self) -> bool:
@@ -108,6 +112,13 @@ class ExecutorWatch:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._watch())]
         self._tasks += [loop.create_task(self._watch_connection(address)) for address in self.addresses]
+
+    async def servers_listening(self) -> None:
+        """The gateway's servers are all set up (with `wait_for_servers`: serving waits for this). The callbacks
+        hear the state again: Jina's gRPC server marks its health SERVING as it starts, whatever the executors'."""
+        self._servers_listening = True
+        await self._notify()
+        self._wake.set()
 
     def stop(self) -> None:
         """Stop watching (the gateway is shutting down: executors going away is then expected)."""
@@ -154,7 +165,8 @@ class ExecutorWatch:
                 failed[address] = 0 if ok else max(failed[address] + 1, self.failures if address in dropped else 0)
             lost = [address for address in self.addresses if failed[address] >= self.failures]
             if all(answers):
-                await self._set(State.SERVING)
+                if self._servers_listening:
+                    await self._set(State.SERVING)
             elif lost and self.state is State.SERVING:
                 log.error(f"executor at {lost[0]} stopped answering its health check: the engine is unavailable")
                 await self._set(State.UNAVAILABLE)

@@ -6,6 +6,7 @@ restarted container)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -162,6 +163,27 @@ async def test_the_watch_turns_serving_again_once_a_lost_executor_answers_again(
     finally:
         watch.stop()
     assert states == [State.STARTING, State.SERVING, State.UNAVAILABLE, State.SERVING]
+
+
+async def test_the_watch_serves_only_once_the_gateways_servers_listen():
+    """The gateway's HTTP server answers `/ready` while its gRPC server may still wait to bind (after a restart
+    the gRPC port refused connections while `/ready` said 200): serving waits for both."""
+    port = free_port()
+    server = await health_server(port)
+    watch = ExecutorWatch([f"127.0.0.1:{port}"], interval_s=0.05, retry_after_s=5, on_lost=None, timeout_s=1,
+                          wait_for_servers=True)
+    states: list[State] = []
+    watch.on_change.append(states.append)
+    watch.start()
+    try:
+        await asyncio.sleep(0.5)  # ten checks, each answered SERVING
+        assert watch.state is State.STARTING
+        await watch.servers_listening()
+        await eventually(lambda: watch.serving)
+    finally:
+        watch.stop()
+        await server.stop(grace=None)
+    assert states == [State.STARTING, State.STARTING, State.SERVING]
 
 
 def test_the_supervisor_restarts_a_failing_command_with_its_restart_count_until_it_stops_cleanly(tmp_path):
