@@ -263,7 +263,8 @@ FIELDS = st.sampled_from([True, True, True, False]).flatmap(
 def unsendable(fields: dict) -> list[str]:
     """What the client must refuse to serialize, as patterns of its exception's message."""
     problems = []
-    if any(0xD800 <= ord(c) <= 0xDFFF for c in fields.get("prompt", "")):
+    texts = [fields.get("prompt", ""), *(fields.get("stop") or ())]
+    if any(0xD800 <= ord(c) <= 0xDFFF for text in texts for c in text):
         problems.append("surrogates not allowed")
     if fields["max_tokens"] not in INT32:
         problems.append("max_tokens.*out of range")
@@ -303,6 +304,7 @@ def assert_correct_stream(docs: list[ModelOutputDocument], fields: dict, tokeniz
 @example(fields={"prompt": "word " * 5000, "max_tokens": 5})  # the prompt alone is past the context
 @example(fields={"prompt": "\u202eمرحبا\u202c hello \x00", "max_tokens": 12, "stop": ["e", " "]})
 @example(fields={"prompt": "a\ud800b", "max_tokens": 3})  # a lone surrogate
+@example(fields={"prompt": "", "max_tokens": 1, "stop": ["\ud800"]})  # one in a stop string
 @example(fields={"prompt": "hi", "max_tokens": 2**63 - 1})
 @example(fields={"prompt": "hi", "max_tokens": -(2**31)})
 @example(fields={"max_tokens": 2**31})  # no prompt, and a max_tokens the client cannot send: the client says so
