@@ -67,6 +67,8 @@ async def access_line(flow_dir: Path, request_id: str) -> dict[str, str]:
 
 
 def assert_timed(line: dict[str, str], first_token: bool = True) -> None:
+    """The line's timings are durations a reader can use (no claim on speed): numbers, not negative, and the first
+    token's time within the request's."""
     assert float(line["duration_ms"]) >= 0
     if first_token:
         assert 0 <= float(line["ttft_ms"]) <= float(line["duration_ms"])
