@@ -325,6 +325,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--replicas", type=int, default=1, help="the service's executor replicas")
     parser.add_argument("--skip-peer", action="store_true", help="leave llama.cpp out")
     parser.add_argument("--prefix-cache-mib", type=int, help="the service's prefix_cache_mib (default: flow.yml's)")
+    parser.add_argument("--prefill-chunk", type=int, help="the service's prefill_chunk (default: flow.yml's)")
     return parser.parse_args(argv)
 
 
@@ -344,7 +345,8 @@ def services(replicas: int) -> dict[str, dict]:
 def systems_serving(args: argparse.Namespace) -> Iterator[dict[str, int]]:
     """The service as `make serve` runs it (with --replicas: with and without prefix routing) and llama.cpp's F32
     server: their HTTP ports."""
-    overrides = {} if args.prefix_cache_mib is None else {"prefix_cache_mib": args.prefix_cache_mib}
+    settings = {"prefix_cache_mib": args.prefix_cache_mib, "prefill_chunk": args.prefill_chunk}
+    overrides = {name: value for name, value in settings.items() if value is not None}
     with ExitStack() as stack:
         ports = {
             name: stack.enter_context(

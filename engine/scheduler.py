@@ -3,11 +3,11 @@
 Each step the engine asks `schedule()` for a StepPlan and reports back with `update()`. A step is one forward:
 
 - rows of cancelled requests are freed first, in whatever state they are (waiting, prefilling, running);
-- **prefill**: the oldest waiting prompts that fit the token budget side by side (padded to the longest) go
-  together, or the next chunk of one prompt longer than the budget; their rows join the running batch once their
-  prompts are in. A prompt's prefix that the prefix cache holds (engine/prefix_cache.py) is copied, not
-  prefilled: only the rest counts against the budget. Each chunk's new full blocks go into the prefix cache once
-  the step has run;
+- **prefill**: the oldest waiting prompt, with the next ones that fit the token budget beside it (padded to the
+  longest; one that does not fit waits for a later group), or the next chunk of one prompt longer than the
+  budget; their rows join the running batch once their prompts are in. A prompt's prefix that the prefix cache
+  holds (engine/prefix_cache.py) is copied, not prefilled: only the rest counts against the budget. Each chunk's
+  new full blocks go into the prefix cache once the step has run;
 - **decode**: one token for every running row.
 
 With prefill work to do, a prefill step follows every decode step, and further prefill steps go first while the
@@ -18,6 +18,7 @@ decode and prefill steps alternate.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Iterable
 
@@ -133,9 +134,8 @@ class Scheduler:
         return not self.running or self._decoded_last or now - self._last_decode_at < self.config.max_decode_pause_s
 
     def _prefill_plan(self, now: float) -> PrefillPlan:
-        """The next chunk of the group being prefilled, or a new group: the oldest waiting prompts whose uncached
-        rest fits the budget side by side into free rows. The oldest prompt always goes, chunked when its rest
-        alone exceeds the budget."""
+        """The next chunk of the group being prefilled, or a new group (_new_group) in free rows. The oldest
+        prompt always goes, chunked when its uncached rest alone exceeds the budget."""
         budget = self.config.prefill_chunk
         first = not self.prefilling
         cached: dict[str, tuple[int, ...]] = {}
@@ -159,17 +159,24 @@ class Scheduler:
         return PrefillPlan(chunks, starts_rows=first, completes_prompts=joins)
 
     def _new_group(self, budget: int, now: float) -> list[Request]:
+        """The oldest waiting prompt, and after it the next ones whose uncached rest fits beside it, in arrival
+        order: one that does not fit (a conversation whose cache missed, padding every row to its length) stays
+        at its place, and goes first once it is the oldest. Only the next max_running prompts are looked at, so
+        a long queue costs a bounded scan."""
         free_rows = self.config.max_running - len(self.running)
         group: list[Request] = []
         width = 0
-        for request in self.waiting:
+        for request in itertools.islice(self.waiting, self.config.max_running + 1):
+            if len(group) == free_rows or (group and width * (len(group) + 1) > budget):
+                break  # no row more fits, however short
             rest = request.prompt_len - self._cached_length(request)
-            if len(group) == free_rows or (group and max(width, rest) * (len(group) + 1) > budget):
-                break
+            if group and max(width, rest) * (len(group) + 1) > budget:
+                continue
             group.append(request)
             width = max(width, rest)
+        chosen = {id(request) for request in group}
+        self.waiting = deque(request for request in self.waiting if id(request) not in chosen)
         for request in group:
-            self.waiting.popleft()
             request.scheduled_at = now
         return group
 

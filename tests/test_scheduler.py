@@ -44,6 +44,28 @@ def test_waiting_prompts_that_fit_the_budget_are_prefilled_together_in_arrival_o
     assert [r.request_id for r in s.waiting] == ["d"]
 
 
+def test_a_prompt_too_wide_to_join_waits_while_the_shorter_ones_behind_it_go():
+    s = scheduler(max_running=8)
+    for rid, length in [("a", 3), ("wide", 12), ("b", 3), ("c", 4)]:
+        s.add(request(rid, length))
+    # a + wide would pad two rows to 12 (24 > 16); a, b and c take 3 x 4 = 12.
+    assert run(s, now=0.0).prefill.request_ids == ["a", "b", "c"]
+    assert [r.request_id for r in s.waiting] == ["wide"]
+    s.add(request("d", 2))
+    # Now the oldest, it goes first, with whatever fits beside it (none here: 2 x 12 > 16).
+    assert run(s, now=0.1).prefill.request_ids == ["wide"]
+    assert run(s, now=0.2).prefill.request_ids == ["d"]
+
+
+def test_the_search_for_prompts_that_fit_looks_only_max_running_prompts_ahead():
+    s = scheduler(max_running=2, prefill_chunk=16)
+    for rid, length in [("a", 2), ("w1", 12), ("w2", 12), ("b", 2)]:
+        s.add(request(rid, length))
+    # b would fit beside a, but lies past the 2 prompts after the oldest that one group may look at.
+    assert run(s, now=0.0).prefill.request_ids == ["a"]
+    assert [r.request_id for r in s.waiting] == ["w1", "w2", "b"]
+
+
 def test_the_group_joins_the_running_batch_and_decodes_every_row():
     s = scheduler()
     s.add(request("a", 5))
