@@ -18,14 +18,15 @@ def kernels() -> ctypes.CDLL:
 
 def test_the_library_loads_because_its_structs_and_constants_match_their_ctypes_mirror(kernels):
     cpu_kernels.check_layout(kernels)  # library() ran it too; here it must pass on its own
-    assert kernels.layout_entries() == 2 + sum(len(struct._fields_) for struct in cpu_kernels.STRUCTS.values()) + 2
+    structs = cpu_kernels.STRUCTS.values()
+    assert kernels.layout_entries() == len(structs) + sum(len(s._fields_) for s in structs) + len(cpu_kernels.CONSTANTS)
 
 
-class _SwappedShape(ctypes.Structure):  # struct decode_shape with eps and int4 in each other's place
+class _SwappedShape(ctypes.Structure):  # struct decode_shape with eps and format in each other's place
     _fields_ = [
         *((name, ctypes.c_int64) for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate")),
         ("capacity", ctypes.c_int64),
-        ("int4", ctypes.c_int),
+        ("format", ctypes.c_int),
         ("eps", ctypes.c_float),
     ]
 
@@ -40,7 +41,7 @@ def test_a_field_moved_or_missing_on_one_side_is_refused_with_each_difference_na
         cpu_kernels.check_layout(kernels, structs)
     message = str(refused.value)
     assert "decode_shape.eps: offset 56, 4 bytes in cpu_kernels.c, offset 60, 4 bytes in cpu_kernels.py" in message
-    assert "decode_shape.int4: offset 60, 4 bytes in cpu_kernels.c, offset 56, 4 bytes in cpu_kernels.py" in message
+    assert "decode_shape.format: offset 60, 4 bytes in cpu_kernels.c, offset 56, 4 bytes in cpu_kernels.py" in message
     assert "decode_layer.kv: offset 80, 8 bytes in cpu_kernels.c, absent in cpu_kernels.py" in message
     assert "decode_layer: 88 bytes in cpu_kernels.c, 80 bytes in cpu_kernels.py" in message
 

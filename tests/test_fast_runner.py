@@ -21,9 +21,12 @@ from engine.fast.linear import (
     AMX_BFLOAT16,
     AVX2_BFLOAT16,
     AVX2_INT4,
+    AVX512_BFLOAT16,
+    C_PRECISIONS,
     AmxBf16Linear,
     Avx2Bf16Linear,
     Avx2Int4Linear,
+    Avx512Bf16Linear,
     DenseLinear,
 )
 from engine.plan import PrefillChunk, PrefillPlan
@@ -96,17 +99,23 @@ def test_greedy_tokens_equal_model_generate(embedded, prompt_ids):
         assert alone(runner, prompt, 24) == expected
 
 
+NO_AVX512_BF16 = "no AVX512-BF16 here: the CPU or the compiler lacks it, or ATEN_CPU_CAPABILITY caps the kernels"
+NO_AMX = "no AMX here: the CPU lacks amx_bf16, the compiler AMX, or Linux does not grant the tiles"
+
+
 def skip_without_avx2_kernels(precision: str) -> None:
-    if precision in (AVX2_BFLOAT16, AVX2_INT4, AMX_BFLOAT16) and cpu_kernels.library() is None:
+    if precision in C_PRECISIONS and cpu_kernels.library() is None:
         pytest.skip(f"the AVX2 kernels cannot run here: {cpu_kernels.unsupported()}")
+    if precision == AVX512_BFLOAT16 and not cpu_kernels.pairs_ready():
+        pytest.skip(NO_AVX512_BF16)
     if precision == AMX_BFLOAT16 and not cpu_kernels.amx_ready():
-        pytest.skip("no AMX here: the CPU lacks amx_bf16, the compiler AMX, or Linux does not grant the tiles")
+        pytest.skip(NO_AMX)
 
 
-@pytest.fixture(params=["float32", AVX2_BFLOAT16, AVX2_INT4, AMX_BFLOAT16])
+@pytest.fixture(params=["float32", *C_PRECISIONS])
 def precision(request) -> str:
     """The one precision a test's runner runs in: float32 on torch's kernels, bfloat16 or int4 weights on the
-    AVX2 kernels, or bfloat16 on AMX tiles."""
+    AVX2 kernels, bfloat16 with AVX512-BF16, or bfloat16 on AMX tiles."""
     skip_without_avx2_kernels(request.param)
     return request.param
 
@@ -177,7 +186,7 @@ def test_rows_of_one_length_decode_without_a_mask_and_get_the_tokens_they_get_al
     assert [step["a"] for step in got] == [step["b"] for step in got] == expected
 
 
-@pytest.fixture(params=[AVX2_BFLOAT16, AVX2_INT4, AMX_BFLOAT16])
+@pytest.fixture(params=C_PRECISIONS)
 def row_exact_precision(request) -> str:
     """The precisions whose kernels compute every token alone: the ones dtype auto prefills in where they run
     with the prefix cache on, and the ones its exactness is guaranteed for."""
@@ -292,7 +301,7 @@ ROPE_VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("name", [AVX2_BFLOAT16, AVX2_INT4])
+@pytest.mark.parametrize("name", [AVX2_BFLOAT16, AVX2_INT4, AVX512_BFLOAT16])
 @torch.no_grad()
 def test_the_c_layer_stack_decodes_bitwise_as_the_python_layers_do(name):
     """engine/fast/stack.py runs a decode step's layers in one C call: rows of different lengths, past the cache's
@@ -389,17 +398,20 @@ def greedy_agreement(runner: FastRunner, prompts: list[list[int]], references: l
     return agreed / total
 
 
-@pytest.mark.parametrize("quantization, threshold", [("int8", 0.9), ("int4", 0.6), (AVX2_INT4, 0.6)])
+@pytest.mark.parametrize(
+    "precision, threshold", [("int8", 0.9), ("int4", 0.6), (AVX2_INT4, 0.6), (AVX512_BFLOAT16, 0.9)]
+)
 @torch.no_grad()
-def test_quantized_weights_agree_with_float32_on_most_greedy_tokens(embedded, prompt_ids, quantization, threshold):
+def test_lower_precisions_agree_with_float32_on_most_greedy_tokens(embedded, prompt_ids, precision, threshold):
+    """Quantized weights, or bfloat16 activations: the greedy token after each float32 prefix, over 32 steps."""
+    skip_without_avx2_kernels(precision)
     model, _ = embedded
     steps = 32
     reference = started(model)
     references = [alone(reference, prompt, steps) for prompt in prompt_ids]
-    skip_without_avx2_kernels(quantization)
-    quantized = started(model, candidates=[quantization])
-    agreement = greedy_agreement(quantized, prompt_ids, references)
-    logging.getLogger(__name__).info("%s greedy agreement with float32: %.3f", quantization, agreement)
+    lower = started(model, candidates=[precision])
+    agreement = greedy_agreement(lower, prompt_ids, references)
+    logging.getLogger(__name__).info("%s greedy agreement with float32: %.3f", precision, agreement)
     assert agreement >= threshold
 
 
@@ -413,7 +425,7 @@ def test_auto_dtype_measures_and_keeps_one_decode_and_one_prefill_precision(tiny
     # Where the C kernels run, decode steps only in a precision that computes a row as it would alone.
     assert runner.decode_precision.batch_exact == (cpu_kernels.library() is not None)
     kept = {runner.decode_precision.name, runner.prefill_precision.name}
-    assert kept <= {"float32", "bfloat16", AVX2_BFLOAT16, AMX_BFLOAT16}
+    assert kept <= {"float32", "bfloat16", AVX2_BFLOAT16, AVX512_BFLOAT16, AMX_BFLOAT16}
     assert set(runner.precisions) == kept
     first = prefill(runner, {"x": ([1, 2, 3, 4], 0)})
     assert decode(runner, first).keys() == {"x"}
@@ -510,7 +522,7 @@ def unpacked_int4(linear: Avx2Int4Linear) -> torch.Tensor:
     return codes * scale.repeat_interleave(32, dim=1) + minimum.repeat_interleave(32, dim=1)
 
 
-@pytest.mark.parametrize("precision", ["float32", "bfloat16", "int8", "int4", AVX2_BFLOAT16, AVX2_INT4, AMX_BFLOAT16])
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "int8", "int4", *C_PRECISIONS])
 @torch.no_grad()
 def test_a_prompts_prefill_is_bitwise_the_same_alone_and_in_any_group(embedded, prompt_ids, precision):
     """A prompt's logits and KV cache must not depend on the prompts prefilled beside it (padded to the longest,
@@ -547,7 +559,7 @@ def test_a_prompts_prefill_is_bitwise_the_same_alone_and_in_any_group(embedded, 
             if runner.precisions[precision].batch_exact:
                 assert all(torch.equal(x, y) for x, y in zip(steps, alone[rid][2])), (precision, group, rid)
     # the C kernels' precisions are exact as such; torch's are not, which is why their prefills go row by row
-    assert runner.precisions[precision].batch_exact == (precision in (AVX2_BFLOAT16, AVX2_INT4, AMX_BFLOAT16))
+    assert runner.precisions[precision].batch_exact == (precision in C_PRECISIONS)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 16, 17, 33, 40])
@@ -557,7 +569,7 @@ def test_the_amx_kernel_computes_bf16_x_times_w_transposed_and_each_row_as_it_wo
     """Activations rounded to bfloat16 as torch rounds them, bfloat16 weights, float32 sums; partial row tiles
     (zero-padded), an odd last block, and any row count give every row the bits it gets alone."""
     if not cpu_kernels.amx_ready():
-        pytest.skip("no AMX here: the CPU lacks amx_bf16, the compiler AMX, or Linux does not grant the tiles")
+        pytest.skip(NO_AMX)
     torch.manual_seed(rows)
     weight, x = torch.randn(shape), torch.randn(rows, shape[1])
     linear = AmxBf16Linear(weight, Arena())
@@ -565,6 +577,28 @@ def test_the_amx_kernel_computes_bf16_x_times_w_transposed_and_each_row_as_it_wo
     expected = x.to(torch.bfloat16).double() @ weight.to(torch.bfloat16).double().t()
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
     assert torch.equal(out, torch.cat([linear(x[row : row + 1]) for row in range(rows)]))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 11, 12, 13, 25, 49, 100])
+@pytest.mark.parametrize(
+    "shape", [(48, 64), (96, 128), (32, 48)], ids=["an odd count of blocks", "6 blocks", "k of 48"]
+)
+@torch.no_grad()
+def test_the_avx512_bf16_kernel_computes_bf16_x_times_w_transposed_and_each_row_as_it_would_alone(rows, shape):
+    """Activations rounded to bfloat16 as torch rounds them, bfloat16 weights, the products summed in float32;
+    tiles of 12 rows and their remainders, chunks of 48 rows, one row against blocks in pairs: every row gets the
+    bits it gets alone, and a decode step's one row the bits of a prefill's."""
+    if not cpu_kernels.pairs_ready():
+        pytest.skip(NO_AVX512_BF16)
+    torch.manual_seed(rows)
+    weight, x = torch.randn(shape), torch.randn(rows, shape[1])
+    linear = Avx512Bf16Linear(weight, Arena())
+    out = linear(x)
+    expected = x.to(torch.bfloat16).double() @ weight.to(torch.bfloat16).double().t()
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+    assert torch.equal(out, torch.cat([linear(x[row : row + 1]) for row in range(rows)]))
+    with pytest.raises(ValueError, match=r"\(32, 40\) weight"):  # k must be a multiple of 16
+        Avx512Bf16Linear(torch.randn(32, 40), Arena())
 
 
 @pytest.mark.parametrize("rows", [1, 2, 4, 5, 6, 7, 11, 12, 13, 16, 25, 49, 100])

@@ -1,7 +1,8 @@
 // Matmuls of bfloat16 or int4 weights with float32 activations, the rest of a decode step (RMSNorm, RoPE,
 // attention, SiLU) and a decode step's whole layer stack, for x86 CPUs with AVX2 and FMA (the matmul tiles in
-// 512-bit registers where cpu_kernels.py builds with AVX512F, a prefill matmul on AMX tiles where it builds with
-// AMX-BF16); built and loaded by engine/fast/cpu_kernels.py. Why they exist: on a CPU without AVX512-BF16 or
+// 512-bit registers where cpu_kernels.py builds with AVX512F, bfloat16 activations too where it builds with
+// AVX512-BF16, a prefill matmul on AMX tiles where it builds with AMX-BF16); built and loaded by
+// engine/fast/cpu_kernels.py. Why they exist: on a CPU without AVX512-BF16 or
 // AMX, torch has no fast kernel for these cases: its matrix-vector products read the weights well below the
 // memory's bandwidth, and its emulated bfloat16 matmul is slower than its float32 one beyond a row
 // (bench/levers.md).
@@ -36,12 +37,16 @@
 //   INT4_GROUP inputs 16 scales then 16 minimums in bfloat16: W[c][i] = q * scale + minimum, computed with one
 //   FMA, so a weight's value is the same in every path.
 // - F32: k x 16 float32, an int4 block widened into a thread's scratch buffer (see widens_once).
-enum format { BF16, INT4, F32 };
+// - PAIRS (the AVX512-BF16 build): k / 2 x 16 pairs of bfloat16, pairs[i][c] = (W[c][2i], W[c][2i + 1]), for
+//   activations in bfloat16 pairs too (see linear_bf16_pairs).
+// decode_shape.format holds BF16, INT4 or PAIRS.
+enum format { BF16, INT4, F32, PAIRS };
 struct block {
     const uint16_t *bf16;
     const uint8_t *q4;
     const uint16_t *scale_min;
     const float *f32;
+    const uint32_t *pairs;
 };
 
 // Activation rows per tile: accumulators (2 a row), the weight vectors, the broadcast x and, for int4, the
@@ -112,10 +117,23 @@ static inline __m512 widen_int4_16(struct block w, int64_t i, __m512 scale, __m5
     return _mm512_fmadd_ps(_mm512_cvtepi32_ps(codes), scale, minimum);
 }
 
+// Step i of a block: 16 features' weights as float32, or, for PAIRS, pair i of 16 features' bfloat16 as they are.
 static inline __m512 widen_16(struct block w, int64_t i, __m512 scale, __m512 minimum, const enum format format) {
     if (format == INT4) return widen_int4_16(w, i, scale, minimum);
     if (format == BF16) return widen_bf16_16(w.bf16 + i * WIDTH);
+    if (format == PAIRS) return _mm512_loadu_ps((const float *)(w.pairs + i * WIDTH));
     return _mm512_loadu_ps(w.f32 + i * WIDTH);
+}
+
+// acc + w * x, lane by lane; for PAIRS, x is a pair of bfloat16 in each lane (a float's bits) and both products
+// of the pair are added (VDPBF16PS).
+static inline __m512 accumulate_16(__m512 acc, __m512 w, __m512 x, const enum format format) {
+#ifdef __AVX512BF16__
+    if (format == PAIRS) return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x);
+#else
+    (void)format;
+#endif
+    return _mm512_fmadd_ps(w, x, acc);
 }
 
 static inline __attribute__((always_inline)) void tile(const float *x, struct block w, float *y, int64_t k,
@@ -129,7 +147,7 @@ static inline __attribute__((always_inline)) void tile(const float *x, struct bl
 #pragma GCC unroll 4
         for (int64_t i = start; i < start + group; ++i) {
             const __m512 wv = widen_16(w, i, scale, minimum, format);
-            for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(wv, _mm512_set1_ps(x[r * k + i]), acc[r]);
+            for (int r = 0; r < R; ++r) acc[r] = accumulate_16(acc[r], wv, _mm512_set1_ps(x[r * k + i]), format);
         }
     }
     for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + r * n, acc[r]);
@@ -149,8 +167,8 @@ static inline __attribute__((always_inline)) void one_row_two_blocks(const float
 #pragma GCC unroll 4
         for (int64_t i = start; i < start + group; ++i) {
             const __m512 xv = _mm512_set1_ps(x[i]);
-            acc0 = _mm512_fmadd_ps(widen_16(w0, i, scale0, minimum0, format), xv, acc0);
-            acc1 = _mm512_fmadd_ps(widen_16(w1, i, scale1, minimum1, format), xv, acc1);
+            acc0 = accumulate_16(acc0, widen_16(w0, i, scale0, minimum0, format), xv, format);
+            acc1 = accumulate_16(acc1, widen_16(w1, i, scale1, minimum1, format), xv, format);
         }
     }
     _mm512_storeu_ps(y, acc0), _mm512_storeu_ps(y + WIDTH, acc1);
@@ -264,6 +282,7 @@ static inline struct block block_at(struct block w, int64_t b, int64_t k) {
         w.q4 ? w.q4 + b * k * (WIDTH / 2) : NULL,
         w.scale_min ? w.scale_min + b * (k / INT4_GROUP) * 2 * WIDTH : NULL,
         NULL,
+        w.pairs ? w.pairs + b * k * WIDTH : NULL,
     };
     return block;
 }
@@ -299,7 +318,7 @@ static inline __attribute__((always_inline)) void thread_share(const float *x, i
 }
 
 void linear_bf16(const float *x, int64_t rows, int64_t k, const uint16_t *packed, int64_t n, float *y, int threads) {
-    const struct block w = {packed, NULL, NULL, NULL};
+    const struct block w = {packed, NULL, NULL, NULL, NULL};
 #pragma omp parallel num_threads(threads)
     thread_share(x, rows, k, w, n, y, BF16);
 }
@@ -307,10 +326,39 @@ void linear_bf16(const float *x, int64_t rows, int64_t k, const uint16_t *packed
 // k must be a multiple of INT4_GROUP (cpu_kernels.py checks).
 void linear_int4(const float *x, int64_t rows, int64_t k, const uint8_t *q4, const uint16_t *scale_min, int64_t n,
                  float *y, int threads) {
-    const struct block w = {NULL, q4, scale_min, NULL};
+    const struct block w = {NULL, q4, scale_min, NULL, NULL};
 #pragma omp parallel num_threads(threads)
     thread_share(x, rows, k, w, n, y, INT4);
 }
+
+#ifdef __AVX512BF16__
+// ---- bfloat16 activations too (the AVX512-BF16 build) -----------------------------------------------------
+// VDPBF16PS multiplies 16 pairs of bfloat16 and adds both products of each pair to a float32 lane: twice the
+// multiplies of a float32 FMA, so a compute-bound prefill runs up to twice as fast, and a one-row step reads the
+// same bfloat16 weights without widening them. The activations are rounded to bfloat16 once per call, to nearest
+// even as torch rounds them (VCVTNEPS2BF16, which reads a subnormal as zero). Each y[r][j] is one lane adding
+// pair after pair, i = 0, 1, ..., k / 2 - 1 in order, in the tiles above: a row's result is the same alone or in
+// any batch.
+//
+// y = bf16(x) W^T: x is [rows, k] float32, y [rows, n] float32; W comes packed per 16 output features as
+// [k / 2][16][2] bfloat16 (cpu_kernels.py's pack_pairs; the AMX kernel's layout too). k is a multiple of WIDTH
+// (cpu_kernels.py checks). Returns 0, or -1 where the rounded activations' scratch could not be allocated.
+int linear_bf16_pairs(const float *x, int64_t rows, int64_t k, const uint16_t *packed, int64_t n, float *y,
+                      int threads) {
+    float *pairs = malloc(sizeof(float) * (size_t)(rows * k / 2));  // a pair of bfloat16 in each float's bits
+    if (pairs == NULL) return -1;
+    const struct block w = {NULL, NULL, NULL, NULL, (const uint32_t *)packed};
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < rows * k; i += WIDTH)
+            _mm256_storeu_si256((__m256i *)(pairs + i / 2), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
+        thread_share(pairs, rows, k / 2, w, n, y, PAIRS);
+    }
+    free(pairs);
+    return 0;
+}
+#endif
 
 // ---- the rest of a decode step: RMSNorm, and attention for one new token per row ---------------------------
 // torch runs each of these as several small ops with a dispatch each (F.rms_norm is 8, SDPA's CPU kernel sets up
@@ -560,7 +608,7 @@ struct decode_layer {
 struct decode_shape {
     int64_t layers, hidden, heads, kv_heads, head_dim, intermediate, capacity;
     float eps;
-    int int4;  // the weights' format: int4 or bfloat16
+    int format;  // the weights' format: enum format's BF16, INT4 or PAIRS
 };
 
 // The C boundary, as cpu_kernels.py checks it when it loads the library: each struct a caller fills, its size and
@@ -582,21 +630,33 @@ static const struct layout_entry LAYOUT[] = {
     STRUCT_SIZE(decode_shape),
     FIELD(decode_shape, layers), FIELD(decode_shape, hidden), FIELD(decode_shape, heads),
     FIELD(decode_shape, kv_heads), FIELD(decode_shape, head_dim), FIELD(decode_shape, intermediate),
-    FIELD(decode_shape, capacity), FIELD(decode_shape, eps), FIELD(decode_shape, int4),
+    FIELD(decode_shape, capacity), FIELD(decode_shape, eps), FIELD(decode_shape, format),
     {"WIDTH", 0, WIDTH},
     {"INT4_GROUP", 0, INT4_GROUP},
+    {"BF16", 0, BF16},
+    {"INT4", 0, INT4},
+    {"PAIRS", 0, PAIRS},
 };
 
 int64_t layout_entries(void) { return (int64_t)(sizeof LAYOUT / sizeof LAYOUT[0]); }
 
 const struct layout_entry *layout(void) { return LAYOUT; }
 
-static void packed_linear(const float *x, int64_t rows, int64_t k, const void *weight, const void *scales, int64_t n,
-                          float *y, int int4, int threads) {
-    if (int4)
+// Returns 0, or -1 where scratch memory could not be allocated (or the format is not in this build).
+static int packed_linear(const float *x, int64_t rows, int64_t k, const void *weight, const void *scales, int64_t n,
+                         float *y, int format, int threads) {
+    if (format == INT4) {
         linear_int4(x, rows, k, weight, scales, n, y, threads);
-    else
+        return 0;
+    }
+    if (format == BF16) {
         linear_bf16(x, rows, k, weight, n, y, threads);
+        return 0;
+    }
+#ifdef __AVX512BF16__
+    if (format == PAIRS) return linear_bf16_pairs(x, rows, k, weight, n, y, threads);
+#endif
+    return -1;
 }
 
 static void add_into(float *x, const float *y, int64_t count) {
@@ -632,10 +692,12 @@ int decode_layers(float *x, int64_t rows, const int64_t *positions, const struct
         visible[r] = positions[r] + 1;
         most_visible = visible[r] > most_visible ? visible[r] : most_visible;
     }
+    const int format = shape->format;
     for (int64_t l = 0; l < shape->layers; ++l) {
         const struct decode_layer *layer = layers + l;
+        int failed = 0;
         rms_norm(x, layer->input_norm, h, rows, hidden, shape->eps);
-        packed_linear(h, rows, hidden, layer->qkv, layer->qkv_scales, qkv_width, qkv, shape->int4, threads);
+        failed |= packed_linear(h, rows, hidden, layer->qkv, layer->qkv_scales, qkv_width, qkv, format, threads);
         rope(qkv, rows, qkv_width, heads + kv_heads, head_dim, positions, cos, sin_signed);
         for (int64_t r = 0; r < rows; ++r) {  // each K then V head of the row's new token, at its position
             const float *new_kv = qkv + r * qkv_width + heads * head_dim;
@@ -643,21 +705,23 @@ int decode_layers(float *x, int64_t rows, const int64_t *positions, const struct
                 memcpy(layer->kv + r * slot_stride + h * head_stride + positions[r] * head_dim, new_kv + h * head_dim,
                        sizeof(float) * (size_t)head_dim);
         }
-        if (attention_decode(qkv, qkv_width, head_dim, layer->kv, layer->kv + kv_heads * head_stride, slot_stride,
-                             head_stride, head_dim, visible, attention, rows, heads, kv_heads, head_dim, most_visible,
-                             threads) != 0) {
+        failed |= attention_decode(qkv, qkv_width, head_dim, layer->kv, layer->kv + kv_heads * head_stride,
+                                   slot_stride, head_stride, head_dim, visible, attention, rows, heads, kv_heads,
+                                   head_dim, most_visible, threads);
+        failed |= packed_linear(attention, rows, heads * head_dim, layer->out, layer->out_scales, hidden, projected,
+                                format, threads);
+        add_into(x, projected, rows * hidden);
+        rms_norm(x, layer->post_attention_norm, h, rows, hidden, shape->eps);
+        failed |= packed_linear(h, rows, hidden, layer->gate_up, layer->gate_up_scales, 2 * inter, gate_up, format,
+                                threads);
+        silu_mul(gate_up, rows, inter, activated);
+        failed |= packed_linear(activated, rows, inter, layer->down, layer->down_scales, hidden, projected, format,
+                                threads);
+        add_into(x, projected, rows * hidden);
+        if (failed) {  // a matmul or the attention lacked scratch memory: what the layer computed is garbage
             free(h), free(visible);
             return -1;
         }
-        packed_linear(attention, rows, heads * head_dim, layer->out, layer->out_scales, hidden, projected, shape->int4,
-                      threads);
-        add_into(x, projected, rows * hidden);
-        rms_norm(x, layer->post_attention_norm, h, rows, hidden, shape->eps);
-        packed_linear(h, rows, hidden, layer->gate_up, layer->gate_up_scales, 2 * inter, gate_up, shape->int4,
-                      threads);
-        silu_mul(gate_up, rows, inter, activated);
-        packed_linear(activated, rows, inter, layer->down, layer->down_scales, hidden, projected, shape->int4, threads);
-        add_into(x, projected, rows * hidden);
     }
     free(h), free(visible);
     return 0;
@@ -698,6 +762,7 @@ static void configure_tiles(void) {
     _tile_loadconfig(&config);
 }
 
+// to nearest even, as torch rounds a float32 to bfloat16
 static inline uint16_t to_bf16(float value) {
     uint32_t bits;
     memcpy(&bits, &value, sizeof bits);

@@ -40,9 +40,14 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "
 # Added where the CPU has AVX512F: the matmul tiles then work on 16 features a register (cpu_kernels.c's
 # __AVX512F__ branch), with bitwise the same results.
 AVX512_FLAGS = [*FLAGS, "-mavx512f"]
-# Added where the CPU has AMX-BF16 too: the build then also has linear_amx_bf16, the prefill matmul on AMX tiles.
-AMX_FLAGS = [*AVX512_FLAGS, "-mamx-tile", "-mamx-bf16"]
+# Added where the CPU has AVX512-BF16 too: the build then also has linear_bf16_pairs, bfloat16 weights and
+# activations, and the layer stack can run it.
+PAIRS_FLAGS = [*AVX512_FLAGS, "-mavx512bf16"]
+# Added where the CPU has AMX-BF16 too (every such CPU has AVX512-BF16): the build then also has linear_amx_bf16,
+# the prefill matmul on AMX tiles.
+AMX_FLAGS = [*PAIRS_FLAGS, "-mamx-tile", "-mamx-bf16"]
 WIDTH = 16  # output features per packed block: cpu_kernels.c's WIDTH
+BF16_FORMAT, INT4_FORMAT, PAIRS_FORMAT = 0, 1, 3  # cpu_kernels.c's enum format: DecodeShape.format's values
 INT4_GROUP = 32  # input features sharing an int4 scale and minimum: cpu_kernels.c's INT4_GROUP
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 SIGNATURES = {  # cpu_kernels.c's functions: (argument types, result type)
@@ -73,12 +78,14 @@ class DecodeShape(ctypes.Structure):  # cpu_kernels.c's struct decode_shape
         *((name, ctypes.c_int64) for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate")),
         ("capacity", ctypes.c_int64),
         ("eps", ctypes.c_float),
-        ("int4", ctypes.c_int),
+        ("format", ctypes.c_int),
     ]
 
 
+
 STRUCTS: dict[str, type[ctypes.Structure]] = {"decode_layer": DecodeLayer, "decode_shape": DecodeShape}
-CONSTANTS = {"WIDTH": WIDTH, "INT4_GROUP": INT4_GROUP}  # cpu_kernels.c's #defines that this module's packing follows
+# cpu_kernels.c's #defines that this module's packing follows, and the formats of its enum that DecodeShape names
+CONSTANTS = {"WIDTH": WIDTH, "INT4_GROUP": INT4_GROUP, "BF16": BF16_FORMAT, "INT4": INT4_FORMAT, "PAIRS": PAIRS_FORMAT}
 
 
 class _LayoutEntry(ctypes.Structure):  # cpu_kernels.c's struct layout_entry
@@ -89,6 +96,7 @@ class BoundaryMismatch(RuntimeError):
     """The ctypes mirror of cpu_kernels.c's structs or constants differs from what the compiled library reports."""
 
 
+PAIRS_SIGNATURES = {"linear_bf16_pairs": ([_P, _I64, _I64, _P, _I64, _P, _INT], _INT)}  # with PAIRS_FLAGS
 AMX_SIGNATURES = {  # only in a build with AMX_FLAGS
     "amx_permitted": ([], _INT),
     "linear_amx_bf16": ([_P, _I64, _I64, _P, _I64, _P, _INT], _INT),
@@ -99,14 +107,19 @@ REQUIRED_CPU_FLAGS = ("avx2", "fma")
 
 @cache
 def library() -> ctypes.CDLL | None:
-    """The loaded kernels, built with AVX512 (and AMX) where this CPU has it, or None (logged once, with the
-    reason) where they cannot run here."""
+    """The loaded kernels, built with AVX512 (and AVX512-BF16, and AMX) where this CPU has it, or None (logged
+    once, with the reason) where they cannot run here."""
     reason = unsupported()
     if reason is None:
         try:
             builds = []
             if avx512_allowed():
-                builds = [AMX_FLAGS, AVX512_FLAGS] if "amx_bf16" in cpu_flags() else [AVX512_FLAGS]
+                has = cpu_flags()
+                builds = [
+                    *([AMX_FLAGS] if "amx_bf16" in has else []),
+                    *([PAIRS_FLAGS] if "avx512_bf16" in has else []),
+                    AVX512_FLAGS,
+                ]
             for flags in builds:
                 try:
                     return build(flags)
@@ -126,7 +139,11 @@ def library() -> ctypes.CDLL | None:
 def build(flags: list[str]) -> ctypes.CDLL:
     """The kernels compiled with `flags` (cached) and loaded, their signatures set."""
     kernels = ctypes.CDLL(str(compiled(SOURCE, flags)))
-    signatures = SIGNATURES | (AMX_SIGNATURES if flags == AMX_FLAGS else {})
+    signatures = (
+        SIGNATURES
+        | (PAIRS_SIGNATURES if "-mavx512bf16" in flags else {})
+        | (AMX_SIGNATURES if flags == AMX_FLAGS else {})
+    )
     for name, (argtypes, restype) in signatures.items():
         function = getattr(kernels, name)
         function.argtypes, function.restype = argtypes, restype
@@ -172,6 +189,12 @@ def check_layout(
         )
 
 
+def pairs_ready() -> bool:
+    """The kernels have the AVX512-BF16 matmul (linear_bf16_pairs)."""
+    kernels = library()
+    return kernels is not None and hasattr(kernels, "linear_bf16_pairs")
+
+
 @cache
 def amx_ready() -> bool:
     """The kernels have the AMX matmul and Linux lets this process use AMX tiles."""
@@ -193,9 +216,13 @@ def amx_packable(weight: torch.Tensor) -> bool:
     return weight.shape[0] % WIDTH == 0 and weight.shape[1] % AMX_K == 0
 
 
-def pack_amx(weight: torch.Tensor, arena: Arena) -> torch.Tensor:
+def pairs_packable(weight: torch.Tensor) -> bool:
+    return weight.shape[0] % WIDTH == 0 and weight.shape[1] % WIDTH == 0
+
+
+def pack_pairs(weight: torch.Tensor, arena: Arena) -> torch.Tensor:
     """[n, k] float weight -> bfloat16 [n / WIDTH, k / 2, WIDTH, 2]: per block of WIDTH output features, the pairs
-    of inputs an AMX tile multiply takes, feature by feature."""
+    of inputs a VDPBF16PS lane or an AMX tile multiply takes, feature by feature."""
     n, k = weight.shape
     pairs = weight.detach().to(torch.bfloat16).view(n // WIDTH, WIDTH, k // 2, 2)
     return arena.copy(pairs.permute(0, 2, 1, 3))
@@ -237,15 +264,23 @@ def linear_bf16(kernels: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor) -> 
 
 
 def linear_amx(kernels: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """x [rows, k] float32, contiguous, rounded to bfloat16, times a pack_amx weight transposed: [rows, n] float32."""
+    """x [rows, k] float32, contiguous, rounded to bfloat16, times a pack_pairs weight transposed on AMX tiles:
+    [rows, n] float32."""
+    return _rounding_linear(kernels, "linear_amx_bf16", x, packed)
+
+
+def linear_pairs(kernels: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """x [rows, k] float32, contiguous, rounded to bfloat16, times a pack_pairs weight transposed with AVX512-BF16:
+    [rows, n] float32."""
+    return _rounding_linear(kernels, "linear_bf16_pairs", x, packed)
+
+
+def _rounding_linear(kernels: ctypes.CDLL, name: str, x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     rows, k = x.shape
     n = packed.shape[0] * WIDTH
     out = torch.empty(rows, n, dtype=torch.float32)
-    status = kernels.linear_amx_bf16(
-        x.data_ptr(), rows, k, packed.data_ptr(), n, out.data_ptr(), torch.get_num_threads()
-    )
-    if status != 0:
-        raise MemoryError(f"linear_amx_bf16 could not allocate the bfloat16 copy of {rows} x {k} inputs")
+    if getattr(kernels, name)(x.data_ptr(), rows, k, packed.data_ptr(), n, out.data_ptr(), torch.get_num_threads()):
+        raise MemoryError(f"{name} could not allocate the bfloat16 copy of {rows} x {k} inputs")
     return out
 
 

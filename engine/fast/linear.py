@@ -21,8 +21,11 @@ QUANTIZATIONS = ("none", "int8", "int4")
 AVX2_BFLOAT16 = "bfloat16-avx2"  # the precision name of bfloat16 weights through the AVX2 kernels
 AVX2_INT4 = "int4-avx2"  # and of int4 weights through them
 AVX2_PRECISIONS = (AVX2_BFLOAT16, AVX2_INT4)
+# bfloat16 weights and activations with AVX512-BF16's pair products (the same C library): decode steps and prefills
+AVX512_BFLOAT16 = "bfloat16-avx512bf16"
 AMX_BFLOAT16 = "bfloat16-amx"  # bfloat16 weights and activations on AMX tiles (the same C library): prefills
-C_PRECISIONS = (*AVX2_PRECISIONS, AMX_BFLOAT16)  # the precisions whose matmuls run on engine/fast/cpu_kernels.c
+# the precisions whose matmuls run on engine/fast/cpu_kernels.c, each row computed as it would be alone
+C_PRECISIONS = (*AVX2_PRECISIONS, AVX512_BFLOAT16, AMX_BFLOAT16)
 PRECISIONS = ("float32", "bfloat16", "float16", "int8", "int4", *C_PRECISIONS)  # every name make_linear takes
 INT4_GROUP_SIZE = 32  # 32 input weights share a scale and a zero: the finest group the kernel takes, the most accurate
 INT4_INNER_K_TILES = 2
@@ -88,21 +91,30 @@ class KernelLinear:
 
 
 class Avx2Linear(KernelLinear):
-    """The weight widened to float32 in registers. Only for weights with a multiple of cpu_kernels.WIDTH rows (and, for
-    int4, of cpu_kernels.INT4_GROUP columns): make_linear checks."""
+    """A weight in a format the C layer stack runs too (engine/fast/stack.py): `format` is its cpu_kernels.c enum
+    value, `pointers()` what struct decode_layer holds of it. Only for weights with a multiple of cpu_kernels.WIDTH
+    rows (and of the columns `fits` asks for): make_linear checks."""
 
-    int4 = False
+    format = cpu_kernels.BF16_FORMAT
 
     def __init__(self, weight: torch.Tensor) -> None:
         kernels = cpu_kernels.library()
-        if kernels is None or not cpu_kernels.packable(weight, self.int4) or weight.device.type != "cpu":
-            raise ValueError(f"the AVX2 kernels cannot run a {tuple(weight.shape)} weight on this machine")
+        if kernels is None or not self.fits(weight) or weight.device.type != "cpu":
+            raise ValueError(f"the {type(self).__name__} kernel cannot run a {tuple(weight.shape)} weight here")
         super().__init__(kernels, weight)
+
+    @staticmethod
+    def fits(weight: torch.Tensor) -> bool:
+        return cpu_kernels.packable(weight)
+
+    def pointers(self) -> tuple[int, int | None]:
+        """The packed weight's address and its scales' (None: a format without)."""
+        raise NotImplementedError
 
 
 class Avx2Bf16Linear(Avx2Linear):
-    """bfloat16 weights: half of float32's bytes to read, where an AVX2 CPU's torch has no fast bfloat16 matmul
-    (its own emulates bfloat16 and loses to float32 beyond one row: bench/levers.md)."""
+    """bfloat16 weights widened to float32 in registers: half of float32's bytes to read, where an AVX2 CPU's torch
+    has no fast bfloat16 matmul (its own emulates bfloat16 and loses to float32 beyond one row: bench/levers.md)."""
 
     def __init__(self, weight: torch.Tensor, arena: Arena) -> None:
         super().__init__(weight)
@@ -111,19 +123,53 @@ class Avx2Bf16Linear(Avx2Linear):
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         return cpu_kernels.linear_bf16(self.kernels, x, self.packed)
 
+    def pointers(self) -> tuple[int, int | None]:
+        return self.packed.data_ptr(), None
+
+
+class Avx512Bf16Linear(Avx2Linear):
+    """bfloat16 weights and activations (rounded as torch's bfloat16 matmul rounds them), the products of each pair
+    of inputs summed in float32 by one AVX512-BF16 instruction: twice a float32 FMA's multiplies, so prefills run
+    up to twice as fast, and the same bytes to read as Avx2Bf16Linear for a decode step."""
+
+    format = cpu_kernels.PAIRS_FORMAT
+
+    def __init__(self, weight: torch.Tensor, arena: Arena) -> None:
+        if not cpu_kernels.pairs_ready():
+            raise ValueError("the AVX512-BF16 kernel is not built here: the CPU or the compiler lacks AVX512-BF16")
+        super().__init__(weight)
+        self.packed = cpu_kernels.pack_pairs(weight, arena)
+
+    @staticmethod
+    def fits(weight: torch.Tensor) -> bool:
+        return cpu_kernels.pairs_packable(weight)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_kernels.linear_pairs(self.kernels, x, self.packed)
+
+    def pointers(self) -> tuple[int, int | None]:
+        return self.packed.data_ptr(), None
+
 
 class Avx2Int4Linear(Avx2Linear):
     """int4 weights, asymmetric per group of 32 inputs as Int4Linear (and llama.cpp's Q4_1), a quarter of
     bfloat16's bytes to read: a memory-bound step reads less."""
 
-    int4 = True
+    format = cpu_kernels.INT4_FORMAT
 
     def __init__(self, weight: torch.Tensor, arena: Arena) -> None:
         super().__init__(weight)
         self.nibbles, self.scale_min = cpu_kernels.pack_int4(weight, arena)
 
+    @staticmethod
+    def fits(weight: torch.Tensor) -> bool:
+        return cpu_kernels.packable(weight, int4=True)
+
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         return cpu_kernels.linear_int4(self.kernels, x, self.nibbles, self.scale_min)
+
+    def pointers(self) -> tuple[int, int | None]:
+        return self.nibbles.data_ptr(), self.scale_min.data_ptr()
 
 
 class AmxBf16Linear(KernelLinear):
@@ -142,7 +188,7 @@ class AmxBf16Linear(KernelLinear):
         ):
             raise ValueError(f"the AMX kernel cannot run a {tuple(weight.shape)} weight on this machine")
         super().__init__(kernels, weight)
-        self.packed = cpu_kernels.pack_amx(weight, arena)
+        self.packed = cpu_kernels.pack_pairs(weight, arena)
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         return cpu_kernels.linear_amx(self.kernels, x, self.packed)
@@ -204,9 +250,8 @@ class Int4Linear:
 
 
 def make_linear(precision: str, weight: torch.Tensor, arena: Arena) -> Linear:
-    """A weight in a precision's format: float32, bfloat16, float16, int8, int4, AVX2_BFLOAT16, AVX2_INT4 or
-    AMX_BFLOAT16 (the last three packed into `arena`). A weight whose shape a kernel does not take falls back: int4
-    to int8, the C kernels' to torch's."""
+    """A weight in a precision's format: float32, bfloat16, float16, int8, int4 or one of C_PRECISIONS (packed into
+    `arena`). A weight whose shape a kernel does not take falls back: int4 to int8, the C kernels' to torch's."""
     if precision == "int8":
         return Int8Linear(weight)
     if precision == "int4":
@@ -214,10 +259,10 @@ def make_linear(precision: str, weight: torch.Tensor, arena: Arena) -> Linear:
     if precision == AVX2_BFLOAT16:
         return Avx2Bf16Linear(weight, arena) if cpu_kernels.packable(weight) else DenseLinear(weight, torch.bfloat16)
     if precision == AVX2_INT4:
+        return Avx2Int4Linear(weight, arena) if Avx2Int4Linear.fits(weight) else make_linear("int4", weight, arena)
+    if precision == AVX512_BFLOAT16:
         return (
-            Avx2Int4Linear(weight, arena)
-            if cpu_kernels.packable(weight, int4=True)
-            else make_linear("int4", weight, arena)
+            Avx512Bf16Linear(weight, arena) if Avx512Bf16Linear.fits(weight) else DenseLinear(weight, torch.bfloat16)
         )
     if precision == AMX_BFLOAT16:
         return AmxBf16Linear(weight, arena) if cpu_kernels.amx_packable(weight) else DenseLinear(weight, torch.bfloat16)

@@ -13,7 +13,14 @@ from transformers import LlamaForCausalLM, PreTrainedModel
 
 from engine.fast import autotune, cpu_kernels, heap
 from engine.fast.cache import BlockPool, SlotCache
-from engine.fast.linear import AMX_BFLOAT16, AVX2_BFLOAT16, AVX2_INT4, PRECISIONS, check_quantization
+from engine.fast.linear import (
+    AMX_BFLOAT16,
+    AVX2_BFLOAT16,
+    AVX2_INT4,
+    AVX512_BFLOAT16,
+    PRECISIONS,
+    check_quantization,
+)
 from engine.fast.model import KernelOps, LlamaParts, PrecisionKernels, forward, supports
 from engine.fast.step import StepInputs
 from engine.plan import PrefillChunk, PrefillPlan
@@ -305,14 +312,22 @@ def _timings(timings: dict[tuple[str, int], float], size_label: str) -> str:
 def candidate_precisions(dtype: str, quantization: str, device: torch.device) -> list[str]:
     """The precisions start() chooses from. A quantization asked for is used everywhere (its accuracy is what
     was asked). On CPU, dtype auto lets float32 and bfloat16 compete; bfloat16 and int4 weights
-    run on torch's kernels or, where they run, on the AVX2 kernels (and bfloat16 on AMX tiles), whichever
-    measures faster. On CUDA bfloat16 is the fast path without measuring."""
+    run on torch's kernels or, where they run, on the AVX2 kernels (and bfloat16 with AVX512-BF16, and on AMX
+    tiles), whichever measures faster. On CUDA bfloat16 is the fast path without measuring."""
     on_avx2 = device.type == "cpu" and cpu_kernels.library() is not None
     if quantization != "none":
         return [quantization, AVX2_INT4] if quantization == "int4" and on_avx2 else [quantization]
     if device.type != "cpu":
         return ["bfloat16" if dtype == "auto" else dtype]
-    kernels = [AVX2_BFLOAT16, *([AMX_BFLOAT16] if cpu_kernels.amx_ready() else [])] if on_avx2 else []
+    kernels = (
+        [
+            AVX2_BFLOAT16,
+            *([AVX512_BFLOAT16] if cpu_kernels.pairs_ready() else []),
+            *([AMX_BFLOAT16] if cpu_kernels.amx_ready() else []),
+        ]
+        if on_avx2
+        else []
+    )
     if dtype == "auto":
         return ["float32", "bfloat16", *kernels]
     return [dtype, *kernels] if dtype == "bfloat16" else [dtype]

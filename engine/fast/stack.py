@@ -1,4 +1,5 @@
-"""A decode step's whole layer stack in one call: cpu_kernels.c's decode_layers, for the AVX2 precisions.
+"""A decode step's whole layer stack in one call: cpu_kernels.c's decode_layers, for the precisions whose every matmul
+is an Avx2Linear (bfloat16 or int4 weights widened in registers, or bfloat16 pairs with AVX512-BF16).
 
 Why: with the C kernels a layer's work is small, and the Python between the kernels is not: model.py's
 layers_forward makes about 25 torch calls a layer, each a dispatch of microseconds. decode_layers runs the same
@@ -17,7 +18,7 @@ import torch
 
 from engine.fast import cpu_kernels
 from engine.fast.cache import SlotCache
-from engine.fast.linear import Avx2Int4Linear, Avx2Linear
+from engine.fast.linear import Avx2Linear
 from engine.fast.step import LayerNorms, LayerWeights, RopeTables, Shape, StepInputs
 
 
@@ -34,20 +35,19 @@ class DecodeStack:
         self.kernels = kernels
         self.rope_tables = rope_tables
         self._pointed_to = (list(layers), norms)
-        int4 = isinstance(layers[0].qkv, Avx2Int4Linear)
+        first = cast(Avx2Linear, layers[0].qkv)
         intermediate = cast(Avx2Linear, layers[0].down).in_features
         self.shape = cpu_kernels.DecodeShape(
             layers=len(layers), hidden=shape.hidden, heads=shape.heads, kv_heads=shape.kv_heads,
-            head_dim=shape.head_dim, intermediate=intermediate, capacity=0, eps=shape.eps, int4=int(int4),
+            head_dim=shape.head_dim, intermediate=intermediate, capacity=0, eps=shape.eps, format=first.format,
         )  # fmt: skip
         self.layers = (cpu_kernels.DecodeLayer * len(layers))()
         layer_norms = zip(norms.inputs, norms.post_attention)
         for entry, layer, (input_norm, post_norm) in zip(self.layers, layers, layer_norms):
             for name in cpu_kernels.LAYER_WEIGHTS:
-                linear = getattr(layer, name)
-                weight, scales = (linear.nibbles, linear.scale_min) if int4 else (linear.packed, None)
-                setattr(entry, name, weight.data_ptr())
-                setattr(entry, f"{name}_scales", None if scales is None else scales.data_ptr())
+                weight, scales = cast(Avx2Linear, getattr(layer, name)).pointers()
+                setattr(entry, name, weight)
+                setattr(entry, f"{name}_scales", scales)
             entry.input_norm, entry.post_attention_norm = input_norm.data_ptr(), post_norm.data_ptr()
         self._kv_pointers: list[int] = []  # the cache buffers' addresses the layers hold
 
