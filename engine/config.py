@@ -11,9 +11,9 @@ class EngineConfig:
     max_running: int = 32  # sequences decoded together in one batch
     max_waiting: int = 256  # requests queued beyond that; more are refused as overloaded
     # Prompt tokens (padding included) prefilled per step: bounds how long one prefill stalls the running streams.
-    # On 2 CPU cores a forward costs about 60 ms plus 0.8 ms per token (python -m bench.trace): 192 splits a
-    # burst of 16 chat prompts into two groups, the first of which streams sooner (smaller groups pay the 60 ms
-    # too often: 96 and 128 measured slower).
+    # A forward costs a fixed part besides its tokens (python -m bench.trace times both), which smaller groups pay
+    # more often; larger ones make the first prompts of a burst wait for more of the others. 192 splits a burst of
+    # 16 chat prompts into two or three groups (how a group forms: docs/architecture.md).
     prefill_chunk: int = 192
     # While prompts wait for a free slot, prefill steps go before decode steps until the running sequences have
     # waited this long for their next token: a burst of arrivals gets its first tokens sooner, at the price of

@@ -11,6 +11,7 @@ from typing import cast
 import torch
 from transformers import LlamaForCausalLM, PreTrainedModel
 
+from engine.config import EngineConfig
 from engine.fast import autotune, cpu_kernels, heap
 from engine.fast.cache import BlockPool, SlotCache
 from engine.fast.linear import (
@@ -42,7 +43,7 @@ class FastRunner:
         quantization: str = "none",
         candidates: Sequence[str] | None = None,
         prefix_cache_mib: int = 0,
-        prefix_block_size: int = 16,
+        prefix_block_size: int = EngineConfig.prefix_block_size,
     ) -> None:
         """`candidates`: the precisions start() measures and chooses from (linear.PRECISIONS' names), instead of
         those dtype, quantization and the machine give (candidate_precisions). One name pins every step to that
